@@ -1,0 +1,210 @@
+"""A define-by-run autograd engine: Tensor, Function, backward(), no_grad().
+
+Each differentiable op is a :class:`Function` with a ``forward(ctx, *arrays)``
+and a hand-written ``backward(ctx, *grads)``; calling ``Op.apply(...)`` runs the
+forward on raw arrays and, when a gradient is wanted, records one :class:`Node`
+linking the outputs to the inputs. ``Tensor.backward()`` walks those nodes in
+reverse topological order (iteratively: a 452-layer network is a deep graph) and
+sums gradients where a tensor fed several ops. Nothing here knows any op.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+_grad_enabled = [True]
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled[0]
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Ops inside the block record nothing and their outputs need no gradient."""
+    previous, _grad_enabled[0] = _grad_enabled[0], False
+    try:
+        yield
+    finally:
+        _grad_enabled[0] = previous
+
+
+class Tensor:
+    """An array (NumPy or CuPy, per backend) with its gradient and the node that made it.
+
+    ``grad`` is filled by :meth:`backward` for leaves that require a gradient and
+    for non-leaves that called :meth:`retain_grad`; other intermediate gradients
+    are freed as soon as they have been used.
+    """
+    __slots__ = ("data", "grad", "requires_grad", "node", "output_index", "retains_grad", "__weakref__")
+
+    def __init__(self, data, requires_grad: bool = False):
+        if isinstance(data, Tensor):
+            raise TypeError("Tensor(data): data is already a Tensor; use .data or .detach()")
+        self.data = data
+        self.grad = None
+        self.requires_grad = requires_grad
+        self.node = None          # the Node whose forward produced this tensor (None: a leaf)
+        self.output_index = 0     # which of that node's outputs this is
+        self.retains_grad = False
+
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    is_leaf = property(lambda self: self.node is None)
+
+    def __repr__(self):
+        flag = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={tuple(self.shape)}, dtype={self.dtype}{flag})"
+
+    def detach(self) -> "Tensor":
+        """The same array, cut from the graph."""
+        return Tensor(self.data)
+
+    def retain_grad(self) -> "Tensor":
+        """Keep ``grad`` on this non-leaf tensor after backward()."""
+        self.retains_grad = True
+        return self
+
+    def zero_grad(self):
+        self.grad = None
+
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) into every leaf's ``grad``.
+
+        ``grad`` defaults to ones, which requires a single-element tensor (a loss).
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward(): this tensor does not require a gradient "
+                               "(no input required one, or it was made under no_grad())")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward(): grad can be omitted only for a single-element "
+                                   f"tensor (a loss), this one has shape {tuple(self.shape)}")
+            grad = self.data.copy()  # ones, on the tensor's own device (NumPy or CuPy)
+            grad.fill(1)
+        if grad.shape != self.shape:
+            raise ValueError(f"backward(): grad has shape {tuple(grad.shape)}, the tensor {tuple(self.shape)}")
+        if self.node is None:
+            _accumulate(self, grad)
+            return
+        # Gradients waiting for each node, one slot per output, summed as they arrive.
+        pending = {id(self.node): [None] * len(self.node.outputs)}
+        pending[id(self.node)][self.output_index] = grad
+        for node in _reverse_topological(self.node):
+            out_grads = pending.pop(id(node))
+            for out_ref, g in zip(node.outputs, out_grads):
+                out = out_ref()
+                if out is not None and out.retains_grad and g is not None:
+                    _accumulate(out, g)
+            if all(g is None for g in out_grads):
+                continue
+            in_grads = node.function.backward(node.ctx, *out_grads)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            if len(in_grads) != len(node.inputs):
+                raise RuntimeError(f"{node.function.__name__}.backward returned {len(in_grads)} "
+                                   f"gradients for {len(node.inputs)} inputs")
+            for tensor, g in zip(node.inputs, in_grads):
+                if g is None or tensor is None or not tensor.requires_grad:
+                    continue
+                if g.shape != tensor.shape:
+                    raise RuntimeError(f"{node.function.__name__}.backward gave a gradient of shape "
+                                       f"{tuple(g.shape)} for an input of shape {tuple(tensor.shape)}")
+                if tensor.node is None:
+                    _accumulate(tensor, g)
+                else:
+                    slots = pending.setdefault(id(tensor.node), [None] * len(tensor.node.outputs))
+                    i = tensor.output_index
+                    slots[i] = g if slots[i] is None else slots[i] + g
+            node.ctx = None  # free what forward saved: each node runs backward once
+
+
+def _accumulate(tensor, grad):
+    tensor.grad = grad.copy() if tensor.grad is None else tensor.grad + grad
+
+
+def _reverse_topological(root):
+    """Nodes reachable from ``root``, each after every node that consumes its outputs.
+
+    Iterative depth-first post-order (no recursion limit), then reversed.
+    """
+    order, visited = [], {id(root)}
+    stack = [(root, iter(root.parents()))]
+    while stack:
+        node, parents = stack[-1]
+        for parent in parents:
+            if id(parent) not in visited:
+                visited.add(id(parent))
+                stack.append((parent, iter(parent.parents())))
+                break
+        else:
+            stack.pop()
+            order.append(node)
+    return reversed(order)
+
+
+class Context:
+    """What a Function's forward leaves for its backward.
+
+    ``save_for_backward(*arrays)`` / ``saved`` for arrays, plain attributes for
+    anything else; ``needs_input_grad[i]`` says whether input i wants a gradient.
+    """
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+        self.saved = ()
+
+    def save_for_backward(self, *arrays):
+        self.saved = arrays
+
+
+class Node:
+    """One recorded call: the function, its ctx, its input tensors and its outputs.
+
+    Outputs are held by weak reference, so that an activation nobody holds any more
+    is freed at once rather than by the cycle collector.
+    """
+    __slots__ = ("function", "ctx", "inputs", "outputs")
+
+    def __init__(self, function, ctx, inputs):
+        self.function, self.ctx, self.inputs, self.outputs = function, ctx, inputs, ()
+
+    def parents(self):
+        return (t.node for t in self.inputs if t is not None and t.node is not None and t.requires_grad)
+
+
+class Function:
+    """Base class of a differentiable op.
+
+    Subclasses define ``forward(ctx, *args, **kwargs)`` on raw arrays (Tensor
+    arguments arrive unwrapped, keyword arguments are passed as they are) returning
+    an array or a tuple of arrays, and ``backward(ctx, *grad_outputs)`` returning one
+    gradient (or None) per positional argument. A grad_output is None when that
+    output received no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, *args, **kwargs):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        tensors = [a if isinstance(a, Tensor) else None for a in args]
+        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
+        needs = tuple(t is not None and t.requires_grad for t in tensors)
+        record = is_grad_enabled() and any(needs)
+        ctx = Context(needs)
+        raw = cls.forward(ctx, *arrays, **kwargs)
+        single = not isinstance(raw, tuple)
+        outputs = tuple(Tensor(r, requires_grad=record) for r in ((raw,) if single else raw))
+        if record:
+            node = Node(cls, ctx, tensors)
+            node.outputs = tuple(weakref.ref(out) for out in outputs)
+            for i, out in enumerate(outputs):
+                out.node, out.output_index = node, i
+        return outputs[0] if single else outputs
