@@ -1,0 +1,67 @@
+"""Ahead-of-time compilation of every registered kernel, without a GPU.
+
+The interpreter accepts code that the compiler rejects (Python control flow on
+tensor values, shapes that are not powers of two, unsupported dtypes); compiling
+each kernel for real targets catches that on a CPU-only machine. Triton ships its
+own ptxas, so this goes all the way to a cubin.
+
+    python -m ra_kernels.aot          # compile everything for sm_80 and sm_90
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import kernels  # noqa: F401  (imports every family: they register themselves)
+from .backend import KERNELS
+
+CAPABILITIES = (80, 90)
+
+
+def compile_kernel(kernel_fn, spec: dict, capability: int):
+    """Compile one specialisation of a registered kernel for ``sm_<capability>``.
+
+    ``spec`` maps every parameter to a Triton type string or, for a constexpr
+    parameter, its value (see ``backend.kernel``).
+    """
+    names = [p.name for p in kernel_fn.params]
+    if sorted(spec) != sorted(names):
+        raise ValueError(f"{kernel_fn.__name__}: AOT spec names {sorted(spec)}, "
+                         f"the kernel takes {names}")
+    constexprs = constexpr_values(kernel_fn, spec)
+    signature = {n: "constexpr" if n in constexprs else spec[n] for n in names}
+    source = ASTSource(kernel_fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"enable_fp_fusion": True})
+
+
+def constexpr_values(kernel_fn, spec: dict) -> dict:
+    """The constexpr part of an AOT spec."""
+    return {p.name: spec[p.name] for p in kernel_fn.params if p.is_constexpr}
+
+
+def specialisations():
+    """(kernel, spec) for every registered kernel and each of its AOT specs."""
+    return [(k, spec) for k in KERNELS for spec in k.aot_specs]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sm", type=int, nargs="+", default=list(CAPABILITIES),
+                        help="compute capabilities to compile for (default: 80 90)")
+    args = parser.parse_args(argv)
+    for kernel_fn, spec in specialisations():
+        consts = constexpr_values(kernel_fn, spec)
+        for cap in args.sm:
+            start = time.perf_counter()
+            compiled = compile_kernel(kernel_fn, spec, cap)
+            print(f"sm_{cap}  {kernel_fn.__name__:<32} {consts}  "
+                  f"{len(compiled.asm['cubin'])} B cubin, {time.perf_counter() - start:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Triton kernels, one module per fused op family: arrays in, arrays out.
+
+Importing this package imports every family, so that each kernel registers
+itself in ``ra_kernels.backend.KERNELS`` for the ahead-of-time compile check.
+"""
+from . import elementwise  # noqa: F401

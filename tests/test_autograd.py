@@ -1,0 +1,170 @@
+"""The autograd engine on its own, with small Functions defined here (NumPy)."""
+import numpy as np
+import pytest
+
+from ra_kernels.autograd import Function, Tensor, no_grad
+
+
+class Mul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b = ctx.saved
+        return dy * b, dy * a
+
+
+class Scale(Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy * ctx.factor, None  # no gradient for the constant factor
+
+
+class SplitHalves(Function):
+    """Two outputs: the first and second half of a vector."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.half = x.shape[0] // 2
+        return x[:ctx.half].copy(), x[ctx.half:].copy()
+
+    @staticmethod
+    def backward(ctx, d_first, d_second):
+        zeros = np.zeros(ctx.half)
+        return (np.concatenate([zeros if d_first is None else d_first,
+                                zeros if d_second is None else d_second]),)
+
+
+class Sum(Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return np.asarray(x.sum())
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (np.broadcast_to(dy, ctx.shape).copy(),)
+
+
+def test_diamond_accumulates(rng):
+    # y = (x * w) * (x * v): x feeds two branches that meet again.
+    x, w, v = (Tensor(rng.standard_normal(5), requires_grad=True) for _ in range(3))
+    left, right = Mul.apply(x, w), Mul.apply(x, v)
+    Sum.apply(Mul.apply(left, right)).backward()
+    np.testing.assert_allclose(x.grad, 2 * x.data * w.data * v.data, rtol=1e-13)
+    np.testing.assert_allclose(w.grad, x.data ** 2 * v.data, rtol=1e-13)
+    np.testing.assert_allclose(v.grad, x.data ** 2 * w.data, rtol=1e-13)
+
+
+def test_same_tensor_twice_in_one_op(rng):
+    x = Tensor(rng.standard_normal(4), requires_grad=True)
+    Sum.apply(Mul.apply(x, x)).backward()
+    np.testing.assert_allclose(x.grad, 2 * x.data, rtol=1e-14)
+
+
+def test_leaf_grads_accumulate_over_backward_calls(rng):
+    x = Tensor(rng.standard_normal(3), requires_grad=True)
+    Sum.apply(Scale.apply(x, 2.0)).backward()
+    Sum.apply(Scale.apply(x, 3.0)).backward()
+    np.testing.assert_allclose(x.grad, np.full(3, 5.0))
+
+
+def test_long_chain_has_no_recursion_limit(rng):
+    # 2,000 recorded ops, far deeper than Python's default recursion limit of 1,000.
+    x = Tensor(rng.standard_normal(3), requires_grad=True)
+    y = x
+    for i in range(2000):
+        y = Scale.apply(y, 1.0 + (-1) ** i * 1e-3)
+    Sum.apply(y).backward()
+    factor = np.prod([1.0 + (-1) ** i * 1e-3 for i in range(2000)])
+    np.testing.assert_allclose(x.grad, np.full(3, factor), rtol=1e-12)
+
+
+def test_no_grad_records_nothing(rng):
+    x = Tensor(rng.standard_normal(3), requires_grad=True)
+    with no_grad():
+        y = Scale.apply(x, 2.0)
+    assert y.node is None and not y.requires_grad
+    with pytest.raises(RuntimeError, match="does not require a gradient"):
+        Sum.apply(y).backward()
+    z = Scale.apply(x, 2.0)  # recording is back on after the block
+    assert z.requires_grad and z.node is not None
+
+
+def test_inputs_without_grad_are_not_recorded(rng):
+    y = Scale.apply(Tensor(rng.standard_normal(3)), 2.0)
+    assert y.node is None and not y.requires_grad
+
+
+def test_non_leaf_grads_are_freed_unless_retained(rng):
+    x = Tensor(rng.standard_normal(4), requires_grad=True)
+    hidden = Scale.apply(x, 3.0)
+    kept = Scale.apply(hidden, 2.0).retain_grad()
+    Sum.apply(kept).backward()
+    assert hidden.grad is None
+    np.testing.assert_array_equal(kept.grad, np.ones(4))
+    np.testing.assert_allclose(x.grad, np.full(4, 6.0))
+
+
+def test_constant_inputs_get_no_grad(rng):
+    x = Tensor(rng.standard_normal(3), requires_grad=True)
+    c = Tensor(rng.standard_normal(3))
+    Sum.apply(Mul.apply(x, c)).backward()
+    assert c.grad is None
+    np.testing.assert_allclose(x.grad, c.data)
+
+
+def test_multiple_outputs_one_used(rng):
+    x = Tensor(rng.standard_normal(6), requires_grad=True)
+    first, second = SplitHalves.apply(x)
+    Sum.apply(Scale.apply(second, 4.0)).backward()
+    np.testing.assert_allclose(x.grad, np.r_[np.zeros(3), np.full(3, 4.0)])
+
+
+def test_multiple_outputs_both_used(rng):
+    x = Tensor(rng.standard_normal(6), requires_grad=True)
+    first, second = SplitHalves.apply(x)
+    Sum.apply(Mul.apply(first, second)).backward()
+    np.testing.assert_allclose(x.grad, np.r_[x.data[3:], x.data[:3]])
+
+
+def test_backward_needs_explicit_grad_for_non_scalars(rng):
+    x = Tensor(rng.standard_normal(3), requires_grad=True)
+    y = Scale.apply(x, 2.0)
+    with pytest.raises(RuntimeError, match="single-element"):
+        y.backward()
+    with pytest.raises(ValueError, match="shape"):
+        y.backward(np.ones(4))
+    dy = rng.standard_normal(3)
+    y.backward(dy)
+    np.testing.assert_allclose(x.grad, 2.0 * dy)
+
+
+def test_backward_of_wrong_arity_is_reported(rng):
+    class Broken(Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a + b
+
+        @staticmethod
+        def backward(ctx, dy):
+            return (dy,)
+
+    a, b = (Tensor(rng.standard_normal(2), requires_grad=True) for _ in range(2))
+    with pytest.raises(RuntimeError, match="Broken.backward returned 1 gradients for 2 inputs"):
+        Sum.apply(Broken.apply(a, b)).backward()
+
+
+def test_saved_state_is_freed_after_backward(rng):
+    x = Tensor(rng.standard_normal(3), requires_grad=True)
+    y = Scale.apply(x, 2.0)
+    Sum.apply(y).backward()
+    assert y.node.ctx is None

@@ -1,0 +1,97 @@
+"""Backend selection, precision, the Triton adapters and launch checks."""
+import numpy as np
+import pytest
+
+from ra_kernels import backend
+from ra_kernels.kernels import elementwise
+
+
+@pytest.fixture
+def unselected(monkeypatch):
+    """Forget the selected backend, as in a fresh process."""
+    monkeypatch.setitem(backend._selected, "backend", None)
+
+
+def test_default_is_cuda_with_a_gpu_else_numpy(unselected, monkeypatch):
+    monkeypatch.delenv("RA_BACKEND", raising=False)
+    assert backend.get_backend() == ("cuda" if backend.gpu_available() else "numpy")
+
+
+def test_environment_variable_selects(unselected, monkeypatch):
+    monkeypatch.setenv("RA_BACKEND", "interpret")
+    assert backend.get_backend() == "interpret"
+
+
+def test_environment_variable_is_checked(unselected, monkeypatch):
+    monkeypatch.setenv("RA_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        backend.get_backend()
+
+
+def test_set_backend_returns_previous_and_context_restores():
+    assert backend.set_backend("interpret") == "numpy"
+    assert backend.get_backend() == "interpret"
+    with pytest.raises(KeyError):
+        with backend.use_backend("numpy"):
+            assert backend.get_backend() == "numpy"
+            raise KeyError("inside")
+    assert backend.get_backend() == "interpret"
+    assert backend.uses_triton()
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="expected one of cuda, interpret, numpy"):
+        backend.set_backend("metal")
+    assert backend.get_backend() == "numpy"
+
+
+@pytest.mark.skipif(backend.gpu_available(), reason="a GPU is present")
+def test_cuda_without_gpu_says_what_to_do():
+    with pytest.raises(RuntimeError, match="needs CuPy and a GPU.*numpy"):
+        backend.set_backend("cuda")
+    assert backend.get_backend() == "numpy"
+
+
+def test_precision_setting():
+    assert backend.get_precision() == "ieee"  # the test fixture's choice
+    with backend.use_precision("tf32"):
+        assert backend.get_precision() == "tf32"
+    assert backend.get_precision() == "ieee"
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        backend.set_precision("fp8")
+
+
+def test_host_adapter_points_at_the_array(rng):
+    a = rng.standard_normal((3, 5)).astype(np.float32)
+    h = backend.HostArray(a)
+    assert h.data_ptr() == a.ctypes.data == h.untyped_storage().data_ptr()
+    assert h.dtype == np.float32
+
+
+def test_empty_is_poisoned_only_when_asked():
+    with backend.poison_outputs():
+        assert np.isnan(backend.empty((4, 3))).all()
+        assert (backend.empty(5, np.int8) == -1).all()
+        assert (backend.empty(5, np.uint8) == 255).all()
+    with backend.poison_outputs(False):
+        assert backend.empty((2,)).shape == (2,)
+
+
+def test_launch_refuses_numpy_backend(rng):
+    a = rng.standard_normal(8).astype(np.float32)
+    with pytest.raises(RuntimeError, match="do not run on the numpy backend"):
+        elementwise.relu(a)
+
+
+@pytest.mark.gpu
+def test_launch_refuses_host_arrays_on_cuda(rng):
+    a = rng.standard_normal(8).astype(np.float32)
+    with backend.use_backend("cuda"), pytest.raises(TypeError, match="numpy array was given"):
+        elementwise.relu(a)
+
+
+def test_asarray_and_to_numpy_round_trip(triton_backend, rng):
+    a = rng.standard_normal((2, 3)).astype(np.float32)
+    b = backend.asarray(a)
+    assert backend.backend_of(b) == ("cuda" if triton_backend == "cuda" else "host")
+    np.testing.assert_array_equal(backend.to_numpy(b), a)
