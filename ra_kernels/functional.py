@@ -1,0 +1,403 @@
+"""Differentiable ops: the op contract of DESIGN.md section 3.
+
+Each op is one :class:`~ra_kernels.autograd.Function`. On the numpy backend it
+runs ``reference.<op>`` and ``reference.<op>_backward``; on the cuda and
+interpret backends it runs the Triton kernels of ``ra_kernels.kernels``. The
+backend is fixed per call at forward time, and backward follows it.
+
+Arguments are Tensors or raw arrays of the current backend (a raw array is a
+constant: it gets no gradient). Activations are NHWC float32 C-contiguous; the
+numpy backend also takes float64, for gradient checks. Bad input raises a
+ValueError or TypeError naming the op, the argument, what it got and what it
+expected, before anything runs.
+
+Running statistics of batch norm are plain arrays updated in place, like
+buffers of a module.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import reference as ref
+
+from .autograd import Function, Tensor
+from .backend import get_backend, is_cupy_array, uses_triton
+from .kernels import elementwise
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def _data(a):
+    return a.data if isinstance(a, Tensor) else a
+
+
+def _check_backend(op, name, a):
+    """The array of ``a`` (a Tensor or an array), checked to belong to the current backend."""
+    a, backend = _data(a), get_backend()
+    if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
+        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array or a Tensor, got {type(a).__name__}")
+    if is_cupy_array(a) != (backend == "cuda"):
+        kind, wanted = ("CuPy", "NumPy") if is_cupy_array(a) else ("NumPy", "CuPy")
+        raise TypeError(f"{op}: {name} is a {kind} array but the backend is {backend!r}, which takes "
+                        f"{wanted} arrays (convert with ra_kernels.backend.asarray)")
+    return a
+
+
+def _check_array(op, name, a, ndim=None, layout=None, dtype=None):
+    """Check one array argument; return its float dtype.
+
+    ``dtype``: the dtype the op's other float arguments already have, if any.
+    """
+    a = _check_backend(op, name, a)
+    backend = get_backend()
+    allowed = ("float32", "float64") if backend == "numpy" else ("float32",)
+    if a.dtype.name not in allowed:
+        raise TypeError(f"{op}: {name} must be {' or '.join(allowed)} on the {backend} backend, "
+                        f"got {a.dtype.name}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{op}: {name} is {a.dtype.name} but the other inputs are {dtype.name}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D {layout or ''}, got shape {tuple(a.shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{op}: {name} must be C-contiguous (strides {a.strides} for shape "
+                         f"{tuple(a.shape)}); pass a contiguous copy")
+    return a.dtype
+
+
+def _check_same_shape(op, names, arrays):
+    shapes = [tuple(_data(a).shape) for a in arrays]
+    if len(set(shapes)) != 1:
+        got = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+        raise ValueError(f"{op}: inputs must have the same shape, got {got}")
+
+
+def _check_int(op, name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_nhwc(op, x):
+    return _check_array(op, "x", x, 4, "NHWC (N, H, W, C)")
+
+
+def _check_channel_params(op, c, dtype, **params):
+    for name, p in params.items():
+        _check_array(op, name, p, 1, "(C,)", dtype)
+        if _data(p).shape[0] != c:
+            raise ValueError(f"{op}: {name} has {_data(p).shape[0]} channels, x has {c}")
+
+
+def _out_size(op, size, kernel, stride, padding):
+    out = (size + 2 * padding - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(f"{op}: input size {size} with kernel {kernel}, stride {stride}, "
+                         f"padding {padding} gives an empty output")
+    return out
+
+
+# --------------------------------------------------------------------------- the Function pattern
+
+class _Op(Function):
+    """An op with a reference path (numpy backend) and a Triton path (cuda, interpret).
+
+    Subclasses name ``op`` and set ``reference_forward`` (returns ``(out, saved)``)
+    and ``reference_backward`` (``(dy, saved) -> grads``), and override
+    ``triton_forward(ctx, ...)`` / ``triton_backward(ctx, dy)`` when kernels exist.
+    Gradients are padded with None for trailing non-differentiable inputs.
+    """
+    op = ""
+
+    @classmethod
+    def forward(cls, ctx, *args, **kwargs):
+        ctx.on_triton, ctx.n_inputs = uses_triton(), len(args)
+        if ctx.on_triton:
+            return cls.triton_forward(ctx, *args, **kwargs)
+        out, ctx.reference_saved = cls.reference_forward(*args, **kwargs)
+        return out
+
+    @classmethod
+    def backward(cls, ctx, dy):
+        if ctx.on_triton:
+            grads = cls.triton_backward(ctx, dy)
+        else:
+            grads = cls.reference_backward(dy, ctx.reference_saved)
+        return tuple(grads) + (None,) * (ctx.n_inputs - len(grads))
+
+    @classmethod
+    def triton_forward(cls, ctx, *args, **kwargs):
+        raise NotImplementedError(
+            f"{cls.op}: its Triton kernels are not written yet, so it cannot run on the "
+            f"{get_backend()} backend; use the numpy backend for this op")
+
+
+class _Conv2d(_Op):
+    op = "conv2d"
+    reference_forward, reference_backward = staticmethod(ref.conv2d), staticmethod(ref.conv2d_backward)
+
+
+class _BatchNorm(_Op):
+    op = "batch_norm"
+    reference_backward = staticmethod(ref.batch_norm_backward)
+
+    @staticmethod
+    def reference_forward(x, gamma, beta, running_mean, running_var, **kwargs):
+        y, new_mean, new_var, saved = ref.batch_norm(x, gamma, beta, running_mean, running_var, **kwargs)
+        running_mean[...], running_var[...] = new_mean, new_var
+        return y, saved
+
+
+class _ConvBnRelu(_Op):
+    op = "conv_bn_relu"
+    reference_backward = staticmethod(ref.conv_bn_relu_backward)
+
+    @staticmethod
+    def reference_forward(x, w, gamma, beta, running_mean, running_var, **kwargs):
+        y, new_mean, new_var, saved = ref.conv_bn_relu(x, w, gamma, beta, running_mean, running_var, **kwargs)
+        running_mean[...], running_var[...] = new_mean, new_var
+        return y, saved
+
+
+class _MaxPool2d(_Op):
+    op = "max_pool2d"
+    reference_forward, reference_backward = staticmethod(ref.max_pool2d), staticmethod(ref.max_pool2d_backward)
+
+
+class _UpsampleBilinear(_Op):
+    op = "upsample_bilinear"
+    reference_backward = staticmethod(ref.upsample_bilinear_backward)
+
+    @staticmethod
+    def reference_forward(x, skip, size):
+        return ref.upsample_bilinear(x, size, skip)
+
+
+class _Sigmoid(_Op):
+    op = "sigmoid"
+    reference_forward, reference_backward = staticmethod(ref.sigmoid), staticmethod(ref.sigmoid_backward)
+
+
+class _AttentionMix(_Op):
+    op = "attention_mix"
+    reference_forward = staticmethod(ref.attention_mix)
+    reference_backward = staticmethod(ref.attention_mix_backward)
+
+
+class _ChannelAttention(_Op):
+    op = "channel_attention"
+    reference_forward = staticmethod(ref.channel_attention)
+    reference_backward = staticmethod(ref.channel_attention_backward)
+
+
+class _SpatialAttention(_Op):
+    op = "spatial_attention"
+    reference_forward = staticmethod(ref.spatial_attention)
+    reference_backward = staticmethod(ref.spatial_attention_backward)
+
+
+class _Add(_Op):
+    op = "add"
+    reference_forward, reference_backward = staticmethod(ref.add), staticmethod(ref.add_backward)
+
+    @staticmethod
+    def triton_forward(ctx, a, b):
+        return elementwise.add(a, b)
+
+    @staticmethod
+    def triton_backward(ctx, dy):
+        return dy, dy  # d(a + b) is the identity for both: no kernel, no copy
+
+
+class _Relu(_Op):
+    op = "relu"
+    reference_forward, reference_backward = staticmethod(ref.relu), staticmethod(ref.relu_backward)
+
+    @staticmethod
+    def triton_forward(ctx, x):
+        y = elementwise.relu(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def triton_backward(ctx, dy):
+        (y,) = ctx.saved
+        return (elementwise.relu_backward(dy, y),)
+
+
+class _GlobalAvgPool(_Op):
+    op = "global_avg_pool"
+    reference_forward = staticmethod(ref.global_avg_pool)
+    reference_backward = staticmethod(ref.global_avg_pool_backward)
+
+
+class _Linear(_Op):
+    op = "linear"
+    reference_forward, reference_backward = staticmethod(ref.linear), staticmethod(ref.linear_backward)
+
+
+class _CrossEntropy(_Op):
+    op = "cross_entropy"
+    reference_forward = staticmethod(ref.cross_entropy)
+    reference_backward = staticmethod(ref.cross_entropy_backward)
+
+
+# --------------------------------------------------------------------------- the ops
+
+def conv2d(x, w, stride=1, padding=0):
+    """2-D convolution without bias. x (N, H, W, Cin), w (KH, KW, Cin, Cout) -> (N, OH, OW, Cout)."""
+    _check_conv("conv2d", x, w, stride, padding)
+    return _Conv2d.apply(x, w, stride=stride, padding=padding)
+
+
+def _check_conv(op, x, w, stride, padding):
+    dtype = _check_nhwc(op, x)
+    _check_array(op, "w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype)
+    _check_int(op, "stride", stride, 1)
+    _check_int(op, "padding", padding, 0)
+    (_, h, wd, c), (kh, kw, cin, _) = _data(x).shape, _data(w).shape
+    if cin != c:
+        raise ValueError(f"{op}: x has {c} channels but w (KH, KW, Cin, Cout) = {tuple(_data(w).shape)} "
+                         f"expects Cin = {cin}")
+    _out_size(op, h, kh, stride, padding)
+    _out_size(op, wd, kw, stride, padding)
+    return dtype
+
+
+def _check_bn(op, x_channels, dtype, gamma, beta, running_mean, running_var, momentum, eps):
+    _check_channel_params(op, x_channels, dtype, gamma=gamma, beta=beta,
+                          running_mean=running_mean, running_var=running_var)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+    if not eps > 0.0:
+        raise ValueError(f"{op}: eps must be > 0, got {eps}")
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
+               relu=False):
+    """Batch norm over N, H, W per channel of NHWC x, then ReLU if ``relu``.
+
+    Training normalises with the batch mean and biased variance and updates
+    ``running_mean`` / ``running_var`` (arrays of shape (C,), in place) with the
+    unbiased variance; eval normalises with the running statistics.
+    """
+    dtype = _check_nhwc("batch_norm", x)
+    _check_bn("batch_norm", _data(x).shape[3], dtype, gamma, beta, running_mean, running_var, momentum, eps)
+    return _BatchNorm.apply(x, gamma, beta, _data(running_mean), _data(running_var), training=training,
+                            momentum=momentum, eps=eps, relu=relu)
+
+
+def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
+                 momentum=0.1, eps=1e-5, relu=True):
+    """``batch_norm(conv2d(x, w, stride, padding), ...)`` as one op (fused kernels on GPU backends)."""
+    dtype = _check_conv("conv_bn_relu", x, w, stride, padding)
+    _check_bn("conv_bn_relu", _data(w).shape[3], dtype, gamma, beta, running_mean, running_var, momentum, eps)
+    return _ConvBnRelu.apply(x, w, gamma, beta, _data(running_mean), _data(running_var), stride=stride,
+                             padding=padding, training=training, momentum=momentum, eps=eps, relu=relu)
+
+
+def max_pool2d(x, kernel_size=3, stride=2, padding=1):
+    """Max over each window of NHWC x; padding counts as -inf; gradient to the first maximum."""
+    _check_nhwc("max_pool2d", x)
+    _check_int("max_pool2d", "kernel_size", kernel_size, 1)
+    _check_int("max_pool2d", "stride", stride, 1)
+    _check_int("max_pool2d", "padding", padding, 0)
+    if 2 * padding > kernel_size:
+        raise ValueError(f"max_pool2d: padding {padding} must be at most kernel_size // 2 "
+                         f"({kernel_size // 2}), or some windows would hold only padding")
+    _, h, w, _ = _data(x).shape
+    _out_size("max_pool2d", h, kernel_size, stride, padding)
+    _out_size("max_pool2d", w, kernel_size, stride, padding)
+    return _MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding)
+
+
+def upsample_bilinear(x, size, skip=None):
+    """Bilinear resize of NHWC x to ``size = (OH, OW)``, corners aligned, plus ``skip`` if given."""
+    dtype = _check_nhwc("upsample_bilinear", x)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in size)):
+        raise ValueError(f"upsample_bilinear: size must be (OH, OW) with positive integers, got {size!r}")
+    size = (int(size[0]), int(size[1]))
+    if skip is not None:
+        _check_array("upsample_bilinear", "skip", skip, 4, "NHWC (N, OH, OW, C)", dtype)
+        n, _, _, c = _data(x).shape
+        if tuple(_data(skip).shape) != (n, *size, c):
+            raise ValueError(f"upsample_bilinear: skip must have shape {(n, *size, c)} (x resized to "
+                             f"size), got {tuple(_data(skip).shape)}")
+    return _UpsampleBilinear.apply(x, skip, size=size)
+
+
+def sigmoid(x):
+    """Logistic function, safe for large |x|."""
+    _check_array("sigmoid", "x", x)
+    return _Sigmoid.apply(x)
+
+
+def attention_mix(mask_logits, trunk, residual=True):
+    """``(1 + sigmoid(m)) * t`` (attention residual learning), or ``sigmoid(m) * t`` if not residual."""
+    dtype = _check_array("attention_mix", "mask_logits", mask_logits)
+    _check_array("attention_mix", "trunk", trunk, dtype=dtype)
+    _check_same_shape("attention_mix", ("mask_logits", "trunk"), (mask_logits, trunk))
+    return _AttentionMix.apply(mask_logits, trunk, residual=residual)
+
+
+def channel_attention(x):
+    """The paper's f2: x divided by its L2 norm over channels at each position (NHWC)."""
+    _check_nhwc("channel_attention", x)
+    return _ChannelAttention.apply(x)
+
+
+def spatial_attention(x):
+    """The paper's f3: sigmoid of x standardised per sample and channel over H, W (NHWC)."""
+    _check_nhwc("spatial_attention", x)
+    return _SpatialAttention.apply(x)
+
+
+def add(a, b):
+    """a + b, same shapes (no broadcasting)."""
+    dtype = _check_array("add", "a", a)
+    _check_array("add", "b", b, dtype=dtype)
+    _check_same_shape("add", ("a", "b"), (a, b))
+    return _Add.apply(a, b)
+
+
+def relu(x):
+    """max(x, 0); the gradient is 0 where x <= 0."""
+    _check_array("relu", "x", x)
+    return _Relu.apply(x)
+
+
+def global_avg_pool(x):
+    """Mean over H, W: NHWC (N, H, W, C) -> (N, C)."""
+    _check_nhwc("global_avg_pool", x)
+    return _GlobalAvgPool.apply(x)
+
+
+def linear(x, w, b):
+    """``x @ w + b``: x (N, in), w (in, out), b (out,) -> (N, out)."""
+    dtype = _check_array("linear", "x", x, 2, "(N, in)")
+    _check_array("linear", "w", w, 2, "(in, out)", dtype)
+    _check_array("linear", "b", b, 1, "(out,)", dtype)
+    (_, n_in), (w_in, n_out), (b_out,) = _data(x).shape, _data(w).shape, _data(b).shape
+    if w_in != n_in or b_out != n_out:
+        raise ValueError(f"linear: x {tuple(_data(x).shape)}, w {tuple(_data(w).shape)} and "
+                         f"b {tuple(_data(b).shape)} do not fit (N, in) @ (in, out) + (out,)")
+    return _Linear.apply(x, w, b)
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy of logits (N, classes) against integer labels (N,): a 0-d tensor.
+
+    Label values are checked on host arrays; on the cuda backend that check
+    would read labels back mid-step, so it is left to the kernel.
+    """
+    _check_array("cross_entropy", "logits", logits, 2, "(N, classes)")
+    labels = _check_backend("cross_entropy", "labels", labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: labels must be an integer array, got {labels.dtype.name}")
+    n, classes = _data(logits).shape
+    if labels.shape != (n,):
+        raise ValueError(f"cross_entropy: labels must have shape ({n},) for logits {(n, classes)}, "
+                         f"got {tuple(labels.shape)}")
+    if isinstance(labels, np.ndarray) and labels.size and not (0 <= labels.min() and labels.max() < classes):
+        raise ValueError(f"cross_entropy: labels must lie in [0, {classes}), "
+                         f"got values from {labels.min()} to {labels.max()}")
+    return _CrossEntropy.apply(logits, labels)

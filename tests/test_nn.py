@@ -1,0 +1,126 @@
+"""Module, Parameter, buffers, train/eval and state dicts."""
+import numpy as np
+import pytest
+
+from ra_kernels import backend, nn
+
+
+class Affine(nn.Module):
+    def __init__(self, n, rng):
+        super().__init__()
+        self.weight = nn.Parameter(rng.standard_normal((n, n)).astype(np.float32))
+        self.bias = nn.Parameter(rng.standard_normal(n).astype(np.float32))
+        self.register_buffer("calls", np.zeros(1, np.float32))
+
+    def forward(self, x):
+        return x @ self.weight.data + self.bias.data
+
+
+class Net(nn.Module):
+    def __init__(self, rng):
+        super().__init__()
+        self.first = Affine(3, rng)
+        self.second = Affine(3, rng)
+        self.tied = self.first.weight  # the same parameter under a second name
+        self.scale = 2.0  # a plain attribute: not a parameter
+
+    def forward(self, x):
+        return self.second(self.first(x)) * self.scale
+
+
+def test_registration_and_names(rng):
+    net = Net(rng)
+    names = [n for n, _ in net.named_parameters()]
+    # the root's own parameters first, then each child's; the tied weight under its first name
+    assert names == ["tied", "first.bias", "second.weight", "second.bias"]
+    assert len(net.parameters()) == 4  # the tied weight counts once
+    assert [n for n, _ in net.named_buffers()] == ["first.calls", "second.calls"]
+    assert all(p.requires_grad for p in net.parameters())
+    assert net.scale == 2.0 and net.first.weight is net.tied
+
+
+def test_reassignment_replaces(rng):
+    net = Net(rng)
+    net.second = Affine(3, rng)
+    net.first.calls = np.ones(1, np.float32)  # replacing a buffer keeps it a buffer
+    assert dict(net.named_buffers())["first.calls"][0] == 1.0
+    net.scale = nn.Parameter(np.ones(1, np.float32))
+    assert "scale" in dict(net.named_parameters())
+
+
+def test_forward_is_called(rng):
+    net = Net(rng)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    expected = ((x @ net.first.weight.data + net.first.bias.data) @ net.second.weight.data
+                + net.second.bias.data) * 2.0
+    np.testing.assert_allclose(net(x), expected, rtol=1e-6)
+
+
+def test_train_eval_reach_every_module(rng):
+    net = Net(rng)
+    assert net.eval() is net
+    assert not any(m.training for _, m in net.named_modules())
+    net.train()
+    assert all(m.training for _, m in net.named_modules())
+
+
+def test_state_dict_round_trip_through_npz(rng, tmp_path):
+    net, other = Net(rng), Net(rng)
+    other.first.calls[...] = 7.0
+    path = tmp_path / "net.npz"
+    net.save(path)
+    assert not (tmp_path / "net.npz.tmp").exists()
+    other.load(path)
+    for (name, a), (_, b) in zip(net.state_dict().items(), other.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert other.first.calls[0] == 0.0
+
+
+def test_state_dict_is_a_copy(rng):
+    net = Net(rng)
+    state = net.state_dict()
+    state["first.bias"][...] = 123.0
+    assert not np.any(net.first.bias.data == 123.0)
+
+
+def test_load_checks_names_and_shapes(rng):
+    net = Net(rng)
+    state = net.state_dict()
+    del state["second.bias"]
+    state["extra"] = np.zeros(1)
+    with pytest.raises(KeyError, match=r"missing \['second.bias'\], unexpected \['extra'\]"):
+        net.load_state_dict(state)
+    net.load_state_dict(state, strict=False)
+    bad = net.state_dict()
+    bad["first.bias"] = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=r"first.bias has shape \(4,\) in the state, \(3,\) in the module"):
+        net.load_state_dict(bad)
+
+
+def test_loaded_values_keep_the_module_dtype(rng):
+    net = Net(rng)
+    state = {k: v.astype(np.float64) for k, v in net.state_dict().items()}
+    net.load_state_dict(state)
+    assert all(p.dtype == np.float32 for p in net.parameters())
+
+
+def test_module_without_super_init_is_reported():
+    class Forgot(nn.Module):
+        def __init__(self):
+            self.w = nn.Parameter(np.zeros(1, np.float32))
+
+    with pytest.raises(AttributeError, match=r"Forgot.__init__ must call super\(\).__init__\(\) before assigning .w."):
+        Forgot()
+
+
+@pytest.mark.gpu
+def test_state_dict_moves_between_backends(rng):
+    cpu = Net(rng)
+    with backend.use_backend("cuda"):
+        gpu = Net(rng)
+        for p in gpu.parameters():
+            p.data = backend.asarray(p.data)
+        gpu.load_state_dict(cpu.state_dict())
+        assert all(backend.backend_of(p.data) == "cuda" for p in gpu.parameters())
+    for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)

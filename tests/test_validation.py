@@ -1,0 +1,83 @@
+"""Bad input gets a clear error naming the op and what was wrong, before anything runs."""
+import numpy as np
+import pytest
+
+from ra_kernels import backend
+from ra_kernels import functional as F
+from ra_kernels.autograd import Tensor
+
+
+def f32(*shape):
+    return np.random.default_rng().standard_normal(shape).astype(np.float32)
+
+
+def bn_params(c):
+    return f32(c), f32(c), np.zeros(c, np.float32), np.ones(c, np.float32)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # wrong rank
+    (lambda: F.conv2d(f32(2, 8, 8), f32(3, 3, 8, 4)), ValueError, r"conv2d: x must be 4-D NHWC .* got shape \(2, 8, 8\)"),
+    (lambda: F.conv2d(f32(1, 8, 8, 3), f32(3, 8, 4)), ValueError, r"conv2d: w must be 4-D HWIO"),
+    (lambda: F.max_pool2d(f32(8, 8)), ValueError, r"max_pool2d: x must be 4-D"),
+    (lambda: F.global_avg_pool(f32(2, 3)), ValueError, r"global_avg_pool: x must be 4-D"),
+    (lambda: F.linear(f32(2, 3, 1), f32(3, 4), f32(4)), ValueError, r"linear: x must be 2-D"),
+    (lambda: F.cross_entropy(f32(4), np.zeros(4, np.int64)), ValueError, r"cross_entropy: logits must be 2-D"),
+    # channel and shape mismatches
+    (lambda: F.conv2d(f32(1, 8, 8, 3), f32(3, 3, 4, 8)), ValueError, r"conv2d: x has 3 channels .* Cin = 4"),
+    (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(5)), ValueError, r"batch_norm: gamma has 5 channels, x has 3"),
+    (lambda: F.conv_bn_relu(f32(1, 4, 4, 3), f32(1, 1, 3, 8), *bn_params(3)), ValueError,
+     r"conv_bn_relu: gamma has 3 channels, x has 8"),
+    (lambda: F.add(f32(2, 3), f32(3, 2)), ValueError, r"add: inputs must have the same shape, got a \(2, 3\), b \(3, 2\)"),
+    (lambda: F.attention_mix(f32(1, 4, 4, 2), f32(1, 4, 4, 3)), ValueError, r"attention_mix: inputs must have the same shape"),
+    (lambda: F.linear(f32(2, 3), f32(4, 5), f32(5)), ValueError, r"linear: .* do not fit"),
+    (lambda: F.upsample_bilinear(f32(1, 4, 4, 2), (8, 8), skip=f32(1, 8, 8, 3)), ValueError,
+     r"upsample_bilinear: skip must have shape \(1, 8, 8, 2\)"),
+    (lambda: F.upsample_bilinear(f32(1, 4, 4, 2), (8, 0)), ValueError, r"upsample_bilinear: size must be"),
+    (lambda: F.cross_entropy(f32(4, 10), np.zeros(3, np.int64)), ValueError, r"cross_entropy: labels must have shape \(4,\)"),
+    (lambda: F.cross_entropy(f32(4, 10), np.array([0, 1, 10, 2])), ValueError, r"labels must lie in \[0, 10\)"),
+    # hyperparameters
+    (lambda: F.conv2d(f32(1, 8, 8, 3), f32(3, 3, 3, 4), stride=0), ValueError, r"conv2d: stride must be an integer >= 1"),
+    (lambda: F.conv2d(f32(1, 2, 2, 3), f32(3, 3, 3, 4)), ValueError, r"conv2d: input size 2 with kernel 3, stride 1, padding 0 gives an empty output"),
+    (lambda: F.max_pool2d(f32(1, 8, 8, 3), kernel_size=3, padding=2), ValueError, r"max_pool2d: padding 2 must be at most"),
+    (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(3), momentum=1.5), ValueError, r"batch_norm: momentum must be in \[0, 1\]"),
+    # dtypes
+    (lambda: F.relu(np.arange(6).reshape(2, 3)), TypeError, r"relu: x must be float32 or float64 on the numpy backend, got int64"),
+    (lambda: F.add(f32(2, 3), f32(2, 3).astype(np.float64)), TypeError, r"add: b is float64 but the other inputs are float32"),
+    (lambda: F.cross_entropy(f32(4, 10), f32(4)), TypeError, r"cross_entropy: labels must be an integer array, got float32"),
+    (lambda: F.sigmoid([1.0, 2.0]), TypeError, r"sigmoid: x must be a NumPy or CuPy array or a Tensor, got list"),
+    # layout
+    (lambda: F.conv2d(f32(1, 8, 8, 3).transpose(0, 2, 1, 3), f32(3, 3, 3, 4)), ValueError,
+     r"conv2d: x must be C-contiguous"),
+    (lambda: F.relu(f32(4, 6)[:, ::2]), ValueError, r"relu: x must be C-contiguous"),
+])
+def test_bad_input_on_numpy_backend(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_float64_is_refused_by_triton_backends(triton_backend):
+    x = backend.asarray(f32(2, 3).astype(np.float64))
+    with pytest.raises(TypeError, match=f"relu: x must be float32 on the {triton_backend} backend, got float64"):
+        F.relu(x)
+
+
+def test_tensor_arguments_are_checked_too():
+    with pytest.raises(TypeError, match="relu: x must be float32 or float64 on the numpy backend, got int32"):
+        F.relu(Tensor(np.zeros(3, np.int32)))
+
+
+@pytest.mark.gpu
+def test_arrays_of_the_wrong_backend():
+    import cupy
+    with pytest.raises(TypeError, match="add: b is a CuPy array but the backend is 'numpy'"):
+        F.add(f32(2), cupy.zeros(2, cupy.float32))
+    with backend.use_backend("cuda"), pytest.raises(TypeError, match="a is a NumPy array but the backend is 'cuda'"):
+        F.add(f32(2), cupy.zeros(2, cupy.float32))
+
+
+def test_host_arrays_are_refused_on_a_fake_gpu_backend(monkeypatch):
+    # Without a GPU, pretend: the check itself must refuse NumPy arrays on 'cuda'.
+    monkeypatch.setitem(backend._selected, "backend", "cuda")
+    with pytest.raises(TypeError, match="add: a is a NumPy array but the backend is 'cuda', which takes CuPy"):
+        F.add(f32(2), f32(2))
