@@ -98,146 +98,81 @@ def _out_size(op, size, kernel, stride, padding):
 # --------------------------------------------------------------------------- the Function pattern
 
 class _Op(Function):
-    """An op with a reference path (numpy backend) and a Triton path (cuda, interpret).
+    """One op: ``reference.<op>`` on the numpy backend, ``<kernels module>.<op>`` otherwise.
 
-    Subclasses name ``op`` and set ``reference_forward`` (returns ``(out, saved)``)
-    and ``reference_backward`` (``(dy, saved) -> grads``), and override
-    ``triton_forward(ctx, ...)`` / ``triton_backward(ctx, dy)`` when kernels exist.
-    Gradients are padded with None for trailing non-differentiable inputs.
+    Both modules expose the same pair: ``<op>(*args, **kwargs) -> (out, saved)``
+    and ``<op>_backward(dy, saved) -> grads``, one gradient per differentiable
+    input in order; trailing non-differentiable inputs get None here.
     """
-    op = ""
+    op = ""          # the op's name in reference/ and in its kernels/ module
+    kernels = None   # the kernels/ module implementing it, once it exists
+
+    @classmethod
+    def implementation(cls):
+        if not uses_triton():
+            return ref
+        if cls.kernels is None:
+            raise NotImplementedError(
+                f"{cls.op}: its Triton kernels are not written yet, so it cannot run on the "
+                f"{get_backend()} backend; use the numpy backend for this op")
+        return cls.kernels
+
+    @classmethod
+    def run(cls, impl, *args, **kwargs):
+        """Call the implementation: (out, saved). Overridden where arguments need adapting."""
+        return getattr(impl, cls.op)(*args, **kwargs)
 
     @classmethod
     def forward(cls, ctx, *args, **kwargs):
-        ctx.on_triton, ctx.n_inputs = uses_triton(), len(args)
-        if ctx.on_triton:
-            return cls.triton_forward(ctx, *args, **kwargs)
-        out, ctx.reference_saved = cls.reference_forward(*args, **kwargs)
+        impl = cls.implementation()
+        ctx.n_inputs, ctx.op_backward = len(args), getattr(impl, cls.op + "_backward")
+        out, ctx.op_saved = cls.run(impl, *args, **kwargs)
         return out
 
     @classmethod
     def backward(cls, ctx, dy):
-        if ctx.on_triton:
-            grads = cls.triton_backward(ctx, dy)
-        else:
-            grads = cls.reference_backward(dy, ctx.reference_saved)
-        return tuple(grads) + (None,) * (ctx.n_inputs - len(grads))
-
-    @classmethod
-    def triton_forward(cls, ctx, *args, **kwargs):
-        raise NotImplementedError(
-            f"{cls.op}: its Triton kernels are not written yet, so it cannot run on the "
-            f"{get_backend()} backend; use the numpy backend for this op")
-
-
-class _Conv2d(_Op):
-    op = "conv2d"
-    reference_forward, reference_backward = staticmethod(ref.conv2d), staticmethod(ref.conv2d_backward)
+        grads = tuple(ctx.op_backward(dy, ctx.op_saved))
+        return grads + (None,) * (ctx.n_inputs - len(grads))
 
 
 class _BatchNorm(_Op):
     op = "batch_norm"
-    reference_backward = staticmethod(ref.batch_norm_backward)
 
-    @staticmethod
-    def reference_forward(x, gamma, beta, running_mean, running_var, **kwargs):
-        y, new_mean, new_var, saved = ref.batch_norm(x, gamma, beta, running_mean, running_var, **kwargs)
-        running_mean[...], running_var[...] = new_mean, new_var
+    @classmethod
+    def run(cls, impl, *args, **kwargs):
+        # The running statistics are the last two positional arguments; the op returns
+        # their new values (kernels update them in place, making this copy a no-op).
+        y, new_mean, new_var, saved = getattr(impl, cls.op)(*args, **kwargs)
+        running_mean, running_var = args[-2:]
+        for buffer, value in ((running_mean, new_mean), (running_var, new_var)):
+            if value is not buffer:
+                buffer[...] = value
         return y, saved
 
 
-class _ConvBnRelu(_Op):
+class _ConvBnRelu(_BatchNorm):
     op = "conv_bn_relu"
-    reference_backward = staticmethod(ref.conv_bn_relu_backward)
-
-    @staticmethod
-    def reference_forward(x, w, gamma, beta, running_mean, running_var, **kwargs):
-        y, new_mean, new_var, saved = ref.conv_bn_relu(x, w, gamma, beta, running_mean, running_var, **kwargs)
-        running_mean[...], running_var[...] = new_mean, new_var
-        return y, saved
-
-
-class _MaxPool2d(_Op):
-    op = "max_pool2d"
-    reference_forward, reference_backward = staticmethod(ref.max_pool2d), staticmethod(ref.max_pool2d_backward)
 
 
 class _UpsampleBilinear(_Op):
     op = "upsample_bilinear"
-    reference_backward = staticmethod(ref.upsample_bilinear_backward)
 
-    @staticmethod
-    def reference_forward(x, skip, size):
-        return ref.upsample_bilinear(x, size, skip)
-
-
-class _Sigmoid(_Op):
-    op = "sigmoid"
-    reference_forward, reference_backward = staticmethod(ref.sigmoid), staticmethod(ref.sigmoid_backward)
+    @classmethod
+    def run(cls, impl, x, skip, size):  # skip is positional here so that it gets a gradient slot
+        return impl.upsample_bilinear(x, size, skip)
 
 
-class _AttentionMix(_Op):
-    op = "attention_mix"
-    reference_forward = staticmethod(ref.attention_mix)
-    reference_backward = staticmethod(ref.attention_mix_backward)
-
-
-class _ChannelAttention(_Op):
-    op = "channel_attention"
-    reference_forward = staticmethod(ref.channel_attention)
-    reference_backward = staticmethod(ref.channel_attention_backward)
-
-
-class _SpatialAttention(_Op):
-    op = "spatial_attention"
-    reference_forward = staticmethod(ref.spatial_attention)
-    reference_backward = staticmethod(ref.spatial_attention_backward)
-
-
-class _Add(_Op):
-    op = "add"
-    reference_forward, reference_backward = staticmethod(ref.add), staticmethod(ref.add_backward)
-
-    @staticmethod
-    def triton_forward(ctx, a, b):
-        return elementwise.add(a, b)
-
-    @staticmethod
-    def triton_backward(ctx, dy):
-        return dy, dy  # d(a + b) is the identity for both: no kernel, no copy
-
-
-class _Relu(_Op):
-    op = "relu"
-    reference_forward, reference_backward = staticmethod(ref.relu), staticmethod(ref.relu_backward)
-
-    @staticmethod
-    def triton_forward(ctx, x):
-        y = elementwise.relu(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def triton_backward(ctx, dy):
-        (y,) = ctx.saved
-        return (elementwise.relu_backward(dy, y),)
-
-
-class _GlobalAvgPool(_Op):
-    op = "global_avg_pool"
-    reference_forward = staticmethod(ref.global_avg_pool)
-    reference_backward = staticmethod(ref.global_avg_pool_backward)
-
-
-class _Linear(_Op):
-    op = "linear"
-    reference_forward, reference_backward = staticmethod(ref.linear), staticmethod(ref.linear_backward)
-
-
-class _CrossEntropy(_Op):
-    op = "cross_entropy"
-    reference_forward = staticmethod(ref.cross_entropy)
-    reference_backward = staticmethod(ref.cross_entropy_backward)
+class _Conv2d(_Op): op = "conv2d"                          # noqa: E701
+class _MaxPool2d(_Op): op = "max_pool2d"                   # noqa: E701
+class _Sigmoid(_Op): op = "sigmoid"                        # noqa: E701
+class _AttentionMix(_Op): op = "attention_mix"             # noqa: E701
+class _ChannelAttention(_Op): op = "channel_attention"     # noqa: E701
+class _SpatialAttention(_Op): op = "spatial_attention"     # noqa: E701
+class _Add(_Op): op, kernels = "add", elementwise          # noqa: E701
+class _Relu(_Op): op, kernels = "relu", elementwise        # noqa: E701
+class _GlobalAvgPool(_Op): op = "global_avg_pool"          # noqa: E701
+class _Linear(_Op): op = "linear"                          # noqa: E701
+class _CrossEntropy(_Op): op = "cross_entropy"             # noqa: E701
 
 
 # --------------------------------------------------------------------------- the ops

@@ -44,16 +44,24 @@ def _run(op, a, b):
     return out
 
 
+# Launchers mirror reference/: op(...) -> (out, saved), op_backward(dy, saved) -> grads.
+
 def add(a, b):
     """a + b, same shapes."""
-    return _run("add", a, b)
+    return _run("add", a, b), ()
+
+
+def add_backward(dy, saved):
+    return dy, dy  # the identity for both inputs: no kernel, no copy
 
 
 def relu(x):
-    """max(x, 0)."""
-    return _run("relu", x, x)
+    """max(x, 0); saves its output for the backward mask."""
+    y = _run("relu", x, x)
+    return y, (y,)
 
 
-def relu_backward(dy, y):
-    """dx = dy * [y > 0], from relu's output y."""
-    return _run("relu_backward", dy, y)
+def relu_backward(dy, saved):
+    """dx = dy * [y > 0]."""
+    (y,) = saved
+    return (_run("relu_backward", dy, y),)
