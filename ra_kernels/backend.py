@@ -269,49 +269,73 @@ def _launch_on_cupy_stream():
 
 # --------------------------------------------------------------------------- kernels
 
-class TritonFunction(JITFunction):
-    """A ``@triton.jit`` function that also runs under Triton's interpreter.
-
-    ``triton.jit`` decides between compiling and interpreting once, from
-    TRITON_INTERPRET at import time; a process here switches backends at run
-    time. Compilation sees a plain JITFunction. Inside an interpreted kernel a call
-    to a device function lands in ``__call__`` (which JITFunction reserves for an
-    error), and runs the interpreted twin.
-    """
-
-    @functools.cached_property
-    def interpreted(self) -> InterpretedFunction:
-        return InterpretedFunction(self.fn)
-
-    def __call__(self, *args, **kwargs):
-        return self.interpreted(*args, **kwargs)
-
-
 #: Every kernel of the package, with the specialisations the AOT check compiles.
-KERNELS: list[TritonFunction] = []
+KERNELS: list[JITFunction] = []
 
 
 def kernel(*, aot: list[dict]):
-    """Decorator for a Triton kernel, registered for the ahead-of-time compile check.
+    """Decorator for a Triton kernel: ``triton.jit``, registered for the AOT compile check.
 
     ``aot`` lists representative specialisations, one dict each mapping every
     parameter to its Triton type (``"*fp32"``, ``"i32"``, ...) or, for a
     ``tl.constexpr`` parameter, to its value.
     """
     def decorate(fn):
-        compiled = TritonFunction(fn)
+        compiled = triton.jit(fn)
         compiled.aot_specs = aot
         KERNELS.append(compiled)
         return compiled
     return decorate
 
 
-def device_function(fn) -> TritonFunction:
-    """Decorator for a ``@triton.jit`` helper called from kernels."""
-    return TritonFunction(fn)
+#: Decorator for a helper called from kernels (plain ``triton.jit``; named for symmetry).
+device_function = triton.jit
 
 
-def launch(kernel_fn: TritonFunction, grid, *args, num_warps=4, **constexprs):
+@functools.lru_cache(maxsize=None)
+def _interpreted(fn) -> InterpretedFunction:
+    return InterpretedFunction(fn)
+
+
+def _call_interpreted(jit_function, *args, **kwargs):
+    return _interpreted(jit_function.fn)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _interpreting():
+    """Let one process run the same ``@triton.jit`` source compiled or interpreted.
+
+    ``triton.jit`` picks interpretation once, from TRITON_INTERPRET at import, for
+    every jit function, Triton's own library (tl.sum, tl.zeros, ...) included; here
+    the backend changes at run time. During an interpreted launch, a call from the
+    kernel to any jit function (which JITFunction.__call__ otherwise refuses) runs
+    that function's interpreted twin. Outside the launch nothing changes.
+    """
+    refusing_call = JITFunction.__dict__["__call__"]
+    JITFunction.__call__ = _call_interpreted
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = refusing_call
+
+
+@functools.lru_cache(maxsize=None)
+def _fix_interpreter_scalar_index():
+    """triton 3.6's interpreter turns a scalar kernel argument into a Python int with
+    ``int(array_of_shape_1)``, which NumPy >= 2.4 refuses, so ``range(0, K, BLOCK_K)``
+    over a run-time K fails there (the GPU machines pair 3.6 with NumPy 2.5). Newer
+    Triton squeezes first; do the same for every version."""
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_scalar_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
+
+
+def launch(kernel_fn: JITFunction, grid, *args, num_warps=4, **constexprs):
     """Run ``kernel_fn[grid](*args, **constexprs)`` on the current backend.
 
     Array arguments must belong to the backend: NumPy arrays run in the
@@ -330,6 +354,8 @@ def launch(kernel_fn: TritonFunction, grid, *args, num_warps=4, **constexprs):
             a = adapter(a)
         wrapped.append(a)
     if backend == "interpret":
-        kernel_fn.interpreted[grid](*wrapped, **constexprs)
+        _fix_interpreter_scalar_index()
+        with _interpreting():
+            _interpreted(kernel_fn.fn)[grid](*wrapped, **constexprs)
     else:
         kernel_fn[grid](*wrapped, num_warps=num_warps, enable_fp_fusion=True, **constexprs)

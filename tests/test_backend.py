@@ -1,6 +1,7 @@
 """Backend selection, precision, the Triton adapters and launch checks."""
 import numpy as np
 import pytest
+import triton
 
 from ra_kernels import backend
 from ra_kernels.kernels import elementwise
@@ -95,3 +96,18 @@ def test_asarray_and_to_numpy_round_trip(triton_backend, rng):
     b = backend.asarray(a)
     assert backend.backend_of(b) == ("cuda" if triton_backend == "cuda" else "host")
     np.testing.assert_array_equal(backend.to_numpy(b), a)
+
+
+@triton.jit
+def _double(x):
+    return x * 2
+
+
+def test_jit_calls_are_interpreted_only_inside_an_interpreted_launch(rng):
+    # Kernels call jit helpers (ours and Triton's tl.sum, tl.zeros...) when interpreted;
+    # outside a launch a jit function keeps refusing to be called, as Triton defines it.
+    with backend.use_backend("interpret"):
+        y, _ = elementwise.relu(rng.standard_normal(5).astype(np.float32))
+    assert np.isfinite(y).all()
+    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
+        _double(1.0)
