@@ -22,7 +22,7 @@ import reference as ref
 
 from .autograd import Function, Tensor
 from .backend import get_backend, is_cupy_array, uses_triton
-from .kernels import elementwise
+from .kernels import elementwise, linear as linear_kernels, loss as loss_kernels
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -171,8 +171,8 @@ class _SpatialAttention(_Op): op = "spatial_attention"     # noqa: E701
 class _Add(_Op): op, kernels = "add", elementwise          # noqa: E701
 class _Relu(_Op): op, kernels = "relu", elementwise        # noqa: E701
 class _GlobalAvgPool(_Op): op = "global_avg_pool"          # noqa: E701
-class _Linear(_Op): op = "linear"                          # noqa: E701
-class _CrossEntropy(_Op): op = "cross_entropy"             # noqa: E701
+class _Linear(_Op): op, kernels = "linear", linear_kernels # noqa: E701
+class _CrossEntropy(_Op): op, kernels = "cross_entropy", loss_kernels  # noqa: E701
 
 
 # --------------------------------------------------------------------------- the ops
