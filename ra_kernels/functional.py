@@ -22,7 +22,10 @@ import reference as ref
 
 from .autograd import Function, Tensor
 from .backend import get_backend, is_cupy_array, uses_triton
-from .kernels import elementwise, linear as linear_kernels, loss as loss_kernels
+from .kernels import attention as attention_kernels
+from .kernels import elementwise
+from .kernels import linear as linear_kernels
+from .kernels import loss as loss_kernels
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -162,17 +165,22 @@ class _UpsampleBilinear(_Op):
         return impl.upsample_bilinear(x, size, skip)
 
 
-class _Conv2d(_Op): op = "conv2d"                          # noqa: E701
-class _MaxPool2d(_Op): op = "max_pool2d"                   # noqa: E701
-class _Sigmoid(_Op): op = "sigmoid"                        # noqa: E701
-class _AttentionMix(_Op): op = "attention_mix"             # noqa: E701
-class _ChannelAttention(_Op): op = "channel_attention"     # noqa: E701
-class _SpatialAttention(_Op): op = "spatial_attention"     # noqa: E701
-class _Add(_Op): op, kernels = "add", elementwise          # noqa: E701
-class _Relu(_Op): op, kernels = "relu", elementwise        # noqa: E701
-class _GlobalAvgPool(_Op): op = "global_avg_pool"          # noqa: E701
-class _Linear(_Op): op, kernels = "linear", linear_kernels # noqa: E701
-class _CrossEntropy(_Op): op, kernels = "cross_entropy", loss_kernels  # noqa: E701
+def _op(name, kernels=None):
+    """The Function of a plain op: reference.<name> on numpy, kernels.<name> on cuda and interpret."""
+    return type(f"_{name}", (_Op,), {"op": name, "kernels": kernels})
+
+
+_Conv2d = _op("conv2d")
+_MaxPool2d = _op("max_pool2d")
+_Sigmoid = _op("sigmoid", attention_kernels)
+_AttentionMix = _op("attention_mix", attention_kernels)
+_ChannelAttention = _op("channel_attention", attention_kernels)
+_SpatialAttention = _op("spatial_attention", attention_kernels)
+_Add = _op("add", elementwise)
+_Relu = _op("relu", elementwise)
+_GlobalAvgPool = _op("global_avg_pool")
+_Linear = _op("linear", linear_kernels)
+_CrossEntropy = _op("cross_entropy", loss_kernels)
 
 
 # --------------------------------------------------------------------------- the ops
