@@ -26,6 +26,8 @@ from .kernels import attention as attention_kernels
 from .kernels import elementwise
 from .kernels import linear as linear_kernels
 from .kernels import loss as loss_kernels
+from .kernels import pool as pool_kernels
+from .kernels import resize as resize_kernels
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -158,7 +160,7 @@ class _ConvBnRelu(_BatchNorm):
 
 
 class _UpsampleBilinear(_Op):
-    op = "upsample_bilinear"
+    op, kernels = "upsample_bilinear", resize_kernels
 
     @classmethod
     def run(cls, impl, x, skip, size):  # skip is positional here so that it gets a gradient slot
@@ -171,14 +173,14 @@ def _op(name, kernels=None):
 
 
 _Conv2d = _op("conv2d")
-_MaxPool2d = _op("max_pool2d")
+_MaxPool2d = _op("max_pool2d", pool_kernels)
 _Sigmoid = _op("sigmoid", attention_kernels)
 _AttentionMix = _op("attention_mix", attention_kernels)
 _ChannelAttention = _op("channel_attention", attention_kernels)
 _SpatialAttention = _op("spatial_attention", attention_kernels)
 _Add = _op("add", elementwise)
 _Relu = _op("relu", elementwise)
-_GlobalAvgPool = _op("global_avg_pool")
+_GlobalAvgPool = _op("global_avg_pool", pool_kernels)
 _Linear = _op("linear", linear_kernels)
 _CrossEntropy = _op("cross_entropy", loss_kernels)
 
