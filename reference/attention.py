@@ -1,0 +1,63 @@
+"""The attention activations of the Residual Attention Network (NHWC): mixing, channel and spatial attention."""
+import numpy as np
+
+from .elementwise import sigmoid, sigmoid_backward
+from .norm import normalize, normalize_backward
+
+
+def attention_mix(mask_logits, trunk, residual=True):
+    """(1 + sigmoid(m)) * t (attention residual learning), or sigmoid(m) * t when residual=False (naive).
+
+    mask_logits and trunk have the same shape; like (1 + torch.sigmoid(m)) * t.
+    """
+    if mask_logits.shape != trunk.shape:
+        raise ValueError(f"attention_mix: shapes differ: mask_logits {mask_logits.shape}, trunk {trunk.shape}")
+    s, sigmoid_saved = sigmoid(mask_logits)
+    y = ((1 + s) if residual else s) * trunk
+    return y, (sigmoid_saved, trunk, residual)
+
+
+def attention_mix_backward(dy, saved):
+    """(dm, dt) = (dy * t * s * (1 - s), dy * (1 + s)), or dt = dy * s when residual=False."""
+    sigmoid_saved, trunk, residual = saved
+    (s,) = sigmoid_saved
+    (dm,) = sigmoid_backward(dy * trunk, sigmoid_saved)
+    return dm, dy * ((1 + s) if residual else s)
+
+
+def channel_attention(x, eps=1e-12):
+    """The paper's f2: y = x / sqrt(sum_c x^2 + eps) at each (n, h, w) of x (N, H, W, C).
+
+    eps keeps y (= 0 there) and its gradient finite at an all-zero pixel and is far
+    below any non-negligible sum of squares. Close to F.normalize(x, dim=channels),
+    which instead divides by max(norm, eps).
+    """
+    norm = np.sqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+    y = x / norm
+    return y, (y, norm)
+
+
+def channel_attention_backward(dy, saved):
+    """dx = (dy - y * sum_c(dy * y)) / norm."""
+    y, norm = saved
+    return ((dy - y * (dy * y).sum(axis=-1, keepdims=True)) / norm,)
+
+
+def spatial_attention(x, eps=1e-5):
+    """The paper's f3: y = sigmoid((x - mean) / sqrt(var + eps)) of x (N, H, W, C).
+
+    mean and biased var per sample and channel over H, W, like
+    torch.sigmoid(F.instance_norm(x.permute(0, 3, 1, 2), eps=eps)).
+    """
+    mean = x.mean((1, 2), keepdims=True)
+    var = x.var((1, 2), keepdims=True)
+    z, rstd = normalize(x, mean, var, eps)
+    y, sigmoid_saved = sigmoid(z)
+    return y, (z, rstd, sigmoid_saved)
+
+
+def spatial_attention_backward(dy, saved):
+    """dx through the sigmoid and the per-(sample, channel) standardisation, mean and var included."""
+    z, rstd, sigmoid_saved = saved
+    (dz,) = sigmoid_backward(dy, sigmoid_saved)
+    return (normalize_backward(dz, z, rstd, (1, 2)),)

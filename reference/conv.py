@@ -1,0 +1,62 @@
+"""2-D convolution (NHWC activations, HWIO weights) and its composition with batch norm."""
+from ._windows import fold_windows, windows
+from .norm import batch_norm, batch_norm_backward
+
+
+def _im2col(x, kernel_hw, stride, padding):
+    """The (N*OH*OW, KH*KW*Cin) patch matrix of x; a copy-free view reshape for 1x1/stride-1/unpadded convs."""
+    cols = windows(x, kernel_hw, stride, padding)
+    n, oh, ow, kh, kw, c = cols.shape
+    return cols.reshape(n * oh * ow, kh * kw * c), (n, oh, ow)
+
+
+def conv2d(x, w, stride=1, padding=0):
+    """Convolution without bias: x (N, H, W, Cin), w (KH, KW, Cin, Cout) -> y (N, OH, OW, Cout).
+
+    OH = (H + 2*padding - KH) // stride + 1, zero padding, cross-correlation like
+    F.conv2d(x.permute(0, 3, 1, 2), w.permute(3, 2, 0, 1), stride=stride, padding=padding).
+    """
+    if x.shape[3] != w.shape[2]:
+        raise ValueError(f"conv2d: x has {x.shape[3]} channels, w {w.shape} expects Cin = {w.shape[2]}")
+    kh, kw, cin, cout = w.shape
+    cols, (n, oh, ow) = _im2col(x, (kh, kw), stride, padding)
+    y = (cols @ w.reshape(kh * kw * cin, cout)).reshape(n, oh, ow, cout)
+    # Save x, not the KH*KW-times larger patch matrix: a whole network's saved
+    # state lives until backward, and rebuilding the patches is one copy.
+    return y, (x, w, stride, padding)
+
+
+def conv2d_backward(dy, saved):
+    """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx (N, H, W, Cin), dw (KH, KW, Cin, Cout))."""
+    x, w, stride, padding = saved
+    kh, kw, cin, cout = w.shape
+    n, oh, ow, _ = dy.shape
+    dy2d = dy.reshape(-1, cout)
+    cols, _ = _im2col(x, (kh, kw), stride, padding)
+    dw = (cols.T @ dy2d).reshape(w.shape)
+    # One (N*OH*OW, Cout) @ (Cout, Cin) product per tap: faster than one product into a
+    # KH*KW-times larger buffer, and lighter on memory.
+    dx = fold_windows(lambda i, j: (dy2d @ w[i, j].T).reshape(n, oh, ow, cin), (kh, kw), x.shape, stride, padding,
+                      dy.dtype)
+    return dx, dw
+
+
+def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
+                 momentum=0.1, eps=1e-5, relu=True):
+    """batch_norm(conv2d(x, w, stride, padding), gamma, beta, running_mean, running_var, ...).
+
+    Returns (y, new_running_mean, new_running_var, saved), exactly the two ops in turn
+    (PyTorch: F.conv2d, then F.batch_norm, then F.relu when relu=True).
+    """
+    z, conv_saved = conv2d(x, w, stride, padding)
+    y, new_mean, new_var, bn_saved = batch_norm(z, gamma, beta, running_mean, running_var, training, momentum,
+                                                eps, relu)
+    return y, new_mean, new_var, (conv_saved, bn_saved)
+
+
+def conv_bn_relu_backward(dy, saved):
+    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta)."""
+    conv_saved, bn_saved = saved
+    dz, dgamma, dbeta = batch_norm_backward(dy, bn_saved)
+    dx, dw = conv2d_backward(dz, conv_saved)
+    return dx, dw, dgamma, dbeta

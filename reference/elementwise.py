@@ -1,0 +1,43 @@
+"""Elementwise ops: sigmoid, relu, add (any shape)."""
+import numpy as np
+
+
+def sigmoid(x):
+    """Logistic function 1 / (1 + exp(-x)), like torch.sigmoid.
+
+    Evaluated through e = exp(-|x|), which never overflows: 1 / (1 + e) for x >= 0
+    and e / (1 + e) for x < 0 (exp may underflow to 0 there, which is the right value).
+    """
+    e = np.exp(-np.abs(x))
+    s = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    return s, (s,)
+
+
+def sigmoid_backward(dy, saved):
+    """dx = dy * s * (1 - s), s = sigmoid(x)."""
+    (s,) = saved
+    return (dy * s * (1 - s),)
+
+
+def relu(x):
+    """max(x, 0), like F.relu; the backward mask is y > 0, so the gradient at x = 0 is 0."""
+    y = np.maximum(x, 0)
+    return y, (y > 0,)
+
+
+def relu_backward(dy, saved):
+    """dx = dy where y > 0, else 0."""
+    (mask,) = saved
+    return (np.where(mask, dy, 0),)
+
+
+def add(a, b):
+    """a + b for arrays of the same shape (no broadcasting, which would hide a shape bug)."""
+    if a.shape != b.shape:
+        raise ValueError(f"add: shapes differ: a {a.shape}, b {b.shape}")
+    return a + b, ()
+
+
+def add_backward(dy, saved):
+    """(da, db) = (dy, dy)."""
+    return dy, dy

@@ -1,0 +1,44 @@
+"""Pooling over NHWC activations: max pooling with argmax, global average pooling."""
+import numpy as np
+
+from ._windows import fold_windows, windows
+
+
+def max_pool2d(x, kernel_size=3, stride=2, padding=1):
+    """Max over each kernel_size^2 window of x (N, H, W, C) -> (N, OH, OW, C), padding counting as -inf.
+
+    OH = (H + 2*padding - kernel_size) // stride + 1, like F.max_pool2d(x.permute(0, 3, 1, 2),
+    kernel_size, stride, padding) with ceil_mode=False. saved holds the argmax as the
+    row-major tap index within the window; ties go to the first maximum.
+    """
+    if not 0 <= padding <= kernel_size // 2:
+        # As in PyTorch: larger padding would allow windows made only of padding.
+        raise ValueError(f"max_pool2d: padding must be in [0, kernel_size // 2], got {padding} for {kernel_size}")
+    taps = windows(x, (kernel_size, kernel_size), stride, padding, pad_value=-np.inf)
+    y = taps.max(axis=(3, 4))
+    argmax = np.zeros(y.shape, np.int8 if kernel_size * kernel_size <= 128 else np.int32)
+    # Taps in reverse row-major order, so the first maximum is the last written. (np.argmax
+    # over the tap axis gives the same but runs several times slower on the strided view.)
+    for tap in reversed(range(kernel_size * kernel_size)):
+        np.copyto(argmax, tap, where=taps[:, :, :, tap // kernel_size, tap % kernel_size] == y)
+    return y, (argmax, x.shape, kernel_size, stride, padding)
+
+
+def max_pool2d_backward(dy, saved):
+    """dx (N, H, W, C): each dy element goes to its window's argmax; overlapping windows accumulate."""
+    argmax, x_shape, kernel_size, stride, padding = saved
+    dx = fold_windows(lambda i, j: np.where(argmax == i * kernel_size + j, dy, 0), (kernel_size, kernel_size),
+                      x_shape, stride, padding, dy.dtype)
+    return (dx,)
+
+
+def global_avg_pool(x):
+    """Mean over H and W: x (N, H, W, C) -> (N, C), like x.permute(0, 3, 1, 2).mean((2, 3))."""
+    return x.mean((1, 2)), (x.shape,)
+
+
+def global_avg_pool_backward(dy, saved):
+    """dx (N, H, W, C) = dy / (H*W) broadcast over H and W."""
+    (x_shape,) = saved
+    n, h, w, c = x_shape
+    return (np.broadcast_to((dy / (h * w))[:, None, None, :], x_shape).copy(),)
