@@ -23,6 +23,8 @@ import reference as ref
 from .autograd import Function, Tensor
 from .backend import get_backend, is_cupy_array, uses_triton
 from .kernels import attention as attention_kernels
+from .kernels import batchnorm as batchnorm_kernels
+from .kernels import conv as conv_kernels
 from .kernels import elementwise
 from .kernels import linear as linear_kernels
 from .kernels import loss as loss_kernels
@@ -110,17 +112,11 @@ class _Op(Function):
     input in order; trailing non-differentiable inputs get None here.
     """
     op = ""          # the op's name in reference/ and in its kernels/ module
-    kernels = None   # the kernels/ module implementing it, once it exists
+    kernels = None   # the kernels/ module implementing it
 
     @classmethod
     def implementation(cls):
-        if not uses_triton():
-            return ref
-        if cls.kernels is None:
-            raise NotImplementedError(
-                f"{cls.op}: its Triton kernels are not written yet, so it cannot run on the "
-                f"{get_backend()} backend; use the numpy backend for this op")
-        return cls.kernels
+        return cls.kernels if uses_triton() else ref
 
     @classmethod
     def run(cls, impl, *args, **kwargs):
@@ -141,7 +137,7 @@ class _Op(Function):
 
 
 class _BatchNorm(_Op):
-    op = "batch_norm"
+    op, kernels = "batch_norm", batchnorm_kernels
 
     @classmethod
     def run(cls, impl, *args, **kwargs):
@@ -156,7 +152,7 @@ class _BatchNorm(_Op):
 
 
 class _ConvBnRelu(_BatchNorm):
-    op = "conv_bn_relu"
+    op, kernels = "conv_bn_relu", conv_kernels
 
 
 class _UpsampleBilinear(_Op):
@@ -167,12 +163,12 @@ class _UpsampleBilinear(_Op):
         return impl.upsample_bilinear(x, size, skip)
 
 
-def _op(name, kernels=None):
+def _op(name, kernels):
     """The Function of a plain op: reference.<name> on numpy, kernels.<name> on cuda and interpret."""
     return type(f"_{name}", (_Op,), {"op": name, "kernels": kernels})
 
 
-_Conv2d = _op("conv2d")
+_Conv2d = _op("conv2d", conv_kernels)
 _MaxPool2d = _op("max_pool2d", pool_kernels)
 _Sigmoid = _op("sigmoid", attention_kernels)
 _AttentionMix = _op("attention_mix", attention_kernels)

@@ -116,3 +116,28 @@ def test_whole_graph_against_finite_differences(rng, mix_residual):
         # Central differences in float64: truncation O(h^2) ~ 1e-12 and rounding
         # O(1e-16 / h) ~ 1e-10 on a loss of order 1, so 1e-6 is a wide but clear margin.
         np.testing.assert_allclose(p.grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mix_residual", [True, False])
+def test_whole_graph_kernels_match_numpy_backend(triton_backend, rng, mix_residual):
+    # The graph of every op in float32 on the numpy backend (reference/) and through the
+    # kernels: loss and every gradient agree. Both sides round in float32 with different
+    # summation orders, and batch norm divides by a batch std of a few units, so
+    # agreement is to ~1e-5 relative of each array's scale; 1e-4 leaves headroom.
+    from ra_kernels import backend
+    shapes = [(2, 6, 7, 3), (3, 3, 3, 4), (4,), (4,), None, None, (4, 5), (5,)]
+    values = [None if s is None else rng.standard_normal(s).astype(np.float32) for s in shapes]
+    labels = rng.integers(0, 5, 2)
+    results = []
+    for name in ("numpy", triton_backend):
+        with backend.use_backend(name):
+            params = [None if v is None else Tensor(backend.asarray(v), requires_grad=True) for v in values]
+            args = list(params)
+            args[4], args[5] = backend.asarray(np.zeros(4, np.float32)), backend.asarray(np.ones(4, np.float32))
+            loss = _whole_graph(*args, backend.asarray(labels), mix_residual)
+            loss.backward()
+            results.append([backend.to_numpy(loss.data)] + [backend.to_numpy(p.grad) for p in params if p is not None]
+                           + [backend.to_numpy(args[4]), backend.to_numpy(args[5])])
+    for got, want in zip(results[1], results[0]):
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)

@@ -1,0 +1,411 @@
+"""2-D convolution as implicit GEMM, and conv + batch norm + ReLU with BN fused into the conv kernels.
+
+Layouts (float32, C-contiguous): x (N, H, W, Cin), w HWIO (KH, KW, Cin, Cout),
+y (N, OH, OW, Cout). The forward is the GEMM y[M, Cout] = A[M, K] @ w[K, Cout]
+with M = N*OH*OW output positions, K = KH*KW*Cin, and A the im2col matrix of x,
+never built: each [BLOCK_M, BLOCK_K] tile of A is gathered from x inside the K
+loop (zero where a window hangs over the padding). The backward is two more
+implicit GEMMs:
+
+* dgrad: dx[N*H*W, Cin] = B[N*H*W, KH*KW*Cout] @ w^T, where B gathers dy at
+  oh = (h + padding - kh) / stride (zero when that is not an integer in range);
+  it runs the forward's K loop with the gather turned around (TRANSPOSED).
+* wgrad: dw[K, Cout] = A^T[K, M] @ dy[M, Cout]: the same im2col gather as the
+  forward, reduced over the M positions, split in chunks of positions across
+  programs (split-K) with the chunks' partial dw summed by a second kernel.
+
+conv_bn_relu (batch norm over the conv output z, then ReLU), kernels per call:
+
+* training forward: conv2d_fwd (EPILOGUE="stats": stores z and the per-tile
+  mean / M2 of its own tile of z, from the accumulator in registers), then
+  bn_finalize (mean, rstd, scale/shift, running statistics updated in place),
+  then bn_apply (y = relu(z * scale + shift)).
+* eval forward: conv2d_fwd (EPILOGUE="bn_eval": scale/shift from the running
+  statistics, ReLU, store y): one kernel.
+* backward: bn_tile_reduce + sum_rows (per channel sums of g = dy * [y > 0]
+  and g * xhat from dy and z: these are dbeta and dgamma), then conv2d_dgrad
+  and conv2d_wgrad, which load dy and z and turn them into dz (BN backward and
+  ReLU mask, ``batchnorm.bn_backward_tile``) while loading their operand, so dz
+  is never written to memory. Eval backward first recomputes z with one plain
+  conv2d_fwd: the eval forward stores only y (inference keeps its single
+  kernel) and recovering xhat from y would divide by gamma.
+
+Precision: tl.dot takes ``backend.get_precision()`` ("tf32" by default, "ieee"
+on request) as a constexpr; accumulation is float32. Offsets are int32: fine
+below 2**31 elements per array (the largest here, 128x32x32x256, is 3.4e7).
+"""
+import triton
+import triton.language as tl
+
+from ..backend import device_function, empty, get_precision, kernel, launch
+from . import batchnorm as bn
+
+# --------------------------------------------------------------------------- device functions
+
+
+@device_function
+def _positions(m, ROWS, COLS):
+    """(image, row, col) of flat positions m over (N, ROWS, COLS) grids."""
+    per_image = ROWS * COLS
+    rem = m % per_image
+    return m // per_image, rem // COLS, rem % COLS
+
+
+@device_function
+def _im2col_offsets(img, top, left, pos_ok, kh, kw, c, k_ok, H, W, C):
+    """Offsets into NHWC x (H, W, C) of im2col entries, and where they are inside x.
+
+    A position (img, top, left: the window's top-left corner, may be negative
+    inside the padding) meets a reduction index (kh, kw, c). Arguments broadcast:
+    positions as a column and reductions as a row give a [positions, K] tile,
+    and the other way round its transpose.
+    """
+    h = top + kh
+    w = left + kw
+    ok = pos_ok & k_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    return ((img * H + h) * W + w) * C + c, ok
+
+
+@device_function
+def _load_output_grad(dy_ptr, z_ptr, offs, ok, ch, ch_ok, stats_ptr, sums_ptr, C, inv_count,
+                      BN_BACKWARD: tl.constexpr, RELU: tl.constexpr):
+    """The gradient of the conv output at ``offs`` (0 where not ``ok``), channel ``ch`` per element.
+
+    Plain conv: dy itself. Under batch norm (+ReLU): dz from dy and the conv output
+    z, computed here and never stored.
+    """
+    if BN_BACKWARD:
+        return bn.bn_backward_tile(dy_ptr, z_ptr, offs, ok, ch, ch_ok, stats_ptr, sums_ptr, C, inv_count, RELU)
+    else:
+        return tl.load(dy_ptr + offs, mask=ok, other=0.0)
+
+
+@device_function
+def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count,
+                 img, base_h, base_w, pos_ok, SRC_H, SRC_W, SRC_C, OUT_C, K, KW, stride, cols,
+                 TRANSPOSED: tl.constexpr, BN_BACKWARD: tl.constexpr, RELU: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] accumulator of an implicit-GEMM conv: sum over k < K of A[pos, k] * B[k, col].
+
+    The reduction index k runs over (kh, kw, c) of a source tensor src (SRC_H, SRC_W, SRC_C).
+    Forward (TRANSPOSED=False): src = x, A = im2col(x) with windows at (base_h, base_w) =
+    (oh, ow) * stride - padding, B = w as (K, OUT_C). Dgrad (TRANSPOSED): src = dy (the
+    output gradient), positions are input pixels with (base_h, base_w) = (h, w) + padding,
+    A[pos, (kh, kw, co)] = dy[img, (base_h - kh) / stride, (base_w - kw) / stride, co] when
+    those divide exactly, B[(kh, kw, co), ci] = w[kh, kw, ci, co], and with BN_BACKWARD the
+    dy loads become dz (see ``_load_output_grad``).
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    cols_ok = cols < OUT_C
+    if TRANSPOSED:
+        # base - k divides by the stride iff both leave the same remainder; then the
+        # quotient is base // stride - k // stride. Division only on 1-D vectors.
+        base_h_div, base_h_rem = base_h // stride, base_h % stride
+        base_w_div, base_w_rem = base_w // stride, base_w % stride
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        tap, c = k // SRC_C, k % SRC_C
+        kh, kw = tap // KW, tap % KW
+        if TRANSPOSED:
+            oh = base_h_div[:, None] - (kh // stride)[None, :]
+            ow = base_w_div[:, None] - (kw // stride)[None, :]
+            ok = (pos_ok[:, None] & k_ok[None, :]
+                  & (base_h_rem[:, None] == (kh % stride)[None, :]) & (oh >= 0) & (oh < SRC_H)
+                  & (base_w_rem[:, None] == (kw % stride)[None, :]) & (ow >= 0) & (ow < SRC_W))
+            a = _load_output_grad(src_ptr, z_ptr, ((img[:, None] * SRC_H + oh) * SRC_W + ow) * SRC_C + c[None, :],
+                                  ok, c[None, :], k_ok[None, :], stats_ptr, sums_ptr, SRC_C, inv_count,
+                                  BN_BACKWARD, RELU)
+            w_offs = (tap[:, None] * OUT_C + cols[None, :]) * SRC_C + c[:, None]
+        else:
+            offs, ok = _im2col_offsets(img[:, None], base_h[:, None], base_w[:, None], pos_ok[:, None],
+                                       kh[None, :], kw[None, :], c[None, :], k_ok[None, :], SRC_H, SRC_W, SRC_C)
+            a = tl.load(src_ptr + offs, mask=ok, other=0.0)
+            w_offs = k[:, None] * OUT_C + cols[None, :]
+        b = tl.load(w_ptr + w_offs, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+# --------------------------------------------------------------------------- kernels
+
+_F32, _I32 = "*fp32", "i32"
+_SHAPE_TYPES = dict(H=_I32, W=_I32, C_in=_I32, OH=_I32, OW=_I32, C_out=_I32, M=_I32, K=_I32, KW=_I32,
+                    stride=_I32, padding=_I32)
+_BN_BACKWARD_TYPES = dict(z_ptr=_F32, stats_ptr=_F32, sums_ptr=_F32, inv_count="fp32")
+# AOT: every code path (constexpr switches), each precision and each tile class of
+# the tables below at least once; not their full product (each GEMM compile takes seconds).
+_TILE_CLASSES = [dict(BLOCK_M=128, BLOCK_N=16), dict(BLOCK_M=128, BLOCK_N=64), dict(BLOCK_M=64, BLOCK_N=128),
+                 dict(BLOCK_M=64, BLOCK_N=32)]
+
+
+@kernel(aot=[dict(x_ptr=_F32, w_ptr=_F32, y_ptr=_F32, partials_ptr=_F32, gamma_ptr=_F32, beta_ptr=_F32,
+                  running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32, eps="fp32", **_SHAPE_TYPES,
+                  EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=precision, BLOCK_K=32, **tiles)
+             for (epilogue, relu, precision), tiles in zip(
+                 [("store", False, "tf32"), ("stats", False, "tf32"), ("bn_eval", True, "ieee"),
+                  ("bn_eval", False, "tf32")], _TILE_CLASSES)])
+def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
+                      stats_ptr, eps, H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
+                      EPILOGUE: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M positions, BLOCK_N output channels] tile of y (grid: cdiv(M, BLOCK_M), cdiv(C_out, BLOCK_N)).
+
+    EPILOGUE "store": y = conv(x, w). "stats": y = z = conv(x, w), plus this tile's
+    mean and M2 of z per channel into partials (cdiv(M, BLOCK_M), 2, C_out), the
+    input of ``batchnorm.bn_finalize_kernel``. "bn_eval": y = relu(z * scale + shift)
+    (ReLU if RELU) with scale/shift from gamma, beta and the running statistics;
+    the programs of the first row of tiles also store them as stats (4, C_out) for
+    the backward. Pointers an epilogue does not use may be any float32 array.
+    """
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, cols_ok = m < M, cols < C_out
+    img, oh, ow = _positions(m, OH, OW)
+    z = _conv_k_loop(x_ptr, x_ptr, w_ptr, x_ptr, x_ptr, 0.0, img, oh * stride - padding, ow * stride - padding,
+                     m_ok, H, W, C_in, C_out, K, KW, stride, cols,
+                     False, False, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    ok = m_ok[:, None] & cols_ok[None, :]
+    y_offs = m[:, None] * C_out + cols[None, :]
+    if EPILOGUE == "bn_eval":
+        mean = tl.load(running_mean_ptr + cols, mask=cols_ok)
+        var = tl.load(running_var_ptr + cols, mask=cols_ok)
+        gamma = tl.load(gamma_ptr + cols, mask=cols_ok)
+        beta = tl.load(beta_ptr + cols, mask=cols_ok)
+        rstd, scale, shift = bn.bn_coefficients(mean, var, gamma, beta, eps)
+        tl.store(y_ptr + y_offs, bn.bn_apply(z, scale[None, :], shift[None, :], RELU), mask=ok)
+        first_row = cols < tl.where(pid_m == 0, C_out, 0)  # cols_ok in the first row of tiles, else none
+        tl.store(stats_ptr + cols, mean, mask=first_row)
+        tl.store(stats_ptr + C_out + cols, rstd, mask=first_row)
+        tl.store(stats_ptr + 2 * C_out + cols, scale, mask=first_row)
+        tl.store(stats_ptr + 3 * C_out + cols, shift, mask=first_row)
+    else:
+        tl.store(y_ptr + y_offs, z, mask=ok)
+        if EPILOGUE == "stats":
+            tile_mean, tile_m2 = bn.tile_mean_m2(z, m_ok, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M))
+            out = partials_ptr + pid_m * 2 * C_out + cols
+            tl.store(out, tile_mean, mask=cols_ok)
+            tl.store(out + C_out, tile_m2, mask=cols_ok)
+
+
+@kernel(aot=[dict(dy_ptr=_F32, w_ptr=_F32, dx_ptr=_F32, **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
+                  BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision, BLOCK_K=32, **tiles)
+             for (bn_backward, relu, precision), tiles in zip(
+                 [(False, False, "tf32"), (True, True, "ieee"), (True, False, "tf32")], _TILE_CLASSES)])
+def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
+                        H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
+                        BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M input positions, BLOCK_N input channels] tile of dx (grid: cdiv(M, BLOCK_M), cdiv(C_in, BLOCK_N)).
+
+    Here M = N*H*W input positions and K = KH*KW*C_out. With BN_BACKWARD the
+    operand is dz = BN+ReLU backward of dy (z the conv output, stats (4, C_out)
+    and sums (2, C_out) from the forward and the backward reduction, inv_count
+    1/(N*OH*OW) in training, 0 in eval); else dy itself (z, stats, sums unused).
+    """
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    img, h, w = _positions(m, H, W)
+    dx = _conv_k_loop(dy_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, img, h + padding, w + padding,
+                      m < M, OH, OW, C_out, C_in, K, KW, stride, cols,
+                      True, BN_BACKWARD, RELU, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(dx_ptr + m[:, None] * C_in + cols[None, :], dx, mask=(m < M)[:, None] & (cols < C_in)[None, :])
+
+
+@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
+                  positions_per_split=_I32, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
+                  BLOCK_K=64, BLOCK_M=32, BLOCK_N=block_n)
+             for bn_backward, relu, precision, block_n in
+             [(False, False, "tf32", 16), (True, True, "ieee", 64), (True, False, "tf32", 128)]])
+def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
+                        H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding, positions_per_split,
+                        BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A partial dw: [BLOCK_K rows (kh, kw, ci), BLOCK_N output channels] summed over one split of positions.
+
+    Grid: cdiv(K, BLOCK_K), cdiv(C_out, BLOCK_N), splits; split s sums positions
+    [s * positions_per_split, (s + 1) * positions_per_split) (a multiple of BLOCK_M)
+    and writes dw_ptr[s] of (splits, K, C_out). The dy operand is dz under
+    BN_BACKWARD, as in ``conv2d_dgrad_kernel``.
+    """
+    pid_k, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok, cols_ok = k < K, cols < C_out
+    tap, ci = k // C_in, k % C_in
+    kh, kw = tap // KW, tap % KW
+    acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+    start = pid_s * positions_per_split
+    for m0 in range(start, tl.minimum(start + positions_per_split, M), BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        img, oh, ow = _positions(m, OH, OW)
+        # A^T tile [BLOCK_K, BLOCK_M]: the forward's im2col gather with the roles of the axes swapped
+        x_offs, x_ok = _im2col_offsets(img[None, :], (oh * stride - padding)[None, :],
+                                       (ow * stride - padding)[None, :], m_ok[None, :],
+                                       kh[:, None], kw[:, None], ci[:, None], k_ok[:, None], H, W, C_in)
+        a_t = tl.load(x_ptr + x_offs, mask=x_ok, other=0.0)
+        g = _load_output_grad(dy_ptr, z_ptr, m[:, None] * C_out + cols[None, :], m_ok[:, None] & cols_ok[None, :],
+                              cols[None, :], cols_ok[None, :], stats_ptr, sums_ptr, C_out, inv_count,
+                              BN_BACKWARD, RELU)
+        acc = tl.dot(a_t, g, acc, input_precision=INPUT_PRECISION)
+    tl.store(dw_ptr + pid_s * K * C_out + k[:, None] * C_out + cols[None, :], acc,
+             mask=k_ok[:, None] & cols_ok[None, :])
+
+
+# --------------------------------------------------------------------------- tile tables
+# Fixed tables rather than triton.autotune: the interpreter must not autotune, autotune
+# on the GPU machine needs torch, and a table keeps a CUDA-graph capture free of
+# first-call benchmarking.
+
+def _gemm_tiles(positions, channels):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of a forward or dgrad conv GEMM.
+
+    BLOCK_N follows the output channels (16, 32, 64, then 128): the network's
+    convs have 16 to 256 output channels, and a 64-wide tile on 16 channels would
+    waste 3/4 of every MMA. BLOCK_M is 128 when there are at least 16,384
+    positions (batch 64 at 16x16: 128+ tiles, enough to fill the GPU) and 64
+    below, so that small late-stage layers still spread over the SMs; 64 too for
+    128-wide channel tiles, keeping the accumulator at 64 registers per thread
+    over 4 warps. BLOCK_K = 32: 4 TF32 MMA k-steps per load, and three pipeline
+    stages of 128x32 + 32x64 float32 stay near 72 KB of shared memory.
+    """
+    block_n = min(max(triton.next_power_of_2(channels), 16), 128)
+    block_m = 128 if positions >= 16384 and block_n <= 64 else 64
+    return block_m, block_n, 32, 4
+
+
+# wgrad: dw rows (kh, kw, ci) in blocks of 64, channels as in _gemm_tiles, and the
+# positions (the reduction) 32 per step.
+_WGRAD_BLOCK_K, _WGRAD_BLOCK_M = 64, 32
+_WGRAD_TARGET_PROGRAMS = 264  # two waves over the H200's 132 SMs
+
+
+def _wgrad_split(positions, k, c_out, tiles):
+    """Positions per split (a multiple of the reduction block) and the number of splits.
+
+    Enough splits for ``tiles`` output tiles to make two waves of programs, but
+    few enough that writing and re-reading the partial dw (2 * splits * k * c_out
+    floats) stays under a quarter of the operands the kernel loads
+    (positions * (k + c_out) floats): late 1x1 layers have a large dw and few positions.
+    """
+    by_traffic = positions * (k + c_out) // (8 * k * c_out)
+    splits = max(1, min(_WGRAD_TARGET_PROGRAMS // tiles, by_traffic, triton.cdiv(positions, _WGRAD_BLOCK_M)))
+    per_split = triton.cdiv(triton.cdiv(positions, splits), _WGRAD_BLOCK_M) * _WGRAD_BLOCK_M
+    return per_split, triton.cdiv(positions, per_split)
+
+
+# --------------------------------------------------------------------------- launch helpers
+
+def _out_size(size, kernel_size, stride, padding):
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def _shape_args(x, w, stride, padding):
+    """Batch, input, output and kernel sizes of a conv."""
+    n, h, wd, c_in = x.shape
+    kh, kw, _, c_out = w.shape
+    oh, ow = _out_size(h, kh, stride, padding), _out_size(wd, kw, stride, padding)
+    return dict(n=n, H=h, W=wd, C_in=c_in, OH=oh, OW=ow, C_out=c_out, KH=kh, KW=kw)
+
+
+def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False):
+    """Launch conv2d_fwd_kernel; returns (y, partials, BLOCK_M) (partials: "stats" only) or (y, stats) ("bn_eval")."""
+    s = _shape_args(x, w, stride, padding)
+    m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
+    block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_out"])
+    y = empty((s["n"], s["OH"], s["OW"], s["C_out"]))
+    partials = empty((triton.cdiv(m, block_m), 2, s["C_out"])) if epilogue == "stats" else x
+    stats = empty((4, s["C_out"])) if epilogue == "bn_eval" else x
+    gamma, beta, running_mean, running_var, eps = bn_args or (x, x, x, x, 0.0)
+    launch(conv2d_fwd_kernel, (triton.cdiv(m, block_m), triton.cdiv(s["C_out"], block_n)),
+           x, w, y, partials, gamma, beta, running_mean, running_var, stats, eps,
+           s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"], stride, padding,
+           num_warps=warps, EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=get_precision(),
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if epilogue == "stats":
+        return y, partials, block_m
+    if epilogue == "bn_eval":
+        return y, stats
+    return y
+
+
+def _backward(dy, x, w, stride, padding, bn_args=None, relu=False):
+    """dx, dw of a conv; with bn_args = (z, stats, sums, inv_count) dy is first taken through BN (+ReLU)."""
+    s = _shape_args(x, w, stride, padding)
+    bn_backward = bn_args is not None
+    z, stats, sums, inv_count = bn_args if bn_backward else (dy, dy, dy, 0.0)
+    precision = get_precision()
+    shapes = (s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"])
+
+    # dgrad: M = N*H*W input positions, K = KH*KW*C_out
+    m, k = s["n"] * s["H"] * s["W"], s["KH"] * s["KW"] * s["C_out"]
+    block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_in"])
+    dx = empty(x.shape)
+    launch(conv2d_dgrad_kernel, (triton.cdiv(m, block_m), triton.cdiv(s["C_in"], block_n)),
+           dy, w, dx, z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding,
+           num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+    # wgrad: dw (K = KH*KW*C_in, C_out) reduced over M = N*OH*OW positions, split-K
+    m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
+    _, block_n, _, warps = _gemm_tiles(m, s["C_out"])
+    tiles = triton.cdiv(k, _WGRAD_BLOCK_K) * triton.cdiv(s["C_out"], block_n)
+    per_split, splits = _wgrad_split(m, k, s["C_out"], tiles)
+    dw = empty(w.shape)
+    partial_dw = empty((splits, k, s["C_out"])) if splits > 1 else dw
+    launch(conv2d_wgrad_kernel, (triton.cdiv(k, _WGRAD_BLOCK_K), triton.cdiv(s["C_out"], block_n), splits),
+           x, dy, partial_dw, z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding, per_split,
+           num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
+           BLOCK_K=_WGRAD_BLOCK_K, BLOCK_N=block_n, BLOCK_M=_WGRAD_BLOCK_M)
+    if splits > 1:
+        bn.sum_rows(partial_dw, dw)
+    return dx, dw
+
+
+# --------------------------------------------------------------------------- launchers (mirror reference/conv.py)
+
+def conv2d(x, w, stride=1, padding=0):
+    """Convolution without bias: x (N, H, W, Cin), w (KH, KW, Cin, Cout) -> (y (N, OH, OW, Cout), saved)."""
+    return _forward(x, w, stride, padding, "store"), (x, w, stride, padding)
+
+
+def conv2d_backward(dy, saved):
+    """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx, dw). Kernels: conv2d_dgrad, conv2d_wgrad (+ sum_rows)."""
+    x, w, stride, padding = saved
+    return _backward(dy, x, w, stride, padding)
+
+
+def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
+                 momentum=0.1, eps=1e-5, relu=True):
+    """batch_norm(conv2d(x, w, stride, padding), ...) then ReLU if ``relu``: (y, running_mean, running_var, saved).
+
+    The running arrays are updated in place (training) and returned.
+    """
+    shape = _shape_args(x, w, stride, padding)
+    m = shape["n"] * shape["OH"] * shape["OW"]
+    if training and m < 2:
+        raise ValueError(f"conv_bn_relu: training needs more than 1 value per channel, got x {tuple(x.shape)} "
+                         f"and w {tuple(w.shape)}")
+    if training:
+        z, partials, tile_m = _forward(x, w, stride, padding, "stats")
+        stats = bn.finalize(partials, tile_m, m, gamma, beta, running_mean, running_var, True, momentum, eps)
+        y = bn.apply(z, stats, relu)
+    else:
+        z = None  # not stored: the backward recomputes it
+        y, stats = _forward(x, w, stride, padding, "bn_eval", (gamma, beta, running_mean, running_var, eps), relu)
+    return y, running_mean, running_var, (x, w, stride, padding, z, stats, training, relu)
+
+
+def conv_bn_relu_backward(dy, saved):
+    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta)."""
+    x, w, stride, padding, z, stats, training, relu = saved
+    if z is None:
+        z = _forward(x, w, stride, padding, "store")
+    sums = bn.backward_sums(dy, z, stats, relu)
+    inv_count = bn.inverse_count(z.size // z.shape[-1], training)
+    dx, dw = _backward(dy, x, w, stride, padding, (z, stats, sums, inv_count), relu)
+    return dx, dw, sums[1], sums[0]

@@ -1,0 +1,225 @@
+"""conv2d, batch_norm and conv_bn_relu kernels (interpret backend; cuda too on a GPU) against reference/.
+
+Every kernel output and gradient is compared with reference/ run in float64 on
+the same float32 values. Outputs are NaN-poisoned before each kernel runs
+(conftest, through backend.empty), so an element a kernel fails to write fails.
+
+Error measure: max |kernel - reference| / max |reference| per array, scale-aware
+so that near-zero entries do not dominate. Tolerances:
+
+* IEEE float32 (every test but the TF32 one): 1e-5. Each output is a float32
+  dot product or a batch reduction of at most a few thousand terms: rounding of
+  ~6e-8 per operation grows to ~1e-7..1e-6 (seen: below 1e-6), and batch norm's
+  backward subtracts per-channel means (g - mean(g) - xhat * mean(g * xhat)),
+  which costs another small factor. 1e-5 keeps that margin and still catches any
+  wrong term, a missing mask or an unwritten tile.
+* TF32 (the default on the GPU): 2e-3. TF32 keeps 10 mantissa bits, so each
+  matrix-product input is rounded by up to 2**-11 = 4.9e-4 relative; over a dot
+  product these errors partly average out, giving ~5e-4 of the largest output.
+  On the interpreter tl.dot is exact float32, so there this test checks the
+  plumbing; on a GPU it checks the TF32 path itself.
+
+The ReLU mask is decided by the sign of the pre-activation; where the reference
+pre-activation lies within a band of 0, float32 (or TF32) may decide it the
+other way, and the backward would differ by a whole dy element. The tests zero
+dy there (``_kink_free_dy``): the mask still matters everywhere else, where a
+dropped or wrong mask fails the comparison.
+"""
+import numpy as np
+import pytest
+
+import reference as ref
+from ra_kernels import backend
+from ra_kernels.kernels import batchnorm, conv
+
+IEEE_RTOL = 1e-5
+# Values near 100 with std 1: float32 holds their mean only to its spacing at 100,
+# 7.6e-6 of the std (seen: ~2e-5 after the tile sums), an offset every xhat carries
+# whatever the method; y passes it on and dgamma = sum(dy * xhat) collects it, so
+# those are held to 1e-4 there. The statistics themselves keep IEEE_RTOL.
+LARGE_MEAN_RTOL = 1e-4
+TF32_RTOL = 2e-3
+# Bands around the ReLU kink, well above each precision's error on the pre-activation (~1e-6 / ~1e-3).
+IEEE_KINK_BAND = 1e-3
+TF32_KINK_BAND = 3e-2
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(backend.to_numpy(actual), np.float64), np.asarray(expected, np.float64)
+    return np.abs(actual - expected).max() / np.abs(expected).max()
+
+
+def assert_close(name, actual, expected, rtol):
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
+    error = relative_error(actual, expected)
+    assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol:.1g}"
+
+
+def f32(rng, shape, scale=1.0, offset=0.0):
+    return (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def bn_params(rng, channels):
+    """gamma (either sign, |gamma| >= 0.5), beta, running_mean, running_var > 0, float32."""
+    gamma = rng.choice([-1.0, 1.0], channels) * rng.uniform(0.5, 1.5, channels)
+    return tuple(a.astype(np.float32) for a in (gamma, 0.5 * rng.standard_normal(channels),
+                                                 0.5 * rng.standard_normal(channels), rng.uniform(0.5, 2.0, channels)))
+
+
+def f64(*arrays):
+    return [np.asarray(a, np.float64) for a in arrays]
+
+
+def on_backend(*arrays):
+    return [backend.asarray(a) for a in arrays]
+
+
+def _kink_free_dy(rng, preactivation, band):
+    """A random dy, zero where the reference pre-activation lies within ``band`` of the ReLU's kink."""
+    dy = f32(rng, preactivation.shape)
+    dy[np.abs(preactivation) < band] = 0.0
+    return dy
+
+
+# --------------------------------------------------------------------------- conv2d
+
+# (x shape NHWC, w shape HWIO, stride, padding): every conv shape class of the network
+# and the edges: the stem's Cin = 3 (K = 27: below one BLOCK_K of 32 and not a multiple
+# of 16), batch 1, odd H and W, Cout that is not a multiple of any block (20, 40, 130:
+# the last spans two 128-channel tiles), 1x1 stride 2, 3x3 stride 2 on an odd input
+# (K = 180 straddles taps inside a K block), enough positions (512) for the weight
+# gradient to split its reduction over four programs plus the summing kernel, and the
+# widest layer class (Cin = 1024: a K loop of 32 blocks; Cout = 1000: eight channel tiles).
+CONV_SHAPES = [
+    ((2, 7, 9, 3), (3, 3, 3, 20), 1, 1),
+    ((1, 8, 7, 16), (1, 1, 16, 24), 2, 0),
+    ((2, 9, 9, 20), (3, 3, 20, 16), 2, 1),
+    ((2, 16, 16, 24), (1, 1, 24, 40), 1, 0),
+    ((1, 5, 6, 8), (3, 3, 8, 130), 1, 1),
+    ((1, 3, 2, 1024), (1, 1, 1024, 1000), 1, 0),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", CONV_SHAPES)
+def test_conv2d_forward_backward(triton_backend, rng, x_shape, w_shape, stride, padding):
+    x, w = f32(rng, x_shape), f32(rng, w_shape)
+    y, saved = conv.conv2d(*on_backend(x, w), stride, padding)
+    y_ref, saved_ref = ref.conv2d(*f64(x, w), stride, padding)
+    assert_close("y", y, y_ref, IEEE_RTOL)
+    dy = f32(rng, y_ref.shape)
+    dx, dw = conv.conv2d_backward(backend.asarray(dy), saved)
+    dx_ref, dw_ref = ref.conv2d_backward(*f64(dy), saved_ref)
+    assert_close("dx", dx, dx_ref, IEEE_RTOL)
+    assert_close("dw", dw, dw_ref, IEEE_RTOL)
+
+
+# --------------------------------------------------------------------------- conv_bn_relu
+
+def _check_conv_bn_relu(rng, x_shape, w_shape, stride, padding, training, relu, rtol, band, x_offset=0.0):
+    x, w = f32(rng, x_shape, offset=x_offset), f32(rng, w_shape)
+    gamma, beta, running_mean, running_var = bn_params(rng, w_shape[-1])
+    ref_args = (*f64(x, w, gamma, beta, running_mean, running_var), stride, padding, training, 0.1, 1e-5)
+    y_ref, mean_ref, var_ref, saved_ref = ref.conv_bn_relu(*ref_args, relu=relu)
+    preactivation = ref.conv_bn_relu(*ref_args, relu=False)[0]
+
+    args = on_backend(x, w, gamma, beta, running_mean, running_var)
+    y, new_mean, new_var, saved = conv.conv_bn_relu(*args, stride, padding, training, 0.1, 1e-5, relu)
+    assert new_mean is args[4] and new_var is args[5], "the running arrays are updated in place and returned"
+    assert_close("y", y, y_ref, rtol)
+    assert_close("running_mean", new_mean, mean_ref, rtol)
+    assert_close("running_var", new_var, var_ref, rtol)
+
+    dy = _kink_free_dy(rng, preactivation, band) if relu else f32(rng, y_ref.shape)
+    grads = conv.conv_bn_relu_backward(backend.asarray(dy), saved)
+    grads_ref = ref.conv_bn_relu_backward(*f64(dy), saved_ref)
+    for name, got, want in zip(("dx", "dw", "dgamma", "dbeta"), grads, grads_ref):
+        assert_close(name, got, want, rtol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", [
+    ((2, 7, 9, 3), (3, 3, 3, 20), 1, 1),     # the stem: Cin = 3, odd H and W, Cout = 20
+    ((1, 9, 7, 12), (3, 3, 12, 24), 2, 1),   # batch 1, 3x3 stride 2 on an odd input
+])
+def test_conv_bn_relu(triton_backend, rng, x_shape, w_shape, stride, padding, training, relu):
+    _check_conv_bn_relu(rng, x_shape, w_shape, stride, padding, training, relu, IEEE_RTOL, IEEE_KINK_BAND)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_conv_bn_relu_1x1_stride_2_with_split_weight_gradient(triton_backend, rng, training):
+    # 1x1 stride 2 on an odd 23x23 input: 2x12x12 = 288 output positions, enough for the
+    # weight gradient to run three splits and the summing kernel.
+    _check_conv_bn_relu(rng, (2, 23, 23, 16), (1, 1, 16, 36), 2, 0, training, True, IEEE_RTOL, IEEE_KINK_BAND)
+
+
+def test_conv_bn_relu_statistics_over_many_tiles(triton_backend, rng):
+    # 2,170 positions: 34 tiles of 64 rows in the conv epilogue's statistics (the last
+    # partial), merged by the finalize kernel in two chunks of 32; inputs with mean 3
+    # give the conv output a mean well away from 0.
+    _check_conv_bn_relu(rng, (2, 31, 35, 4), (3, 3, 4, 16), 1, 1, True, True, IEEE_RTOL, IEEE_KINK_BAND,
+                        x_offset=3.0)
+
+
+def test_conv_bn_relu_tf32(triton_backend, rng):
+    with backend.use_precision("tf32"):
+        _check_conv_bn_relu(rng, (2, 8, 8, 16), (3, 3, 16, 24), 1, 1, True, True, TF32_RTOL, TF32_KINK_BAND)
+
+
+def test_conv_bn_relu_training_needs_two_values_per_channel(triton_backend, rng):
+    x, w = on_backend(f32(rng, (1, 1, 1, 3)), f32(rng, (1, 1, 3, 4)))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        conv.conv_bn_relu(x, w, *on_backend(*bn_params(rng, 4)))
+
+
+# --------------------------------------------------------------------------- batch_norm
+
+def _check_batch_norm(rng, x, training, relu, momentum=0.1, rtol=IEEE_RTOL):
+    gamma, beta, running_mean, running_var = bn_params(rng, x.shape[-1])
+    ref_args = (*f64(x, gamma, beta, running_mean, running_var), training, momentum, 1e-5)
+    y_ref, mean_ref, var_ref, saved_ref = ref.batch_norm(*ref_args, relu=relu)
+    preactivation = ref.batch_norm(*ref_args, relu=False)[0]
+
+    args = on_backend(x, gamma, beta, running_mean, running_var)
+    y, new_mean, new_var, saved = batchnorm.batch_norm(*args, training, momentum, 1e-5, relu)
+    assert new_mean is args[3] and new_var is args[4], "the running arrays are updated in place and returned"
+    assert_close("y", y, y_ref, rtol)
+    assert_close("running_mean", new_mean, mean_ref, IEEE_RTOL)
+    assert_close("running_var", new_var, var_ref, IEEE_RTOL)
+
+    dy = _kink_free_dy(rng, preactivation, IEEE_KINK_BAND) if relu else f32(rng, x.shape)
+    grads = batchnorm.batch_norm_backward(backend.asarray(dy), saved)
+    grads_ref = ref.batch_norm_backward(*f64(dy), saved_ref)
+    for name, got, want in zip(("dx", "dgamma", "dbeta"), grads, grads_ref):
+        assert_close(name, got, want, rtol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("shape", [
+    (1, 7, 9, 5),     # batch 1, odd H and W, 5 channels (one partial channel block)
+    (3, 5, 7, 70),    # 70 channels: two channel blocks of 64, the second partial
+])
+def test_batch_norm(triton_backend, rng, shape, training, relu):
+    _check_batch_norm(rng, f32(rng, shape, scale=2.0, offset=1.0), training, relu)
+
+
+def test_batch_norm_statistics_survive_a_large_mean(triton_backend, rng):
+    # Mean 100, std 1, over N*H*W = 16,335 values per channel: 64 row tiles of 256
+    # (the last partial), merged by the finalize kernel in two chunks of 32. momentum = 1
+    # makes the running statistics the batch mean and unbiased variance, checked directly.
+    x = f32(rng, (15, 33, 33, 16), scale=1.0, offset=100.0)
+    _check_batch_norm(rng, x, training=True, relu=False, momentum=1.0, rtol=LARGE_MEAN_RTOL)
+    # The naive float32 formula E[x^2] - E[x]^2 would fail here: E[x^2] = 10001 has a
+    # float32 spacing of 1e-3, already 1e-3 of the variance, and its sum over 16,335
+    # terms loses more; here (with NumPy's pairwise sums, kinder than a GPU's) it is
+    # typically off by a few 1e-2 in the variance, three orders above the tolerance.
+    count = np.float32(x.size // x.shape[-1])
+    mean = x.sum((0, 1, 2), dtype=np.float32) / count
+    naive_var = (x * x).sum((0, 1, 2), dtype=np.float32) / count - mean * mean
+    assert relative_error(naive_var, x.astype(np.float64).var((0, 1, 2))) > 100 * IEEE_RTOL
+
+
+def test_batch_norm_training_needs_two_values_per_channel(triton_backend, rng):
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batchnorm.batch_norm(*on_backend(f32(rng, (1, 1, 1, 3)), *bn_params(rng, 3)))
