@@ -1,4 +1,4 @@
-"""Modules: parameters, buffers, sub-modules, train/eval, state dicts.
+"""Modules: parameters, buffers, sub-modules, train/eval, state dicts; the layers.
 
 A :class:`Module` finds its parts by attribute assignment: a :class:`Parameter`
 is a trainable tensor, another Module is a child, and ``register_buffer`` names
@@ -8,13 +8,29 @@ made on the GPU loads on the CPU; ``save``/``load`` write and read it as .npz.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 
 import numpy as np
 
-from .autograd import Tensor
+from . import functional as F
+from .autograd import Tensor, no_grad
 from .backend import asarray, to_numpy
+
+
+_recorded_calls = []  # a stack of lists; the innermost records (module, output shape) per call
+
+
+@contextlib.contextmanager
+def record_calls():
+    """Inside the block every module call appends (module, output shape) to the yielded list."""
+    calls = []
+    _recorded_calls.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorded_calls.pop()
 
 
 class Parameter(Tensor):
@@ -71,7 +87,10 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        out = self.forward(*args, **kwargs)
+        if _recorded_calls:
+            _recorded_calls[-1].append((self, tuple(out.shape)))
+        return out
 
     # ----------------------------------------------------------------- traversal
 
@@ -168,3 +187,186 @@ class Module:
             lines.append("  (" + name + "): " + repr(child).replace("\n", "\n  "))
         lines += [f"  {name}: {tuple(p.shape)}" for name, p in self._parameters.items()]
         return "\n".join(lines) + ")" if len(lines) > 1 else f"{type(self).__name__}()"
+
+
+# --------------------------------------------------------------------------- layers
+
+def _he_normal(rng, shape, fan_out):
+    """Kaiming normal, fan-out mode (ReLU gain): N(0, 2 / fan_out), float32."""
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_out)).astype(np.float32)
+
+
+class Conv2d(Module):
+    """Convolution without bias: NHWC in, NHWC out; ``weight`` is HWIO (k, k, cin, cout)."""
+
+    def __init__(self, cin, cout, kernel_size=1, stride=1, padding=0, rng=None):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng()
+        self.stride, self.padding = stride, padding
+        k = kernel_size
+        self.weight = Parameter(asarray(_he_normal(rng, (k, k, cin, cout), k * k * cout)))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.stride, self.padding)
+
+
+class BatchNorm2d(Module):
+    """Batch norm over N, H, W per channel, optionally followed by ReLU.
+
+    ``gamma``/``beta`` are trained; ``running_mean``/``running_var`` are buffers,
+    updated in training mode and used in eval mode.
+    """
+
+    def __init__(self, channels, relu=False, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.relu, self.momentum, self.eps = relu, momentum, eps
+        self.gamma = Parameter(asarray(np.ones(channels, np.float32)))
+        self.beta = Parameter(asarray(np.zeros(channels, np.float32)))
+        self.register_buffer("running_mean", asarray(np.zeros(channels, np.float32)))
+        self.register_buffer("running_var", asarray(np.ones(channels, np.float32)))
+
+    def statistics(self):
+        """The four per-channel arrays F.batch_norm takes, in order."""
+        return self.gamma, self.beta, self.running_mean, self.running_var
+
+    def forward(self, x):
+        return F.batch_norm(x, *self.statistics(), training=self.training, momentum=self.momentum,
+                            eps=self.eps, relu=self.relu)
+
+
+class ConvBnRelu(Module):
+    """conv2d then batch norm then ReLU (if ``relu``), as one fused op."""
+
+    def __init__(self, cin, cout, kernel_size=1, stride=1, padding=0, relu=True, rng=None):
+        super().__init__()
+        self.conv = Conv2d(cin, cout, kernel_size, stride, padding, rng)
+        self.bn = BatchNorm2d(cout, relu=relu)
+
+    def forward(self, x):
+        return F.conv_bn_relu(x, self.conv.weight, *self.bn.statistics(), stride=self.conv.stride,
+                              padding=self.conv.padding, training=self.training,
+                              momentum=self.bn.momentum, eps=self.bn.eps, relu=self.bn.relu)
+
+
+class Linear(Module):
+    """``x @ weight + bias``; weight (in, out), PyTorch's default uniform initialisation."""
+
+    def __init__(self, n_in, n_out, rng=None):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng()
+        bound = 1.0 / np.sqrt(n_in)
+        self.weight = Parameter(asarray(rng.uniform(-bound, bound, (n_in, n_out)).astype(np.float32)))
+        self.bias = Parameter(asarray(rng.uniform(-bound, bound, n_out).astype(np.float32)))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named 0, 1, 2, ..."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        for i, module in enumerate(modules):
+            setattr(self, str(i), module)
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, index):
+        return self._modules[str(index)]
+
+    def forward(self, x):
+        for module in self._modules.values():
+            x = module(x)
+        return x
+
+
+class ResidualUnit(Module):
+    """Pre-activation bottleneck unit (NHWC): cin -> cout at stride ``stride``.
+
+    BN-ReLU, conv1x1 (cin -> cout/4) + BN-ReLU, conv3x3 (stride) + BN-ReLU, conv1x1
+    (-> cout); plus the input, or a 1x1 stride-s projection of the pre-activated
+    input when the channels or the stride change. Each conv that a BN-ReLU follows
+    runs as one ``conv_bn_relu``.
+    """
+
+    def __init__(self, cin, cout, stride=1, rng=None):
+        super().__init__()
+        mid = cout // 4
+        self.pre = BatchNorm2d(cin, relu=True)
+        self.reduce = ConvBnRelu(cin, mid, 1, rng=rng)
+        self.spatial = ConvBnRelu(mid, mid, 3, stride, 1, rng=rng)
+        self.expand = Conv2d(mid, cout, 1, rng=rng)
+        if cin != cout or stride != 1:
+            self.project = Conv2d(cin, cout, 1, stride, rng=rng)
+
+    def forward(self, x):
+        activated = self.pre(x)
+        shortcut = self.project(activated) if "project" in self._modules else x
+        return F.add(self.expand(self.spatial(self.reduce(activated))), shortcut)
+
+
+ATTENTIONS = ("mixed", "channel", "spatial")
+
+
+class AttentionModule(Module):
+    """The attention module of the paper at ``channels`` channels (NHWC in and out, same shape).
+
+    ``p`` units, then side by side a trunk of ``t`` units and a bottom-up top-down
+    mask branch of ``depth`` 3x3/2 max-pool levels with ``r`` units each (a skip
+    unit after each level but the deepest, ``r`` more units at the bottom; going
+    up, bilinear upsample to the level above with its skip added in the same
+    kernel, then ``r`` units; a last upsample to the trunk's size), a mask head
+    BN-ReLU-conv1x1-BN-ReLU-conv1x1, then ``p`` units.
+
+    The output is ``(1 + M) * T`` (attention residual learning) or ``M * T``, with
+    M = sigmoid(mask) ("mixed"), the paper's f2 ("channel") or f3 ("spatial").
+    Set ``keep_mask`` to keep M of the last forward in ``mask`` (an array).
+    """
+
+    def __init__(self, channels, depth, p=1, t=2, r=1, residual_attention=True, attention="mixed",
+                 rng=None):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"AttentionModule: attention must be one of {ATTENTIONS}, got {attention!r}")
+        if depth < 1:
+            raise ValueError(f"AttentionModule: depth must be >= 1, got {depth}")
+
+        def units(n):
+            return Sequential(*[ResidualUnit(channels, channels, rng=rng) for _ in range(n)])
+
+        self.depth, self.residual_attention, self.attention = depth, residual_attention, attention
+        self.keep_mask, self.mask = False, None
+        self.pre, self.trunk, self.post = units(p), units(t), units(p)
+        self.down = Sequential(*[units(r) for _ in range(depth)])
+        self.skips = Sequential(*[units(1) for _ in range(depth - 1)])
+        self.bottom = units(r)
+        self.up = Sequential(*[units(r) for _ in range(depth - 1)])
+        self.mask_head = Sequential(BatchNorm2d(channels, relu=True),
+                                    ConvBnRelu(channels, channels, 1, rng=rng),
+                                    Conv2d(channels, channels, 1, rng=rng))
+
+    def forward(self, x):
+        x = self.pre(x)
+        trunk = self.trunk(x)
+        mask, skips = x, []
+        for level in range(self.depth):
+            mask = self.down[level](F.max_pool2d(mask))
+            if level < self.depth - 1:
+                skips.append(self.skips[level](mask))
+        mask = self.bottom(mask)
+        for level in reversed(range(self.depth - 1)):
+            mask = self.up[level](F.upsample_bilinear(mask, skips[level].shape[1:3], skip=skips[level]))
+        logits = self.mask_head(F.upsample_bilinear(mask, trunk.shape[1:3]))
+        if self.attention == "mixed":
+            out = F.attention_mix(logits, trunk, residual=self.residual_attention)
+            if self.keep_mask:
+                with no_grad():
+                    self.mask = F.sigmoid(logits.detach()).data
+        else:
+            gate = F.channel_attention(logits) if self.attention == "channel" else F.spatial_attention(logits)
+            out = F.attention_mix(gate, trunk, residual=self.residual_attention, sigmoid=False)
+            if self.keep_mask:
+                self.mask = gate.data
+        return self.post(out)

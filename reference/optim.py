@@ -1,5 +1,4 @@
 """Optimiser update rules."""
-import numpy as np
 
 
 def sgd_step(param, grad, velocity, lr, momentum=0.9, weight_decay=0.0, nesterov=False):
