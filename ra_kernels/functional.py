@@ -272,12 +272,17 @@ def sigmoid(x):
     return _Sigmoid.apply(x)
 
 
-def attention_mix(mask_logits, trunk, residual=True):
-    """``(1 + sigmoid(m)) * t`` (attention residual learning), or ``sigmoid(m) * t`` if not residual."""
+def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
+    """``(1 + M) * t`` (attention residual learning), or ``M * t`` if not residual, M = sigmoid(m).
+
+    ``sigmoid=False`` takes M as given (an addition to the contract: the channel and
+    spatial attention ablations compute their own mask, and still get the mix and
+    its two gradients from one kernel each).
+    """
     dtype = _check_array("attention_mix", "mask_logits", mask_logits)
     _check_array("attention_mix", "trunk", trunk, dtype=dtype)
     _check_same_shape("attention_mix", ("mask_logits", "trunk"), (mask_logits, trunk))
-    return _AttentionMix.apply(mask_logits, trunk, residual=residual)
+    return _AttentionMix.apply(mask_logits, trunk, residual=residual, sigmoid=sigmoid)
 
 
 def channel_attention(x):

@@ -1,28 +1,32 @@
 """The attention activations of the Residual Attention Network (NHWC): mixing, channel and spatial attention."""
 import numpy as np
 
-from .elementwise import sigmoid, sigmoid_backward
+from .elementwise import sigmoid as _sigmoid
+from .elementwise import sigmoid_backward
 from .norm import normalize, normalize_backward
 
 
-def attention_mix(mask_logits, trunk, residual=True):
-    """(1 + sigmoid(m)) * t (attention residual learning), or sigmoid(m) * t when residual=False (naive).
+def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
+    """(1 + M) * t (attention residual learning), or M * t when residual=False (naive), M = sigmoid(m).
 
-    mask_logits and trunk have the same shape; like (1 + torch.sigmoid(m)) * t.
+    mask_logits and trunk have the same shape; like (1 + torch.sigmoid(m)) * t. With
+    sigmoid=False, M = m as given: the channel (f2) and spatial (f3) attention
+    ablations compute their own mask.
     """
     if mask_logits.shape != trunk.shape:
         raise ValueError(f"attention_mix: shapes differ: mask_logits {mask_logits.shape}, trunk {trunk.shape}")
-    s, sigmoid_saved = sigmoid(mask_logits)
-    y = ((1 + s) if residual else s) * trunk
-    return y, (sigmoid_saved, trunk, residual)
+    mask, sigmoid_saved = _sigmoid(mask_logits) if sigmoid else (mask_logits, None)
+    y = ((1 + mask) if residual else mask) * trunk
+    return y, (mask, sigmoid_saved, trunk, residual)
 
 
 def attention_mix_backward(dy, saved):
-    """(dm, dt) = (dy * t * s * (1 - s), dy * (1 + s)), or dt = dy * s when residual=False."""
-    sigmoid_saved, trunk, residual = saved
-    (s,) = sigmoid_saved
-    (dm,) = sigmoid_backward(dy * trunk, sigmoid_saved)
-    return dm, dy * ((1 + s) if residual else s)
+    """(dm, dt) = (dy * t * dM/dm, dy * (1 + M)), or dt = dy * M when residual=False;
+    dM/dm = M * (1 - M) for the sigmoid, 1 without it."""
+    mask, sigmoid_saved, trunk, residual = saved
+    dmask = dy * trunk
+    dm = dmask if sigmoid_saved is None else sigmoid_backward(dmask, sigmoid_saved)[0]
+    return dm, dy * ((1 + mask) if residual else mask)
 
 
 def channel_attention(x, eps=1e-12):
@@ -52,7 +56,7 @@ def spatial_attention(x, eps=1e-5):
     mean = x.mean((1, 2), keepdims=True)
     var = x.var((1, 2), keepdims=True)
     z, rstd = normalize(x, mean, var, eps)
-    y, sigmoid_saved = sigmoid(z)
+    y, sigmoid_saved = _sigmoid(z)
     return y, (z, rstd, sigmoid_saved)
 
 

@@ -199,6 +199,12 @@ CASES = {
                                           ref.attention_mix_backward, (2, 3, 4, 5), (2, 3, 4, 5)),
     "attention_mix_naive": normal_case(lambda m, t: ref.attention_mix(m, t, residual=False),
                                        ref.attention_mix_backward, (2, 3, 4, 5), (2, 3, 4, 5)),
+    "attention_mix_given_mask_residual": normal_case(
+        lambda m, t: ref.attention_mix(m, t, residual=True, sigmoid=False),
+        ref.attention_mix_backward, (2, 3, 4, 5), (2, 3, 4, 5)),
+    "attention_mix_given_mask_naive": normal_case(
+        lambda m, t: ref.attention_mix(m, t, residual=False, sigmoid=False),
+        ref.attention_mix_backward, (2, 3, 4, 5), (2, 3, 4, 5)),
     "channel_attention": normal_case(ref.channel_attention, ref.channel_attention_backward, (2, 3, 4, 5)),
     "spatial_attention": normal_case(ref.spatial_attention, ref.spatial_attention_backward, (2, 4, 5, 3)),
     "add": normal_case(ref.add, ref.add_backward, (2, 3, 4, 5), (2, 3, 4, 5)),
@@ -530,6 +536,8 @@ def test_attention_mix_formula(residual, seed):
     m, t = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 4, 5))
     expected = (residual + special.expit(m)) * t
     np.testing.assert_allclose(ref.attention_mix(m, t, residual)[0], expected, rtol=EXACT_RTOL, atol=EXACT_RTOL)
+    np.testing.assert_allclose(ref.attention_mix(m, t, residual, sigmoid=False)[0], (residual + m) * t,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
 
 
 def test_channel_attention_unit_norm_and_zero_pixel(seed):

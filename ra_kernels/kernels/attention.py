@@ -28,7 +28,6 @@ BLOCK_N = 1024                 # flat tiles: 8 contiguous float32 per thread ove
 CHANNEL_TILE_ELEMENTS = 2048   # channel attention: BLOCK_P * BLOCK_C, 16 float32 per thread
 SPATIAL_BLOCK_C = 16           # spatial attention: channels per program (64 B rows) ...
 SPATIAL_BLOCK_P = 64           # ... and positions per step of its sweep over H * W
-_MIX_OPS = ("sigmoid", "residual_mix", "naive_mix")
 
 
 # --------------------------------------------------------------------------- the sigmoid
@@ -59,16 +58,26 @@ def _gate(s, OP: tl.constexpr):
 
 # --------------------------------------------------------------------------- sigmoid and the mix
 
-@kernel(aot=[dict(x_ptr="*fp32", t_ptr="*fp32", y_ptr="*fp32", n="i32", OP=op, BLOCK_N=BLOCK_N)
-             for op in _MIX_OPS])
-def sigmoid_mix_kernel(x_ptr, t_ptr, y_ptr, n, OP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y = sigmoid(x) (OP = "sigmoid", t unused) or y = gate(sigmoid(x)) * t (the mixes), n elements.
+# (OP, SIGMOID): the sigmoid op, and each mix with the mask as logits or as given (the ablations).
+_MIX_VARIANTS = [("sigmoid", True)] + [(op, sig) for op in ("residual_mix", "naive_mix") for sig in (True, False)]
 
-    For the mixes x is the mask logits m and t the trunk; s stays in registers.
+
+@kernel(aot=[dict(x_ptr="*fp32", t_ptr="*fp32", y_ptr="*fp32", n="i32", OP=op, SIGMOID=sig, BLOCK_N=BLOCK_N)
+             for op, sig in _MIX_VARIANTS])
+def sigmoid_mix_kernel(x_ptr, t_ptr, y_ptr, n, OP: tl.constexpr, SIGMOID: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """y = sigmoid(x) (OP = "sigmoid", t unused) or y = gate(M) * t (the mixes), n elements.
+
+    For the mixes x is the mask: M = sigmoid(x) in registers when SIGMOID, else M = x
+    (a mask the channel or spatial attention already computed); t is the trunk.
     """
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = offs < n
-    s, _ = _sigmoid_pair(tl.load(x_ptr + offs, mask=in_bounds))
+    x = tl.load(x_ptr + offs, mask=in_bounds)
+    if SIGMOID:
+        s, _ = _sigmoid_pair(x)
+    else:
+        s = x
     if OP == "sigmoid":
         y = s
     else:
@@ -77,25 +86,31 @@ def sigmoid_mix_kernel(x_ptr, t_ptr, y_ptr, n, OP: tl.constexpr, BLOCK_N: tl.con
 
 
 @kernel(aot=[dict(dy_ptr="*fp32", x_ptr="*fp32", t_ptr="*fp32", dx_ptr="*fp32", dt_ptr="*fp32", n="i32",
-                  OP=op, BLOCK_N=BLOCK_N) for op in _MIX_OPS])
+                  OP=op, SIGMOID=sig, BLOCK_N=BLOCK_N) for op, sig in _MIX_VARIANTS])
 def sigmoid_mix_backward_kernel(dy_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, OP: tl.constexpr,
-                                BLOCK_N: tl.constexpr):
-    """Gradients of sigmoid_mix_kernel's OP, s recomputed from the saved logits x.
+                                SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gradients of sigmoid_mix_kernel's OP, s recomputed from the saved x.
 
-    "sigmoid": dx = dy * s * (1 - s) (t_ptr, dt_ptr unused). Mixes: dx = dy * t * s * (1 - s)
-    (the gradient of the mask logits) and dt = dy * gate(s), from one read of dy, x and t.
+    "sigmoid": dx = dy * s * (1 - s) (t_ptr, dt_ptr unused). Mixes: dx = dy * t * dM/dx
+    (the gradient of the mask input; dM/dx = s * (1 - s) when SIGMOID, else 1) and
+    dt = dy * gate(M), from one read of dy, x and t.
     """
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = offs < n
-    s, one_minus_s = _sigmoid_pair(tl.load(x_ptr + offs, mask=in_bounds))
+    x = tl.load(x_ptr + offs, mask=in_bounds)
     dy = tl.load(dy_ptr + offs, mask=in_bounds)
+    if SIGMOID:
+        s, one_minus_s = _sigmoid_pair(x)
+    else:
+        s = x
     if OP == "sigmoid":
         ds = dy  # dL/ds
     else:
-        t = tl.load(t_ptr + offs, mask=in_bounds)
-        ds = dy * t
+        ds = dy * tl.load(t_ptr + offs, mask=in_bounds)
         tl.store(dt_ptr + offs, dy * _gate(s, OP), mask=in_bounds)
-    tl.store(dx_ptr + offs, ds * s * one_minus_s, mask=in_bounds)
+    if SIGMOID:
+        ds = ds * s * one_minus_s
+    tl.store(dx_ptr + offs, ds, mask=in_bounds)
 
 
 def _flat_grid(a):
@@ -110,7 +125,7 @@ def sigmoid(x):
     Moves 8 B per element (read x, write y): 32 / 16 / 8 MiB at attention92 stages 1 / 2 / 3.
     """
     y = empty_like(x)
-    launch(sigmoid_mix_kernel, _flat_grid(x), x, x, y, x.size, OP="sigmoid", BLOCK_N=BLOCK_N)
+    launch(sigmoid_mix_kernel, _flat_grid(x), x, x, y, x.size, OP="sigmoid", SIGMOID=True, BLOCK_N=BLOCK_N)
     return y, (x,)
 
 
@@ -123,12 +138,13 @@ def sigmoid_backward(dy, saved):
     (x,) = saved
     dx = empty_like(x)
     launch(sigmoid_mix_backward_kernel, _flat_grid(x), dy, x, x, dx, dx, x.size,
-           OP="sigmoid", BLOCK_N=BLOCK_N)
+           OP="sigmoid", SIGMOID=True, BLOCK_N=BLOCK_N)
     return (dx,)
 
 
-def attention_mix(mask_logits, trunk, residual=True):
-    """(1 + sigmoid(m)) * t, or sigmoid(m) * t when residual=False; one kernel, s never stored.
+def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
+    """(1 + M) * t, or M * t when residual=False, M = sigmoid(m) (or m itself when not
+    ``sigmoid``); one kernel, M never stored.
 
     Saves (m, t). Moves 12 B per element (read m and t, write y): 48 / 24 / 12 MiB at
     stages 1 / 2 / 3. Storing s for the backward would add a 4 B write here (16 B, +33%)
@@ -137,21 +153,21 @@ def attention_mix(mask_logits, trunk, residual=True):
     """
     if mask_logits.shape != trunk.shape:
         raise ValueError(f"attention_mix: shapes differ: mask_logits {mask_logits.shape}, trunk {trunk.shape}")
-    op = "residual_mix" if residual else "naive_mix"
+    variant = dict(OP="residual_mix" if residual else "naive_mix", SIGMOID=bool(sigmoid))
     y = empty_like(trunk)
-    launch(sigmoid_mix_kernel, _flat_grid(trunk), mask_logits, trunk, y, trunk.size, OP=op, BLOCK_N=BLOCK_N)
-    return y, (mask_logits, trunk, op)
+    launch(sigmoid_mix_kernel, _flat_grid(trunk), mask_logits, trunk, y, trunk.size, **variant, BLOCK_N=BLOCK_N)
+    return y, (mask_logits, trunk, variant)
 
 
 def attention_mix_backward(dy, saved):
-    """(dm, dt) = (dy * t * s * (1 - s), dy * (1 + s)), or dt = dy * s when not residual; one kernel.
+    """(dm, dt) = (dy * t * dM/dm, dy * (1 + M)), or dt = dy * M when not residual; one kernel.
 
     Moves 20 B per element (read dy, m, t; write dm, dt): 80 / 40 / 20 MiB at stages 1 / 2 / 3.
     """
-    mask_logits, trunk, op = saved
+    mask_logits, trunk, variant = saved
     dm, dt = empty_like(mask_logits), empty_like(trunk)
     launch(sigmoid_mix_backward_kernel, _flat_grid(trunk), dy, mask_logits, trunk, dm, dt, trunk.size,
-           OP=op, BLOCK_N=BLOCK_N)
+           **variant, BLOCK_N=BLOCK_N)
     return dm, dt
 
 
