@@ -121,7 +121,12 @@ class Tensor:
 
 
 def _accumulate(tensor, grad):
-    tensor.grad = grad.copy() if tensor.grad is None else tensor.grad + grad
+    """Add ``grad`` into ``tensor.grad``: in place when there is one (an optimizer may have
+    made it a view of its flat gradient buffer), else as a copy (``grad`` may be shared)."""
+    if tensor.grad is None:
+        tensor.grad = grad.copy()
+    else:
+        tensor.grad += grad
 
 
 def _reverse_topological(root):

@@ -168,6 +168,16 @@ class Module:
             array[...] = asarray(value, dtype=array.dtype, like=array)
         return self
 
+    def astype(self, dtype):
+        """Convert every parameter and buffer to ``dtype`` in place (float64: numpy backend only,
+        for gradient checks); returns self."""
+        for module in (m for _, m in self.named_modules()):
+            for p in module._parameters.values():
+                p.data, p.grad = p.data.astype(dtype), None
+            for name, b in module._buffers.items():
+                module._buffers[name] = b.astype(dtype)
+        return self
+
     def save(self, path):
         """Write ``state_dict()`` to an .npz file (atomically: a temporary file, then rename)."""
         path = os.fspath(path)

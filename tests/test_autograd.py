@@ -77,6 +77,16 @@ def test_leaf_grads_accumulate_over_backward_calls(rng):
     np.testing.assert_allclose(x.grad, np.full(3, 5.0))
 
 
+def test_leaf_grad_accumulates_in_place_into_an_existing_array(rng):
+    # An optimizer keeps every gradient as a view of one flat buffer: backward must fill it.
+    flat = np.zeros(5)
+    x = Tensor(rng.standard_normal(5), requires_grad=True)
+    x.grad = flat[:]
+    Sum.apply(Scale.apply(x, 3.0)).backward()
+    np.testing.assert_array_equal(flat, np.full(5, 3.0))
+    assert x.grad.base is flat
+
+
 def test_long_chain_has_no_recursion_limit(rng):
     # 2,000 recorded ops, far deeper than Python's default recursion limit of 1,000.
     x = Tensor(rng.standard_normal(3), requires_grad=True)

@@ -1,0 +1,129 @@
+"""The Residual Attention Network family for CIFAR (32x32 NHWC input).
+
+conv3x3 3 -> stem; per stage s = 1, 2, 3 at 32x32, 16x16, 8x8: a residual unit
+into ``widths[s]`` (stride 2 from stage 2 on) and ``modules_per_stage``
+attention modules whose mask branch pools ``(3, 2, 1)[s]`` times; three more
+units; BN-ReLU, global average pool, linear. Depth 36m + 20 for m modules per
+stage with (p, t, r) = (1, 2, 1): attention56 has m = 1, attention92 m = 2.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import functional as F
+from .autograd import no_grad
+from .backend import asarray, to_numpy
+from .nn import (ATTENTIONS, AttentionModule, BatchNorm2d, Conv2d, ConvBnRelu, Linear, Module,
+                 ResidualUnit, Sequential, record_calls)
+
+MASK_DEPTHS = (3, 2, 1)  # max-pool levels of the mask branch per stage: 32->4, 16->4, 8->4
+
+
+class ResidualAttentionNet(Module):
+    """Residual Attention Network: NHWC float32 images (N, 32, 32, 3) -> logits (N, num_classes).
+
+    ``residual_attention``: (1 + M) * T (ARL) or M * T (the paper's naive NAL).
+    ``attention``: "mixed" (sigmoid), "channel" (f2) or "spatial" (f3).
+    Weights are drawn from ``seed``: He normal (fan-out) for convs, BN gamma 1
+    and beta 0, PyTorch's default for the classifier.
+    """
+
+    def __init__(self, modules_per_stage=1, p=1, t=2, r=1, stem=16, widths=(64, 128, 256),
+                 num_classes=10, residual_attention=True, attention="mixed", seed=0):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"ResidualAttentionNet: attention must be one of {ATTENTIONS}, got {attention!r}")
+        if len(widths) != 3:
+            raise ValueError(f"ResidualAttentionNet: widths must name 3 stages, got {widths!r}")
+        if num_classes < 2:
+            raise ValueError(f"ResidualAttentionNet: num_classes must be >= 2, got {num_classes}")
+        rng = np.random.default_rng(seed)
+        self.config = dict(modules_per_stage=modules_per_stage, p=p, t=t, r=r, stem=stem,
+                           widths=tuple(widths), num_classes=num_classes,
+                           residual_attention=residual_attention, attention=attention, seed=seed)
+        self.stem = Conv2d(3, stem, 3, 1, 1, rng=rng)
+        cin = stem
+        for s, (width, depth) in enumerate(zip(widths, MASK_DEPTHS)):
+            stage = [ResidualUnit(cin, width, stride=1 if s == 0 else 2, rng=rng)]
+            stage += [AttentionModule(width, depth, p, t, r, residual_attention, attention, rng=rng)
+                      for _ in range(modules_per_stage)]
+            setattr(self, f"stage{s + 1}", Sequential(*stage))
+            cin = width
+        self.tail = Sequential(*[ResidualUnit(cin, cin, rng=rng) for _ in range(3)])
+        self.head = BatchNorm2d(cin, relu=True)
+        self.classifier = Linear(cin, num_classes, rng=rng)
+
+    def forward(self, x):
+        x = self.tail(self.stage3(self.stage2(self.stage1(self.stem(x)))))
+        return self.classifier(F.global_avg_pool(self.head(x)))
+
+    def attention_modules(self):
+        """(name, AttentionModule) in forward order."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, AttentionModule)]
+
+    def attention_masks(self, x):
+        """Forward ``x`` without recording gradients; return {module name: mask M} as host arrays.
+
+        Each mask has the shape of its module's trunk, (N, H, W, C); for "mixed"
+        attention its values lie in (0, 1).
+        """
+        modules = self.attention_modules()
+        for _, m in modules:
+            m.keep_mask = True
+        try:
+            with no_grad():
+                self(x)
+            return {name.rstrip("."): to_numpy(m.mask) for name, m in modules}
+        finally:
+            for _, m in modules:
+                m.keep_mask, m.mask = False, None
+
+    def summary(self) -> str:
+        """A table of every conv and linear layer in forward order: output shape, parameters and
+        multiply-adds per image, from one forward pass of a single 32x32 image."""
+        names = {id(m): name.rstrip(".") for name, m in self.named_modules()}
+        was_training = self.training
+        self.eval()  # in training mode the pass would update the running statistics
+        try:
+            with record_calls() as calls, no_grad():
+                self(asarray(np.zeros((1, 32, 32, 3), np.float32)))
+        finally:
+            self.train(was_training)
+        header = f"{'layer':<46} {'type':<9} {'output':>12} {'params':>10} {'mult-adds':>14}"
+        rows, total_macs = [header, "-" * len(header)], 0
+        for module, out_shape in calls:
+            conv = module.conv if isinstance(module, ConvBnRelu) else module
+            if isinstance(conv, Conv2d) and names[id(module)].endswith(".conv"):
+                continue  # a ConvBnRelu's own conv: listed as the ConvBnRelu
+            if isinstance(conv, Conv2d):
+                kh, kw, cin, cout = conv.weight.shape
+                kind, macs = f"conv{kh}x{kw}", out_shape[1] * out_shape[2] * kh * kw * cin * cout
+            elif isinstance(module, Linear):
+                kind, macs = "linear", int(np.prod(module.weight.shape))
+            else:
+                continue
+            params = sum(int(np.prod(p.shape)) for p in module.parameters())
+            total_macs += macs
+            shape = "x".join(str(d) for d in out_shape[1:])
+            rows.append(f"{names[id(module)]:<46} {kind:<9} {shape:>12} {params:>10,} {macs:>14,}")
+        n_params = sum(int(np.prod(p.shape)) for p in self.parameters())
+        rows += ["-" * len(header),
+                 f"{'total (every parameter, BN included)':<69} {n_params:>10,} {total_macs:>14,}"]
+        return "\n".join(rows)
+
+
+def _constructor(modules_per_stage, p=1, t=2, r=1):
+    def build(num_classes=10, **kwargs):
+        return ResidualAttentionNet(modules_per_stage, p, t, r, num_classes=num_classes, **kwargs)
+    return build
+
+
+attention56 = _constructor(1)
+attention92 = _constructor(2)
+attention128 = _constructor(3)
+attention164 = _constructor(4)
+attention236 = _constructor(6)
+attention452 = _constructor(6, p=2, t=4, r=3)
+
+MODELS = {"attention56": attention56, "attention92": attention92, "attention128": attention128,
+          "attention164": attention164, "attention236": attention236, "attention452": attention452}
