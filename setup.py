@@ -13,7 +13,7 @@ setup(
     extras_require={
         "cuda12": ["cupy-cuda12x>=13,<15"],
         "cuda13": ["cupy-cuda13x>=14,<15"],
-        "test": ["pytest>=8,<10"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
         "bench": ["torch>=2.6,<3", "matplotlib>=3.8,<4"],
     },
 )
