@@ -24,15 +24,25 @@ def test_every_kernel_has_a_specialisation():
         assert kernel_fn.aot_specs, f"{kernel_fn.__name__} registers no AOT specialisation"
 
 
-@pytest.mark.parametrize("capability", aot.CAPABILITIES)
+@pytest.mark.parametrize("capability, aligned", aot.TARGETS, ids=[f"sm_{c}{'_aligned' if a else ''}"
+                                                                  for c, a in aot.TARGETS])
 @pytest.mark.parametrize("case", SPECIALISATIONS, ids=[_id(c) for c in SPECIALISATIONS])
-def test_compiles(case, capability):
+def test_compiles(case, capability, aligned):
     kernel_fn, spec = case
-    compiled = aot.compile_kernel(kernel_fn, spec, capability)
+    compiled = aot.compile_kernel(kernel_fn, spec, capability, aligned)
     assert compiled.metadata.name == kernel_fn.__name__
     assert compiled.metadata.target.arch == capability
     assert len(compiled.asm["cubin"]) > 0
     assert f".target sm_{capability}" in compiled.asm["ptx"]
+
+
+def test_alignment_reaches_the_compiler():
+    # The elementwise kernel's loads vectorise to 128 bits only when the compiler may
+    # assume 16-aligned pointers and sizes: proof that the aligned variant is a different build.
+    kernel_fn = next(k for k in KERNELS if k.__name__ == "elementwise_kernel")
+    spec = kernel_fn.aot_specs[0]
+    assert "ld.global.v4" not in aot.compile_kernel(kernel_fn, spec, 90, aligned=False).asm["ptx"]
+    assert "ld.global.v4" in aot.compile_kernel(kernel_fn, spec, 90, aligned=True).asm["ptx"]
 
 
 def test_a_spec_must_name_every_parameter():
