@@ -39,16 +39,9 @@ import triton.language as tl
 
 from ..backend import device_function, empty, get_precision, kernel, launch
 from . import batchnorm as bn
+from .nhwc import positions
 
 # --------------------------------------------------------------------------- device functions
-
-
-@device_function
-def _positions(m, ROWS, COLS):
-    """(image, row, col) of flat positions m over (N, ROWS, COLS) grids."""
-    per_image = ROWS * COLS
-    rem = m % per_image
-    return m // per_image, rem // COLS, rem % COLS
 
 
 @device_function
@@ -163,7 +156,7 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, cols_ok = m < M, cols < C_out
-    img, oh, ow = _positions(m, OH, OW)
+    img, oh, ow = positions(m, OH, OW)
     z = _conv_k_loop(x_ptr, x_ptr, w_ptr, x_ptr, x_ptr, 0.0, img, oh * stride - padding, ow * stride - padding,
                      m_ok, H, W, C_in, C_out, K, KW, stride, cols,
                      False, False, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -208,7 +201,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    img, h, w = _positions(m, H, W)
+    img, h, w = positions(m, H, W)
     dx = _conv_k_loop(dy_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, img, h + padding, w + padding,
                       m < M, OH, OW, C_out, C_in, K, KW, stride, cols,
                       True, BN_BACKWARD, RELU, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -242,7 +235,7 @@ def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     for m0 in range(start, tl.minimum(start + positions_per_split, M), BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < M
-        img, oh, ow = _positions(m, OH, OW)
+        img, oh, ow = positions(m, OH, OW)
         # A^T tile [BLOCK_K, BLOCK_M]: the forward's im2col gather with the roles of the axes swapped
         x_offs, x_ok = _im2col_offsets(img[None, :], (oh * stride - padding)[None, :],
                                        (ow * stride - padding)[None, :], m_ok[None, :],

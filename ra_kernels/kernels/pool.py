@@ -3,7 +3,7 @@
 Layouts: x (N, H, W, C) float32, C-contiguous, NumPy (interpret backend) or
 CuPy (cuda backend). All four kernels are memory-bound, so each program works
 on a [BLOCK_P positions x BLOCK_C channels] tile with channels the fastest
-axis (:func:`nhwc_tile`): a row of the tile is BLOCK_C contiguous float32, and
+axis (:func:`nhwc.nhwc_tile`): a row of the tile is BLOCK_C contiguous float32, and
 loads and stores vectorise when C is a multiple of 4. Offsets are int32: fine
 below 2**31 elements per array (batch 128 of the largest activation,
 128x32x32x256, is 3.4e7).
@@ -15,26 +15,7 @@ import triton
 import triton.language as tl
 
 from ..backend import empty, kernel, launch
-
-#: Elements per tile: 1,024 over 4 warps is 8 float32 per thread and tap.
-TILE = 1024
-#: Widest channel block: 64 float32 = 256 contiguous bytes per tile row.
-MAX_BLOCK_C = 64
-
-
-def nhwc_tile(c):
-    """(BLOCK_P, BLOCK_C) for NHWC tiles of TILE elements over c channels.
-
-    BLOCK_C covers all of c up to MAX_BLOCK_C (a power of two, so c = 3 wastes one
-    lane of four, not 61 of 64); the positions fill the rest of the tile.
-    """
-    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
-    return TILE // block_c, block_c
-
-
-#: (BLOCK_P, BLOCK_C) compiled ahead of time: 64 channels and more, and a narrow layer.
-TILES_AOT = (nhwc_tile(64), nhwc_tile(3))
-
+from .nhwc import TILES_AOT, nhwc_tile, positions
 
 def _argmax_dtype(kernel_size):
     """As in reference/: the row-major tap index fits int8 up to 128 taps (11x11)."""
@@ -68,9 +49,7 @@ def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)      # flat (n, oh, ow), [BLOCK_P]
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)     # [BLOCK_C]
-    ow = pos % OW
-    oh = (pos // OW) % OH
-    n = pos // (OW * OH)
+    n, oh, ow = positions(pos, OH, OW)
     tile_mask = (pos < n_out)[:, None] & (chan < C)[None, :]
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
     best_tap = tl.full((BLOCK_P, BLOCK_C), 0, tl.int32)
@@ -109,9 +88,7 @@ def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)      # flat (n, ih, iw), [BLOCK_P]
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    iw = pos % W
-    ih = (pos // W) % H
-    n = pos // (W * H)
+    n, ih, iw = positions(pos, H, W)
     tile_mask = (pos < n_in)[:, None] & (chan < C)[None, :]
     # The last window row that can cover ih starts at or before it: oh_last = (ih + PAD) // STRIDE
     # (ih + PAD >= 0, so // is floor); earlier candidates step back one window at a time.

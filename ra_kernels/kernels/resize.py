@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..backend import device_function, empty, kernel, launch
-from .pool import TILES_AOT, nhwc_tile
+from .nhwc import TILES_AOT, nhwc_tile, positions
 
 
 def _axis(in_size, out_size):
@@ -82,9 +82,7 @@ def upsample_bilinear_kernel(x_ptr, skip_ptr, y_ptr, H, W, C, OH, OW, num_h, den
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)      # flat (n, oy, ox), [BLOCK_P]
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)     # [BLOCK_C]
-    ox = pos % OW
-    oy = (pos // OW) % OH
-    n = pos // (OW * OH)
+    n, oy, ox = positions(pos, OH, OW)
     tile_mask = (pos < n_out)[:, None] & (chan < C)[None, :]
     y0, y1, fy = _source(oy, num_h, den_h, H)
     x0, x1, fx = _source(ox, num_w, den_w, W)
@@ -123,9 +121,7 @@ def upsample_bilinear_backward_kernel(dy_ptr, dx_ptr, H, W, C, OH, OW, num_h, de
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)      # flat (n, iy, ix), [BLOCK_P]
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ix = pos % W
-    iy = (pos // W) % H
-    n = pos // (W * H)
+    n, iy, ix = positions(pos, H, W)
     tile_mask = (pos < n_in)[:, None] & (chan < C)[None, :]
     oy_first = _first_output(iy, num_h, den_h)
     ox_first = _first_output(ix, num_w, den_w)
