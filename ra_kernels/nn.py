@@ -121,8 +121,10 @@ class Module:
                 yield prefix + name, b
 
     def zero_grad(self):
+        """Zero every gradient in place (an optimizer may hold them as views of one buffer)."""
         for p in self.parameters():
-            p.grad = None
+            if p.grad is not None:
+                p.grad.fill(0)
 
     # ----------------------------------------------------------------- modes
 

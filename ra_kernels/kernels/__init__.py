@@ -3,4 +3,4 @@
 Importing this package imports every family, so that each kernel registers
 itself in ``ra_kernels.backend.KERNELS`` for the ahead-of-time compile check.
 """
-from . import attention, augment, batchnorm, conv, elementwise, linear, loss, optim, pool, resize  # noqa: F401
+from . import attention, augment, batchnorm, conv, elementwise, linear, loss, metrics, optim, pool, resize  # noqa: F401

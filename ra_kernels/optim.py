@@ -1,0 +1,192 @@
+"""SGD with momentum, Nesterov and weight decay over flat buffers; learning-rate schedules.
+
+:class:`SGD` keeps every parameter of a model in one flat float32 buffer of
+the backend, every gradient in a second and every velocity in a third, so that
+one launch of the fused kernel (``kernels.optim.sgd_step``) updates the whole
+model. Parameters and their gradients become views of those buffers when the
+optimizer is built: autograd then accumulates gradients straight into the
+flat gradient buffer (``autograd._accumulate`` adds in place into an existing
+``grad``), and nothing is copied per step. The learning rate lives in a
+1-element array of the backend, so a captured CUDA graph reads whatever a
+schedule last wrote there.
+
+The contract that follows: once the optimizer is built, nobody re-binds a
+parameter's ``data`` or ``grad``. Zero gradients with ``SGD.zero_grad()`` or
+``Module.zero_grad()`` (both zero in place), load weights with
+``Module.load_state_dict()`` (it copies in place), and convert dtypes before
+building the optimizer. ``step()`` checks this and raises if a view was
+replaced.
+
+Schedules are plain functions iteration -> learning rate, evaluated on the host.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import reference
+
+from .backend import backend_of, get_backend, to_numpy, xp
+from .kernels import optim as optim_kernels
+
+# The paper's CIFAR recipe: LR divided by 10 at 64k and 96k of 160k iterations.
+PAPER_ITERATIONS = 160_000
+PAPER_MILESTONES = (64_000, 96_000)
+
+
+class SGD:
+    """Stochastic gradient descent as torch.optim.SGD (dampening 0), all parameters in one launch.
+
+    Per element, in float32 (reference.sgd_step's order): g = grad + weight_decay * param;
+    v = momentum * v + g; param -= lr * (g + momentum * v if nesterov else v).
+
+    parameters: the model's Parameters (float32 arrays of the current backend,
+    each once). On construction each is copied into ``flat_params`` (n,) and its
+    ``data`` replaced by a C-contiguous view of it; its ``grad`` becomes a view
+    of ``flat_grads`` (n,), zeroed. ``velocity`` (n,) starts at zero; ``lr`` is
+    a (1,) float32 array of the backend.
+    """
+
+    def __init__(self, parameters, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True):
+        self.parameters = list(parameters)
+        if not self.parameters:
+            raise ValueError("SGD: got an empty parameter list")
+        if len({id(p) for p in self.parameters}) != len(self.parameters):
+            raise ValueError("SGD: a parameter appears more than once in the list")
+        self._check_hyperparameters(momentum, weight_decay, nesterov)
+        self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
+        array_kind = "cuda" if get_backend() == "cuda" else "host"
+        for i, p in enumerate(self.parameters):
+            if not hasattr(p, "data") or not hasattr(p.data, "dtype"):
+                raise TypeError(f"SGD: parameter {i} must be a Parameter (a Tensor), got {type(p).__name__}")
+            if p.data.dtype != np.float32:
+                raise TypeError(f"SGD: parameter {i} must be float32, got {p.data.dtype} with shape "
+                                f"{tuple(p.data.shape)}")
+            if backend_of(p.data) != array_kind:
+                raise TypeError(f"SGD: parameter {i} is a {backend_of(p.data)} array but the backend is "
+                                f"{get_backend()!r}; build the model and the optimizer on the same backend")
+        n = sum(int(p.data.size) for p in self.parameters)
+        module = xp()
+        self.flat_params = module.empty(n, dtype=np.float32)
+        self.flat_grads = module.zeros(n, dtype=np.float32)
+        self.velocity = module.zeros(n, dtype=np.float32)
+        self.lr = module.empty(1, dtype=np.float32)
+        self.set_lr(lr)
+        # (data view, grad view) per parameter: what step() checks nobody has re-bound.
+        self._views = []
+        offset = 0
+        for p in self.parameters:
+            shape, size = p.data.shape, int(p.data.size)
+            self.flat_params[offset:offset + size] = p.data.reshape(-1)
+            p.data = self.flat_params[offset:offset + size].reshape(shape)
+            p.grad = self.flat_grads[offset:offset + size].reshape(shape)
+            self._views.append((p.data, p.grad))
+            offset += size
+
+    @staticmethod
+    def _check_hyperparameters(momentum, weight_decay, nesterov):
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"SGD: {name} must be a finite number >= 0, got {value}")
+        if nesterov and momentum == 0:
+            raise ValueError("SGD: Nesterov momentum needs momentum > 0")
+
+    def set_lr(self, value):
+        """Write the learning rate into the device array ``lr`` (no host read).
+
+        The value travels as a launch argument of the fill: under CUDA-graph capture, call
+        this outside the captured region, which then reads the array as it stands."""
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"SGD.set_lr: the learning rate must be a finite number >= 0, got {value}")
+        self.lr.fill(value)
+
+    def zero_grad(self):
+        """Zero every gradient with one fill of the flat buffer; the views stay."""
+        self.flat_grads.fill(0)
+
+    def step(self):
+        """One update of every parameter: one kernel launch (cuda, interpret) or one
+        reference.sgd_step over the flat buffers (numpy). Reads nothing back to the host."""
+        for p, (data_view, grad_view) in zip(self.parameters, self._views):
+            if p.data is not data_view or p.grad is not grad_view:
+                which = "data" if p.data is not data_view else "grad"
+                raise RuntimeError(
+                    f"SGD.step: a parameter of shape {tuple(data_view.shape)} had its {which} replaced "
+                    f"after the optimizer was built, so the update would miss it; zero gradients with "
+                    f"SGD.zero_grad() or Module.zero_grad() and load weights with "
+                    f"Module.load_state_dict(), which work in place")
+        if get_backend() == "numpy":
+            # lr[0] is a host scalar here (numpy-backend arrays live on the host).
+            param, velocity = reference.sgd_step(self.flat_params, self.flat_grads, self.velocity,
+                                                 self.lr[0], self.momentum, self.weight_decay, self.nesterov)
+            self.flat_params[...] = param
+            self.velocity[...] = velocity
+        else:
+            optim_kernels.sgd_step(self.flat_params, self.flat_grads, self.velocity, self.lr,
+                                   self.momentum, self.weight_decay, self.nesterov)
+
+    def state_dict(self) -> dict:
+        """Host NumPy arrays: velocity (n,) float32, lr (1,) float32, momentum and weight_decay
+        0-d float64, nesterov 0-d bool."""
+        return {"velocity": to_numpy(self.velocity).copy(), "lr": to_numpy(self.lr).copy(),
+                "momentum": np.array(self.momentum), "weight_decay": np.array(self.weight_decay),
+                "nesterov": np.array(self.nesterov)}
+
+    def load_state_dict(self, state):
+        """Restore what :meth:`state_dict` gave (velocity and lr copied in place)."""
+        expected = ("velocity", "lr", "momentum", "weight_decay", "nesterov")
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise KeyError(f"SGD.load_state_dict: missing {missing}; expected keys {list(expected)}")
+        velocity = np.asarray(to_numpy(state["velocity"]))
+        if velocity.shape != tuple(self.velocity.shape):
+            raise ValueError(f"SGD.load_state_dict: velocity has shape {velocity.shape}, this optimizer "
+                             f"holds {self.velocity.size} parameters (a checkpoint of another model?)")
+        momentum, weight_decay = float(state["momentum"]), float(state["weight_decay"])
+        nesterov = bool(state["nesterov"])
+        self._check_hyperparameters(momentum, weight_decay, nesterov)
+        self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
+        self.velocity[...] = xp().asarray(velocity, dtype=np.float32)
+        self.set_lr(np.asarray(to_numpy(state["lr"])).reshape(-1)[0])
+
+
+def _check_schedule(name, base_lr, total_iterations):
+    if not (math.isfinite(base_lr) and base_lr >= 0):
+        raise ValueError(f"{name}: base_lr must be a finite number >= 0, got {base_lr}")
+    if int(total_iterations) != total_iterations or total_iterations < 1:
+        raise ValueError(f"{name}: total_iterations must be a positive integer, got {total_iterations}")
+    return int(total_iterations)
+
+
+def _check_iteration(name, iteration):
+    if iteration < 0:
+        raise ValueError(f"{name}: iteration must be >= 0, got {iteration}")
+
+
+def paper_schedule(base_lr, total_iterations):
+    """The paper's step schedule: iteration -> base_lr, divided by 10 at 64k and again at 96k
+    of 160k iterations, the milestones scaled to ``total_iterations`` (40% and 60% of it,
+    rounded down). From a milestone on, the lower rate applies; past the end, the last one."""
+    total = _check_schedule("paper_schedule", base_lr, total_iterations)
+    milestones = [total * m // PAPER_ITERATIONS for m in PAPER_MILESTONES]
+
+    def lr(iteration):
+        _check_iteration("paper_schedule", iteration)
+        return base_lr / 10 ** sum(iteration >= m for m in milestones)
+    return lr
+
+
+def cosine_schedule(base_lr, total_iterations):
+    """Cosine annealing from base_lr at iteration 0 to 0 at ``total_iterations`` (and after):
+    base_lr * (1 + cos(pi * iteration / total_iterations)) / 2."""
+    total = _check_schedule("cosine_schedule", base_lr, total_iterations)
+
+    def lr(iteration):
+        _check_iteration("cosine_schedule", iteration)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / total))
+    return lr
+
+
+SCHEDULES = {"paper": paper_schedule, "cosine": cosine_schedule}

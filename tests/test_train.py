@@ -1,0 +1,308 @@
+"""The training command line (train.cifar, train.masks) on the numpy backend, end to end.
+
+Most tests train a narrow network (stem 8, widths 16 32 64) on a tiny CIFAR-10
+written by the test in the official format (random images: these tests check
+the machinery, not learning), a few steps of batch 8, in-process through
+``main(argv)``. Learning itself is checked on 64 real images from the CIFAR-10
+subset in ../shared/data (skipped when it is absent).
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ra_kernels.functional as F
+from ra_kernels.data import BatchLoader, load_cifar
+from ra_kernels.kernels.metrics import TOTALS, accumulate_metrics
+from ra_kernels.models import ResidualAttentionNet
+from ra_kernels.optim import SGD
+
+pytest.importorskip("tqdm", reason="train.cifar draws its progress bar with tqdm")
+from train import cifar, masks  # noqa: E402
+
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="the figures need matplotlib")
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_SUBSET = REPO / ".." / "shared" / "data" / "cifar10-subset"
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TRAIN_PER_FILE, TEST_IMAGES, BATCH = 8, 16, 8  # 40 training images: 5 steps per epoch
+STEPS_PER_EPOCH = 5 * TRAIN_PER_FILE // BATCH
+
+
+def _write_tiny_cifar10(data_dir, rng):
+    """data_dir/cifar-10-batches-py as the official files are laid out (data.py's docstring), small."""
+    folder = data_dir / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    files = [(f"data_batch_{i}", TRAIN_PER_FILE) for i in range(1, 6)] + [("test_batch", TEST_IMAGES)]
+    for name, n in files:
+        content = {b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+                   b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": name.encode(),
+                   b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(content, f, protocol=2)  # the official files are Python 2 pickles
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in CLASS_NAMES]}, f, protocol=2)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return _write_tiny_cifar10(tmp_path_factory.mktemp("data"), np.random.default_rng())
+
+
+def _argv(data_dir, out, *extra):
+    return ["--data-dir", str(data_dir), "--out", str(out), "--no-download", "--epochs", "2",
+            "--batch-size", str(BATCH), "--stem", "8", "--widths", "16", "32", "64", "--backend", "numpy",
+            "--seed", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """An uninterrupted 2-epoch run: (its --out directory, what it printed)."""
+    out = tmp_path_factory.mktemp("run") / "uninterrupted"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cifar.main(_argv(tiny_data, out)) == 0
+    return out, printed.getvalue()
+
+
+def _checkpoint_arrays(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def _meta(path):
+    return json.loads(str(_checkpoint_arrays(path)["meta"]))
+
+
+# --------------------------------------------------------------------------- outputs
+
+@needs_matplotlib
+def test_outputs_of_a_run(finished_run):
+    out, printed = finished_run
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(cifar.METRICS_COLUMNS)
+    rows = [dict(zip(cifar.METRICS_COLUMNS, map(float, line.split(",")))) for line in lines[1:]]
+    assert [(r["epoch"], r["iteration"]) for r in rows] == [(1, STEPS_PER_EPOCH), (2, 2 * STEPS_PER_EPOCH)]
+    for r in rows:
+        assert 0 <= r["train_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        assert np.isfinite(r["train_loss"]) and np.isfinite(r["test_loss"])
+        assert r["images_per_second"] > 0 and r["lr"] > 0
+    # The paper schedule over 10 iterations divides at 4 and 6: the last step of each epoch runs at lr/10, lr/100.
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.001])
+    assert rows[1]["seconds"] > rows[0]["seconds"] > 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = _meta(out / "last.npz")
+    assert (meta["epoch"], meta["batch"], meta["iteration"]) == (2, 0, 2 * STEPS_PER_EPOCH)
+    assert meta["best"]["epoch"] == _meta(out / "best.npz")["epoch"]
+    # What is reported is the last epoch's test accuracy, whichever epoch best.npz holds.
+    assert f"final test accuracy (last epoch, 2): {rows[1]['test_accuracy']:.2%}" in printed
+
+
+def test_eval_only_reproduces_the_last_epoch(finished_run, tiny_data, capsys):
+    out, _ = finished_run
+    last_row = (out / "metrics.csv").read_text().splitlines()[-1].split(",")
+    test_loss, test_accuracy = float(last_row[4]), float(last_row[5])
+    assert cifar.main(["--eval-only", str(out / "last.npz"), "--data-dir", str(tiny_data),
+                       "--batch-size", str(BATCH), "--backend", "numpy"]) == 0
+    printed = capsys.readouterr().out
+    assert "end of epoch 2 of a 2-epoch run (iteration 10)" in printed
+    # Same weights, same test batches, same backend: the same numbers as printed at the epoch's end.
+    assert f"test accuracy {test_accuracy:.2%}  test loss {test_loss:.4f}  ({TEST_IMAGES} images" in printed
+
+
+@needs_matplotlib
+def test_masks_writes_one_png_per_image(finished_run, tiny_data, tmp_path, capsys):
+    out, _ = finished_run
+    assert masks.main([str(out / "last.npz"), "--out", str(tmp_path / "figures"), "--images", "3",
+                       "--data-dir", str(tiny_data), "--backend", "numpy"]) == 0
+    written = sorted((tmp_path / "figures").glob("*.png"))
+    assert [p.name for p in written] == ["masks_0.png", "masks_1.png", "masks_2.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_channel_mean_masks_are_upsampled_means():
+    mask = np.random.default_rng().random((2, 8, 8, 5)).astype(np.float32)
+    (resized,) = masks.channel_mean_masks({"stage3.1": mask}).values()
+    assert resized.shape == (2, 32, 32)
+    # Corner-aligned bilinear resizing keeps the corners.
+    np.testing.assert_allclose(resized[:, [0, 0, -1, -1], [0, -1, 0, -1]],
+                               mask.mean(-1)[:, [0, 0, -1, -1], [0, -1, 0, -1]], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- resume
+
+def _interrupt_at(*iterations):
+    """An after_step hook that sends the process SIGINT (Ctrl-C) after the given iterations."""
+    def after_step(run):
+        if run.position["iteration"] in iterations:
+            signal.raise_signal(signal.SIGINT)  # runs the Python handler before returning
+    return after_step
+
+
+def test_interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one(finished_run, tiny_data, tmp_path, capsys):
+    # numpy backend: every operation repeats exactly, so an exact resume gives the same bits.
+    out = tmp_path / "interrupted"
+    argv = _argv(tiny_data, out)
+    assert cifar.main(argv, after_step=_interrupt_at(3)) == cifar.EXIT_INTERRUPTED  # mid-epoch 1
+    assert "--resume" in capsys.readouterr().err
+    meta = _meta(out / "last.npz")
+    assert (meta["epoch"], meta["batch"], meta["iteration"]) == (0, 3, 3)
+    assert cifar.main(argv + ["--resume"], after_step=_interrupt_at(7)) == cifar.EXIT_INTERRUPTED  # mid-epoch 2
+    # Resuming needs only --out: the rest comes from the checkpoint (the data too).
+    assert cifar.main(["--out", str(out), "--resume"]) == 0
+    want, got = _checkpoint_arrays(finished_run[0] / "last.npz"), _checkpoint_arrays(out / "last.npz")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if name != "meta":
+            assert np.array_equal(got[name], want[name]), name
+    for row_got, row_want in zip(_meta(out / "last.npz")["history"], _meta(finished_run[0] / "last.npz")["history"]):
+        timing = ("seconds", "images_per_second")
+        assert {k: v for k, v in row_got.items() if k not in timing} == \
+               {k: v for k, v in row_want.items() if k not in timing}
+
+
+def test_a_resumed_run_keeps_its_settings(finished_run, tiny_data, capsys):
+    out, _ = finished_run
+    assert cifar.main(_argv(tiny_data, out, "--lr", "0.5", "--resume")) == cifar.EXIT_USAGE
+    assert "--lr 0.5 (the run has 0.1)" in capsys.readouterr().err
+    assert cifar.main(_argv(tiny_data, out)) == cifar.EXIT_USAGE  # no --resume: would overwrite the run
+    assert "already holds a run" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- divergence
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, capsys):
+    out = tmp_path / "diverging"
+
+    def poison_a_weight(run):
+        if run.position["iteration"] == STEPS_PER_EPOCH + 2:  # in epoch 2, after epoch 1's checkpoint
+            run.model.stem.weight.data[0, 0, 0, 0] = np.nan
+
+    assert cifar.main(_argv(tiny_data, out), after_step=poison_a_weight) == cifar.EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "training diverged: the training loss became nan in epoch 2" in err
+    assert f"last good checkpoint is {out / 'last.npz'} (end of epoch 1" in err
+    arrays = _checkpoint_arrays(out / "last.npz")
+    assert _meta(out / "last.npz")["epoch"] == 1
+    assert all(np.isfinite(v).all() for k, v in arrays.items() if k != "meta")
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # the header and epoch 1
+
+
+def test_divergence_before_any_checkpoint_says_so(tiny_data, tmp_path, capsys):
+    out = tmp_path / "huge_lr"
+    assert cifar.main(_argv(tiny_data, out, "--lr", "1e30", "--epochs", "1")) == cifar.EXIT_DIVERGED
+    assert "the last good checkpoint is none yet" in capsys.readouterr().err
+    assert not (out / "last.npz").exists()
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _corrupt_copies(last, tmp_path):
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    # Bytes flipped inside the first stored array: the zip's CRC check must catch it.
+    flipped = tmp_path / "flipped.npz"
+    data = bytearray(last.read_bytes())
+    with zipfile.ZipFile(last) as z:
+        info = z.infolist()[0]
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 200
+    data[start:start + 16] = bytes(255 - b for b in data[start:start + 16])
+    flipped.write_bytes(bytes(data))
+    other = tmp_path / "other.npz"
+    np.savez(other, weights=np.zeros(3))
+    return truncated, flipped, other
+
+
+def test_corrupt_checkpoints_are_clear_errors(finished_run, tiny_data, tmp_path, capsys):
+    truncated, flipped, other = _corrupt_copies(finished_run[0] / "last.npz", tmp_path)
+    for path, message in ((truncated, "truncated or corrupt"), (flipped, "truncated or corrupt"),
+                          (other, "is not a checkpoint of train.cifar"), (tmp_path / "missing.npz", "does not exist")):
+        assert cifar.main(["--eval-only", str(path), "--data-dir", str(tiny_data)]) == cifar.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "ra-train: error:" in err and message in err and str(path) in err
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copyfile(truncated, resumed / "last.npz")
+    assert cifar.main(_argv(tiny_data, resumed, "--resume")) == cifar.EXIT_USAGE
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_corrupt_data_file_is_a_clear_error(tiny_data, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir)
+    damaged = data_dir / "cifar-10-batches-py" / "data_batch_3"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    assert cifar.main(_argv(data_dir, tmp_path / "out")) == cifar.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "cannot load cifar10" in err and str(damaged) in err and "corrupt or truncated" in err
+
+
+def test_too_few_images_for_a_batch(tiny_data, tmp_path, capsys):
+    assert cifar.main(_argv(tiny_data, tmp_path / "out", "--limit-train", "5")) == cifar.EXIT_USAGE
+    assert "5 training images make no full batch of 8" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- help
+
+def test_help_explains_every_option():
+    result = subprocess.run([sys.executable, "-m", "train.cifar", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    parser = cifar.build_parser()
+    for action in parser._actions:  # every option argparse knows, --help included
+        assert action.help, f"{action.option_strings} has no help text"
+        assert action.option_strings[-1] in text
+    for issue_option in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size", "--lr", "--schedule",
+                         "--momentum", "--nesterov", "--weight-decay", "--backend", "--seed", "--out", "--resume",
+                         "--eval-only", "--limit-train", "--limit-test", "--noisy-labels"):
+        assert issue_option in text
+    assert "attention56" in text and "attention452" in text and "cifar100" in text
+    assert "LAST epoch" in text  # what to report: not best.npz's test accuracy
+
+
+def test_default_recipe_is_the_papers():
+    args = cifar.build_parser().parse_args([])
+    assert (args.batch_size, args.lr, args.momentum, args.nesterov, args.weight_decay, args.schedule) == \
+           (64, 0.1, 0.9, True, 1e-4, "paper")
+    assert (args.model, args.epochs, args.backend) == ("attention56", None, "auto")
+
+
+# --------------------------------------------------------------------------- learning
+
+@pytest.mark.skipif(not CIFAR10_SUBSET.is_dir(), reason=f"the real CIFAR-10 subset is not at {CIFAR10_SUBSET}")
+def test_a_small_network_learns_64_real_images(rng):
+    data = load_cifar("cifar10", CIFAR10_SUBSET, download=False)
+    loader = BatchLoader(data.train_images[:64], data.train_labels[:64], 8, data.mean, data.std,
+                         train=False, seed=0)
+    batches = list(loader.epoch(0))
+    model = ResidualAttentionNet(1, stem=8, widths=(16, 32, 64), seed=int(rng.integers(2**31)))
+    optimizer = SGD(model.parameters(), lr=0.05)
+    # The mean loss of each pass over the 64 images. With batch 8 and lr 0.05 it halves
+    # after 10 to 14 passes for the seeds tried; 20 passes leave headroom.
+    losses = []
+    for _ in range(20):
+        totals = np.zeros(len(TOTALS), np.float32)
+        for x, y in batches:
+            optimizer.zero_grad()
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            accumulate_metrics(logits.data, y, loss.data, totals)
+        losses.append(totals[0] / totals[2])
+        if losses[-1] <= losses[0] / 2:
+            break
+    assert losses[-1] <= losses[0] / 2, f"loss per pass: {np.round(losses, 3)}"

@@ -1,0 +1,112 @@
+"""Figures of a checkpoint's attention masks: ``python -m train.masks CHECKPOINT --out DIR``.
+
+For each of the first ``--images`` test images, ``DIR/masks_<i>.png``: the
+input image, then for every attention module in forward order the mean over
+channels of its mask M, upsampled bilinearly (corners aligned, as the network
+upsamples) from the module's resolution (32, 16 or 8) to 32x32. The network
+runs in eval mode (batch-norm running statistics), as at test time. For
+"mixed" attention M lies in (0, 1); each panel has its own colour scale.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import reference
+from ra_kernels import backend
+from ra_kernels.data import BatchLoader
+from train.cifar import (UsageError, epoch_batches, load_dataset, model_from_checkpoint, read_checkpoint,
+                         select_backend)
+
+IMAGE_SIZE = (32, 32)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m train.masks",
+        description="Draw the attention masks of a train.cifar checkpoint over a few test images: one PNG per "
+                    "image with the input and, per attention module, its mask averaged over channels and "
+                    "upsampled to 32x32.")
+    parser.add_argument("checkpoint", help="a last.npz or best.npz written by train.cifar")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for masks_<i>.png")
+    parser.add_argument("--images", type=int, default=4, metavar="N",
+                        help="how many test images, the first N of the test set (default: %(default)s)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="where the dataset is (default: the --data-dir the checkpoint was trained with)")
+    parser.add_argument("--no-download", action="store_true",
+                        help="fail instead of downloading when the dataset is not in the data directory")
+    parser.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto",
+                        help="auto: cuda when CuPy sees a GPU, else numpy (default: %(default)s)")
+    return parser
+
+
+def channel_mean_masks(masks):
+    """{name: mask (N, H, W, C)} -> {name: float32 (N, 32, 32)}: the mean over channels, upsampled."""
+    upsampled = {}
+    for name, mask in masks.items():
+        mean = mask.astype(np.float32).mean(axis=-1, keepdims=True)  # (N, H, W, 1)
+        resized, _ = reference.upsample_bilinear(mean, IMAGE_SIZE)
+        upsampled[name] = resized[..., 0]
+    return upsampled
+
+
+def write_figures(images, labels, class_names, masks, out):
+    """One PNG per image: images uint8 (N, 32, 32, 3), labels (N,), masks from channel_mean_masks.
+
+    Returns the paths written.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        fig, axes = plt.subplots(1, 1 + len(masks), figsize=(2.6 * (1 + len(masks)), 2.8), squeeze=False)
+        axes = axes[0]
+        axes[0].imshow(image)
+        axes[0].set_title(f"input: {class_names[label]}", fontsize=9)
+        for ax, (name, mask) in zip(axes[1:], masks.items()):
+            shown = ax.imshow(mask[i], cmap="viridis")
+            ax.set_title(name, fontsize=9)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        for ax in axes:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+        path = out / f"masks_{i}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    """Returns the exit code: 0, or 2 for bad usage or an unreadable checkpoint or dataset."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.images < 1:
+            raise UsageError(f"--images must be at least 1, got {args.images}")
+        checkpoint = read_checkpoint(args.checkpoint)
+        select_backend(args.backend)
+        model = model_from_checkpoint(checkpoint, args.checkpoint)
+        saved = checkpoint.meta["args"]
+        data = load_dataset(saved["dataset"], args.data_dir or saved["data_dir"], download=not args.no_download)
+    except UsageError as error:
+        print(f"train.masks: error: {error}", file=sys.stderr)
+        return 2
+    n = min(args.images, len(data.test_labels))
+    images, labels = data.test_images[:n], data.test_labels[:n]
+    loader = BatchLoader(images, labels, n, data.mean, data.std, train=False, seed=0)
+    with epoch_batches(loader, 0) as batches:
+        x, _ = next(batches)
+    model.eval()
+    masks = channel_mean_masks(model.attention_masks(x))
+    for path in write_figures(images, labels, data.class_names, masks, Path(args.out)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
