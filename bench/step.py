@@ -1,0 +1,309 @@
+"""Images/s of a whole training step, ours against the same network in PyTorch, eager and compiled.
+
+    python -m bench.step                 # GPU: attention56 and attention92 at batch 64 and 128
+    python -m bench.step --dry-run       # CPU: interpret backend, tiny models, agreement only
+
+A training step is what the training loop does per batch: zero the gradients, forward, softmax
+cross-entropy, backward, one SGD update (the paper's recipe: Nesterov momentum 0.9, weight decay
+1e-4, lr 0.1). Ours: ``ra_kernels.models`` with ``ra_kernels.optim.SGD`` (one fused update over
+flat buffers) on the cuda backend. PyTorch: ``bench.torch_model`` (the same architecture, layer for
+layer) in channels_last with cuDNN autotuning and ``torch.optim.SGD(fused=True)``, eager and under
+``torch.compile`` (default mode); its weights and running statistics are copied from ours.
+
+Before timing, one step on each side from the same weights and the same batch is checked, in
+IEEE float32 whatever the timing precision: logits, loss, every gradient, and every parameter
+and running statistic after the update, each group against a float64 truth (the PyTorch twin
+in float64; in a dry run, our numpy backend), within ten times the error of a trusted float32
+yardstick (PyTorch eager; in a dry run, our numpy backend) on the same instance (see
+``YARDSTICK_FACTOR``). Then each side's step is timed (``common.time_ms``: CUDA events, warm-up,
+median) under ``--precision`` (TF32 by default, as training runs) and reported as images/s; the
+ratio is PyTorch's time over ours (above 1, ours is faster). The compiled network compiles during its
+warm-up (minutes), once per precision.
+
+--dry-run: a tiny version of attention56 (the same depth, widths 8/16/32, 8x8 images, batch 4;
+``--models`` for others) on the interpret backend, its step taken with batch norm on the running
+statistics (see ``run_config``), checked against our numpy backend (reference/) and, with it,
+PyTorch on the CPU when it is installed (eager only: compiling needs a C++ toolchain and
+minutes); the table is printed with "dry run: no timing" instead of images/s. Nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import reference
+import ra_kernels.functional as F
+from ra_kernels import backend, models
+from ra_kernels.autograd import Tensor
+from ra_kernels.optim import SGD
+
+from . import common
+from .common import DRY_RUN_BATCH, DRY_RUN_IMAGE, IMAGE_SIZE, NUM_CLASSES, build_model
+
+#: The paper's CIFAR recipe.
+SGD_ARGUMENTS = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+
+#: A side agrees when, in every group, its error against the float64 truth is at most
+#: YARDSTICK_FACTOR times the error of a trusted float32 implementation on the same instance, plus
+#: ERROR_FLOOR. A fixed tolerance would not do: at initialisation the float32 gradients of these
+#: networks are ill-conditioned (attention56, batch 8, measured against float64: our numpy
+#: backend 1.2-1.6e-2, PyTorch on the CPU 0.7-1.4e-2, and 1.1-1.4e-2 apart from each other; the
+#: logits agree to 1e-5), so two correct float32 steps differ by a percent. The two measured
+#: implementations stayed within 2x of each other; a wrong wiring, weight or update is off by
+#: far more than 10x. The floor covers groups the yardstick gets almost exactly. A yardstick more
+#: than YARDSTICK_LIMIT off float64 measures nothing (a broken truth, say), and fails the check.
+YARDSTICK_FACTOR, ERROR_FLOOR, YARDSTICK_LIMIT = 10.0, 1e-5, 0.1
+
+
+def _results(logits, loss, gradients: dict, state: dict) -> dict:
+    """One step's groups: logits, loss, gradients and "state after the update" (parameters and
+    running statistics), the last two keyed by our names."""
+    return {"logits": logits, "loss": loss, "gradients": gradients, "state after the update": state}
+
+
+class ReferenceSGD:
+    """``reference.sgd_step`` per parameter, in the parameters' own dtype (ra_kernels.optim.SGD
+    takes float32 only; this serves the float64 truth)."""
+
+    def __init__(self, parameters, **hyperparameters):
+        self.parameters, self.hyperparameters = list(parameters), hyperparameters
+        self.velocities = [np.zeros_like(p.data) for p in self.parameters]
+
+    def zero_grad(self):
+        for p in self.parameters:
+            p.grad = None
+
+    def step(self):
+        for i, p in enumerate(self.parameters):
+            p.data, self.velocities[i] = reference.sgd_step(p.data, p.grad, self.velocities[i],
+                                                            **self.hyperparameters)
+
+
+class OurTrainer:
+    """Our model and optimizer (``ra_kernels.optim.SGD`` unless given) on the current backend;
+    ``step(x, labels)`` is one training step, batch norm in training mode unless ``training`` is False."""
+
+    def __init__(self, model, training=True, optimizer=SGD):
+        self.model = model.train(training)
+        self.optimizer = optimizer(model.parameters(), **SGD_ARGUMENTS)
+
+    def step(self, x, labels):
+        """One step on NHWC images x (N, H, W, 3), float32 (float64 on the numpy backend too), and
+        int64 labels (N,), arrays of the backend; returns (logits, loss) Tensors, nothing read back."""
+        self.optimizer.zero_grad()
+        logits = self.model(Tensor(x))
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        self.optimizer.step()
+        return logits, loss
+
+    def results(self, x, labels) -> dict:
+        """One step's groups (``_results``) as host arrays."""
+        logits, loss = self.step(x, labels)
+        return _results(backend.to_numpy(logits.data), backend.to_numpy(loss.data),
+                        {name: backend.to_numpy(p.grad) for name, p in self.model.named_parameters()},
+                        self.model.state_dict())
+
+
+class TorchTrainer:
+    """The PyTorch twin of our model (``torch_model.from_ours``), optionally compiled or in float64,
+    with its SGD (fused in float32)."""
+
+    def __init__(self, torch, model, device: str, compiled=False, training=True, float64=False):
+        from . import torch_model
+        self.torch, self.torch_model, self.float64 = torch, torch_model, float64
+        self.net = torch_model.from_ours(model, device).train(training)
+        if float64:
+            self.net.double()
+        self.forward = torch.compile(self.net) if compiled else self.net
+        self.optimizer = torch.optim.SGD(self.net.parameters(), **SGD_ARGUMENTS, fused=not float64)
+
+    def inputs(self, x, labels):
+        """Our NHWC images and labels (CuPy or NumPy) as PyTorch tensors sharing their memory
+        (the images copied to float64 for a float64 network)."""
+        x = self.torch_model.to_torch(self.torch.from_dlpack(x), "nhwc")
+        return (x.double() if self.float64 else x), self.torch.from_dlpack(labels)
+
+    def step(self, x, labels):
+        self.optimizer.zero_grad()
+        logits = self.forward(x)
+        loss = self.torch.nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        self.optimizer.step()
+        return logits, loss
+
+    def results(self, x, labels) -> dict:
+        logits, loss = self.step(*self.inputs(x, labels))
+        return _results(logits.detach().cpu().double().numpy(), loss.detach().cpu().double().numpy(),
+                        self.torch_model.as_ours(self.net, "grad"), self.torch_model.as_ours(self.net))
+
+
+def flatten(results: dict) -> dict:
+    """Each group as one float64 vector (named arrays concatenated in name order), so that a group's
+    relative error weighs every array by its size rather than failing on a near-zero one; "names"
+    lists the names."""
+    def vector(value):
+        if isinstance(value, dict):
+            return np.concatenate([np.ravel(value[name]).astype(np.float64) for name in sorted(value)])
+        return np.ravel(value).astype(np.float64)
+
+    flat = {group: vector(value) for group, value in results.items()}
+    flat["names"] = sorted(n for value in results.values() if isinstance(value, dict) for n in value)
+    return flat
+
+
+def check(what: str, sides: dict, truth: dict, yardstick: str) -> dict:
+    """{side: its largest group error against the float64 ``truth``}, every side of ``sides``
+    (name -> results) included. AgreementError when names differ, or when in some group a side's
+    error exceeds YARDSTICK_FACTOR x the ``yardstick`` side's + ERROR_FLOOR, or the yardstick's
+    own error exceeds YARDSTICK_LIMIT."""
+    truth = flatten(truth)
+    names = truth.pop("names")
+    errors = {}
+    for side, results in sides.items():
+        flat = flatten(results)
+        if flat.pop("names") != names:
+            raise common.AgreementError(f"{what}: {side} has other parameter and buffer names than the truth")
+        errors[side] = {group: common.relative_error(flat[group], value) for group, value in truth.items()}
+    def bound(side, group):
+        if side == yardstick:
+            return YARDSTICK_LIMIT
+        return YARDSTICK_FACTOR * errors[yardstick][group] + ERROR_FLOOR
+
+    bad = [f"{side} {group} {e:.2e} > {bound(side, group):.2e}" for side, groups in errors.items()
+           for group, e in groups.items() if not e <= bound(side, group)]
+    if bad:
+        raise common.AgreementError(f"{what}: errors against float64 past {YARDSTICK_FACTOR:g}x {yardstick}'s "
+                                    f"+ {ERROR_FLOOR:g} ({YARDSTICK_LIMIT:g} for {yardstick} itself): "
+                                    + "; ".join(bad))
+    return {side: max(groups.values()) for side, groups in errors.items()}
+
+
+def run_config(name: str, batch: int, args, session) -> dict:
+    """Agreement, then (unless a dry run) images/s of each side, for one model and batch."""
+    seed = int(session.rng.integers(1 << 31))
+    image = DRY_RUN_IMAGE if session.dry_run else IMAGE_SIZE
+    x = session.rng.standard_normal((batch, image, image, 3)).astype(np.float32)
+    labels = session.rng.integers(0, NUM_CLASSES, batch).astype(np.int64)
+    model = build_model(name, session.dry_run, seed)
+    initial = model.state_dict()
+
+    def fresh():
+        return build_model(name, session.dry_run, seed).load_state_dict(initial)
+
+    device = "cpu" if session.dry_run else "cuda"
+    # PyTorch variants: name -> compiled. Compiling on the CPU would need a C++ toolchain and minutes.
+    variants = ({} if session.torch is None else {"PyTorch eager": False} if session.dry_run or args.no_compile
+                else {"PyTorch eager": False, "PyTorch compile": True})
+    x_ours, labels_ours = backend.asarray(x), backend.asarray(labels)
+    # The tiny dry-run models give their deepest batch norms 4 values per channel: in training mode
+    # their float32 gradients are chaotic (measured over 60 seeds against float64: errors up to 3e-2
+    # for our numpy backend and 3e-1 for PyTorch, both correct; one side's error says nothing of
+    # the other's). On running statistics the same step agrees to 1e-5 (40 seeds), and that is
+    # what the dry run checks; on the GPU the real shapes train.
+    training = not session.dry_run
+
+    with common.precision("ieee", session.torch):
+        sides = {"ours": OurTrainer(model, training).results(x_ours, labels_ours)}
+        if session.dry_run:  # the truth and the yardstick: reference/ in float64 and in float32
+            yardstick = "numpy float32"
+            with backend.use_backend("numpy"):
+                truth = OurTrainer(fresh().astype(np.float64), training, ReferenceSGD).results(
+                    x.astype(np.float64), labels)
+                sides[yardstick] = OurTrainer(fresh(), training).results(x, labels)
+        else:  # the truth and the yardstick: the PyTorch twin in float64 and eager in float32
+            yardstick = "PyTorch eager"
+            truth = TorchTrainer(session.torch, fresh(), device, training=training, float64=True).results(
+                x_ours, labels_ours)
+        for variant, compiled in variants.items():
+            sides[variant] = TorchTrainer(session.torch, fresh(), device, compiled, training).results(
+                x_ours, labels_ours)
+        errors = check(f"{name} batch {batch}", sides, truth, yardstick)
+
+    times = {}
+    if not session.dry_run:
+        with common.precision(args.precision, session.torch):
+            trainer = OurTrainer(fresh())
+            times["ours"] = common.time_ms(lambda: trainer.step(x_ours, labels_ours), session.our_clock,
+                                           warmup=3, budget_ms=args.budget_ms, min_reps=10, max_reps=100)
+            del trainer
+            for variant, compiled in variants.items():
+                trainer = TorchTrainer(session.torch, fresh(), device, compiled)
+                inputs = trainer.inputs(x_ours, labels_ours)
+                times[variant] = common.time_ms(lambda: trainer.step(*inputs), session.torch_clock,
+                                                warmup=3, budget_ms=args.budget_ms, min_reps=10, max_reps=100)
+                del trainer
+    return {"model": name, "batch": batch, "errors": errors, "yardstick": yardstick, "times": times,
+            "variants": list(variants)}
+
+
+def table(rows: list, dry_run: bool) -> str:
+    """Images/s per side, PyTorch / ours, and each side's largest error against float64."""
+    variants = rows[0]["variants"]
+    sides = ["ours"] + variants
+    header = (["model", "batch"] + [f"{side} img/s" for side in sides] + [f"{v} / ours" for v in variants]
+              + [f"err {side}" + (" (yardstick)" if side == rows[0]["yardstick"] else "")
+                 for side in rows[0]["errors"]])
+    body = []
+    for row in rows:
+        t = row["times"]
+        rates = ["-" if side not in t else f"{row['batch'] / (t[side].median * 1e-3):,.0f}" for side in sides]
+        ratios = ["-" if v not in t else f"{t[v].median / t['ours'].median:.2f}" for v in variants]
+        body.append([row["model"] + (" (tiny)" if dry_run else ""), row["batch"]] + rates + ratios
+                    + [f"{e:.1e}" for e in row["errors"].values()])
+    return common.markdown_table(header, body)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(models.MODELS),
+                        help="models to train (default: attention56 attention92; attention56 in a dry run, "
+                             "where the interpreter takes about 10 s per step of its tiny version)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 128], help="batch sizes (default: 64 128)")
+    parser.add_argument("--precision", default="tf32", choices=list(common.TOLERANCES),
+                        help="float32 matrix products during timing, both sides (default: tf32; the agreement "
+                             "check always runs in ieee)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--budget-ms", type=float, default=3000.0,
+                        help="device time per timed side; 10 to 100 steps (default: 3000)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of weights and inputs (default: fresh, printed)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
+                        help="RESULTS.md is appended here (default: bench/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU: interpret backend, tiny models, agreement checks, no timing, nothing written")
+    args = parser.parse_args(argv)
+    args.command = "python -m bench.step " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.models = args.models or (["attention56"] if args.dry_run else ["attention56", "attention92"])
+    if any(b < 2 for b in args.batches):
+        parser.error(f"--batches must be at least 2 (batch norm in training), got {args.batches}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    session = common.start_session(args.dry_run, args.seed, args.budget_ms)
+    batches = [DRY_RUN_BATCH] if session.dry_run else args.batches
+    rows = []
+    for name in args.models:
+        for batch in batches:
+            rows.append(run_config(name, batch, args, session))
+            print(f"  {name} b{batch}: agreement ok", file=sys.stderr)
+    caption = (f"### Training step, images/s, {args.precision.upper()}"
+               + (f" ({common.NO_TIMING}; batch norm on running statistics)" if session.dry_run else ""))
+    report = caption + "\n\n" + table(rows, session.dry_run)
+    print(report)
+    if not session.dry_run:
+        env = common.environment(session.torch, args.command)
+        common.append_results(args.out / "RESULTS.md", f"## bench.step, {env['date']}\n\n"
+                              f"{common.describe_environment(env)}\n\nMedian of 10 to 100 steps after 3 warm-up "
+                              f"steps; ratio = PyTorch time / ours.\n\n{report}")
+        print(f"\nappended to {args.out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

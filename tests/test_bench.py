@@ -1,0 +1,257 @@
+"""The benchmark harness without a GPU: both dry runs, the PyTorch twin of the network, the
+layer shapes taken from the models, the agreement check, the timing loop and the reports.
+
+The dry runs are what CI runs (PyTorch absent there: its side is skipped). The PyTorch twin is
+checked where torch is importable (a CPU build is enough); those tests skip cleanly otherwise.
+"""
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bench import common
+from bench import kernels as bench_kernels
+from bench import step as bench_step
+from ra_kernels import backend, models
+from ra_kernels import functional as F
+from ra_kernels.autograd import Tensor
+from ra_kernels.kernels import attention as attention_kernels
+from ra_kernels.nn import BatchNorm2d, Conv2d, ConvBnRelu
+
+RESULTS = Path(bench_kernels.__file__).parent / "RESULTS.md"
+
+
+def _seed(rng):
+    return str(int(rng.integers(1 << 31)))
+
+
+def test_kernels_dry_run_checks_every_family_and_times_nothing(rng, capsys):
+    before = RESULTS.read_text()
+    assert bench_kernels.main(["--dry-run", "--seed", _seed(rng)]) == 0
+    out = capsys.readouterr().out
+    for family in bench_kernels.FAMILIES:
+        assert f"| {family} " in out, family
+    tables = [line for line in out.splitlines() if line.startswith("### ")]
+    assert len(tables) == 2 * 1 + 2          # 2 precisions x 1 batch, then a summary per precision
+    assert all(common.NO_TIMING in line for line in tables)
+    assert " ms" not in out.replace("ours ms", "").replace("PyTorch ms", "")  # no time anywhere
+    assert RESULTS.read_text() == before
+
+
+def test_step_dry_run_agrees_and_times_nothing(rng, capsys):
+    before = RESULTS.read_text()
+    assert bench_step.main(["--dry-run", "--seed", _seed(rng)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| model"))
+    row = next(line for line in lines if line.startswith("| attention56 (tiny)"))
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    assert cells["ours img/s"] == "-"                                    # no images/s
+    assert float(cells["err ours"]) < 1e-4 and "err numpy float32 (yardstick)" in cells
+    assert common.NO_TIMING in out and RESULTS.read_text() == before
+
+
+def test_step_check_holds_each_side_to_the_yardstick(rng):
+    def results(scale=1.0):
+        return {"logits": truth["logits"] * scale, "loss": truth["loss"],
+                "gradients": {k: v * scale for k, v in truth["gradients"].items()},
+                "state after the update": truth["state after the update"]}
+
+    truth = {"logits": rng.standard_normal((4, 10)), "loss": np.array(2.3),
+             "gradients": {"a.weight": rng.standard_normal((3, 3)), "b.gamma": rng.standard_normal(3)},
+             "state after the update": {"a.weight": rng.standard_normal((3, 3)), "b.running_var": rng.random(3)}}
+    sides = {"ours": results(1 + 5e-3), "yardstick": results(1 + 1e-3)}
+    errors = bench_step.check("step", sides, truth, "yardstick")
+    assert errors["ours"] == pytest.approx(5e-3) and errors["yardstick"] == pytest.approx(1e-3)
+    with pytest.raises(common.AgreementError, match=r"step: .*ours logits 2\.00e-02 > 1\.00e-02.*ours gradients"):
+        bench_step.check("step", dict(sides, ours=results(1.02)), truth, "yardstick")
+    with pytest.raises(common.AgreementError, match=r"yardstick logits 2\.00e-01 > 1\.00e-01"):
+        bench_step.check("step", {"ours": results(1.2), "yardstick": results(1.2)}, truth, "yardstick")
+    renamed = results()
+    renamed["gradients"] = {"a.weight": truth["gradients"]["a.weight"], "b.beta": truth["gradients"]["b.gamma"]}
+    with pytest.raises(common.AgreementError, match="ours has other parameter and buffer names"):
+        bench_step.check("step", dict(sides, ours=renamed), truth, "yardstick")
+
+
+def test_layers_come_from_the_model_and_scale_with_the_batch():
+    with backend.use_backend("numpy"):
+        model = models.attention56()
+    layers = bench_kernels.model_layers(model, 32)
+    modules = [m for _, m in model.named_modules()]
+    fused_parts = {id(p) for m in modules if isinstance(m, ConvBnRelu) for p in (m.conv, m.bn)}
+
+    def calls(family):
+        return sum(n for layer, n in layers.items() if layer.family == family)
+
+    assert calls("conv_bn_relu") == sum(isinstance(m, ConvBnRelu) for m in modules)
+    assert calls("conv2d") == sum(isinstance(m, Conv2d) and id(m) not in fused_parts for m in modules)
+    assert calls("batch_norm") == sum(isinstance(m, BatchNorm2d) and id(m) not in fused_parts for m in modules)
+    assert calls("max_pool2d") == 3 + 2 + 1 and calls("attention_mix") == 3
+    assert calls("upsample_bilinear") == 3 + 2 + 1                   # one per level, the last without skip
+    sgd = next(layer for layer in layers if layer.family == "sgd_step")
+    assert sgd.at_batch(64)["param"] == (sum(int(np.prod(p.shape)) for p in model.parameters()),)
+    stem = next(layer for layer in layers if layer.family == "conv2d")
+    assert stem.at_batch(64) == {"x": (64, 32, 32, 3), "w": (3, 3, 3, 16)}
+    assert stem.label() == "32x32x3 → 32x32x16, 3x3/1"
+    assert dict(stem.options) == {"stride": 1, "padding": 1}
+    assert F.conv2d.__name__ == "conv2d"  # the recording wrappers are gone
+
+
+def test_a_wrong_kernel_fails_the_agreement_check_loudly(rng, monkeypatch):
+    layer = bench_kernels.Layer("attention_mix", (("mask_logits", (1, 4, 4, 8)), ("trunk", (1, 4, 4, 8))),
+                                (("residual", True), ("sigmoid", True)))
+    session = common.Session(dry_run=True, torch=None, rng=rng)
+    with backend.use_backend("interpret"):
+        right = bench_kernels.run_layer(layer, {"attention56": 1}, 2, "ieee", session)
+        assert right.errors["reference"] < 1e-6 and right.times == {}
+        mix = attention_kernels.attention_mix
+        # (1 + M) * t with M from a sigmoid off by a factor 2 in its argument: plausible, and wrong
+        monkeypatch.setattr(attention_kernels, "attention_mix",
+                            lambda m, t, residual, sigmoid: mix(2 * m, t, residual, sigmoid))
+        with pytest.raises(common.AgreementError, match=r"attention_mix 4x4x8 at batch 2, ieee: ours against "
+                                                        r"reference: .*\by\b.*dmask_logits"):
+            bench_kernels.run_layer(layer, {"attention56": 1}, 2, "ieee", session)
+
+
+def test_agreement_check_names_every_array_that_differs(rng):
+    truth = {"y": rng.standard_normal(100), "dx": rng.standard_normal(100), "dw": rng.standard_normal(10)}
+    close = {k: v * (1 + 1e-5) for k, v in truth.items()}
+    assert common.check_agreement("op", close, truth, 1e-3) == pytest.approx(1e-5, rel=1e-6)
+    wrong = dict(close, dx=close["dx"] * 1.1, dw=np.full(10, np.nan))
+    with pytest.raises(common.AgreementError, match=r"op: .*dx 1\.0\de-01, dw inf"):
+        common.check_agreement("op", wrong, truth, 1e-3)
+    with pytest.raises(common.AgreementError, match="y inf"):
+        common.check_agreement("op", {"dx": truth["dx"], "dw": truth["dw"]}, truth, 1e-3)
+
+
+class HostClock:
+    """A stand-in for a CUDA clock: host time, flushes counted."""
+
+    def __init__(self):
+        self.flushes = 0
+
+    def record(self):
+        return time.perf_counter()
+
+    def elapsed_ms(self, start, end):
+        return (end - start) * 1e3
+
+    def synchronize(self):
+        pass
+
+    def flush_l2(self):
+        self.flushes += 1
+
+
+def test_time_ms_repeats_within_its_budget_and_flushes_before_each_repetition():
+    clock = HostClock()
+    calls = []
+    timing = common.time_ms(lambda: (calls.append(1), time.sleep(0.002)), clock, warmup=2, budget_ms=60,
+                            min_reps=5, max_reps=1000)
+    assert 5 <= timing.reps <= 30 and clock.flushes == timing.reps
+    assert len(calls) == 2 + 3 + timing.reps                  # warm-up, estimate, repetitions
+    assert 2.0 <= timing.q25 <= timing.median <= timing.q75 and timing.median < 20
+    fast = common.time_ms(lambda: None, HostClock(), budget_ms=60, min_reps=5, max_reps=50)
+    assert fast.reps == 50
+
+
+def _timing(ms):
+    return common.Timing(ms, ms, ms, 20)
+
+
+def test_reports_from_measured_numbers(tmp_path):
+    """The GPU-only report path (tables, summary, chart, RESULTS.md, JSON), fed made-up timings."""
+    layers = bench_kernels.benchmark_layers(["attention56"], dry_run=True)
+    conv = next((layer, uses) for layer, uses in layers if layer.family == "conv2d")
+    sgd = next((layer, uses) for layer, uses in layers if layer.family == "sgd_step")
+    results = [
+        bench_kernels.LayerResult(*conv, 64, "tf32", {"PyTorch": 1e-4},
+                                  {("ours", "fwd"): _timing(1.0), ("PyTorch", "fwd"): _timing(2.0),
+                                   ("ours", "fwd+bwd"): _timing(3.0), ("PyTorch", "fwd+bwd"): _timing(1.5)}),
+        bench_kernels.LayerResult(*sgd, 64, "tf32", {"PyTorch": 1e-7},
+                                  {("ours", "fwd"): _timing(0.5), ("PyTorch", "fwd"): _timing(0.25)})]
+    ceilings = common.Ceilings(4e12, {"ieee": 50e12, "tf32": 400e12, "bf16": 800e12})
+    table = bench_kernels.layer_table(results, ["attention56"], ceilings)
+    conv_row = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+    assert conv_row[3:9] == ["1.000", "2.000", "2.00", "3.000", "1.500", "0.50"]
+    assert conv_row[9].endswith("GB/s") and conv_row[10].endswith("%")   # the stem conv is memory-bound
+    summary = bench_kernels.summary_table(results, ["attention56"], [64])
+    uses = conv[1]["attention56"]
+    all_row = summary.splitlines()[-1]
+    assert all_row.split("|")[2].strip() == f"{(uses * 1.5 + 0.25) / (uses * 3.0 + 0.5):.2f}"
+    args = SimpleNamespace(out=tmp_path, budget_ms=100.0, command="python -m bench.kernels")
+    session = common.Session(dry_run=False, torch=None, rng=np.random.default_rng(0))
+    bench_kernels.write_report(args, session, ceilings, results, [table, summary])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## bench.kernels" in text and table in text and "![PyTorch / ours per layer](charts/kernels-" in text
+    chart = next((tmp_path / "charts").glob("*.png"))
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    raw = json.loads(chart.with_suffix(".json").read_text())
+    assert raw["results"][0]["times_ms"]["ours fwd"]["median"] == 1.0 and raw["ceilings"]["copy_bytes_per_s"] == 4e12
+    chart.unlink()
+    assert bench_kernels.main(["--chart-from", str(chart.with_suffix(".json"))]) == 0 and chart.exists()
+
+
+# --------------------------------------------------------------------------- the PyTorch twin
+
+TINY = dict(modules_per_stage=1, stem=4, widths=(8, 16, 32), num_classes=5)
+
+
+@pytest.fixture
+def torch():
+    """PyTorch on one thread (skip without it): these are milliseconds of work, and OpenMP's waiting
+    threads made them a hundred times slower beside another busy test worker on 2 cores."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(residual_attention=False), dict(attention="channel"),
+                                     dict(attention="spatial")], ids=["ARL", "NAL", "channel", "spatial"])
+def test_torch_model_gives_our_logits_gradients_and_statistics(torch, rng, variant):
+    """float64 on both sides (our numpy backend, PyTorch on the CPU), training mode, same weights and
+    batch. The two differ only in summation order, so they agree to ~1e-13 of each array's scale
+    (measured: at most 4e-11 on a gradient of the naive variant, which shrinks signals that batch
+    norm scales back up); 1e-9 leaves room and still catches any difference in the computation."""
+    from bench import torch_model
+
+    model = models.ResidualAttentionNet(**TINY, **variant, seed=int(rng.integers(1 << 30))).astype(np.float64)
+    net = torch_model.from_ours(model)
+    x, labels = rng.standard_normal((3, 16, 16, 3)), rng.integers(0, 5, 3)
+    logits = model(Tensor(x))
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    torch_logits = net(torch_model.to_torch(torch.from_numpy(x), "nhwc"))
+    torch_loss = torch.nn.functional.cross_entropy(torch_logits, torch.from_numpy(labels))
+    torch_loss.backward()
+
+    def check(name, ours, theirs):
+        assert common.relative_error(ours, theirs) <= 1e-9, name
+
+    check("logits", logits.data, torch_logits.detach().numpy())
+    check("loss", loss.data, torch_loss.detach().numpy())
+    grads, state = torch_model.as_ours(net, "grad"), torch_model.as_ours(net)
+    assert set(grads) == {n for n, _ in model.named_parameters()} and set(state) == set(model.state_dict())
+    for name, p in model.named_parameters():
+        check(f"grad {name}", p.grad, grads[name])
+    for name, value in model.state_dict().items():  # parameters, and the running statistics just updated
+        check(name, value, state[name])
+
+
+def test_torch_model_refuses_a_state_that_does_not_fit(torch):
+    from bench import torch_model
+
+    with backend.use_backend("numpy"):
+        state = models.ResidualAttentionNet(**TINY).state_dict()
+    net = torch_model.ResidualAttentionNet(**TINY)
+    with pytest.raises(KeyError, match="without a value: .*stem.weight"):
+        torch_model.load_our_state(net, {k: v for k, v in state.items() if k != "stem.weight"})
+    with pytest.raises(ValueError, match="classifier.weight"):
+        torch_model.load_our_state(net, dict(state, **{"classifier.weight": np.zeros((32, 6), np.float32)}))
+    assert torch.equal(torch_model.load_our_state(net, state).stem.weight,
+                       torch.from_numpy(state["stem.weight"]).permute(3, 2, 0, 1))
