@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 import triton
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -298,7 +299,15 @@ def _interpreted(fn) -> InterpretedFunction:
 
 
 def _call_interpreted(jit_function, *args, **kwargs):
-    return _interpreted(jit_function.fn)(*args, **kwargs)
+    # InterpretedFunction.__call__ patches triton.language as seen from the helper's module
+    # (for Triton's own tl.sum: triton.language.core) and never restores it, which is
+    # harmless when everything is interpreted; here a later compile in the same process would
+    # then build through the interpreter's builder. Patch in a scope of our own and restore it.
+    scope = interpreter._patch_lang(jit_function.fn)
+    try:
+        return _interpreted(jit_function.fn)(*args, **kwargs)
+    finally:
+        scope.restore()
 
 
 @contextlib.contextmanager
@@ -325,7 +334,6 @@ def _fix_interpreter_scalar_index():
     ``int(array_of_shape_1)``, which NumPy >= 2.4 refuses, so ``range(0, K, BLOCK_K)``
     over a run-time K fails there (the GPU machines pair 3.6 with NumPy 2.5). Newer
     Triton squeezes first; do the same for every version."""
-    from triton.runtime import interpreter
     patch_tensor = interpreter._patch_lang_tensor
 
     def patch_tensor_with_scalar_index(tensor, scope):

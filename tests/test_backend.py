@@ -111,3 +111,26 @@ def test_jit_calls_are_interpreted_only_inside_an_interpreted_launch(rng):
     assert np.isfinite(y).all()
     with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
         _double(1.0)
+
+
+def _language_state():
+    """What lookup gives for every name of triton.language that yields the same object twice
+    (a bound class method or __dict__ is new on each access, so it cannot be compared)."""
+    import triton.language as tl
+    return {(owner.__name__, name): getattr(owner, name)
+            for owner in (tl, tl.core, tl.core.tensor, tl.math) for name in dir(owner)
+            if getattr(owner, name) is getattr(owner, name)}
+
+
+def test_interpreted_launch_leaves_triton_language_as_it_was(rng):
+    # A kernel that calls Triton's own jit helpers (tl.sum) under the interpreter patches
+    # triton.language; anything left patched would make a later compile in this process
+    # build through the interpreter (seen: a cold-cache AOT compile failing after kernel tests).
+    from ra_kernels.kernels import pool
+    before = _language_state()
+    with backend.use_backend("interpret"):
+        y, _ = pool.global_avg_pool(rng.standard_normal((2, 3, 5, 7)).astype(np.float32))
+    assert np.isfinite(y).all()
+    after = _language_state()
+    changed = sorted(k for k in before if after.get(k) is not before[k])
+    assert not changed, f"left patched: {changed[:5]}"
