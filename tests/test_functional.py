@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import reference as ref
+from ra_kernels import backend
 from ra_kernels import functional as F
 from ra_kernels.autograd import Tensor
 
@@ -124,7 +125,6 @@ def test_whole_graph_kernels_match_numpy_backend(triton_backend, rng, mix_residu
     # kernels: loss and every gradient agree. Both sides round in float32 with different
     # summation orders, and batch norm divides by a batch std of a few units, so
     # agreement is to ~1e-5 relative of each array's scale; 1e-4 leaves headroom.
-    from ra_kernels import backend
     shapes = [(2, 6, 7, 3), (3, 3, 3, 4), (4,), (4,), None, None, (4, 5), (5,)]
     values = [None if s is None else rng.standard_normal(s).astype(np.float32) for s in shapes]
     labels = rng.integers(0, 5, 2)
