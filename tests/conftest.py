@@ -6,6 +6,11 @@ import pytest
 
 from ra_kernels import backend
 
+def pytest_addoption(parser):
+    parser.addoption("--seed", type=int, default=None,
+                     help="seed of the rng fixture instead of a fresh one, to replay a failure")
+
+
 def pytest_collection_modifyitems(config, items):
     if backend.gpu_available():
         return
@@ -37,8 +42,11 @@ def triton_backend(request):
 
 @pytest.fixture
 def rng(request):
-    """A generator with a fresh seed, printed on failure so the case can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A generator with a fresh seed, printed on failure so the case can be replayed
+    with ``pytest --seed SEED``."""
+    seed = request.config.getoption("--seed")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return np.random.default_rng(seed)

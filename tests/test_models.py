@@ -1,4 +1,6 @@
 """The Residual Attention Network family: sizes, backends agreeing, gradients, modes, checkpoints, masks."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -64,38 +66,115 @@ def test_summary_lists_layers_params_and_mult_adds():
     print(models.attention56().summary())
 
 
-def _outputs(model, x, labels):
+def _window_argmax(x, kernel_size, stride, padding):
+    """Index of the first maximum in each max-pool window of NHWC ``x`` (padding is -inf)."""
+    n, h, w, c = x.shape
+    oh, ow = ((s + 2 * padding - kernel_size) // stride + 1 for s in (h, w))
+    padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-np.inf)
+    windows = [padded[:, i:i + stride * oh:stride, j:j + stride * ow:stride]
+               for i in range(kernel_size) for j in range(kernel_size)]
+    return np.argmax(np.stack(windows), axis=0)
+
+
+@contextlib.contextmanager
+def _kinks(monkeypatch, relu_masks=None):
+    """Record the branches a forward takes at the network's kinks, in call order.
+
+    Yields a dict: ``masks``, the side of zero of each ReLU input of batch_norm and
+    conv_bn_relu (from the output > 0); ``winners``, the first maximum of each max-pool window.
+    Given the ``relu_masks`` of another forward of the same network, the ReLUs take those
+    branches instead: the op runs without ReLU and its output is gated by the mask
+    (``attention_mix(mask, z, residual=False, sigmoid=False)`` is mask * z), so that both
+    forwards differentiate the same piece of the piecewise-smooth network. ``forced`` then
+    holds, per ReLU, the largest |pre-activation| / std where the mask contradicted its sign.
+    """
+    kinks = dict(masks=[], winners=[], forced=[])
+
+    def relu_side(op, relu_by_default):
+        def recorded(*args, **kwargs):
+            relu = kwargs.pop("relu", relu_by_default)
+            if not relu:
+                return op(*args, relu=False, **kwargs)
+            if relu_masks is None:
+                out = op(*args, relu=True, **kwargs)
+                kinks["masks"].append(backend.to_numpy(out.data) > 0)
+                return out
+            z = op(*args, relu=False, **kwargs)
+            mask = relu_masks[len(kinks["forced"])]
+            pre = backend.to_numpy(z.data)
+            against = mask != (pre > 0)
+            kinks["forced"].append(np.abs(pre[against]).max(initial=0) / pre.std())
+            gate = Tensor(backend.asarray(mask.astype(pre.dtype)))
+            return F.attention_mix(gate, z, residual=False, sigmoid=False)
+        return recorded
+
+    def pool_winner(x, kernel_size=3, stride=2, padding=1):
+        kinks["winners"].append(_window_argmax(backend.to_numpy(x.data), kernel_size, stride, padding))
+        return max_pool2d(x, kernel_size, stride, padding)
+
+    batch_norm, conv_bn_relu, max_pool2d = F.batch_norm, F.conv_bn_relu, F.max_pool2d
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "batch_norm", relu_side(batch_norm, False))
+        patch.setattr(F, "conv_bn_relu", relu_side(conv_bn_relu, True))
+        patch.setattr(F, "max_pool2d", pool_winner)
+        yield kinks
+
+
+def _outputs(model, x, labels, monkeypatch, relu_masks=None):
     """Logits, loss, every parameter gradient and every buffer after one training step, as
-    float64 host arrays keyed by name."""
-    logits = model(Tensor(backend.asarray(x)))
+    float64 host arrays keyed by name; and the forward's kinks (see ``_kinks``)."""
+    with _kinks(monkeypatch, relu_masks) as kinks:
+        logits = model(Tensor(backend.asarray(x)))
     loss = F.cross_entropy(logits, backend.asarray(labels))
     loss.backward()
     out = {"logits": logits.data, "loss": loss.data}
     out.update((f"grad {n}", p.grad) for n, p in model.named_parameters())
     out.update((f"buffer {n}", b) for n, b in model.named_buffers())
-    return {k: backend.to_numpy(v).astype(np.float64) for k, v in out.items()}
+    return {k: backend.to_numpy(v).astype(np.float64) for k, v in out.items()}, kinks
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(residual_attention=False), dict(attention="channel"),
                                      dict(attention="spatial")], ids=["ARL", "NAL", "channel", "spatial"])
-def test_tiny_network_kernels_match_numpy_backend(triton_backend, rng, variant):
+def test_tiny_network_kernels_match_numpy_backend(triton_backend, rng, variant, monkeypatch):
     """Same weights, same batch, training mode: the Triton kernels against the numpy backend.
 
     Both run in float32 (IEEE products), so both are measured against the numpy backend in
-    float64 on the same instance. How far float32 lands from float64 depends on the network:
-    ARL stays within ~2e-5 of the gradients' scale, but NAL, channel and spatial attention
-    shrink signals that batch norm then rescales, and there plain float32 NumPy misses by up to
-    ~1e-1 (measured over seeds). So the kernels must be as accurate as float32 reference
-    arithmetic is on this instance: error <= 10 x the numpy float32 error + 1e-5 of the scale.
-    A wrong kernel or wiring gives errors of the order of the values themselves.
+    float64 on the same instance: the kernels must be as accurate as float32 reference
+    arithmetic is there, error <= 10 x the numpy float32 error + 1e-5 of the scale. A wrong
+    kernel or wiring gives errors of the order of the values themselves.
+
+    Kinks: the tiny network has ~300k ReLU inputs, and the one nearest zero typically lies
+    1e-6 (sometimes 1e-7) from it, within float32's rounding of a pre-activation. Measured
+    over 40 batches per variant, float32 NumPy puts some ReLU input on the other side of zero
+    than float64 in 30-60% of them, and the kernels do too (CI once: seed 2524011824, 3.3e-7
+    where float64 has <= 0). Gradients are then those of another piece of the function and
+    differ by ~1e-2 of their scale. So the float64 and float32 NumPy forwards take the
+    kernels' ReLU branches (``_kinks``), which is checked to move only pre-activations within
+    1e-3 of their std from zero (float32 NumPy's own contradictions reach 3.3e-5 over 32
+    batches, in channel attention): a wrong kernel contradicts float64 far from any kink. A
+    max-pool window whose winner differs (~4% of batches: near ties) is not forced; that
+    batch is redrawn, at most 5 draws.
     """
-    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
-    labels = rng.integers(0, 5, 2)
     state = tiny(**variant).state_dict()
-    kernels = _outputs(tiny(**variant).load_state_dict(state), x, labels)
-    with backend.use_backend("numpy"):
-        truth = _outputs(tiny(**variant).load_state_dict(state).astype(np.float64), x.astype(np.float64), labels)
-        numpy32 = _outputs(tiny(**variant).load_state_dict(state), x, labels)
+    for draw in range(5):
+        x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+        labels = rng.integers(0, 5, 2)
+        kernels, kinks = _outputs(tiny(**variant).load_state_dict(state), x, labels, monkeypatch)
+        with backend.use_backend("numpy"):
+            truth, truth_kinks = _outputs(tiny(**variant).load_state_dict(state).astype(np.float64),
+                                          x.astype(np.float64), labels, monkeypatch, kinks["masks"])
+            numpy32, numpy_kinks = _outputs(tiny(**variant).load_state_dict(state), x, labels, monkeypatch,
+                                            kinks["masks"])
+        assert max(truth_kinks["forced"]) <= 1e-3, \
+            f"a ReLU of the kernels contradicts float64 {max(truth_kinks['forced']):.1e} std from zero"
+        apart = sum(int(np.sum(k != t)) + int(np.sum(k != n)) for k, t, n in
+                    zip(kinks["winners"], truth_kinks["winners"], numpy_kinks["winners"]))
+        assert apart <= 4, f"{apart} max-pool windows pick another winner than float64 or float32 NumPy"
+        if apart == 0:
+            break
+        print(f"draw {draw}: {apart} max-pool window(s) within rounding of a tie; redrawing")
+    else:
+        pytest.fail("five batches in a row put a max-pool window within float32 rounding of a tie")
     groups = {"logits": ["logits"], "loss": ["loss"],
               "gradients": [k for k in truth if k.startswith("grad ")],
               "buffers": [k for k in truth if k.startswith("buffer ")]}
