@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import numpy as np
 import triton
@@ -310,6 +311,12 @@ def _call_interpreted(jit_function, *args, **kwargs):
         scope.restore()
 
 
+# Triton's interpreter keeps global state during a launch (the patched triton.language,
+# the program id, JITFunction.__call__ below), so launches from several threads (the data
+# loader's prefetch thread beside the training loop) take turns.
+_interpreter_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _interpreting():
     """Let one process run the same ``@triton.jit`` source compiled or interpreted.
@@ -363,7 +370,7 @@ def launch(kernel_fn: JITFunction, grid, *args, num_warps=4, **constexprs):
         wrapped.append(a)
     if backend == "interpret":
         _fix_interpreter_scalar_index()
-        with _interpreting():
+        with _interpreter_lock, _interpreting():
             _interpreted(kernel_fn.fn)[grid](*wrapped, **constexprs)
     else:
         kernel_fn[grid](*wrapped, num_warps=num_warps, enable_fp_fusion=True, **constexprs)

@@ -467,15 +467,13 @@ class BatchLoader:
         those an iteration from batch 0 would yield from ``start_batch`` on.
 
         A daemon thread prepares the next ``prefetch`` batches while the caller
-        works: the host gather, and (numpy and cuda backends) the transfer to the
-        device and the augmentation. On cuda it launches on the CuPy stream that is
-        current when iteration starts, so its work is ordered with the caller's on
-        that stream and no array is read back (so do not capture a CUDA graph on that
-        stream while iterating: the loader's launches would be recorded in it). On the
-        interpret backend the augmentation runs in the caller's thread: Triton's
-        interpreter keeps global state per launch, so two threads cannot interpret
-        kernels at once. The thread stops when the iteration ends or is abandoned
-        (break, an exception, KeyboardInterrupt). Keep the backend unchanged while iterating.
+        works: the host gather, the transfer to the device and the augmentation. On
+        cuda it launches on the CuPy stream that is current when iteration starts, so
+        its work is ordered with the caller's on that stream and no array is read back
+        (so do not capture a CUDA graph on that stream while iterating: the loader's
+        launches would be recorded in it). The thread stops when the iteration ends or
+        is abandoned (break, an exception, KeyboardInterrupt). Keep the backend
+        unchanged while iterating.
         """
         _check_int("BatchLoader.epoch", "epoch_index", epoch_index, 0)
         _check_int("BatchLoader.epoch", "start_batch", start_batch, 0)
@@ -488,16 +486,13 @@ class BatchLoader:
         order = (np.random.default_rng([self.seed, _ORDER_STREAM, epoch_index]).permutation(len(self.images))
                  if self.train else np.arange(len(self.images)))
         mean, std = backend.asarray(self.mean), backend.asarray(self.std)
-        stage_in_thread = backend.get_backend() != "interpret"
 
         def prepare(batch_index):
-            batch = self._host_batch(order, epoch_index, batch_index)
-            return self._stage(batch, mean, std) if stage_in_thread else batch
+            return self._stage(self._host_batch(order, epoch_index, batch_index), mean, std)
 
         batch_indices = range(start_batch, len(self))
         with _Prefetcher(prepare, batch_indices, self.prefetch, _launch_context()) as prepared:
-            for batch in prepared:
-                yield batch if stage_in_thread else self._stage(batch, mean, std)
+            yield from prepared
 
     def _host_batch(self, order, epoch_index, batch_index):
         """Batch ``batch_index`` on the host: NumPy (images uint8 (B, H, W, C), labels int64 (B,),

@@ -134,3 +134,21 @@ def test_interpreted_launch_leaves_triton_language_as_it_was(rng):
     after = _language_state()
     changed = sorted(k for k in before if after.get(k) is not before[k])
     assert not changed, f"left patched: {changed[:5]}"
+
+
+def test_interpreted_launches_from_several_threads_take_turns(rng):
+    # The data loader augments in its prefetch thread while the training thread runs kernels.
+    # The interpreter keeps global state during a launch (the patched triton.language, the
+    # program id, JITFunction.__call__), so launches from two threads at once would mix them up.
+    from concurrent.futures import ThreadPoolExecutor
+    from ra_kernels.kernels import pool
+    inputs = [rng.standard_normal((2, 3, 5, 4 + i)).astype(np.float32) for i in range(8)]
+
+    def mean_and_relu(x):
+        return pool.global_avg_pool(x)[0], elementwise.relu(x)[0]
+
+    with backend.use_backend("interpret"), ThreadPoolExecutor(4) as threads:
+        results = list(threads.map(mean_and_relu, inputs))
+    for x, (mean, relu) in zip(inputs, results):
+        np.testing.assert_allclose(mean, x.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(relu, np.maximum(x, 0))

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 
 from ra_kernels import aot, backend, data
+from ra_kernels import functional as F
+from ra_kernels.autograd import Tensor
 from ra_kernels.kernels import augment as augment_kernels
 
 SUBSET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-subset"
@@ -557,10 +559,15 @@ def test_evaluation_batches(rng):
 
 
 def test_batches_equal_on_every_backend(triton_backend, rng):
+    # The caller launches kernels of its own between batches, as training does, while the
+    # prefetch thread augments the next ones.
     images, labels = _indexed_images(rng, 7)
     for train in (True, False):
         loader = _loader(images, labels, batch_size=3, train=train)
-        got = _epoch(loader, 0)
+        got = []
+        for x, y in loader.epoch(0):
+            got.append((backend.to_numpy(x), backend.to_numpy(y)))
+            np.testing.assert_array_equal(backend.to_numpy(F.relu(Tensor(x)).data), np.maximum(got[-1][0], 0))
         with backend.use_backend("numpy"):
             _assert_same_batches(got, _epoch(loader, 0))
 
