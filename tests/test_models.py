@@ -4,6 +4,7 @@ import contextlib
 import numpy as np
 import pytest
 
+import reference
 from ra_kernels import backend, models
 from ra_kernels import functional as F
 from ra_kernels.autograd import Tensor
@@ -66,16 +67,6 @@ def test_summary_lists_layers_params_and_mult_adds():
     print(models.attention56().summary())
 
 
-def _window_argmax(x, kernel_size, stride, padding):
-    """Index of the first maximum in each max-pool window of NHWC ``x`` (padding is -inf)."""
-    n, h, w, c = x.shape
-    oh, ow = ((s + 2 * padding - kernel_size) // stride + 1 for s in (h, w))
-    padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-np.inf)
-    windows = [padded[:, i:i + stride * oh:stride, j:j + stride * ow:stride]
-               for i in range(kernel_size) for j in range(kernel_size)]
-    return np.argmax(np.stack(windows), axis=0)
-
-
 @contextlib.contextmanager
 def _kinks(monkeypatch, relu_masks=None):
     """Record the branches a forward takes at the network's kinks, in call order.
@@ -109,7 +100,8 @@ def _kinks(monkeypatch, relu_masks=None):
         return recorded
 
     def pool_winner(x, kernel_size=3, stride=2, padding=1):
-        kinks["winners"].append(_window_argmax(backend.to_numpy(x.data), kernel_size, stride, padding))
+        _, (argmax, *_) = reference.max_pool2d(backend.to_numpy(x.data), kernel_size, stride, padding)
+        kinks["winners"].append(argmax)
         return max_pool2d(x, kernel_size, stride, padding)
 
     batch_norm, conv_bn_relu, max_pool2d = F.batch_norm, F.conv_bn_relu, F.max_pool2d
