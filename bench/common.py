@@ -1,12 +1,18 @@
 """What both benchmarks share: PyTorch on request, the precision switch of both sides, timing with
 CUDA events and an L2 flush, the machine's measured ceilings, agreement checks, Markdown output.
 
-Timing protocol (DESIGN.md section 6): warm-up calls first (Triton compiles, cuDNN autotunes
-under ``cudnn.benchmark``, allocators fill their pools), then many repetitions, each preceded
-by a write of a buffer larger than L2 so that no input is still cached, each bracketed by CUDA
-events recorded on the stream its side launches on; the median is reported. The flush runs
-on the device before the start event while the host is already enqueuing the timed calls,
-so events measure device time plus whatever launch latency the flush does not hide.
+Two clocks, both after warm-up calls (Triton compiles, cuDNN autotunes under
+``cudnn.benchmark``, allocators fill their pools); the median over repetitions is reported.
+
+* ``time_ms``, launch-inclusive: many repetitions, each preceded by a write of a buffer larger
+  than L2 so that no input is still cached, each bracketed by CUDA events recorded on the
+  stream its side launches on. A layer that runs for a few microseconds on the device takes
+  longer than that to launch from Python, so this measures launching as much as the kernels.
+* ``graph_time_ms``, device time: a CUDA graph holding many calls, captured once (CuPy's stream
+  capture for ours, ``torch.cuda.CUDAGraph`` for PyTorch) and replayed between two events; the
+  time per call is the replay's time over the calls it holds. No Python runs between the
+  kernels, so this is what the kernels cost. Inputs stay in L2 across the calls of one graph,
+  as a layer's input often is in a training step, where the layer before has just written it.
 """
 from __future__ import annotations
 
@@ -150,6 +156,27 @@ class CupyClock:
     def flush_l2(self):
         self._flush.fill(1)
 
+    @contextlib.contextmanager
+    def side_stream(self):
+        """Run the block on a new stream (stream capture cannot start on the legacy default one)."""
+        stream = self.cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            yield
+        stream.synchronize()
+
+    def capture(self, fn, calls: int):
+        """(replay, kept): a CUDA graph of ``calls`` calls of ``fn`` captured on the current stream
+        (relaxed mode, CuPy's default: the memory pool may still allocate), and the calls' results,
+        whose memory the graph writes and so must outlive it."""
+        stream = self.cupy.cuda.get_current_stream()
+        stream.begin_capture()
+        kept = []
+        try:
+            kept = [fn() for _ in range(calls)]
+        finally:
+            graph = stream.end_capture()
+        return (lambda: graph.launch(stream)), (kept, graph)
+
 
 class TorchClock:
     """CUDA events and the L2 flush on PyTorch's current stream."""
@@ -171,6 +198,25 @@ class TorchClock:
 
     def flush_l2(self):
         self._flush.fill_(1)
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        """Run the block on a new stream, ordered after the current one's work and before its later work
+        (PyTorch warms up autograd and cuDNN on a side stream before a capture)."""
+        torch = self.torch
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream().wait_stream(stream)
+        stream.synchronize()
+
+    def capture(self, fn, calls: int):
+        """As :meth:`CupyClock.capture`, with ``torch.cuda.graph`` (its own memory pool)."""
+        graph = self.torch.cuda.CUDAGraph()
+        with self.torch.cuda.graph(graph):
+            kept = [fn() for _ in range(calls)]
+        return graph.replay, (kept, graph)
 
 
 def time_ms(fn, clock, warmup: int = 5, budget_ms: float = 100.0, min_reps: int = 20,
@@ -196,6 +242,29 @@ def time_ms(fn, clock, warmup: int = 5, budget_ms: float = 100.0, min_reps: int 
     times = np.array([clock.elapsed_ms(s, e) for s, e in events])
     q25, median, q75 = np.percentile(times, [25, 50, 75])
     return Timing(float(median), float(q25), float(q75), reps)
+
+
+def graph_time_ms(fn, clock, calls: int = 20, replays: int = 10, warmup: int = 3) -> Timing:
+    """Device time of ``fn()``: ``warmup`` calls, then a CUDA graph of ``calls`` calls captured on a
+    side stream and replayed ``replays`` times between events (after one untimed replay, which
+    uploads the graph); per replay, milliseconds over ``calls``. ``Timing.reps`` counts replays."""
+    with clock.side_stream():
+        for _ in range(warmup):
+            fn()
+        clock.synchronize()
+        replay, kept = clock.capture(fn, calls)
+        replay()
+        clock.synchronize()
+        events = []
+        for _ in range(replays):
+            start = clock.record()
+            replay()
+            events.append((start, clock.record()))
+        clock.synchronize()
+    times = np.array([clock.elapsed_ms(s, e) for s, e in events]) / calls
+    del kept
+    q25, median, q75 = np.percentile(times, [25, 50, 75])
+    return Timing(float(median), float(q25), float(q75), replays)
 
 
 # --------------------------------------------------------------------------- sessions

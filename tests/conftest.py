@@ -11,6 +11,15 @@ def pytest_addoption(parser):
                      help="seed of the rng fixture instead of a fresh one, to replay a failure")
 
 
+def pytest_configure(config):
+    # bench.gpu_check runs the cuda tests under compute-sanitizer with RA_CUPY_POOL=off: without
+    # CuPy's memory pool each array is its own allocation, so an access past its end is reported
+    # instead of landing in the pool's next block.
+    if os.environ.get("RA_CUPY_POOL") == "off" and backend.gpu_available():
+        import cupy
+        cupy.cuda.set_allocator(None)
+
+
 def pytest_collection_modifyitems(config, items):
     if backend.gpu_available():
         return
