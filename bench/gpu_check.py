@@ -91,8 +91,8 @@ STAGE_NAMES = [s.name for s in STAGES]
 #: Model configurations (model, batch) of the step stage.
 STEP_CONFIGS = {"full": [("attention56", 64), ("attention56", 128), ("attention92", 64), ("attention92", 128)],
                 "quick": [("attention56", 64)]}
-#: The kernels stage: attention92's layers at this batch, TF32; --quick takes the first conv shapes.
-KERNEL_MODEL, KERNEL_BATCH, QUICK_CONV_LAYERS = "attention92", 64, 3
+#: The kernels stage: attention92's layers at this batch, TF32; --quick takes the first few of a family.
+KERNEL_MODEL, KERNEL_BATCH, QUICK_LAYERS = "attention92", 64, 3
 #: Cuda tests of --quick, and the files the sanitizer runs.
 QUICK_TESTS = ["tests/test_conv_bn_kernels.py", "tests/test_attention_kernels.py"]
 SANITIZED_TESTS = {"memcheck": ["tests/test_pool_resize_kernels.py", "tests/test_attention_kernels.py",
@@ -178,9 +178,9 @@ def _run_interruptible(command: list, limit: float, environment=None) -> int | N
 
 def stage_tests(args) -> dict:
     mode = _mode(args)
-    selection = {"full": ["-m", "gpu"], "quick": QUICK_TESTS + ["-m", "gpu"],
-                 # The plumbing on the CPU: a few interpreted kernel tests.
-                 "dry": ["tests/test_elementwise_kernels.py", "-m", "not gpu", "-k", "interpret"]}[mode]
+    files = args.tests or {"full": [], "quick": QUICK_TESTS, "dry": ["tests/test_elementwise_kernels.py"]}[mode]
+    # The dry run's plumbing on the CPU: a few interpreted kernel tests.
+    selection = files + (["-m", "not gpu", "-k", "interpret"] if args.dry_run else ["-m", "gpu"])
     junit = args.out / "tests.xml"
     command = _pytest_command(selection, 0 if args.dry_run else args.workers, junit)
     returncode = _run_interruptible(command, max(args.limit - 20, 5))
@@ -308,13 +308,14 @@ def stage_step(args) -> dict:
 
 
 def _kernel_layers(args) -> list:
+    """The kernels stage's layers of --families: all of them; the first QUICK_LAYERS of each family
+    with --quick; the first one with --dry-run."""
     from . import kernels as bench_kernels
+    families = args.families or (["conv_bn_relu"] if args.quick else list(bench_kernels.FAMILIES))
+    per_family = 1 if args.dry_run else QUICK_LAYERS if args.quick else None
     layers = bench_kernels.benchmark_layers([KERNEL_MODEL], args.dry_run)
-    if args.dry_run:  # one layer per family
-        return list({layer.family: (layer, uses) for layer, uses in reversed(layers)}.values())[::-1]
-    if args.quick:
-        return [(layer, uses) for layer, uses in layers if layer.family == "conv_bn_relu"][:QUICK_CONV_LAYERS]
-    return layers
+    return [chosen for family in families
+            for chosen in [(layer, uses) for layer, uses in layers if layer.family == family][:per_family]]
 
 
 def stage_kernels(args) -> dict:
@@ -596,6 +597,12 @@ def parse_args(argv=None):
                              "../shared/data/cifar10-subset)")
     parser.add_argument("--workers", type=int, default=10,
                         help="pytest workers of the tests stage, beside 5 compile processes (default: 10)")
+    parser.add_argument("--tests", nargs="+", metavar="FILE",
+                        help="test files of the tests stage, their cuda tests (default: all; --quick: "
+                             + " ".join(QUICK_TESTS) + ")")
+    parser.add_argument("--families", nargs="+", metavar="FAMILY",
+                        help="op families of the kernels stage (default: all; --quick: conv_bn_relu, "
+                             f"the first {QUICK_LAYERS} layers of each)")
     parser.add_argument("--compile", action="store_true", help="time torch.compile in the step stage too (minutes)")
     parser.add_argument("--sanitizer", choices=list(SANITIZED_TESTS), default="memcheck",
                         help="compute-sanitizer tool of the sanitize stage (default: memcheck)")
@@ -611,6 +618,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick and args.dry_run:
         parser.error("--quick and --dry-run exclude each other")
+    from .kernels import FAMILIES
+    unknown = sorted(set(args.families or []) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--families: unknown {', '.join(unknown)}; expected some of {', '.join(FAMILIES)}")
+    missing = [t for t in args.tests or [] if not (REPO / t).exists()]
+    if missing:
+        parser.error(f"--tests: no such file under {REPO}: {', '.join(missing)}")
     if args.budget_s is None:
         args.budget_s = 900.0 if args.dry_run else 220.0 if args.quick else 420.0
     if args.seed is None:
@@ -623,7 +637,9 @@ def parse_args(argv=None):
                       + ["--sanitizer", args.sanitizer]
                       + ["--out", str(args.out), "--seed", str(args.seed), "--workers", str(args.workers),
                          "--budget-ms", str(args.budget_ms), "--step-budget-ms", str(args.step_budget_ms)]
-                      + (["--data", str(args.data)] if args.data else []))
+                      + (["--data", str(args.data)] if args.data else [])
+                      + (["--tests", *args.tests] if args.tests else [])
+                      + (["--families", *args.families] if args.families else []))
     return args
 
 

@@ -29,9 +29,8 @@ def _out_size(size, kernel_size, stride, padding):
 # --------------------------------------------------------------------------- max pooling
 
 # (KSIZE, STRIDE, PAD, argmax type): the network's 3x3/s2/p1 and the tests' others (overlapping,
-# tiling, gapped windows). Windows above 128 taps (int32 argmax) work the same way but are left
-# out: their fully unrolled tap loops take about a minute each to compile.
-_MAX_POOL_AOT = [(3, 2, 1, "*i8"), (2, 2, 0, "*i8"), (3, 1, 1, "*i8"), (2, 3, 0, "*i8")]
+# tiling, gapped windows, and 12x12 windows, whose 144 taps need an int32 argmax).
+_MAX_POOL_AOT = [(3, 2, 1, "*i8"), (2, 2, 0, "*i8"), (3, 1, 1, "*i8"), (2, 3, 0, "*i8"), (12, 1, 6, "*i32")]
 
 
 @kernel(aot=[dict(x_ptr="*fp32", y_ptr="*fp32", argmax_ptr=idx, H="i32", W="i32", C="i32",
@@ -53,17 +52,22 @@ def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
     tile_mask = (pos < n_out)[:, None] & (chan < C)[None, :]
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
     best_tap = tl.full((BLOCK_P, BLOCK_C), 0, tl.int32)
-    # Taps in row-major order with a strict comparison: ties keep the first maximum.
-    for tap in tl.static_range(KSIZE * KSIZE):
-        ih = oh * STRIDE - PAD + tap // KSIZE
-        iw = ow * STRIDE - PAD + tap % KSIZE
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row = ((n * H + ih) * W + iw) * C
-        v = tl.load(x_ptr + row[:, None] + chan[None, :], mask=tile_mask & inside[:, None],
-                    other=float("-inf"))
-        take = (v > best) | ((v != v) & (best == best))  # (v != v): NaN, taken once
-        best = tl.where(take, v, best)
-        best_tap = tl.where(take, tap, best_tap)
+    # Taps in row-major order with a strict comparison: ties keep the first maximum. Columns
+    # unroll; rows unroll up to 4x4 windows (the network's 3x3: all 9 loads in flight, as with one
+    # unrolled loop) and loop above: 144 unrolled taps of a 12x12 window made the forward and
+    # backward take 94 s to compile on the H200 machine (2026-11-30), now under a second each.
+    for kh in tl.range(KSIZE, loop_unroll_factor=KSIZE if KSIZE <= 4 else 1):
+        ih = oh * STRIDE - PAD + kh
+        row_inside = (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KSIZE):
+            iw = ow * STRIDE - PAD + kw
+            inside = row_inside & (iw >= 0) & (iw < W)
+            row = ((n * H + ih) * W + iw) * C
+            v = tl.load(x_ptr + row[:, None] + chan[None, :], mask=tile_mask & inside[:, None],
+                        other=float("-inf"))
+            take = (v > best) | ((v != v) & (best == best))  # (v != v): NaN, taken once
+            best = tl.where(take, v, best)
+            best_tap = tl.where(take, kh * KSIZE + kw, best_tap)
     out = pos[:, None] * C + chan[None, :]
     tl.store(y_ptr + out, best, mask=tile_mask)
     tl.store(argmax_ptr + out, best_tap.to(argmax_ptr.dtype.element_ty), mask=tile_mask)
@@ -96,7 +100,7 @@ def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in
     ow_last = (iw + PAD) // STRIDE
     acc = tl.full((BLOCK_P, BLOCK_C), 0, tl.float32)
     WINDOWS: tl.constexpr = (KSIZE + STRIDE - 1) // STRIDE      # per axis
-    for i in tl.static_range(WINDOWS):
+    for i in tl.range(WINDOWS, loop_unroll_factor=WINDOWS if KSIZE <= 4 else 1):  # rows as in the forward
         oh = oh_last - i
         kh = ih + PAD - oh * STRIDE                                # >= 0 by construction
         row_ok = (oh >= 0) & (oh < OH) & (kh < KSIZE)
