@@ -354,7 +354,7 @@ def achieved(flops: float, nbytes: float, ms: float, bound: str) -> str:
 
 # --------------------------------------------------------------------------- environment and output
 
-def _command_output(*command) -> str | None:
+def command_output(*command) -> str | None:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=20, cwd=REPO)
     except (OSError, subprocess.SubprocessError):
@@ -368,9 +368,9 @@ def environment(torch, command: str) -> dict:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "command": command, "python": platform.python_version(), "numpy": np.__version__,
            "triton": triton.__version__, "backend": backend.get_backend()}
-    commit = _command_output("git", "rev-parse", "--short", "HEAD")
+    commit = command_output("git", "rev-parse", "--short", "HEAD")
     if commit:
-        dirty = _command_output("git", "status", "--porcelain", "--untracked-files=no")
+        dirty = command_output("git", "status", "--porcelain", "--untracked-files=no")
         env["commit"] = commit + (" (with local changes)" if dirty else "")
     if backend.get_backend() == "cuda":
         cupy = backend.xp()
@@ -378,7 +378,7 @@ def environment(torch, command: str) -> dict:
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         env["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
         env["L2"] = f"{props['l2CacheSize'] / 2**20:.0f} MiB"
-        env["driver"] = (_command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+        env["driver"] = (command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
                          or f"CUDA driver API {cupy.cuda.runtime.driverGetVersion()}")
         env["CUDA runtime"] = str(cupy.cuda.runtime.runtimeGetVersion())
     if torch is not None:

@@ -123,7 +123,7 @@ def stage_env(args) -> dict:
     if session.dry_run:
         return dict(ok=True, line=f"dry run on the CPU (interpret backend), triton {env['triton']}, no ceilings",
                     report=common.describe_environment(env), env=env)
-    smi = common._command_output("nvidia-smi")
+    smi = common.command_output("nvidia-smi")
     print(smi or "nvidia-smi: not available")
     ceilings = common.measure_ceilings(session.torch, session.torch_clock)
     (args.work / "ceilings.json").write_text(json.dumps(vars(ceilings)))
@@ -300,7 +300,7 @@ def stage_step(args) -> dict:
         t = row["times"]
         if "ours" in t:
             images = {side: row["batch"] / (timing.median * 1e-3) for side, timing in t.items()}
-            parts.append(f"{row['model'][9:]} b{row['batch']} {images['ours']:,.0f} vs "
+            parts.append(f"{row['model'].removeprefix('attention')} b{row['batch']} {images['ours']:,.0f} vs "
                          f"{images.get('PyTorch eager', float('nan')):,.0f} img/s")
     line = ("ours vs PyTorch eager: " + "; ".join(parts) if parts else f"{len(rows)} configuration(s) agree "
             f"({common.NO_TIMING})") + (f"; not run (time): {', '.join(skipped)}" if skipped else "")
@@ -382,9 +382,9 @@ def stage_sanitize(args) -> dict:
 
 
 def warm(args) -> dict:
-    """Compile (by running once) the Triton specialisations of one job: "MODEL:BATCH" (a training
-    step in TF32 and in IEEE, then an eval-mode forward) or "kernels" (every layer of the kernels
-    stage, forward and backward, TF32)."""
+    """Compile (by running once) the Triton specialisations of one job: "MODEL:BATCH:PRECISION" (a
+    training step; in TF32 an eval-mode forward too, as the training stage evaluates) or "kernels"
+    (every layer of the kernels stage, forward and backward, TF32)."""
     from ra_kernels import backend
     from ra_kernels.autograd import Tensor, no_grad
     from . import kernels as bench_kernels
@@ -399,29 +399,30 @@ def warm(args) -> dict:
                 side = bench_kernels.our_side(layer, batch, rng)
                 side.forward_backward() if side.family.differentiable else side.forward()
     else:
-        name, batch = args.warm.split(":")
+        name, batch, precision = args.warm.split(":")
         image = common.DRY_RUN_IMAGE if args.dry_run else common.IMAGE_SIZE
         x = backend.asarray(rng.standard_normal((int(batch), image, image, 3)).astype(np.float32))
         labels = backend.asarray(rng.integers(0, common.NUM_CLASSES, int(batch)).astype(np.int64))
         model = common.build_model(name, args.dry_run)
-        trainer = OurTrainer(model)
-        for precision in ("tf32", "ieee"):
-            with backend.use_precision(precision):
-                trainer.step(x, labels)
-        with no_grad():
-            model.eval()(Tensor(x))
+        with backend.use_precision(precision):
+            OurTrainer(model).step(x, labels)
+            if precision == "tf32":
+                with no_grad():
+                    model.eval()(Tensor(x))
     backend.to_numpy(backend.empty((1,)))  # waits for the device
     return dict(ok=True, line=f"compiled {args.warm}", seconds=time.monotonic() - started)
 
 
 def warm_jobs(args) -> list:
     """The compile jobs of the chosen stages: each model configuration of the step (the training
-    stage's is attention56 at 64), and the kernels stage's layers; batch 64 first."""
+    stage's is attention56 at 64) in each precision (the step is checked in IEEE and timed in TF32),
+    and the kernels stage's layers; batch 64 first. One configuration in both precisions was one
+    process in the first H200 run, the last to finish: over 95 s (2026-11-30)."""
     kernels = ["kernels"] if "kernels" in args.stages else []
     if args.dry_run or not {"train", "step"} & set(args.stages):
         return kernels
-    configs = STEP_CONFIGS[_mode(args)]
-    return [f"{m}:{b}" for m, b in configs if b == 64] + kernels + [f"{m}:{b}" for m, b in configs if b != 64]
+    configs = [f"{m}:{b}:{p}" for m, b in STEP_CONFIGS[_mode(args)] for p in ("tf32", "ieee")]
+    return [c for c in configs if ":64:" in c] + kernels + [c for c in configs if ":64:" not in c]
 
 
 STAGE_FUNCTIONS = {"env": stage_env, "tests": stage_tests, "train": stage_train, "step": stage_step,
@@ -595,8 +596,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=Path, default=None,
                         help="the CIFAR-10 subset for the training stage (default: data/cifar10-subset, then "
                              "../shared/data/cifar10-subset)")
-    parser.add_argument("--workers", type=int, default=10,
-                        help="pytest workers of the tests stage, beside 5 compile processes (default: 10)")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="pytest workers of the tests stage, beside up to 9 compile processes (default: 8)")
     parser.add_argument("--tests", nargs="+", metavar="FILE",
                         help="test files of the tests stage, their cuda tests (default: all; --quick: "
                              + " ".join(QUICK_TESTS) + ")")

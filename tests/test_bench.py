@@ -4,6 +4,7 @@ layer shapes taken from the models, the agreement check, the timing loop and the
 The dry runs are what CI runs (PyTorch absent there: its side is skipped). The PyTorch twin is
 checked where torch is importable (a CPU build is enough); those tests skip cleanly otherwise.
 """
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from bench import common
 from bench import kernels as bench_kernels
 from bench import step as bench_step
+import reference
 from ra_kernels import backend, models
 from ra_kernels import functional as F
 from ra_kernels.autograd import Tensor
@@ -37,7 +39,12 @@ def test_kernels_dry_run_checks_every_family_and_times_nothing(rng, capsys):
     tables = [line for line in out.splitlines() if line.startswith("### ")]
     assert len(tables) == 2 * 1 + 2          # 2 precisions x 1 batch, then a summary per precision
     assert all(common.NO_TIMING in line for line in tables)
-    assert " ms" not in out.replace("ours ms", "").replace("PyTorch ms", "")  # no time anywhere
+    cells = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "µs" not in line
+             and not line.startswith("| op ")]
+    layer_rows = [c[4:14] for c in cells if len(c) == 17]            # the timing columns of each layer
+    summary_rows = [c[2:-1] for c in cells if len(c) == 5]           # op, then a ratio per model
+    assert len(summary_rows) == 2 * (len(bench_kernels.FAMILIES) + 1) and len(layer_rows) > len(summary_rows)
+    assert all(cell.strip() == "-" for row in layer_rows + summary_rows for cell in row)  # no time anywhere
     assert RESULTS.read_text() == before
 
 
@@ -127,6 +134,32 @@ def test_agreement_check_names_every_array_that_differs(rng):
         common.check_agreement("op", {"dx": truth["dx"], "dw": truth["dw"]}, truth, 1e-3)
 
 
+def test_graph_time_ms_divides_each_replay_by_the_calls_it_holds():
+    class GraphClock(HostClock):
+        """Capture records the calls; a replay sleeps 1 ms per call it holds."""
+        def __init__(self):
+            super().__init__()
+            self.captured = self.replays = 0
+
+        def side_stream(self):
+            return contextlib.nullcontext()
+
+        def capture(self, fn, calls):
+            results = [fn() for _ in range(calls)]
+            self.captured += calls
+
+            def replay():
+                self.replays += 1
+                time.sleep(1e-3 * calls)
+            return replay, results
+
+    clock, calls = GraphClock(), []
+    timing = common.graph_time_ms(lambda: calls.append(1), clock, calls=4, replays=5, warmup=2)
+    assert len(calls) == 2 + 4 and clock.captured == 4 and clock.replays == 1 + 5 and timing.reps == 5
+    assert 1.0 <= timing.q25 <= timing.median <= timing.q75 < 5.0   # per call, not per replay
+    assert clock.flushes == 0                                         # device time: no L2 flush
+
+
 class HostClock:
     """A stand-in for a CUDA clock: host time, flushes counted."""
 
@@ -176,7 +209,7 @@ def test_reports_from_measured_numbers(tmp_path):
     ceilings = common.Ceilings(4e12, {"ieee": 50e12, "tf32": 400e12, "bf16": 800e12})
     table = bench_kernels.layer_table(results, ["attention56"], ceilings)
     conv_row = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
-    assert conv_row[3:9] == ["1.000", "2.000", "2.00", "3.000", "1.500", "0.50"]
+    assert conv_row[3:9] == ["1,000.0", "2,000.0", "2.00", "3,000.0", "1,500.0", "0.50"]   # µs
     assert conv_row[9].endswith("GB/s") and conv_row[10].endswith("%")   # the stem conv is memory-bound
     summary = bench_kernels.summary_table(results, ["attention56"], [64])
     uses = conv[1]["attention56"]
@@ -193,6 +226,72 @@ def test_reports_from_measured_numbers(tmp_path):
     assert raw["results"][0]["times_ms"]["ours fwd"]["median"] == 1.0 and raw["ceilings"]["copy_bytes_per_s"] == 4e12
     chart.unlink()
     assert bench_kernels.main(["--chart-from", str(chart.with_suffix(".json"))]) == 0 and chart.exists()
+
+
+def _tf32(a):
+    """float32 ``a`` rounded to TF32's 10 mantissa bits, as the tensor cores read it."""
+    bits = a.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def test_relu_layers_are_compared_away_from_the_kink(rng):
+    """TF32 rounding of the inputs alone (what a correct TF32 kernel does) moves the gradients of
+    conv_bn_relu by about 1e-2 through ReLUs that flip at the kink (as ours and cuDNN's did on the
+    H200); with dy zeroed near the kink the same rounding is what it is without a ReLU, ~2e-4."""
+    layer = bench_kernels.Layer("conv_bn_relu", (("x", (1, 16, 16, 64)), ("w", (1, 1, 64, 16)), ("gamma", (16,)),
+                                                 ("beta", (16,)), ("running_mean", (16,)), ("running_var", (16,))),
+                                (("stride", 1), ("padding", 0), ("relu", True)))
+    host, dy = bench_kernels.draw_inputs(layer, 64, rng)
+    family, options = bench_kernels.FAMILIES["conv_bn_relu"], dict(layer.options)
+
+    def gradients(inputs, dy):
+        side = bench_kernels.OurSide(family, reference, bench_kernels._float64(inputs), options,
+                                     dy.astype(np.float64))
+        return side.results()
+
+    rounded = dict(host, x=_tf32(host["x"]), w=_tf32(host["w"]))
+    kinked = common.check_agreement("kinks", gradients(rounded, dy), gradients(host, dy), 1.0)
+    away = bench_kernels.away_from_relu_kink(layer, host, dy)
+    assert 0.4 < np.mean(away == dy) < 0.6          # dy is kept where the ReLU passes (about half)
+    assert kinked > 3e-3
+    assert common.check_agreement("away", gradients(rounded, away), gradients(host, away), 1e-3) < 1e-3
+    no_relu = bench_kernels.Layer(layer.family, layer.shapes, (("stride", 1), ("padding", 0), ("relu", False)))
+    assert bench_kernels.away_from_relu_kink(no_relu, host, dy) is dy
+
+
+# --------------------------------------------------------------------------- the GPU run, dry
+
+def test_gpu_check_dry_run_runs_every_stage(rng, tmp_path, capsys):
+    from bench import gpu_check
+
+    before = RESULTS.read_text()
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--seed", _seed(rng)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("| stage"):]
+    for stage in gpu_check.STAGE_NAMES:
+        assert f"| {stage} " in table, stage
+    assert "FAILED" not in table and "skipped: not enough" not in table
+    assert {p.name for p in tmp_path.iterdir()} == {"gpu_check.log", "summary.md", "tests.xml",
+                                                    "train_metrics.csv", "kernels.json"}
+    assert gpu_check._junit_results(tmp_path / "tests.xml")["counts"]["passed"] > 0
+    records = json.loads((tmp_path / "kernels.json").read_text())["results"]
+    assert {r["family"] for r in records} == set(bench_kernels.FAMILIES) and not any(r["times_ms"] for r in records)
+    assert "### step" in (tmp_path / "summary.md").read_text() and RESULTS.read_text() == before
+
+
+def test_gpu_check_reads_failures_and_their_seeds(tmp_path):
+    from bench import gpu_check
+
+    (tmp_path / "r.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_a" name="test_ok[cuda]"/>'
+        '<testcase classname="tests.test_a" name="test_bad[cuda]"><properties><property name="seed" value="42"/>'
+        '</properties><failure message="AssertionError: 2 != 3&#10;more">trace</failure></testcase>'
+        '<testcase classname="tests.test_a" name="test_skip"><skipped/></testcase></testsuite></testsuites>')
+    results = gpu_check._junit_results(tmp_path / "r.xml")
+    assert results["counts"] == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1, "passed": 1}
+    assert results["failed"] == [{"test": "tests.test_a::test_bad[cuda]", "seed": "42",
+                                  "message": "AssertionError: 2 != 3"}]
 
 
 # --------------------------------------------------------------------------- the PyTorch twin
