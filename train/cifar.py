@@ -22,10 +22,8 @@ Files in ``--out DIR``:
   is chosen on the test set, so its accuracy is optimistic: the number to
   report is the last epoch's test accuracy.
 
-A checkpoint is one .npz read without pickle: ``model/<name>`` (parameters and
-buffers), ``optimizer/<key>`` (SGD.state_dict()), ``train_totals`` ((3,)
-float32: the training metrics of the epoch in progress, see
-ra_kernels.kernels.metrics) and ``meta``, a 0-d string holding JSON: format,
+A checkpoint (train/checkpoint.py: weights, optimizer state, the training
+totals of the epoch in progress) carries a JSON ``meta`` record: format,
 version, args, model_config, num_classes, batches_per_epoch, the position
 (epoch and batch of the next step, iteration), seconds, the epoch's training
 images and seconds so far, history (the metrics rows) and best. Every random
@@ -42,46 +40,32 @@ divergence.
 Exit codes: 0 done; 1 the loss became NaN or Inf; 2 bad usage, or data or a
 checkpoint that cannot be read; 130 stopped by Ctrl-C.
 """
+import argparse
+import csv
+import json
+import math
 import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
 
-# One OpenBLAS thread unless the user chose otherwise. The numpy backend's convolutions
-# are im2col matrix products with few columns (16 to 256 output channels), and OpenBLAS's
-# threads spin-wait for each other: measured on a 2-core machine shared with other work,
-# one attention56 forward and backward at batch 64 took 2.9 to 3.0 s with one thread, and
-# anywhere from 2.7 to 24 s with two (or the default), whenever another process wanted a
-# core. One thread gives up at most ~10% on an idle machine and leaves a core to the data
-# loader's thread. OpenBLAS reads the variable when NumPy loads it, so it is set here, before
-# the first NumPy import (it changes nothing where NumPy is loaded already).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import zipfile  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import ra_kernels.functional as F
+from ra_kernels import backend
+from ra_kernels.autograd import no_grad
+from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels
+from ra_kernels.kernels.metrics import TOTALS, accumulate_metrics
+from ra_kernels.models import MODELS
+from ra_kernels.nn import ATTENTIONS
+from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES, SGD
+from train.checkpoint import model_from_checkpoint, read_checkpoint, write_checkpoint
+from train.common import UsageError, epoch_batches, load_dataset, select_backend
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import ra_kernels.functional as F  # noqa: E402
-from ra_kernels import backend  # noqa: E402
-from ra_kernels.autograd import no_grad  # noqa: E402
-from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels, load_cifar  # noqa: E402
-from ra_kernels.kernels.metrics import TOTALS, accumulate_metrics  # noqa: E402
-from ra_kernels.models import MODELS, ResidualAttentionNet  # noqa: E402
-from ra_kernels.nn import ATTENTIONS  # noqa: E402
-from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES, SGD  # noqa: E402
-
-CHECKPOINT_FORMAT = "ra_kernels.train.cifar checkpoint"
-CHECKPOINT_VERSION = 1
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                    "lr", "seconds", "images_per_second")
 # Options a resumed run may change (besides --out and --resume): where the data is and how the
@@ -89,10 +73,6 @@ METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "test_l
 RESUME_MAY_CHANGE = ("data_dir", "no_download", "backend", "log_every")
 
 EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-
-
-class UsageError(Exception):
-    """A problem the user can fix (options, data, checkpoint): reported in one line, exit 2."""
 
 
 class Diverged(Exception):
@@ -267,84 +247,7 @@ def _resumed_args(args, explicit, saved):
 
 # --------------------------------------------------------------------------- checkpoints
 
-@dataclass
-class Checkpoint:
-    """A checkpoint as read back: ``meta`` (the JSON record), host NumPy arrays for the rest."""
-    meta: dict
-    model_state: dict
-    optimizer_state: dict
-    train_totals: np.ndarray
-
-
-def write_checkpoint(path, model, optimizer, train_totals, meta):
-    """Write a checkpoint atomically: a temporary file beside ``path``, flushed to disk, then renamed."""
-    path = Path(path)
-    arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
-    arrays.update({f"optimizer/{name}": value for name, value in optimizer.state_dict().items()})
-    arrays["train_totals"] = backend.to_numpy(train_totals).copy()
-    arrays["meta"] = np.array(json.dumps(dict(meta, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint written by :func:`write_checkpoint`; UsageError when it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}  # reads (and CRC-checks) every member now
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise UsageError(f"cannot read checkpoint {path}: not a readable .npz file, truncated or corrupt "
-                         f"({type(error).__name__}: {error})") from None
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-    except (KeyError, ValueError, AttributeError) as error:
-        raise UsageError(f"{path} is not a checkpoint of train.cifar (no valid meta record: {error})") from None
-    if meta["version"] != CHECKPOINT_VERSION:
-        raise UsageError(f"{path} is a version {meta['version']} checkpoint; this program reads version "
-                         f"{CHECKPOINT_VERSION}")
-
-    def part(prefix):
-        return {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
-    return Checkpoint(meta, part("model/"), part("optimizer/"), arrays.get("train_totals"))
-
-
-def model_from_checkpoint(checkpoint: Checkpoint, path) -> ResidualAttentionNet:
-    """The network of a checkpoint, built on the current backend, with its weights loaded."""
-    model = ResidualAttentionNet(**checkpoint.meta["model_config"])
-    try:
-        model.load_state_dict(checkpoint.model_state)
-    except (KeyError, ValueError) as error:
-        raise UsageError(f"{path}: the weights do not fit the network it describes ({error})") from None
-    return model
-
-
 # --------------------------------------------------------------------------- pieces of a run
-
-def select_backend(name):
-    """Make ``name`` ('auto' or a backend) the current backend; return the backend's name."""
-    chosen = ("cuda" if backend.gpu_available() else "numpy") if name == "auto" else name
-    try:
-        backend.set_backend(chosen)
-    except RuntimeError as error:
-        raise UsageError(str(error)) from None
-    return chosen
-
-
-def load_dataset(name, data_dir, download):
-    try:
-        return load_cifar(name, data_dir, download=download)
-    except (RuntimeError, ValueError, OSError) as error:
-        raise UsageError(f"cannot load {name} from {data_dir}: {error}") from None
-
 
 def build_model(args, num_classes):
     return MODELS[args.model](num_classes=num_classes, stem=args.stem, widths=tuple(args.widths),
@@ -368,16 +271,6 @@ def mean_metrics(totals):
     """(mean loss, accuracy) from a totals array: one read from the device."""
     loss_sum, correct, count = (float(v) for v in backend.to_numpy(totals))
     return loss_sum / count, correct / count
-
-
-@contextlib.contextmanager
-def epoch_batches(loader, epoch, start_batch=0):
-    """The loader's batches for one epoch, its generator closed however the loop ends."""
-    generator = loader.epoch(epoch, start_batch)
-    try:
-        yield generator
-    finally:
-        generator.close()
 
 
 def evaluate(model, loader, stop=None):

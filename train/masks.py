@@ -16,8 +16,8 @@ import numpy as np
 import reference
 from ra_kernels import backend
 from ra_kernels.data import BatchLoader
-from train.cifar import (UsageError, epoch_batches, load_dataset, model_from_checkpoint, read_checkpoint,
-                         select_backend)
+from train.checkpoint import model_from_checkpoint, read_checkpoint
+from train.common import UsageError, epoch_batches, load_dataset, select_backend
 
 IMAGE_SIZE = (32, 32)
 
