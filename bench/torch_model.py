@@ -97,7 +97,7 @@ class ConvBnRelu(nn.Module):
 
 
 class ResidualUnit(nn.Module):
-    """Pre-activation bottleneck unit, as ra_kernels.nn.ResidualUnit."""
+    """Pre-activation bottleneck unit, as ra_kernels.models.ResidualUnit."""
 
     def __init__(self, cin, cout, stride=1):
         super().__init__()
@@ -119,7 +119,7 @@ def upsample(x, size):
 
 
 class AttentionModule(nn.Module):
-    """The attention module, as ra_kernels.nn.AttentionModule."""
+    """The attention module, as ra_kernels.models.AttentionModule."""
 
     def __init__(self, channels, depth, p=1, t=2, r=1, residual_attention=True, attention="mixed"):
         super().__init__()

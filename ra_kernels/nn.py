@@ -1,4 +1,5 @@
-"""Modules: parameters, buffers, sub-modules, train/eval, state dicts; the layers.
+"""Modules: parameters, buffers, sub-modules, train/eval, state dicts; the generic layers
+(Conv2d, BatchNorm2d, ConvBnRelu, Linear, Sequential). The paper's blocks are in models.py.
 
 A :class:`Module` finds its parts by attribute assignment: a :class:`Parameter`
 is a trainable tensor, another Module is a child, and ``register_buffer`` names
@@ -15,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import functional as F
-from .autograd import Tensor, no_grad
+from .autograd import Tensor
 from .backend import asarray, to_numpy
 
 
@@ -292,93 +293,3 @@ class Sequential(Module):
         for module in self._modules.values():
             x = module(x)
         return x
-
-
-class ResidualUnit(Module):
-    """Pre-activation bottleneck unit (NHWC): cin -> cout at stride ``stride``.
-
-    BN-ReLU, conv1x1 (cin -> cout/4) + BN-ReLU, conv3x3 (stride) + BN-ReLU, conv1x1
-    (-> cout); plus the input, or a 1x1 stride-s projection of the pre-activated
-    input when the channels or the stride change. Each conv that a BN-ReLU follows
-    runs as one ``conv_bn_relu``.
-    """
-
-    def __init__(self, cin, cout, stride=1, rng=None):
-        super().__init__()
-        mid = cout // 4
-        self.pre = BatchNorm2d(cin, relu=True)
-        self.reduce = ConvBnRelu(cin, mid, 1, rng=rng)
-        self.spatial = ConvBnRelu(mid, mid, 3, stride, 1, rng=rng)
-        self.expand = Conv2d(mid, cout, 1, rng=rng)
-        if cin != cout or stride != 1:
-            self.project = Conv2d(cin, cout, 1, stride, rng=rng)
-
-    def forward(self, x):
-        activated = self.pre(x)
-        shortcut = self.project(activated) if "project" in self._modules else x
-        return F.add(self.expand(self.spatial(self.reduce(activated))), shortcut)
-
-
-ATTENTIONS = ("mixed", "channel", "spatial")
-
-
-class AttentionModule(Module):
-    """The attention module of the paper at ``channels`` channels (NHWC in and out, same shape).
-
-    ``p`` units, then side by side a trunk of ``t`` units and a bottom-up top-down
-    mask branch of ``depth`` 3x3/2 max-pool levels with ``r`` units each (a skip
-    unit after each level but the deepest, ``r`` more units at the bottom; going
-    up, bilinear upsample to the level above with its skip added in the same
-    kernel, then ``r`` units; a last upsample to the trunk's size), a mask head
-    BN-ReLU-conv1x1-BN-ReLU-conv1x1, then ``p`` units.
-
-    The output is ``(1 + M) * T`` (attention residual learning) or ``M * T``, with
-    M = sigmoid(mask) ("mixed"), the paper's f2 ("channel") or f3 ("spatial").
-    Set ``keep_mask`` to keep M of the last forward in ``mask`` (an array).
-    """
-
-    def __init__(self, channels, depth, p=1, t=2, r=1, residual_attention=True, attention="mixed",
-                 rng=None):
-        super().__init__()
-        if attention not in ATTENTIONS:
-            raise ValueError(f"AttentionModule: attention must be one of {ATTENTIONS}, got {attention!r}")
-        if depth < 1:
-            raise ValueError(f"AttentionModule: depth must be >= 1, got {depth}")
-
-        def units(n):
-            return Sequential(*[ResidualUnit(channels, channels, rng=rng) for _ in range(n)])
-
-        self.depth, self.residual_attention, self.attention = depth, residual_attention, attention
-        self.keep_mask, self.mask = False, None
-        self.pre, self.trunk, self.post = units(p), units(t), units(p)
-        self.down = Sequential(*[units(r) for _ in range(depth)])
-        self.skips = Sequential(*[units(1) for _ in range(depth - 1)])
-        self.bottom = units(r)
-        self.up = Sequential(*[units(r) for _ in range(depth - 1)])
-        self.mask_head = Sequential(BatchNorm2d(channels, relu=True),
-                                    ConvBnRelu(channels, channels, 1, rng=rng),
-                                    Conv2d(channels, channels, 1, rng=rng))
-
-    def forward(self, x):
-        x = self.pre(x)
-        trunk = self.trunk(x)
-        mask, skips = x, []
-        for level in range(self.depth):
-            mask = self.down[level](F.max_pool2d(mask))
-            if level < self.depth - 1:
-                skips.append(self.skips[level](mask))
-        mask = self.bottom(mask)
-        for level in reversed(range(self.depth - 1)):
-            mask = self.up[level](F.upsample_bilinear(mask, skips[level].shape[1:3], skip=skips[level]))
-        logits = self.mask_head(F.upsample_bilinear(mask, trunk.shape[1:3]))
-        if self.attention == "mixed":
-            out = F.attention_mix(logits, trunk, residual=self.residual_attention)
-            if self.keep_mask:
-                with no_grad():
-                    self.mask = F.sigmoid(logits.detach()).data
-        else:
-            gate = F.channel_attention(logits) if self.attention == "channel" else F.spatial_attention(logits)
-            out = F.attention_mix(gate, trunk, residual=self.residual_attention, sigmoid=False)
-            if self.keep_mask:
-                self.mask = gate.data
-        return self.post(out)

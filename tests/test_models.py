@@ -8,7 +8,8 @@ import reference
 from ra_kernels import backend, models
 from ra_kernels import functional as F
 from ra_kernels.autograd import Tensor
-from ra_kernels.nn import AttentionModule, BatchNorm2d, Conv2d, ConvBnRelu, Linear
+from ra_kernels.models import AttentionModule
+from ra_kernels.nn import BatchNorm2d, Conv2d, ConvBnRelu, Linear
 
 TINY = dict(modules_per_stage=1, stem=4, widths=(8, 16, 32), num_classes=5)
 

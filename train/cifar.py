@@ -60,8 +60,7 @@ from ra_kernels import backend
 from ra_kernels.autograd import no_grad
 from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels
 from ra_kernels.kernels.metrics import TOTALS, accumulate_metrics
-from ra_kernels.models import MODELS
-from ra_kernels.nn import ATTENTIONS
+from ra_kernels.models import ATTENTIONS, MODELS
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES, SGD
 from train.checkpoint import model_from_checkpoint, read_checkpoint, write_checkpoint
 from train.common import UsageError, epoch_batches, load_dataset, select_backend
