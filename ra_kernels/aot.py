@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import kernels  # noqa: F401  (imports every family: they register themselves)
-from .backend import KERNELS
+from .launch import KERNELS
 
 # (compute capability, aligned). A real launch specialises pointers and integers that are
 # multiples of 16 as such, and the compiler then vectorises loads (128-bit) where it can;
@@ -31,7 +31,7 @@ def compile_kernel(kernel_fn, spec: dict, capability: int, aligned: bool = False
     """Compile one specialisation of a registered kernel for ``sm_<capability>``.
 
     ``spec`` maps every parameter to a Triton type string or, for a constexpr
-    parameter, its value (see ``backend.kernel``). ``aligned``: every pointer and
+    parameter, its value (see ``launch.kernel``). ``aligned``: every pointer and
     integer argument is taken as a multiple of 16, as Triton specialises them at launch.
     """
     names = [p.name for p in kernel_fn.params]

@@ -2,12 +2,12 @@
 
 The interpreter runs plain Python, so it accepts code the compiler rejects; this
 test is what catches such code in CI. Kernels register themselves through
-``ra_kernels.backend.kernel``, so new kernels are covered without editing this file.
+``ra_kernels.launch.kernel``, so new kernels are covered without editing this file.
 """
 import pytest
 
 from ra_kernels import aot
-from ra_kernels.backend import KERNELS
+from ra_kernels.launch import KERNELS
 
 SPECIALISATIONS = aot.specialisations()
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import triton
 
-from ra_kernels import backend
+from ra_kernels import backend, launch
 from ra_kernels.kernels import elementwise
 
 
@@ -64,7 +64,7 @@ def test_precision_setting():
 
 def test_host_adapter_points_at_the_array(rng):
     a = rng.standard_normal((3, 5)).astype(np.float32)
-    h = backend.HostArray(a)
+    h = launch.HostArray(a)
     assert h.data_ptr() == a.ctypes.data == h.untyped_storage().data_ptr()
     assert h.dtype == np.float32
 

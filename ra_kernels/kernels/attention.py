@@ -22,7 +22,8 @@ largest activation, 128x32x32x256, is 3.4e7).
 import triton
 import triton.language as tl
 
-from ..backend import device_function, empty, empty_like, kernel, launch
+from ..backend import empty, empty_like
+from ..launch import device_function, kernel, launch
 
 BLOCK_N = 1024                 # flat tiles: 8 contiguous float32 per thread over 4 warps
 CHANNEL_TILE_ELEMENTS = 2048   # channel attention: BLOCK_P * BLOCK_C, 16 float32 per thread

@@ -17,7 +17,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from ..backend import asarray, empty, kernel, launch, xp
+from ..backend import asarray, empty, xp
+from ..launch import kernel, launch
 
 BLOCK_N = 1024
 

@@ -32,7 +32,8 @@ second kernel reducing them in a fixed order; no atomics.
 import triton
 import triton.language as tl
 
-from ..backend import device_function, empty, kernel, launch
+from ..backend import empty
+from ..launch import device_function, kernel, launch
 
 # --------------------------------------------------------------------------- device functions
 # Shared with the conv kernels' epilogues and operand loads (conv.py).

@@ -37,7 +37,8 @@ below 2**31 elements per array (the largest here, 128x32x32x256, is 3.4e7).
 import triton
 import triton.language as tl
 
-from ..backend import device_function, empty, get_precision, kernel, launch
+from ..backend import empty, get_precision
+from ..launch import device_function, kernel, launch
 from . import batchnorm as bn
 from .nhwc import positions
 

@@ -11,7 +11,8 @@ activation, 128x32x32x256, is 3.4e7).
 import triton
 import triton.language as tl
 
-from ..backend import empty_like, kernel, launch
+from ..backend import empty_like
+from ..launch import kernel, launch
 
 BLOCK_N = 1024
 _OPS = ("add", "relu", "relu_backward")

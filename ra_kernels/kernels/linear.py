@@ -37,7 +37,8 @@ Offsets are int32: fine below 2**31 elements per operand.
 import triton
 import triton.language as tl
 
-from ..backend import empty, get_precision, kernel, launch
+from ..backend import empty, get_precision
+from ..launch import kernel, launch
 
 # tl.dot needs every block dimension >= 16; the caps keep the float32
 # accumulator (BLOCK_M x BLOCK_N) and the operand tiles within registers.

@@ -25,7 +25,8 @@ Offsets are int32 (int64 where int64 labels enter them): fine below 2**31 logits
 import triton
 import triton.language as tl
 
-from ..backend import empty, empty_like, kernel, launch
+from ..backend import empty, empty_like
+from ..launch import kernel, launch
 
 # One program holds a [BLOCK_R rows x BLOCK_C classes] tile of at most TILE elements.
 TILE = 4096

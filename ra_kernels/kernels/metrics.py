@@ -22,7 +22,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from ..backend import get_backend, is_cupy_array, kernel, launch, uses_triton
+from ..backend import get_backend, is_cupy_array, uses_triton
+from ..launch import kernel, launch
 
 #: The slots of a totals array, in order.
 TOTALS = ("loss_sum", "correct", "count")

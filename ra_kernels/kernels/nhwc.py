@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl  # noqa: F401  (Triton's interpreter requires it in a jit function's globals)
 
-from ..backend import device_function
+from ..launch import device_function
 
 #: Elements per tile: 1,024 over 4 warps is 8 float32 per thread and tap.
 TILE = 1024

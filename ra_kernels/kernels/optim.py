@@ -15,7 +15,7 @@ Offsets are int32: fine below 2**31 parameters.
 import triton
 import triton.language as tl
 
-from ..backend import kernel, launch
+from ..launch import kernel, launch
 
 BLOCK_N = 1024
 

@@ -14,7 +14,8 @@ The launchers mirror ``reference/pool.py``: ``op(...) -> (out, saved)``,
 import triton
 import triton.language as tl
 
-from ..backend import empty, kernel, launch
+from ..backend import empty
+from ..launch import kernel, launch
 from .nhwc import TILES_AOT, nhwc_tile, positions
 
 def _argmax_dtype(kernel_size):

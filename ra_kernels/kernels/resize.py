@@ -22,7 +22,8 @@ The launchers mirror ``reference/resize.py``.
 import triton
 import triton.language as tl
 
-from ..backend import device_function, empty, kernel, launch
+from ..backend import empty
+from ..launch import device_function, kernel, launch
 from .nhwc import TILES_AOT, nhwc_tile, positions
 
 

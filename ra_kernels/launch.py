@@ -1,0 +1,218 @@
+"""Triton kernels written once and run on either Triton backend: registration, the two array
+adapters, and the patches that let one process run the same ``@triton.jit`` source compiled
+or interpreted.
+
+This is the code of the project that leans on Triton's internals, so each patch says why it
+exists. It was checked against triton 3.6.0 (the GPU machines' version, with NumPy 2.5) and
+3.9 (the CPU machines' newest):
+
+* ``_launch_on_cupy_stream``: Triton's launcher asks its driver for the current stream
+  (PyTorch's when torch is installed); kernels must run on CuPy's current stream so that a
+  CUDA graph captured there records them.
+* ``_interpreting`` / ``_call_interpreted``: ``triton.jit`` decides interpret-or-compile once,
+  at import, for every jit function; here the backend changes at run time.
+* ``_fix_interpreter_scalar_index``: triton 3.6's interpreter calls ``int()`` on shape-(1,)
+  arrays, which NumPy >= 2.4 refuses.
+* ``_interpreter_lock``: the interpreter keeps global state during a launch.
+
+Kernels are written with :func:`kernel` (and :func:`device_function` for helpers they call)
+and launched with :func:`launch`, which hands NumPy arrays to the interpreter and CuPy arrays
+to the compiled kernel on the backend selected in ``ra_kernels.backend``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import numpy as np
+import triton
+from triton.runtime import interpreter
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from .backend import get_backend, is_cupy_array, xp
+
+
+# --------------------------------------------------------------------------- Triton adapters
+
+class _HostStorage:
+    """The storage the interpreter copies "to the host" and back: already there."""
+
+    def __init__(self, ptr):
+        self._ptr = ptr
+
+    def data_ptr(self):
+        return self._ptr
+
+    def cpu(self):
+        return self
+
+    def copy_(self, other):
+        pass
+
+
+class HostArray:
+    """A NumPy array as Triton's interpreter sees a tensor.
+
+    The interpreter copies each tensor's storage to the host before the launch and
+    back after it; NumPy memory already is host memory, so those steps are no-ops and
+    the kernel reads and writes the array in place.
+    """
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.dtype = array, array.dtype
+
+    def data_ptr(self):
+        return self.array.ctypes.data
+
+    def untyped_storage(self):
+        return _HostStorage(self.data_ptr())
+
+    def new_empty(self, *shape, **kwargs):
+        return self
+
+    def set_(self, *args):
+        return self
+
+    def storage_offset(self):
+        return 0
+
+    def size(self):
+        return self.array.shape
+
+    def stride(self):
+        return self.array.strides
+
+
+class DeviceArray:
+    """A CuPy array as compiled Triton sees a tensor: a device pointer and a dtype."""
+
+    def __init__(self, array):
+        self.array, self.dtype = array, array.dtype
+
+    def data_ptr(self):
+        return self.array.data.ptr
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_on_cupy_stream():
+    """Make Triton launch on CuPy's current stream instead of asking torch for one.
+
+    Triton's launcher asks its driver for the current stream (torch's, when torch is
+    installed). Kernels must run on CuPy's current stream so that a CUDA graph
+    captured on it records them.
+    """
+    cupy = xp()  # called on the cuda backend
+    driver = triton.runtime.driver.active
+    driver.get_current_stream = lambda device=None: cupy.cuda.get_current_stream().ptr
+    driver.get_current_device = lambda: cupy.cuda.Device().id
+
+
+# --------------------------------------------------------------------------- kernels
+
+#: Every kernel of the package, with the specialisations the AOT check compiles.
+KERNELS: list[JITFunction] = []
+
+
+def kernel(*, aot: list[dict]):
+    """Decorator for a Triton kernel: ``triton.jit``, registered for the AOT compile check.
+
+    ``aot`` lists representative specialisations, one dict each mapping every
+    parameter to its Triton type (``"*fp32"``, ``"i32"``, ...) or, for a
+    ``tl.constexpr`` parameter, to its value.
+    """
+    def decorate(fn):
+        compiled = triton.jit(fn)
+        compiled.aot_specs = aot
+        KERNELS.append(compiled)
+        return compiled
+    return decorate
+
+
+#: Decorator for a helper called from kernels (plain ``triton.jit``; named for symmetry).
+device_function = triton.jit
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted(fn) -> InterpretedFunction:
+    return InterpretedFunction(fn)
+
+
+def _call_interpreted(jit_function, *args, **kwargs):
+    # InterpretedFunction.__call__ patches triton.language as seen from the helper's module
+    # (for Triton's own tl.sum: triton.language.core) and never restores it, which is
+    # harmless when everything is interpreted; here a later compile in the same process would
+    # then build through the interpreter's builder. Patch in a scope of our own and restore it.
+    scope = interpreter._patch_lang(jit_function.fn)
+    try:
+        return _interpreted(jit_function.fn)(*args, **kwargs)
+    finally:
+        scope.restore()
+
+
+# Triton's interpreter keeps global state during a launch (the patched triton.language,
+# the program id, JITFunction.__call__ below), so launches from several threads (the data
+# loader's prefetch thread beside the training loop) take turns.
+_interpreter_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _interpreting():
+    """Let one process run the same ``@triton.jit`` source compiled or interpreted.
+
+    ``triton.jit`` picks interpretation once, from TRITON_INTERPRET at import, for
+    every jit function, Triton's own library (tl.sum, tl.zeros, ...) included; here
+    the backend changes at run time. During an interpreted launch, a call from the
+    kernel to any jit function (which JITFunction.__call__ otherwise refuses) runs
+    that function's interpreted twin. Outside the launch nothing changes.
+    """
+    refusing_call = JITFunction.__dict__["__call__"]
+    JITFunction.__call__ = _call_interpreted
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = refusing_call
+
+
+@functools.lru_cache(maxsize=None)
+def _fix_interpreter_scalar_index():
+    """triton 3.6's interpreter turns a scalar kernel argument into a Python int with
+    ``int(array_of_shape_1)``, which NumPy >= 2.4 refuses, so ``range(0, K, BLOCK_K)``
+    over a run-time K fails there (the GPU machines pair 3.6 with NumPy 2.5). Newer
+    Triton squeezes first; do the same for every version."""
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_scalar_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
+
+
+def launch(kernel_fn: JITFunction, grid, *args, num_warps=4, **constexprs):
+    """Run ``kernel_fn[grid](*args, **constexprs)`` on the current backend.
+
+    Array arguments must belong to the backend: NumPy arrays run in the
+    interpreter, CuPy arrays in the compiled kernel on CuPy's current stream.
+    """
+    backend = get_backend()
+    if backend == "numpy":
+        raise RuntimeError(f"{kernel_fn.__name__}: Triton kernels do not run on the numpy backend")
+    if backend == "cuda":
+        _launch_on_cupy_stream()
+    adapter = DeviceArray if backend == "cuda" else HostArray
+    wrapped = []
+    for a in args:
+        if isinstance(a, np.ndarray) or is_cupy_array(a):
+            if (backend == "cuda") != is_cupy_array(a):
+                raise TypeError(f"{kernel_fn.__name__}: a {type(a).__module__} array was given "
+                                f"to a kernel on the {backend} backend")
+            a = adapter(a)
+        wrapped.append(a)
+    if backend == "interpret":
+        _fix_interpreter_scalar_index()
+        with _interpreter_lock, _interpreting():
+            _interpreted(kernel_fn.fn)[grid](*wrapped, **constexprs)
+    else:
+        kernel_fn[grid](*wrapped, num_warps=num_warps, enable_fp_fusion=True, **constexprs)
