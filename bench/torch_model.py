@@ -8,7 +8,7 @@ linear weights; PyTorch's NCHW activations (held channels_last, so the same memo
 NHWC), OIHW conv weights and (out, in) linear weights. The network takes NCHW float images
 (N, 3, H, W), best channels_last, and returns logits (N, classes).
 
-Semantics, as ours (DESIGN.md sections 3 and 4): pre-activation bottleneck units with a 1x1
+Semantics, as ours (docs/design.md §3 and ra_kernels/models.py): pre-activation bottleneck units with a 1x1
 projection of the pre-activated input when the shape changes; max-pool 3/2/1; bilinear
 upsampling with aligned corners plus the skip; batch norm with momentum 0.1 and eps 1e-5
 (biased variance to normalise, unbiased for the running estimate); the mask as sigmoid

@@ -1,4 +1,4 @@
-"""Differentiable ops: the op contract of DESIGN.md section 3.
+"""Differentiable ops: the op contract of docs/design.md §3.
 
 Each op is one :class:`~ra_kernels.autograd.Function`. On the numpy backend it
 runs ``reference.<op>`` and ``reference.<op>_backward``; on the cuda and

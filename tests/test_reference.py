@@ -1,4 +1,4 @@
-"""Tests of reference/, the NumPy ground truth (DESIGN.md section 5, rung 1).
+"""Tests of reference/, the NumPy ground truth (docs/design.md §5, rung 1).
 
 Every backward against central finite differences in float64, every forward
 against an independent direct formula, float32 against float64, and the details

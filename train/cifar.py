@@ -34,7 +34,7 @@ uninterrupted run would have done (bit for bit on the numpy backend).
 
 Loss and accuracy stay on the device during training: each step adds its loss
 and correct predictions into a small device array, read once per
-``--log-every`` steps (DESIGN.md section 6); that read also guards against
+``--log-every`` steps (docs/design.md §6); that read also guards against
 divergence.
 
 Exit codes: 0 done; 1 the loss became NaN or Inf; 2 bad usage, or data or a

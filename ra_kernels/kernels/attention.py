@@ -7,9 +7,7 @@ attention take NHWC ``(N, H, W, C)`` and tile ``[BLOCK_P positions x BLOCK_C
 channels]`` with channels the fastest axis, so loads vectorise.
 
 Every kernel is memory-bound; each launcher's docstring gives the bytes one call
-moves per element and in all for the attention92 activations at batch 64: stage 1
-64x32x32x64, stage 2 64x16x16x128, stage 3 64x8x8x256, i.e. 4.19M, 2.10M and 1.05M
-elements, 16, 8 and 4 MiB per float32 array.
+moves per element (docs/design.md turns them into totals for the network's layers).
 
 One sigmoid, :func:`_sigmoid_pair`, serves every kernel: it evaluates only
 exp(-|x|), which cannot overflow, and returns s and 1 - s each to full relative
@@ -123,7 +121,7 @@ def _flat_grid(a):
 def sigmoid(x):
     """1 / (1 + exp(-x)), any shape; saves x (the backward recomputes s from it).
 
-    Moves 8 B per element (read x, write y): 32 / 16 / 8 MiB at attention92 stages 1 / 2 / 3.
+    Moves 8 B per element (read x, write y).
     """
     y = empty_like(x)
     launch(sigmoid_mix_kernel, _flat_grid(x), x, x, y, x.size, OP="sigmoid", SIGMOID=True, BLOCK_N=BLOCK_N)
@@ -133,7 +131,7 @@ def sigmoid(x):
 def sigmoid_backward(dy, saved):
     """dx = dy * s * (1 - s), s = sigmoid(x) recomputed.
 
-    Moves 12 B per element (read dy and x, write dx): 48 / 24 / 12 MiB at stages 1 / 2 / 3;
+    Moves 12 B per element (read dy and x, write dx);
     saving s instead would cost the same reads, and recomputing keeps 1 - s accurate.
     """
     (x,) = saved
@@ -147,8 +145,7 @@ def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
     """(1 + M) * t, or M * t when residual=False, M = sigmoid(m) (or m itself when not
     ``sigmoid``); one kernel, M never stored.
 
-    Saves (m, t). Moves 12 B per element (read m and t, write y): 48 / 24 / 12 MiB at
-    stages 1 / 2 / 3. Storing s for the backward would add a 4 B write here (16 B, +33%)
+    Saves (m, t). Moves 12 B per element (read m and t, write y). Storing s for the backward would add a 4 B write here (16 B, +33%)
     and a buffer of the activation's size, and save nothing later: the backward reads m
     or s, 4 B either way, and the exp it recomputes is free in a memory-bound kernel.
     """
@@ -163,7 +160,7 @@ def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
 def attention_mix_backward(dy, saved):
     """(dm, dt) = (dy * t * dM/dm, dy * (1 + M)), or dt = dy * M when not residual; one kernel.
 
-    Moves 20 B per element (read dy, m, t; write dm, dt): 80 / 40 / 20 MiB at stages 1 / 2 / 3.
+    Moves 20 B per element (read dy, m, t; write dm, dt).
     """
     mask_logits, trunk, variant = saved
     dm, dt = empty_like(mask_logits), empty_like(trunk)
@@ -216,7 +213,7 @@ def channel_attention(x, eps=1e-12):
 
     One program per block of positions holding all C channels (BLOCK_C = C rounded up to a
     power of two; C <= 1024 in the network, larger C works with more registers per thread).
-    Moves 8 B per element (read x, write y): 32 / 16 / 8 MiB at stages 1 / 2 / 3.
+    Moves 8 B per element (read x, write y).
     """
     return _channel_attention_run(x, x, eps, backward=False), (x, eps)
 
@@ -224,7 +221,7 @@ def channel_attention(x, eps=1e-12):
 def channel_attention_backward(dy, saved):
     """dx = (dy - y * sum_c(dy * y)) / norm, with y and norm recomputed from x.
 
-    Moves 12 B per element (read dy and x, write dx): 48 / 24 / 12 MiB at stages 1 / 2 / 3;
+    Moves 12 B per element (read dy and x, write dx);
     reading a saved y and norm instead would move 4 B per position more, and the forward
     would have to write the norm.
     """
@@ -333,8 +330,7 @@ def spatial_attention(x, eps=1e-5):
     Saves (x, mean, rstd), mean and rstd (N, C). One program per (sample, 16 channels),
     N * ceil(C / 16) in all. Moves 16 B per element requested (x read three times, y
     written once), of which 8 B from DRAM when the re-reads of a program's H*W x 16
-    slab (64 KiB at 32x32) hit L2, plus 8 B per (sample, channel) of statistics:
-    64 (32 DRAM) / 32 (16) / 16 (8) MiB at stages 1 / 2 / 3.
+    slab (64 KiB at 32x32) hit L2, plus 8 B per (sample, channel) of statistics.
     """
     n, h, w, c = x.shape
     y, mean, rstd = empty_like(x), empty((n, c)), empty((n, c))
@@ -347,7 +343,7 @@ def spatial_attention_backward(dy, saved):
     """dx through the sigmoid and the per-(sample, channel) standardisation, mean and var included.
 
     Moves 20 B per element requested (dy and x read twice, dx written), 12 B from DRAM when
-    the second sweep hits L2: 80 (48 DRAM) / 40 (24) / 20 (12) MiB at stages 1 / 2 / 3.
+    the second sweep hits L2.
     """
     x, mean, rstd = saved
     _, h, w, c = x.shape

@@ -6,7 +6,7 @@
 predictions, the number of examples. Mean loss = totals[0] / totals[2],
 accuracy = totals[1] / totals[2]. A training loop reads ``totals`` back once
 per logging interval instead of once per step, so nothing inside a step waits
-for the device (DESIGN.md section 6). float32 counts are exact up to 2**24
+for the device (docs/design.md §6). float32 counts are exact up to 2**24
 examples, far beyond an epoch of CIFAR.
 
 A prediction is the argmax of a row of logits, ties going to the first
