@@ -56,6 +56,7 @@ from ra_kernels.kernels import loss as loss_kernels
 from ra_kernels.kernels import optim as optim_kernels
 from ra_kernels.kernels import pool as pool_kernels
 from ra_kernels.kernels import resize as resize_kernels
+from ra_kernels.kernels.tiles import out_size
 
 from . import common
 
@@ -169,7 +170,7 @@ class Conv2d(Family):
     def output_shape(self, s, o):
         n, h, wd, _ = s["x"]
         kh, kw, _, cout = s["w"]
-        return n, (h + 2 * o["padding"] - kh) // o["stride"] + 1, (wd + 2 * o["padding"] - kw) // o["stride"] + 1, cout
+        return n, out_size(h, kh, o["stride"], o["padding"]), out_size(wd, kw, o["stride"], o["padding"]), cout
 
     def label(self, s, o):
         kh, kw = s["w"][:2]
@@ -262,7 +263,7 @@ class MaxPool2d(Family):
     def output_shape(self, s, o):
         n, h, w, c = s["x"]
         k, stride, padding = o["kernel_size"], o["stride"], o["padding"]
-        return n, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1, c
+        return n, out_size(h, k, stride, padding), out_size(w, k, stride, padding), c
 
     def label(self, s, o):
         return f"{_hwc(s['x'])}, {o['kernel_size']}x{o['kernel_size']}/{o['stride']}"

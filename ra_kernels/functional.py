@@ -30,6 +30,7 @@ from .kernels import linear as linear_kernels
 from .kernels import loss as loss_kernels
 from .kernels import pool as pool_kernels
 from .kernels import resize as resize_kernels
+from .kernels.tiles import out_size
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -95,7 +96,7 @@ def _check_channel_params(op, c, dtype, **params):
 
 
 def _out_size(op, size, kernel, stride, padding):
-    out = (size + 2 * padding - kernel) // stride + 1
+    out = out_size(size, kernel, stride, padding)
     if out < 1:
         raise ValueError(f"{op}: input size {size} with kernel {kernel}, stride {stride}, "
                          f"padding {padding} gives an empty output")
@@ -113,6 +114,10 @@ class _Op(Function):
     """
     op = ""          # the op's name in reference/ and in its kernels/ module
     kernels = None   # the kernels/ module implementing it
+    #: Ops whose backward takes ``need_dx``: the gradient of the first input is then skipped
+    #: (not computed, no kernel launched) when autograd says nothing wants it, as for the
+    #: network's input image under the stem conv.
+    skips_unwanted_dx = False
 
     @classmethod
     def implementation(cls):
@@ -132,7 +137,8 @@ class _Op(Function):
 
     @classmethod
     def backward(cls, ctx, dy):
-        grads = tuple(ctx.op_backward(dy, ctx.op_saved))
+        options = {"need_dx": ctx.needs_input_grad[0]} if cls.skips_unwanted_dx else {}
+        grads = tuple(ctx.op_backward(dy, ctx.op_saved, **options))
         return grads + (None,) * (ctx.n_inputs - len(grads))
 
 
@@ -152,7 +158,7 @@ class _BatchNorm(_Op):
 
 
 class _ConvBnRelu(_BatchNorm):
-    op, kernels = "conv_bn_relu", conv_kernels
+    op, kernels, skips_unwanted_dx = "conv_bn_relu", conv_kernels, True
 
 
 class _UpsampleBilinear(_Op):
@@ -163,12 +169,12 @@ class _UpsampleBilinear(_Op):
         return impl.upsample_bilinear(x, size, skip)
 
 
-def _op(name, kernels):
+def _op(name, kernels, skips_unwanted_dx=False):
     """The Function of a plain op: reference.<name> on numpy, kernels.<name> on cuda and interpret."""
-    return type(f"_{name}", (_Op,), {"op": name, "kernels": kernels})
+    return type(f"_{name}", (_Op,), {"op": name, "kernels": kernels, "skips_unwanted_dx": skips_unwanted_dx})
 
 
-_Conv2d = _op("conv2d", conv_kernels)
+_Conv2d = _op("conv2d", conv_kernels, skips_unwanted_dx=True)
 _MaxPool2d = _op("max_pool2d", pool_kernels)
 _Sigmoid = _op("sigmoid", attention_kernels)
 _AttentionMix = _op("attention_mix", attention_kernels)

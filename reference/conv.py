@@ -26,14 +26,17 @@ def conv2d(x, w, stride=1, padding=0):
     return y, (x, w, stride, padding)
 
 
-def conv2d_backward(dy, saved):
-    """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx (N, H, W, Cin), dw (KH, KW, Cin, Cout))."""
+def conv2d_backward(dy, saved, need_dx=True):
+    """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx (N, H, W, Cin), dw (KH, KW, Cin, Cout));
+    dx is None, and not computed, when not ``need_dx`` (an input image, say)."""
     x, w, stride, padding = saved
     kh, kw, cin, cout = w.shape
     n, oh, ow, _ = dy.shape
     dy2d = dy.reshape(-1, cout)
     cols, _ = _im2col(x, (kh, kw), stride, padding)
     dw = (cols.T @ dy2d).reshape(w.shape)
+    if not need_dx:
+        return None, dw
     # One (N*OH*OW, Cout) @ (Cout, Cin) product per tap: faster than one product into a
     # KH*KW-times larger buffer, and lighter on memory.
     dx = fold_windows(lambda i, j: (dy2d @ w[i, j].T).reshape(n, oh, ow, cin), (kh, kw), x.shape, stride, padding,
@@ -54,9 +57,9 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
     return y, new_mean, new_var, (conv_saved, bn_saved)
 
 
-def conv_bn_relu_backward(dy, saved):
-    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta)."""
+def conv_bn_relu_backward(dy, saved, need_dx=True):
+    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta); dx None when not ``need_dx``."""
     conv_saved, bn_saved = saved
     dz, dgamma, dbeta = batch_norm_backward(dy, bn_saved)
-    dx, dw = conv2d_backward(dz, conv_saved)
+    dx, dw = conv2d_backward(dz, conv_saved, need_dx)
     return dx, dw, dgamma, dbeta

@@ -141,3 +141,44 @@ def test_whole_graph_kernels_match_numpy_backend(triton_backend, rng, mix_residu
     for got, want in zip(results[1], results[0]):
         scale = np.abs(want).max()
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv_bn_relu"])
+def test_convs_skip_the_input_gradient_nobody_wants(triton_backend, rng, monkeypatch, op):
+    """The stem conv's input is the image: autograd knows nothing wants its gradient, and the conv
+    ops then launch no dgrad kernel. The weight's gradient is the same as with it."""
+    from ra_kernels.kernels import conv as conv_kernels
+
+    launched, launch = [], conv_kernels.launch
+    monkeypatch.setattr(conv_kernels, "launch", lambda kernel, *a, **k: (launched.append(kernel.__name__),
+                                                                        launch(kernel, *a, **k))[1])
+    x = backend.asarray(rng.standard_normal((2, 6, 7, 3)).astype(np.float32))
+    w, dy = (rng.standard_normal(s).astype(np.float32) for s in ((3, 3, 3, 4), (2, 6, 7, 4)))
+    gamma, beta = (backend.asarray(rng.uniform(0.5, 1.5, 4).astype(np.float32)) for _ in range(2))
+
+    def backward(x_wants_grad):
+        xt = Tensor(x, requires_grad=True) if x_wants_grad else x
+        wt = Tensor(backend.asarray(w), requires_grad=True)
+        if op == "conv2d":
+            y = F.conv2d(xt, wt, padding=1)
+        else:
+            y = F.conv_bn_relu(xt, wt, gamma, beta, backend.asarray(np.zeros(4, np.float32)),
+                               backend.asarray(np.ones(4, np.float32)), padding=1)
+        launched.clear()
+        y.backward(backend.asarray(dy))
+        return backend.to_numpy(wt.grad), list(launched)
+
+    dw_with_dx, kernels_with_dx = backward(True)
+    dw, kernels = backward(False)
+    assert "conv2d_dgrad_kernel" in kernels_with_dx and "conv2d_dgrad_kernel" not in kernels
+    assert "conv2d_wgrad_kernel" in kernels
+    np.testing.assert_array_equal(dw, dw_with_dx)
+
+
+def test_reference_conv_backward_skips_dx_when_asked(rng):
+    x, w, dy = rng.standard_normal((2, 5, 5, 3)), rng.standard_normal((3, 3, 3, 4)), rng.standard_normal((2, 3, 3, 4))
+    _, saved = ref.conv2d(x, w, stride=2, padding=1)
+    dx, dw = ref.conv2d_backward(dy, saved)
+    no_dx, same_dw = ref.conv2d_backward(dy, saved, need_dx=False)
+    assert dx is not None and no_dx is None
+    np.testing.assert_array_equal(same_dw, dw)

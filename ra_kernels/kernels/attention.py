@@ -22,8 +22,8 @@ import triton.language as tl
 
 from ..backend import empty, empty_like
 from ..launch import device_function, kernel, launch
+from .tiles import FLAT_BLOCK, channel_tile
 
-BLOCK_N = 1024                 # flat tiles: 8 contiguous float32 per thread over 4 warps
 CHANNEL_TILE_ELEMENTS = 2048   # channel attention: BLOCK_P * BLOCK_C, 16 float32 per thread
 SPATIAL_BLOCK_C = 16           # spatial attention: channels per program (64 B rows) ...
 SPATIAL_BLOCK_P = 64           # ... and positions per step of its sweep over H * W
@@ -61,7 +61,7 @@ def _gate(s, OP: tl.constexpr):
 _MIX_VARIANTS = [("sigmoid", True)] + [(op, sig) for op in ("residual_mix", "naive_mix") for sig in (True, False)]
 
 
-@kernel(aot=[dict(x_ptr="*fp32", t_ptr="*fp32", y_ptr="*fp32", n="i32", OP=op, SIGMOID=sig, BLOCK_N=BLOCK_N)
+@kernel(aot=[dict(x_ptr="*fp32", t_ptr="*fp32", y_ptr="*fp32", n="i32", OP=op, SIGMOID=sig, BLOCK_N=FLAT_BLOCK)
              for op, sig in _MIX_VARIANTS])
 def sigmoid_mix_kernel(x_ptr, t_ptr, y_ptr, n, OP: tl.constexpr, SIGMOID: tl.constexpr,
                        BLOCK_N: tl.constexpr):
@@ -85,7 +85,7 @@ def sigmoid_mix_kernel(x_ptr, t_ptr, y_ptr, n, OP: tl.constexpr, SIGMOID: tl.con
 
 
 @kernel(aot=[dict(dy_ptr="*fp32", x_ptr="*fp32", t_ptr="*fp32", dx_ptr="*fp32", dt_ptr="*fp32", n="i32",
-                  OP=op, SIGMOID=sig, BLOCK_N=BLOCK_N) for op, sig in _MIX_VARIANTS])
+                  OP=op, SIGMOID=sig, BLOCK_N=FLAT_BLOCK) for op, sig in _MIX_VARIANTS])
 def sigmoid_mix_backward_kernel(dy_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, OP: tl.constexpr,
                                 SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr):
     """Gradients of sigmoid_mix_kernel's OP, s recomputed from the saved x.
@@ -113,7 +113,7 @@ def sigmoid_mix_backward_kernel(dy_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, OP: tl.
 
 
 def _flat_grid(a):
-    return (triton.cdiv(a.size, BLOCK_N),)
+    return (triton.cdiv(a.size, FLAT_BLOCK),)
 
 
 # Launchers mirror reference/: op(...) -> (out, saved), op_backward(dy, saved) -> grads.
@@ -124,7 +124,7 @@ def sigmoid(x):
     Moves 8 B per element (read x, write y).
     """
     y = empty_like(x)
-    launch(sigmoid_mix_kernel, _flat_grid(x), x, x, y, x.size, OP="sigmoid", SIGMOID=True, BLOCK_N=BLOCK_N)
+    launch(sigmoid_mix_kernel, _flat_grid(x), x, x, y, x.size, OP="sigmoid", SIGMOID=True, BLOCK_N=FLAT_BLOCK)
     return y, (x,)
 
 
@@ -137,7 +137,7 @@ def sigmoid_backward(dy, saved):
     (x,) = saved
     dx = empty_like(x)
     launch(sigmoid_mix_backward_kernel, _flat_grid(x), dy, x, x, dx, dx, x.size,
-           OP="sigmoid", SIGMOID=True, BLOCK_N=BLOCK_N)
+           OP="sigmoid", SIGMOID=True, BLOCK_N=FLAT_BLOCK)
     return (dx,)
 
 
@@ -153,7 +153,7 @@ def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
         raise ValueError(f"attention_mix: shapes differ: mask_logits {mask_logits.shape}, trunk {trunk.shape}")
     variant = dict(OP="residual_mix" if residual else "naive_mix", SIGMOID=bool(sigmoid))
     y = empty_like(trunk)
-    launch(sigmoid_mix_kernel, _flat_grid(trunk), mask_logits, trunk, y, trunk.size, **variant, BLOCK_N=BLOCK_N)
+    launch(sigmoid_mix_kernel, _flat_grid(trunk), mask_logits, trunk, y, trunk.size, **variant, BLOCK_N=FLAT_BLOCK)
     return y, (mask_logits, trunk, variant)
 
 
@@ -165,7 +165,7 @@ def attention_mix_backward(dy, saved):
     mask_logits, trunk, variant = saved
     dm, dt = empty_like(mask_logits), empty_like(trunk)
     launch(sigmoid_mix_backward_kernel, _flat_grid(trunk), dy, mask_logits, trunk, dm, dt, trunk.size,
-           **variant, BLOCK_N=BLOCK_N)
+           **variant, BLOCK_N=FLAT_BLOCK)
     return dm, dt
 
 
@@ -200,8 +200,8 @@ def channel_attention_kernel(x_ptr, dy_ptr, out_ptr, n_pos, C, eps, BACKWARD: tl
 def _channel_attention_run(x, dy, eps, backward):
     c = x.shape[-1]
     n_pos = x.size // c
-    block_c = triton.next_power_of_2(c)
-    block_p = min(max(1, CHANNEL_TILE_ELEMENTS // block_c), triton.next_power_of_2(n_pos))
+    block_p, block_c = channel_tile(c, CHANNEL_TILE_ELEMENTS)   # all C channels in one block
+    block_p = min(block_p, triton.next_power_of_2(n_pos))
     out = empty_like(x)
     launch(channel_attention_kernel, (triton.cdiv(n_pos, block_p),), x, dy, out, n_pos, c, eps,
            BACKWARD=backward, BLOCK_P=block_p, BLOCK_C=block_c)

@@ -19,12 +19,12 @@ import triton.language as tl
 
 from ..backend import asarray, empty, xp
 from ..launch import kernel, launch
+from .tiles import FLAT_BLOCK
 
-BLOCK_N = 1024
 
 
 @kernel(aot=[dict(images_ptr="*u8", offsets_ptr="*i32", flips_ptr="*i8", mean_ptr="*fp32", std_ptr="*fp32",
-                  out_ptr="*fp32", n="i32", pad="i32", H=32, W=32, C=3, BLOCK_N=BLOCK_N)])
+                  out_ptr="*fp32", n="i32", pad="i32", H=32, W=32, C=3, BLOCK_N=FLAT_BLOCK)])
 def augment_kernel(images_ptr, offsets_ptr, flips_ptr, mean_ptr, std_ptr, out_ptr, n, pad,
                    H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[b, i, j, c] = (padded[b, i + oy, j' + ox, c] / 255 - mean[c]) / std[c] over n = B*H*W*C elements.
@@ -64,9 +64,9 @@ def augment(images, crop_offsets, flips, mean, std, pad):
     _, height, width, channels = images.shape
     out = empty(images.shape, np.float32)
     n = images.size
-    launch(augment_kernel, (triton.cdiv(n, BLOCK_N),), images, _contiguous(crop_offsets, np.int32),
+    launch(augment_kernel, (triton.cdiv(n, FLAT_BLOCK),), images, _contiguous(crop_offsets, np.int32),
            _contiguous(flips, np.int8), _contiguous(mean, np.float32), _contiguous(std, np.float32),
-           out, n, int(pad), H=height, W=width, C=channels, BLOCK_N=BLOCK_N)
+           out, n, int(pad), H=height, W=width, C=channels, BLOCK_N=FLAT_BLOCK)
     return out
 
 

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..backend import empty
 from ..launch import device_function, kernel, launch
+from .tiles import channel_tile
 
 # --------------------------------------------------------------------------- device functions
 # Shared with the conv kernels' epilogues and operand loads (conv.py).
@@ -252,8 +253,7 @@ _SUM_BLOCKS = dict(BLOCK_T=16, BLOCK_L=256)
 
 
 def _tiles(C):
-    block_c = min(triton.next_power_of_2(C), 64)
-    return _TILE_ELEMENTS // block_c, block_c
+    return channel_tile(C, _TILE_ELEMENTS, max_block_c=64)
 
 
 def sum_rows(partials, out):

@@ -40,7 +40,7 @@ import triton.language as tl
 from ..backend import empty, get_precision
 from ..launch import device_function, kernel, launch
 from . import batchnorm as bn
-from .nhwc import positions
+from .tiles import out_size, positions
 
 # --------------------------------------------------------------------------- device functions
 
@@ -294,15 +294,12 @@ def _wgrad_split(positions, k, c_out, tiles):
 
 # --------------------------------------------------------------------------- launch helpers
 
-def _out_size(size, kernel_size, stride, padding):
-    return (size + 2 * padding - kernel_size) // stride + 1
-
 
 def _shape_args(x, w, stride, padding):
     """Batch, input, output and kernel sizes of a conv."""
     n, h, wd, c_in = x.shape
     kh, kw, _, c_out = w.shape
-    oh, ow = _out_size(h, kh, stride, padding), _out_size(wd, kw, stride, padding)
+    oh, ow = out_size(h, kh, stride, padding), out_size(wd, kw, stride, padding)
     return dict(n=n, H=h, W=wd, C_in=c_in, OH=oh, OW=ow, C_out=c_out, KH=kh, KW=kw)
 
 
@@ -327,8 +324,9 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False):
     return y
 
 
-def _backward(dy, x, w, stride, padding, bn_args=None, relu=False):
-    """dx, dw of a conv; with bn_args = (z, stats, sums, inv_count) dy is first taken through BN (+ReLU)."""
+def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True):
+    """dx, dw of a conv; with bn_args = (z, stats, sums, inv_count) dy is first taken through BN (+ReLU).
+    Without ``need_dx`` the dgrad kernel is not launched and dx is None."""
     s = _shape_args(x, w, stride, padding)
     bn_backward = bn_args is not None
     z, stats, sums, inv_count = bn_args if bn_backward else (dy, dy, dy, 0.0)
@@ -336,13 +334,15 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False):
     shapes = (s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"])
 
     # dgrad: M = N*H*W input positions, K = KH*KW*C_out
-    m, k = s["n"] * s["H"] * s["W"], s["KH"] * s["KW"] * s["C_out"]
-    block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_in"])
-    dx = empty(x.shape)
-    launch(conv2d_dgrad_kernel, (triton.cdiv(m, block_m), triton.cdiv(s["C_in"], block_n)),
-           dy, w, dx, z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding,
-           num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    dx = None
+    if need_dx:
+        m, k = s["n"] * s["H"] * s["W"], s["KH"] * s["KW"] * s["C_out"]
+        block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_in"])
+        dx = empty(x.shape)
+        launch(conv2d_dgrad_kernel, (triton.cdiv(m, block_m), triton.cdiv(s["C_in"], block_n)),
+               dy, w, dx, z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding,
+               num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
+               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
 
     # wgrad: dw (K = KH*KW*C_in, C_out) reduced over M = N*OH*OW positions, split-K
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
@@ -367,10 +367,11 @@ def conv2d(x, w, stride=1, padding=0):
     return _forward(x, w, stride, padding, "store"), (x, w, stride, padding)
 
 
-def conv2d_backward(dy, saved):
-    """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx, dw). Kernels: conv2d_dgrad, conv2d_wgrad (+ sum_rows)."""
+def conv2d_backward(dy, saved, need_dx=True):
+    """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx, dw). Kernels: conv2d_dgrad (unless not
+    ``need_dx``: dx None), conv2d_wgrad (+ sum_rows)."""
     x, w, stride, padding = saved
-    return _backward(dy, x, w, stride, padding)
+    return _backward(dy, x, w, stride, padding, need_dx=need_dx)
 
 
 def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
@@ -394,12 +395,12 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
     return y, running_mean, running_var, (x, w, stride, padding, z, stats, training, relu)
 
 
-def conv_bn_relu_backward(dy, saved):
-    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta)."""
+def conv_bn_relu_backward(dy, saved, need_dx=True):
+    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta); dx None when not ``need_dx``."""
     x, w, stride, padding, z, stats, training, relu = saved
     if z is None:
         z = _forward(x, w, stride, padding, "store")
     sums = bn.backward_sums(dy, z, stats, relu)
     inv_count = bn.inverse_count(z.size // z.shape[-1], training)
-    dx, dw = _backward(dy, x, w, stride, padding, (z, stats, sums, inv_count), relu)
+    dx, dw = _backward(dy, x, w, stride, padding, (z, stats, sums, inv_count), relu, need_dx)
     return dx, dw, sums[1], sums[0]

@@ -3,7 +3,7 @@
 Arrays of any shape, float32, C-contiguous, all of one shape, NumPy (interpret
 backend) or CuPy (cuda backend). They are memory-bound: each call reads two
 arrays and writes one, 12 bytes per element, so the loop is a flat 1-D sweep in
-``BLOCK_N``-element tiles whose accesses vectorise (BLOCK_N = 1024 over 4 warps
+``BLOCK_N``-element tiles whose accesses vectorise (BLOCK_N = tiles.FLAT_BLOCK = 1024 over 4 warps
 is 8 contiguous float32 per thread: two 128-bit loads per array).
 Offsets are int32: fine below 2**31 elements (batch 128 of the largest
 activation, 128x32x32x256, is 3.4e7).
@@ -13,12 +13,12 @@ import triton.language as tl
 
 from ..backend import empty_like
 from ..launch import kernel, launch
+from .tiles import FLAT_BLOCK
 
-BLOCK_N = 1024
 _OPS = ("add", "relu", "relu_backward")
 
 
-@kernel(aot=[dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", n="i32", OP=op, BLOCK_N=BLOCK_N)
+@kernel(aot=[dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", n="i32", OP=op, BLOCK_N=FLAT_BLOCK)
              for op in _OPS])
 def elementwise_kernel(a_ptr, b_ptr, out_ptr, n, OP: tl.constexpr, BLOCK_N: tl.constexpr):
     """out = OP(a, b) over n elements.
@@ -41,7 +41,7 @@ def elementwise_kernel(a_ptr, b_ptr, out_ptr, n, OP: tl.constexpr, BLOCK_N: tl.c
 def _run(op, a, b):
     out = empty_like(a)
     n = a.size
-    launch(elementwise_kernel, (triton.cdiv(n, BLOCK_N),), a, b, out, n, OP=op, BLOCK_N=BLOCK_N)
+    launch(elementwise_kernel, (triton.cdiv(n, FLAT_BLOCK),), a, b, out, n, OP=op, BLOCK_N=FLAT_BLOCK)
     return out
 
 

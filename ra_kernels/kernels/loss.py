@@ -27,16 +27,9 @@ import triton.language as tl
 
 from ..backend import empty, empty_like
 from ..launch import kernel, launch
+from .tiles import row_tile
 
-# One program holds a [BLOCK_R rows x BLOCK_C classes] tile of at most TILE elements.
-TILE = 4096
-MAX_BLOCK_C = 1024
 MAX_BLOCK_MEAN = 1024
-
-
-def _blocks(n_rows, n_classes):
-    block_c = min(triton.next_power_of_2(n_classes), MAX_BLOCK_C)
-    return dict(BLOCK_R=min(triton.next_power_of_2(n_rows), TILE // block_c), BLOCK_C=block_c)
 
 
 # The attention92 head at batch 64: CIFAR-10 and CIFAR-100.
@@ -45,7 +38,7 @@ _LABEL_TYPES = ("*i32", "*i64")
 
 
 @kernel(aot=[dict(logits_ptr="*fp32", labels_ptr=labels, row_loss_ptr="*fp32", row_max_ptr="*fp32",
-                  row_log_sum_ptr="*fp32", n_rows="i32", n_classes="i32", **_blocks(*shape))
+                  row_log_sum_ptr="*fp32", n_rows="i32", n_classes="i32", **row_tile(*shape))
              for shape in _AOT_SHAPES for labels in _LABEL_TYPES])
 def cross_entropy_rows_kernel(logits_ptr, labels_ptr, row_loss_ptr, row_max_ptr, row_log_sum_ptr,
                               n_rows, n_classes, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -91,7 +84,7 @@ def mean_kernel(values_ptr, mean_ptr, n, BLOCK: tl.constexpr):
 
 @kernel(aot=[dict(logits_ptr="*fp32", labels_ptr=labels, row_max_ptr="*fp32", row_log_sum_ptr="*fp32",
                   dloss_ptr="*fp32", dlogits_ptr="*fp32", n_rows="i32", n_classes="i32",
-                  **_blocks(*shape))
+                  **row_tile(*shape))
              for shape in _AOT_SHAPES for labels in _LABEL_TYPES])
 def cross_entropy_backward_kernel(logits_ptr, labels_ptr, row_max_ptr, row_log_sum_ptr, dloss_ptr,
                                   dlogits_ptr, n_rows, n_classes,
@@ -128,7 +121,7 @@ def cross_entropy(logits, labels):
     saved = (logits, labels, row max, row log-sum-exp of the shifted logits).
     """
     n_rows, n_classes = logits.shape
-    blocks = _blocks(n_rows, n_classes)
+    blocks = row_tile(n_rows, n_classes)
     row_loss, row_max, row_log_sum = (empty((n_rows,)) for _ in range(3))
     launch(cross_entropy_rows_kernel, (triton.cdiv(n_rows, blocks["BLOCK_R"]),), logits, labels,
            row_loss, row_max, row_log_sum, n_rows, n_classes, **blocks)
@@ -142,7 +135,7 @@ def cross_entropy_backward(dloss, saved):
     """dloss: a 0-d float32 array of the backend -> (dlogits (N, K),)."""
     logits, labels, row_max, row_log_sum = saved
     n_rows, n_classes = logits.shape
-    blocks = _blocks(n_rows, n_classes)
+    blocks = row_tile(n_rows, n_classes)
     dlogits = empty_like(logits)
     grid = (triton.cdiv(n_rows, blocks["BLOCK_R"]), triton.cdiv(n_classes, blocks["BLOCK_C"]))
     launch(cross_entropy_backward_kernel, grid, logits, labels, row_max, row_log_sum, dloss, dlogits,

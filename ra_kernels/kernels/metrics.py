@@ -19,23 +19,14 @@ NumPy. Bytes per call at batch 64, CIFAR-100, int64 labels: 25,600 (logits)
 + 512 (labels) + 4 (loss) + 12 read and 12 written (totals).
 """
 import numpy as np
-import triton
 import triton.language as tl
 
 from ..backend import get_backend, is_cupy_array, uses_triton
 from ..launch import kernel, launch
+from .tiles import row_tile
 
 #: The slots of a totals array, in order.
 TOTALS = ("loss_sum", "correct", "count")
-
-# One loop iteration holds a [BLOCK_R rows x BLOCK_C classes] tile of at most TILE elements.
-TILE = 4096
-MAX_BLOCK_C = 1024
-
-
-def _blocks(n_rows, n_classes):
-    block_c = min(triton.next_power_of_2(n_classes), MAX_BLOCK_C)
-    return dict(BLOCK_R=min(triton.next_power_of_2(n_rows), TILE // block_c), BLOCK_C=block_c)
 
 
 # Batch 64 (training) and 1,000 (a large evaluation batch), CIFAR-10 and CIFAR-100.
@@ -44,7 +35,7 @@ _LABEL_TYPES = ("*i32", "*i64")
 
 
 @kernel(aot=[dict(logits_ptr="*fp32", labels_ptr=labels, loss_ptr="*fp32", totals_ptr="*fp32",
-                  n_rows="i32", n_classes="i32", **_blocks(*shape))
+                  n_rows="i32", n_classes="i32", **row_tile(*shape))
              for shape in _AOT_SHAPES for labels in _LABEL_TYPES])
 def metrics_kernel(logits_ptr, labels_ptr, loss_ptr, totals_ptr, n_rows, n_classes,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -122,7 +113,7 @@ def accumulate_metrics(logits, labels, loss, totals):
     n_rows, n_classes = logits.shape
     if uses_triton():
         launch(metrics_kernel, (1,), logits, labels, loss, totals, n_rows, n_classes,
-               **_blocks(n_rows, n_classes))
+               **row_tile(n_rows, n_classes))
     else:
         # The kernel's arithmetic, in float32: totals[0] + loss * N, then the two counts.
         correct = np.count_nonzero(np.argmax(logits, axis=1) == labels)

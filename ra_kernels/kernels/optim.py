@@ -16,12 +16,12 @@ import triton
 import triton.language as tl
 
 from ..launch import kernel, launch
+from .tiles import FLAT_BLOCK
 
-BLOCK_N = 1024
 
 
 @kernel(aot=[dict(param_ptr="*fp32", grad_ptr="*fp32", velocity_ptr="*fp32", lr_ptr="*fp32", n="i32",
-                  momentum="fp32", weight_decay="fp32", NESTEROV=nesterov, BLOCK_N=BLOCK_N)
+                  momentum="fp32", weight_decay="fp32", NESTEROV=nesterov, BLOCK_N=FLAT_BLOCK)
              for nesterov in (False, True)])
 def sgd_kernel(param_ptr, grad_ptr, velocity_ptr, lr_ptr, n, momentum, weight_decay,
                NESTEROV: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -56,6 +56,6 @@ def sgd_step(param, grad, velocity, lr, momentum=0.9, weight_decay=0.0, nesterov
     float32 array of the backend. momentum, weight_decay: Python floats.
     """
     n = param.size
-    launch(sgd_kernel, (triton.cdiv(n, BLOCK_N),), param, grad, velocity, lr, n,
-           float(momentum), float(weight_decay), NESTEROV=bool(nesterov), BLOCK_N=BLOCK_N)
+    launch(sgd_kernel, (triton.cdiv(n, FLAT_BLOCK),), param, grad, velocity, lr, n,
+           float(momentum), float(weight_decay), NESTEROV=bool(nesterov), BLOCK_N=FLAT_BLOCK)
     return param, velocity

@@ -3,7 +3,7 @@
 Layouts: x (N, H, W, C) float32, C-contiguous, NumPy (interpret backend) or
 CuPy (cuda backend). All four kernels are memory-bound, so each program works
 on a [BLOCK_P positions x BLOCK_C channels] tile with channels the fastest
-axis (:func:`nhwc.nhwc_tile`): a row of the tile is BLOCK_C contiguous float32, and
+axis (:func:`tiles.nhwc_tile`): a row of the tile is BLOCK_C contiguous float32, and
 loads and stores vectorise when C is a multiple of 4. Offsets are int32: fine
 below 2**31 elements per array (batch 128 of the largest activation,
 128x32x32x256, is 3.4e7).
@@ -16,15 +16,12 @@ import triton.language as tl
 
 from ..backend import empty
 from ..launch import kernel, launch
-from .nhwc import TILES_AOT, nhwc_tile, positions
+from .tiles import TILES_AOT, nhwc_tile, out_size, positions
 
 def _argmax_dtype(kernel_size):
     """As in reference/: the row-major tap index fits int8 up to 128 taps (11x11)."""
     return "int8" if kernel_size * kernel_size <= 128 else "int32"
 
-
-def _out_size(size, kernel_size, stride, padding):
-    return (size + 2 * padding - kernel_size) // stride + 1
 
 
 # --------------------------------------------------------------------------- max pooling
@@ -127,7 +124,7 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     16.8 MB + 5.2 MB).
     """
     n, h, w, c = x.shape
-    oh, ow = _out_size(h, kernel_size, stride, padding), _out_size(w, kernel_size, stride, padding)
+    oh, ow = out_size(h, kernel_size, stride, padding), out_size(w, kernel_size, stride, padding)
     y = empty((n, oh, ow, c), x.dtype)
     argmax = empty((n, oh, ow, c), _argmax_dtype(kernel_size))
     block_p, block_c = nhwc_tile(c)

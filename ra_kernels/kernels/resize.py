@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..backend import empty
 from ..launch import device_function, kernel, launch
-from .nhwc import TILES_AOT, nhwc_tile, positions
+from .tiles import TILES_AOT, nhwc_tile, positions
 
 
 def _axis(in_size, out_size):
