@@ -90,6 +90,31 @@ def uses_triton() -> bool:
     return get_backend() != "numpy"
 
 
+def choose(numpy_version, triton_version):
+    """The one place the NumPy-or-kernel choice is made: ``numpy_version`` (from reference/) on the
+    numpy backend, ``triton_version`` (from kernels/) on cuda and interpret. Modules or functions
+    with one signature, so that a caller chooses in one line."""
+    return triton_version if uses_triton() else numpy_version
+
+
+def check_array(where: str, name: str, a, hint: str = "", also: str = ""):
+    """``a`` itself when it is an array of the current backend: NumPy on numpy and interpret,
+    CuPy on cuda. Otherwise a TypeError naming ``where`` (the op) and ``name`` (the argument),
+    what was given and what the backend takes, then ``hint``. ``also``: what else the caller
+    accepts, for the message (" or a Tensor")."""
+    backend = get_backend()
+    wanted = "CuPy" if backend == "cuda" else "NumPy"
+    if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
+        kind = type(a).__module__.split(".")[0] + "." + type(a).__name__
+        raise TypeError(f"{where}: {name} must be a NumPy or CuPy array{also}, got {type(a).__name__} (it must "
+                        f"be a {wanted} array on the {backend} backend, got a {kind}){hint}")
+    if is_cupy_array(a) != (backend == "cuda"):
+        given = "CuPy" if is_cupy_array(a) else "NumPy"
+        raise TypeError(f"{where}: {name} is a {given} array but the backend is {backend!r}, which takes "
+                        f"{wanted} arrays (convert with ra_kernels.backend.asarray){hint}")
+    return a
+
+
 def xp():
     """The array module of the current backend: cupy for 'cuda', numpy otherwise."""
     return _cupy() if get_backend() == "cuda" else np

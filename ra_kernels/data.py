@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+import reference
+
 from . import backend
 from .kernels import augment as augment_kernels
 
@@ -370,29 +372,15 @@ def augment(images, crop_offsets, flips, mean, std, pad: int = PAD):
     float32, each operation rounded to nearest, with j' = W - 1 - j where flips[b]
     else j, and padded the image with ``pad`` rows and columns of zeros (0 before
     normalisation) on each side. Evaluation (no crop, no flip): offsets all ``pad``,
-    flips 0. numpy backend: vectorised NumPy; cuda and interpret: one Triton kernel
+    flips 0. numpy backend: ``reference.augment``; cuda and interpret: one Triton kernel
     (``kernels/augment.py``); both give the same bits.
     """
     _check_augment_args(images, crop_offsets, flips, mean, std, pad)
-    if backend.get_backend() != "numpy":
-        return augment_kernels.augment(images, crop_offsets, flips, mean, std, pad)
-    offsets = backend.to_numpy(crop_offsets).astype(np.intp)
-    batch, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    columns = np.where(backend.to_numpy(flips)[:, None] != 0, np.arange(width)[::-1], np.arange(width))
-    pixels = padded[np.arange(batch)[:, None, None],
-                    (np.arange(height) + offsets[:, :1])[:, :, None],
-                    (columns + offsets[:, 1:])[:, None, :]]
-    mean, std = (backend.to_numpy(a).astype(np.float32) for a in (mean, std))
-    return (pixels.astype(np.float32) / np.float32(255) - mean) / std
+    return backend.choose(reference, augment_kernels).augment(images, crop_offsets, flips, mean, std, pad)
 
 
 def _check_augment_args(images, crop_offsets, flips, mean, std, pad):
-    on_cuda = backend.get_backend() == "cuda"
-    if backend.is_cupy_array(images) != on_cuda or not (on_cuda or isinstance(images, np.ndarray)):
-        kind = type(images).__module__.split(".")[0] + "." + type(images).__name__
-        raise TypeError(f"augment: images must be a {'CuPy' if on_cuda else 'NumPy'} array on the "
-                        f"{backend.get_backend()} backend, got a {kind}")
+    backend.check_array("augment", "images", images)
     if images.dtype != np.uint8:
         raise TypeError(f"augment: images must be uint8, got {images.dtype}")
     if images.ndim != 4 or not images.flags.c_contiguous:

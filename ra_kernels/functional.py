@@ -21,7 +21,7 @@ import numpy as np
 import reference as ref
 
 from .autograd import Function, Tensor
-from .backend import get_backend, is_cupy_array, uses_triton
+from .backend import check_array, choose, get_backend
 from .kernels import attention as attention_kernels
 from .kernels import batchnorm as batchnorm_kernels
 from .kernels import conv as conv_kernels
@@ -39,24 +39,12 @@ def _data(a):
     return a.data if isinstance(a, Tensor) else a
 
 
-def _check_backend(op, name, a):
-    """The array of ``a`` (a Tensor or an array), checked to belong to the current backend."""
-    a, backend = _data(a), get_backend()
-    if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
-        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array or a Tensor, got {type(a).__name__}")
-    if is_cupy_array(a) != (backend == "cuda"):
-        kind, wanted = ("CuPy", "NumPy") if is_cupy_array(a) else ("NumPy", "CuPy")
-        raise TypeError(f"{op}: {name} is a {kind} array but the backend is {backend!r}, which takes "
-                        f"{wanted} arrays (convert with ra_kernels.backend.asarray)")
-    return a
-
-
 def _check_array(op, name, a, ndim=None, layout=None, dtype=None):
     """Check one array argument; return its float dtype.
 
     ``dtype``: the dtype the op's other float arguments already have, if any.
     """
-    a = _check_backend(op, name, a)
+    a = check_array(op, name, _data(a), also=" or a Tensor")
     backend = get_backend()
     allowed = ("float32", "float64") if backend == "numpy" else ("float32",)
     if a.dtype.name not in allowed:
@@ -121,7 +109,7 @@ class _Op(Function):
 
     @classmethod
     def implementation(cls):
-        return cls.kernels if uses_triton() else ref
+        return choose(ref, cls.kernels)
 
     @classmethod
     def run(cls, impl, *args, **kwargs):
@@ -342,7 +330,7 @@ def cross_entropy(logits, labels):
     would read labels back mid-step, so it is left to the kernel.
     """
     _check_array("cross_entropy", "logits", logits, 2, "(N, classes)")
-    labels = _check_backend("cross_entropy", "labels", labels)
+    labels = check_array("cross_entropy", "labels", _data(labels), also=" or a Tensor")
     if labels.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: labels must be an integer array, got {labels.dtype.name}")
     n, classes = _data(logits).shape

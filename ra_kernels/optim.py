@@ -27,7 +27,7 @@ import numpy as np
 
 import reference
 
-from .backend import backend_of, get_backend, to_numpy, xp
+from .backend import check_array, choose, to_numpy, xp
 from .kernels import optim as optim_kernels
 
 # The paper's CIFAR recipe: LR divided by 10 at 64k and 96k of 160k iterations.
@@ -56,16 +56,14 @@ class SGD:
             raise ValueError("SGD: a parameter appears more than once in the list")
         self._check_hyperparameters(momentum, weight_decay, nesterov)
         self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
-        array_kind = "cuda" if get_backend() == "cuda" else "host"
         for i, p in enumerate(self.parameters):
             if not hasattr(p, "data") or not hasattr(p.data, "dtype"):
                 raise TypeError(f"SGD: parameter {i} must be a Parameter (a Tensor), got {type(p).__name__}")
             if p.data.dtype != np.float32:
                 raise TypeError(f"SGD: parameter {i} must be float32, got {p.data.dtype} with shape "
                                 f"{tuple(p.data.shape)}")
-            if backend_of(p.data) != array_kind:
-                raise TypeError(f"SGD: parameter {i} is a {backend_of(p.data)} array but the backend is "
-                                f"{get_backend()!r}; build the model and the optimizer on the same backend")
+            check_array("SGD", f"parameter {i}", p.data,
+                        hint="; build the model and the optimizer on the same backend")
         n = sum(int(p.data.size) for p in self.parameters)
         module = xp()
         self.flat_params = module.empty(n, dtype=np.float32)
@@ -117,15 +115,12 @@ class SGD:
                     f"after the optimizer was built, so the update would miss it; zero gradients with "
                     f"SGD.zero_grad() or Module.zero_grad() and load weights with "
                     f"Module.load_state_dict(), which work in place")
-        if get_backend() == "numpy":
-            # lr[0] is a host scalar here (numpy-backend arrays live on the host).
-            param, velocity = reference.sgd_step(self.flat_params, self.flat_grads, self.velocity,
-                                                 self.lr[0], self.momentum, self.weight_decay, self.nesterov)
+        param, velocity = choose(reference, optim_kernels).sgd_step(
+            self.flat_params, self.flat_grads, self.velocity, self.lr, self.momentum, self.weight_decay,
+            self.nesterov)
+        if param is not self.flat_params:  # reference/ returns new arrays; the kernel updates in place
             self.flat_params[...] = param
             self.velocity[...] = velocity
-        else:
-            optim_kernels.sgd_step(self.flat_params, self.flat_grads, self.velocity, self.lr,
-                                   self.momentum, self.weight_decay, self.nesterov)
 
     def state_dict(self) -> dict:
         """Host NumPy arrays: velocity (n,) float32, lr (1,) float32, momentum and weight_decay

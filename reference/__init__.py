@@ -7,12 +7,14 @@ conv_bn_relu return `(y, new_running_mean, new_running_var, saved)`. Pure
 functions: inputs are never modified, computation stays in the input dtype
 (float64 for gradient checks, float32 for real runs).
 """
+from .augment import augment
 from .attention import (attention_mix, attention_mix_backward, channel_attention, channel_attention_backward,
                         spatial_attention, spatial_attention_backward)
 from .conv import conv2d, conv2d_backward, conv_bn_relu, conv_bn_relu_backward
 from .elementwise import add, add_backward, relu, relu_backward, sigmoid, sigmoid_backward
 from .linear import linear, linear_backward
 from .loss import cross_entropy, cross_entropy_backward
+from .metrics import accumulate_metrics
 from .norm import batch_norm, batch_norm_backward
 from .optim import sgd_step
 from .pool import global_avg_pool, global_avg_pool_backward, max_pool2d, max_pool2d_backward
@@ -34,4 +36,5 @@ __all__ = [
     "linear", "linear_backward",
     "cross_entropy", "cross_entropy_backward",
     "sgd_step",
+    "augment", "accumulate_metrics",
 ]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ra_kernels import backend
-from ra_kernels.kernels.metrics import TOTALS, accumulate_metrics
+from ra_kernels.metrics import TOTALS, accumulate_metrics
 
 EPS = 2.0 ** -24  # float32 unit roundoff
 

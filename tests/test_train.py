@@ -23,7 +23,7 @@ import pytest
 
 import ra_kernels.functional as F
 from ra_kernels.data import BatchLoader, load_cifar
-from ra_kernels.kernels.metrics import TOTALS, accumulate_metrics
+from ra_kernels.metrics import TOTALS, accumulate_metrics
 from ra_kernels.models import ResidualAttentionNet
 from ra_kernels.optim import SGD
 

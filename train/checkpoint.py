@@ -2,7 +2,7 @@
 
 ``model/<name>`` (parameters and buffers), ``optimizer/<key>`` (SGD.state_dict()),
 ``train_totals`` ((3,) float32: the training metrics of the epoch in progress, see
-ra_kernels.kernels.metrics) and ``meta``, a 0-d string holding JSON (train/cifar.py says what
+ra_kernels.metrics) and ``meta``, a 0-d string holding JSON (train/cifar.py says what
 its records are), with the format name and version added here.
 """
 import json

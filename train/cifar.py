@@ -59,7 +59,7 @@ import ra_kernels.functional as F
 from ra_kernels import backend
 from ra_kernels.autograd import no_grad
 from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels
-from ra_kernels.kernels.metrics import TOTALS, accumulate_metrics
+from ra_kernels.metrics import TOTALS, accumulate_metrics
 from ra_kernels.models import ATTENTIONS, MODELS
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES, SGD
 from train.checkpoint import model_from_checkpoint, read_checkpoint, write_checkpoint
@@ -262,7 +262,7 @@ def describe_position(position, batches_per_epoch):
 
 
 def new_totals():
-    """A zeroed metrics accumulator on the current backend (see ra_kernels.kernels.metrics)."""
+    """A zeroed metrics accumulator on the current backend (see ra_kernels.metrics)."""
     return backend.xp().zeros(len(TOTALS), dtype=np.float32)
 
 

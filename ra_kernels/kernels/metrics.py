@@ -1,8 +1,8 @@
-"""Training metrics kept on the device: a batch's loss and correct predictions, accumulated.
+"""Training metrics kept on the device: the Triton kernel behind ``ra_kernels.metrics``.
 
 ``accumulate_metrics(logits, labels, loss, totals)`` adds one batch into
 ``totals``, a (3,) float32 array of the backend whose slots are named by
-:data:`TOTALS`: the sum of loss * batch size, the number of correct
+``reference.metrics.TOTALS``: the sum of loss * batch size, the number of correct
 predictions, the number of examples. Mean loss = totals[0] / totals[2],
 accuracy = totals[1] / totals[2]. A training loop reads ``totals`` back once
 per logging interval instead of once per step, so nothing inside a step waits
@@ -12,21 +12,15 @@ examples, far beyond an epoch of CIFAR.
 A prediction is the argmax of a row of logits, ties going to the first
 maximum and a NaN counting as the maximum (exactly ``np.argmax``).
 
-On the cuda and interpret backends this is one Triton program (grid (1,):
-a batch is 64 x 10 or 64 x 100 logits, far too little to spread, and one
-program needs no atomics and sums in a fixed order); on the numpy backend,
-NumPy. Bytes per call at batch 64, CIFAR-100, int64 labels: 25,600 (logits)
+One Triton program (grid (1,): a batch is 64 x 10 or 64 x 100 logits, far
+too little to spread, and one program needs no atomics and sums in a fixed
+order); ``reference.accumulate_metrics`` is the NumPy version. Bytes per call at batch 64, CIFAR-100, int64 labels: 25,600 (logits)
 + 512 (labels) + 4 (loss) + 12 read and 12 written (totals).
 """
-import numpy as np
 import triton.language as tl
 
-from ..backend import get_backend, is_cupy_array, uses_triton
 from ..launch import kernel, launch
 from .tiles import row_tile
-
-#: The slots of a totals array, in order.
-TOTALS = ("loss_sum", "correct", "count")
 
 
 # Batch 64 (training) and 1,000 (a large evaluation batch), CIFAR-10 and CIFAR-100.
@@ -76,47 +70,9 @@ def metrics_kernel(logits_ptr, labels_ptr, loss_ptr, totals_ptr, n_rows, n_class
     tl.store(totals_ptr + 2, tl.load(totals_ptr + 2) + n_rows)
 
 
-def _check(logits, labels, loss, totals):
-    backend = get_backend()
-    for name, a in (("logits", logits), ("labels", labels), ("loss", loss), ("totals", totals)):
-        if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
-            raise TypeError(f"accumulate_metrics: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
-        if is_cupy_array(a) != (backend == "cuda"):
-            raise TypeError(f"accumulate_metrics: {name} is a {type(a).__module__} array but the backend "
-                            f"is {backend!r}")
-    floats = ("float32", "float64") if backend == "numpy" else ("float32",)
-    if logits.ndim != 2 or logits.shape[0] == 0 or logits.dtype.name not in floats:
-        raise ValueError(f"accumulate_metrics: logits must be a non-empty (N, classes) array of "
-                         f"{' or '.join(floats)}, got shape {tuple(logits.shape)} {logits.dtype}")
-    if not logits.flags.c_contiguous:
-        raise ValueError(f"accumulate_metrics: logits must be C-contiguous, got strides {logits.strides}")
-    if labels.shape != logits.shape[:1] or labels.dtype.kind not in "iu":
-        raise ValueError(f"accumulate_metrics: labels must be integers of shape ({logits.shape[0]},), "
-                         f"got {labels.dtype} of shape {tuple(labels.shape)}")
-    if loss.size != 1 or loss.dtype.name not in floats:
-        raise ValueError(f"accumulate_metrics: loss must be a single {' or '.join(floats)} value, "
-                         f"got {loss.dtype} of shape {tuple(loss.shape)}")
-    if totals.shape != (len(TOTALS),) or totals.dtype != np.float32 or not totals.flags.c_contiguous:
-        raise ValueError(f"accumulate_metrics: totals must be a contiguous ({len(TOTALS)},) float32 array "
-                         f"({', '.join(TOTALS)}), got {totals.dtype} of shape {tuple(totals.shape)}")
-
-
 def accumulate_metrics(logits, labels, loss, totals):
-    """Add one batch into ``totals`` in place (see the module docstring); returns ``totals``.
-
-    logits (N, K) float32 C-contiguous (float64 too on the numpy backend);
-    labels (N,) integers; loss: the batch's mean loss, a 0-d (or 1-element)
-    array; totals (3,) float32. All arrays of the current backend. Nothing is
-    read back to the host.
-    """
-    _check(logits, labels, loss, totals)
+    """Add one batch into ``totals`` in place with metrics_kernel; returns ``totals``. Arrays as
+    checked by ``ra_kernels.metrics.accumulate_metrics``, which is what callers use."""
     n_rows, n_classes = logits.shape
-    if uses_triton():
-        launch(metrics_kernel, (1,), logits, labels, loss, totals, n_rows, n_classes,
-               **row_tile(n_rows, n_classes))
-    else:
-        # The kernel's arithmetic, in float32: totals[0] + loss * N, then the two counts.
-        correct = np.count_nonzero(np.argmax(logits, axis=1) == labels)
-        loss32 = np.float32(loss.reshape(()))
-        totals += np.array([loss32 * np.float32(n_rows), correct, n_rows], dtype=np.float32)
+    launch(metrics_kernel, (1,), logits, labels, loss, totals, n_rows, n_classes, **row_tile(n_rows, n_classes))
     return totals

@@ -1,0 +1,48 @@
+"""Training metrics kept on the device: each step adds its batch's loss and correct predictions
+into a (3,) float32 ``totals`` array of the backend (slots: :data:`TOTALS`), which a training
+loop reads back once per logging interval (docs/design.md §6). Mean loss = totals[0] /
+totals[2], accuracy = totals[1] / totals[2]; float32 counts are exact up to 2**24 examples.
+
+The NumPy version is ``reference.accumulate_metrics``, the Triton one
+``kernels/metrics.py``; both give the same bits.
+"""
+import numpy as np
+
+import reference
+
+from .backend import check_array, choose, get_backend
+from .kernels import metrics as metrics_kernels
+
+TOTALS = reference.metrics.TOTALS
+
+
+def _check(logits, labels, loss, totals):
+    backend = get_backend()
+    for name, a in (("logits", logits), ("labels", labels), ("loss", loss), ("totals", totals)):
+        check_array("accumulate_metrics", name, a)
+    floats = ("float32", "float64") if backend == "numpy" else ("float32",)
+    if logits.ndim != 2 or logits.shape[0] == 0 or logits.dtype.name not in floats:
+        raise ValueError(f"accumulate_metrics: logits must be a non-empty (N, classes) array of "
+                         f"{' or '.join(floats)}, got shape {tuple(logits.shape)} {logits.dtype}")
+    if not logits.flags.c_contiguous:
+        raise ValueError(f"accumulate_metrics: logits must be C-contiguous, got strides {logits.strides}")
+    if labels.shape != logits.shape[:1] or labels.dtype.kind not in "iu":
+        raise ValueError(f"accumulate_metrics: labels must be integers of shape ({logits.shape[0]},), "
+                         f"got {labels.dtype} of shape {tuple(labels.shape)}")
+    if loss.size != 1 or loss.dtype.name not in floats:
+        raise ValueError(f"accumulate_metrics: loss must be a single {' or '.join(floats)} value, "
+                         f"got {loss.dtype} of shape {tuple(loss.shape)}")
+    if totals.shape != (len(TOTALS),) or totals.dtype != np.float32 or not totals.flags.c_contiguous:
+        raise ValueError(f"accumulate_metrics: totals must be a contiguous ({len(TOTALS)},) float32 array "
+                         f"({', '.join(TOTALS)}), got {totals.dtype} of shape {tuple(totals.shape)}")
+
+
+def accumulate_metrics(logits, labels, loss, totals):
+    """Add one batch into ``totals`` in place; returns ``totals``.
+
+    logits (N, K) float32 C-contiguous (float64 too on the numpy backend); labels (N,)
+    integers; loss: the batch's mean loss, a 0-d (or 1-element) array; totals (3,) float32.
+    All arrays of the current backend. Nothing is read back to the host.
+    """
+    _check(logits, labels, loss, totals)
+    return choose(reference, metrics_kernels).accumulate_metrics(logits, labels, loss, totals)
