@@ -306,14 +306,14 @@ class AttentionMix(Family):
     name = op = "attention_mix"
     kernels = attention_kernels
     operands = (Operand("mask_logits", "nhwc", True), Operand("trunk", "nhwc", True))
-    options = ("residual", "sigmoid")
+    options = ("residual", "from_logits")
 
     def call(self, fn, a, o):
-        return fn(a["mask_logits"], a["trunk"], residual=o["residual"], sigmoid=o["sigmoid"])
+        return fn(a["mask_logits"], a["trunk"], residual=o["residual"], from_logits=o["from_logits"])
 
     def torch_forward(self, torch, t, o):
         def forward():
-            gate = torch.sigmoid(t["mask_logits"]) if o["sigmoid"] else t["mask_logits"]
+            gate = torch.sigmoid(t["mask_logits"]) if o["from_logits"] else t["mask_logits"]
             return ((1 + gate) * t["trunk"] if o["residual"] else gate * t["trunk"]),
         return forward
 
@@ -321,7 +321,7 @@ class AttentionMix(Family):
         return s["trunk"]
 
     def label(self, s, o):
-        return _hwc(s["trunk"]) + ("" if o["residual"] else ", naive") + ("" if o["sigmoid"] else ", mask given")
+        return _hwc(s["trunk"]) + ("" if o["residual"] else ", naive") + ("" if o["from_logits"] else ", mask given")
 
     def cost(self, s, o):
         """m, t read and y written forward; dy, m, t read and dm, dt written backward."""

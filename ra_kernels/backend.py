@@ -196,10 +196,11 @@ def to_numpy(a) -> np.ndarray:
     return a.get() if is_cupy_array(a) else np.asarray(a)
 
 
-def backend_of(a) -> str:
-    """'cuda' for a CuPy array, 'host' for a NumPy array (numpy and interpret backends)."""
+def memory_of(a) -> str:
+    """Where an array lives: 'device' for a CuPy array (the cuda backend's), 'host' for a NumPy
+    array (the numpy and interpret backends')."""
     if is_cupy_array(a):
-        return "cuda"
+        return "device"
     if isinstance(a, np.ndarray):
         return "host"
     raise TypeError(f"expected a NumPy or CuPy array, got {type(a).__name__}")

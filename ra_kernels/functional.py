@@ -150,11 +150,14 @@ class _ConvBnRelu(_BatchNorm):
 
 
 class _UpsampleBilinear(_Op):
+    """Arguments (x, size, skip), as in reference/ and kernels/; all positional, so that skip gets
+    a gradient slot, and size's slot is None."""
     op, kernels = "upsample_bilinear", resize_kernels
 
     @classmethod
-    def run(cls, impl, x, skip, size):  # skip is positional here so that it gets a gradient slot
-        return impl.upsample_bilinear(x, size, skip)
+    def backward(cls, ctx, dy):
+        dx, dskip = ctx.op_backward(dy, ctx.op_saved)
+        return dx, None, dskip
 
 
 def _op(name, kernels, skips_unwanted_dx=False):
@@ -257,7 +260,7 @@ def upsample_bilinear(x, size, skip=None):
         if tuple(_data(skip).shape) != (n, *size, c):
             raise ValueError(f"upsample_bilinear: skip must have shape {(n, *size, c)} (x resized to "
                              f"size), got {tuple(_data(skip).shape)}")
-    return _UpsampleBilinear.apply(x, skip, size=size)
+    return _UpsampleBilinear.apply(x, size, skip)
 
 
 def sigmoid(x):
@@ -266,17 +269,17 @@ def sigmoid(x):
     return _Sigmoid.apply(x)
 
 
-def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
+def attention_mix(mask_logits, trunk, residual=True, from_logits=True):
     """``(1 + M) * t`` (attention residual learning), or ``M * t`` if not residual, M = sigmoid(m).
 
-    ``sigmoid=False`` takes M as given (an addition to the contract: the channel and
+    ``from_logits=False`` takes M as given (an addition to the contract: the channel and
     spatial attention ablations compute their own mask, and still get the mix and
     its two gradients from one kernel each).
     """
     dtype = _check_array("attention_mix", "mask_logits", mask_logits)
     _check_array("attention_mix", "trunk", trunk, dtype=dtype)
     _check_same_shape("attention_mix", ("mask_logits", "trunk"), (mask_logits, trunk))
-    return _AttentionMix.apply(mask_logits, trunk, residual=residual, sigmoid=sigmoid)
+    return _AttentionMix.apply(mask_logits, trunk, residual=residual, from_logits=from_logits)
 
 
 def channel_attention(x):

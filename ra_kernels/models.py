@@ -104,7 +104,7 @@ class AttentionModule(Module):
                     self.mask = F.sigmoid(logits.detach()).data
         else:
             gate = F.channel_attention(logits) if self.attention == "channel" else F.spatial_attention(logits)
-            out = F.attention_mix(gate, trunk, residual=self.residual_attention, sigmoid=False)
+            out = F.attention_mix(gate, trunk, residual=self.residual_attention, from_logits=False)
             if self.keep_mask:
                 self.mask = gate.data
         return self.post(out)

@@ -1,21 +1,20 @@
 """The attention activations of the Residual Attention Network (NHWC): mixing, channel and spatial attention."""
 import numpy as np
 
-from .elementwise import sigmoid as _sigmoid
-from .elementwise import sigmoid_backward
+from .elementwise import sigmoid, sigmoid_backward
 from .norm import normalize, normalize_backward
 
 
-def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
+def attention_mix(mask_logits, trunk, residual=True, from_logits=True):
     """(1 + M) * t (attention residual learning), or M * t when residual=False (naive), M = sigmoid(m).
 
     mask_logits and trunk have the same shape; like (1 + torch.sigmoid(m)) * t. With
-    sigmoid=False, M = m as given: the channel (f2) and spatial (f3) attention
-    ablations compute their own mask.
+    from_logits=False the mask is given as it is, M = m: the channel (f2) and spatial (f3)
+    attention ablations compute their own mask.
     """
     if mask_logits.shape != trunk.shape:
         raise ValueError(f"attention_mix: shapes differ: mask_logits {mask_logits.shape}, trunk {trunk.shape}")
-    mask, sigmoid_saved = _sigmoid(mask_logits) if sigmoid else (mask_logits, None)
+    mask, sigmoid_saved = sigmoid(mask_logits) if from_logits else (mask_logits, None)
     y = ((1 + mask) if residual else mask) * trunk
     return y, (mask, sigmoid_saved, trunk, residual)
 
@@ -56,7 +55,7 @@ def spatial_attention(x, eps=1e-5):
     mean = x.mean((1, 2), keepdims=True)
     var = x.var((1, 2), keepdims=True)
     z, rstd = normalize(x, mean, var, eps)
-    y, sigmoid_saved = _sigmoid(z)
+    y, sigmoid_saved = sigmoid(z)
     return y, (z, rstd, sigmoid_saved)
 
 

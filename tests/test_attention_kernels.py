@@ -106,12 +106,12 @@ def test_attention_mix(triton_backend, rng, shape, residual):
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_attention_mix_with_a_given_mask(triton_backend, rng, residual):
-    # sigmoid=False: the mask is used as it is (the channel / spatial attention ablations).
+    # from_logits=False: the mask is used as it is (the channel / spatial attention ablations).
     shape = _random_nhwc_shape(rng)
     m, t, dy = (_f32(rng.standard_normal(shape)) for _ in range(3))
-    y, saved = attention.attention_mix(_dev(m), _dev(t), residual=residual, sigmoid=False)
+    y, saved = attention.attention_mix(_dev(m), _dev(t), residual=residual, from_logits=False)
     dm, dt = attention.attention_mix_backward(_dev(dy), saved)
-    want_y, ref_saved = ref.attention_mix(*(a.astype(np.float64) for a in (m, t)), residual=residual, sigmoid=False)
+    want_y, ref_saved = ref.attention_mix(*(a.astype(np.float64) for a in (m, t)), residual=residual, from_logits=False)
     want_dm, want_dt = ref.attention_mix_backward(dy.astype(np.float64), ref_saved)
     # One or two float32 roundings of products of O(1) values: within a few ulps.
     assert_close(y, want_y, atol=F32_TINY, name="y")

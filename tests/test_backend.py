@@ -94,7 +94,7 @@ def test_launch_refuses_host_arrays_on_cuda(rng):
 def test_asarray_and_to_numpy_round_trip(triton_backend, rng):
     a = rng.standard_normal((2, 3)).astype(np.float32)
     b = backend.asarray(a)
-    assert backend.backend_of(b) == ("cuda" if triton_backend == "cuda" else "host")
+    assert backend.memory_of(b) == ("device" if triton_backend == "cuda" else "host")
     np.testing.assert_array_equal(backend.to_numpy(b), a)
 
 

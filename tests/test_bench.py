@@ -111,7 +111,7 @@ def test_layers_come_from_the_model_and_scale_with_the_batch():
 
 def test_a_wrong_kernel_fails_the_agreement_check_loudly(rng, monkeypatch):
     layer = bench_kernels.Layer("attention_mix", (("mask_logits", (1, 4, 4, 8)), ("trunk", (1, 4, 4, 8))),
-                                (("residual", True), ("sigmoid", True)))
+                                (("residual", True), ("from_logits", True)))
     session = common.Session(dry_run=True, torch=None, rng=rng)
     with backend.use_backend("interpret"):
         right = bench_kernels.run_layer(layer, {"attention56": 1}, 2, "ieee", session)
@@ -119,7 +119,7 @@ def test_a_wrong_kernel_fails_the_agreement_check_loudly(rng, monkeypatch):
         mix = attention_kernels.attention_mix
         # (1 + M) * t with M from a sigmoid off by a factor 2 in its argument: plausible, and wrong
         monkeypatch.setattr(attention_kernels, "attention_mix",
-                            lambda m, t, residual, sigmoid: mix(2 * m, t, residual, sigmoid))
+                            lambda m, t, residual, from_logits: mix(2 * m, t, residual, from_logits))
         with pytest.raises(common.AgreementError, match=r"attention_mix 4x4x8 at batch 2, ieee: ours against "
                                                         r"reference: .*\by\b.*dmask_logits"):
             bench_kernels.run_layer(layer, {"attention56": 1}, 2, "ieee", session)

@@ -76,7 +76,7 @@ def _kinks(monkeypatch, relu_masks=None):
     conv_bn_relu (from the output > 0); ``winners``, the first maximum of each max-pool window.
     Given the ``relu_masks`` of another forward of the same network, the ReLUs take those
     branches instead: the op runs without ReLU and its output is gated by the mask
-    (``attention_mix(mask, z, residual=False, sigmoid=False)`` is mask * z), so that both
+    (``attention_mix(mask, z, residual=False, from_logits=False)`` is mask * z), so that both
     forwards differentiate the same piece of the piecewise-smooth network. ``forced`` then
     holds, per ReLU, the largest |pre-activation| / std where the mask contradicted its sign.
     """
@@ -97,7 +97,7 @@ def _kinks(monkeypatch, relu_masks=None):
             against = mask != (pre > 0)
             kinks["forced"].append(np.abs(pre[against]).max(initial=0) / pre.std())
             gate = Tensor(backend.asarray(mask.astype(pre.dtype)))
-            return F.attention_mix(gate, z, residual=False, sigmoid=False)
+            return F.attention_mix(gate, z, residual=False, from_logits=False)
         return recorded
 
     def pool_winner(x, kernel_size=3, stride=2, padding=1):

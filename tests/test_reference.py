@@ -200,10 +200,10 @@ CASES = {
     "attention_mix_naive": normal_case(lambda m, t: ref.attention_mix(m, t, residual=False),
                                        ref.attention_mix_backward, (2, 3, 4, 5), (2, 3, 4, 5)),
     "attention_mix_given_mask_residual": normal_case(
-        lambda m, t: ref.attention_mix(m, t, residual=True, sigmoid=False),
+        lambda m, t: ref.attention_mix(m, t, residual=True, from_logits=False),
         ref.attention_mix_backward, (2, 3, 4, 5), (2, 3, 4, 5)),
     "attention_mix_given_mask_naive": normal_case(
-        lambda m, t: ref.attention_mix(m, t, residual=False, sigmoid=False),
+        lambda m, t: ref.attention_mix(m, t, residual=False, from_logits=False),
         ref.attention_mix_backward, (2, 3, 4, 5), (2, 3, 4, 5)),
     "channel_attention": normal_case(ref.channel_attention, ref.channel_attention_backward, (2, 3, 4, 5)),
     "spatial_attention": normal_case(ref.spatial_attention, ref.spatial_attention_backward, (2, 4, 5, 3)),
@@ -536,7 +536,7 @@ def test_attention_mix_formula(residual, seed):
     m, t = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 4, 5))
     expected = (residual + special.expit(m)) * t
     np.testing.assert_allclose(ref.attention_mix(m, t, residual)[0], expected, rtol=EXACT_RTOL, atol=EXACT_RTOL)
-    np.testing.assert_allclose(ref.attention_mix(m, t, residual, sigmoid=False)[0], (residual + m) * t,
+    np.testing.assert_allclose(ref.attention_mix(m, t, residual, from_logits=False)[0], (residual + m) * t,
                                rtol=EXACT_RTOL, atol=EXACT_RTOL)
 
 

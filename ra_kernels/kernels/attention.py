@@ -141,9 +141,9 @@ def sigmoid_backward(dy, saved):
     return (dx,)
 
 
-def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
+def attention_mix(mask_logits, trunk, residual=True, from_logits=True):
     """(1 + M) * t, or M * t when residual=False, M = sigmoid(m) (or m itself when not
-    ``sigmoid``); one kernel, M never stored.
+    ``from_logits``); one kernel, M never stored.
 
     Saves (m, t). Moves 12 B per element (read m and t, write y). Storing s for the backward would add a 4 B write here (16 B, +33%)
     and a buffer of the activation's size, and save nothing later: the backward reads m
@@ -151,7 +151,7 @@ def attention_mix(mask_logits, trunk, residual=True, sigmoid=True):
     """
     if mask_logits.shape != trunk.shape:
         raise ValueError(f"attention_mix: shapes differ: mask_logits {mask_logits.shape}, trunk {trunk.shape}")
-    variant = dict(OP="residual_mix" if residual else "naive_mix", SIGMOID=bool(sigmoid))
+    variant = dict(OP="residual_mix" if residual else "naive_mix", SIGMOID=bool(from_logits))
     y = empty_like(trunk)
     launch(sigmoid_mix_kernel, _flat_grid(trunk), mask_logits, trunk, y, trunk.size, **variant, BLOCK_N=FLAT_BLOCK)
     return y, (mask_logits, trunk, variant)

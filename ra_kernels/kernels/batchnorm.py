@@ -49,7 +49,7 @@ def bn_coefficients(mean, var, gamma, beta, eps):
 
 
 @device_function
-def bn_apply(x, scale, shift, RELU: tl.constexpr):
+def affine_relu(x, scale, shift, RELU: tl.constexpr):
     """x * scale + shift, then max(., 0) if RELU. Also the backward's ReLU mask, so both agree bit for bit."""
     y = x * scale + shift
     if RELU:
@@ -77,11 +77,11 @@ def tile_mean_m2(values, row_ok, count):
 
 @device_function
 def bn_backward_terms(dy, x, mean, rstd, scale, shift, RELU: tl.constexpr):
-    """g = dy * [bn_apply(x) > 0] (dy without ReLU) and xhat = (x - mean) * rstd, elementwise."""
+    """g = dy * [affine_relu(x) > 0] (dy without ReLU) and xhat = (x - mean) * rstd, elementwise."""
     g = dy
     if RELU:
         # y > 0 exactly where the pre-ReLU value is > 0: recomputed from x, so y need not be kept.
-        g = tl.where(bn_apply(x, scale, shift, False) > 0.0, dy, 0.0)
+        g = tl.where(affine_relu(x, scale, shift, False) > 0.0, dy, 0.0)
     return g, (x - mean) * rstd
 
 
@@ -209,7 +209,7 @@ def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, out_ptr, M, C
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """One [BLOCK_M, BLOCK_C] tile of (M, C) (grid: cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)).
 
-    Forward (dy, sums, inv_count unused): out = y = bn_apply(x). Backward: out = dx
+    Forward (dy, sums, inv_count unused): out = y = affine_relu(x). Backward: out = dx
     from dy, x, stats and sums (see ``bn_backward_tile``).
     """
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
@@ -223,7 +223,7 @@ def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, out_ptr, M, C
                                RELU)
     else:
         _, _, scale, shift = load_stats(stats_ptr, ch[None, :], ch_ok, C)
-        out = bn_apply(tl.load(x_ptr + offs, mask=ok), scale, shift, RELU)
+        out = affine_relu(tl.load(x_ptr + offs, mask=ok), scale, shift, RELU)
     tl.store(out_ptr + offs, out, mask=ok)
 
 
@@ -275,8 +275,9 @@ def finalize(partials, tile_m, m, gamma, beta, running_mean, running_var, traini
     return stats
 
 
-def apply(x, stats, relu):
-    """y = relu(x * scale + shift) (ReLU if ``relu``) for x (..., C)."""
+def normalize(x, stats, relu):
+    """Batch-normalise x (..., C) with the finalized ``stats``: y = relu(x * scale + shift) (ReLU if
+    ``relu``), by bn_apply_kernel."""
     c = x.shape[-1]
     m, (block_m, block_c) = x.size // c, _tiles(c)
     y = empty(x.shape)
@@ -327,7 +328,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentu
         stats = finalize(partials, block_m, m, gamma, beta, running_mean, running_var, True, momentum, eps)
     else:
         stats = finalize(x, 1, m, gamma, beta, running_mean, running_var, False, momentum, eps)
-    return apply(x, stats, relu), running_mean, running_var, (x, stats, training, relu)
+    return normalize(x, stats, relu), running_mean, running_var, (x, stats, training, relu)
 
 
 def batch_norm_backward(dy, saved):

@@ -19,7 +19,7 @@ conv_bn_relu (batch norm over the conv output z, then ReLU), kernels per call:
 * training forward: conv2d_fwd (EPILOGUE="stats": stores z and the per-tile
   mean / M2 of its own tile of z, from the accumulator in registers), then
   bn_finalize (mean, rstd, scale/shift, running statistics updated in place),
-  then bn_apply (y = relu(z * scale + shift)).
+  then bn_apply (y = relu(z * scale + shift), ``batchnorm.normalize``).
 * eval forward: conv2d_fwd (EPILOGUE="bn_eval": scale/shift from the running
   statistics, ReLU, store y): one kernel.
 * backward: bn_tile_reduce + sum_rows (per channel sums of g = dy * [y > 0]
@@ -110,7 +110,7 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count,
                   & (base_w_rem[:, None] == (kw % stride)[None, :]) & (ow >= 0) & (ow < SRC_W))
             a = _load_output_grad(src_ptr, z_ptr, ((img[:, None] * SRC_H + oh) * SRC_W + ow) * SRC_C + c[None, :],
                                   ok, c[None, :], k_ok[None, :], stats_ptr, sums_ptr, SRC_C, inv_count,
-                                  BN_BACKWARD, RELU)
+                                  BN_BACKWARD=BN_BACKWARD, RELU=RELU)
             w_offs = (tap[:, None] * OUT_C + cols[None, :]) * SRC_C + c[:, None]
         else:
             offs, ok = _im2col_offsets(img[:, None], base_h[:, None], base_w[:, None], pos_ok[:, None],
@@ -158,9 +158,12 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, cols_ok = m < M, cols < C_out
     img, oh, ow = positions(m, OH, OW)
-    z = _conv_k_loop(x_ptr, x_ptr, w_ptr, x_ptr, x_ptr, 0.0, img, oh * stride - padding, ow * stride - padding,
-                     m_ok, H, W, C_in, C_out, K, KW, stride, cols,
-                     False, False, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    # A plain forward GEMM: no BN backward, so the dy-to-dz operands are never read (x_ptr stands in).
+    z = _conv_k_loop(src_ptr=x_ptr, w_ptr=w_ptr, img=img, base_h=oh * stride - padding, base_w=ow * stride - padding,
+                     pos_ok=m_ok, SRC_H=H, SRC_W=W, SRC_C=C_in, OUT_C=C_out, K=K, KW=KW, stride=stride, cols=cols,
+                     z_ptr=x_ptr, stats_ptr=x_ptr, sums_ptr=x_ptr, inv_count=0.0,
+                     TRANSPOSED=False, BN_BACKWARD=False, RELU=False, INPUT_PRECISION=INPUT_PRECISION,
+                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     ok = m_ok[:, None] & cols_ok[None, :]
     y_offs = m[:, None] * C_out + cols[None, :]
     if EPILOGUE == "bn_eval":
@@ -169,7 +172,7 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
         gamma = tl.load(gamma_ptr + cols, mask=cols_ok)
         beta = tl.load(beta_ptr + cols, mask=cols_ok)
         rstd, scale, shift = bn.bn_coefficients(mean, var, gamma, beta, eps)
-        tl.store(y_ptr + y_offs, bn.bn_apply(z, scale[None, :], shift[None, :], RELU), mask=ok)
+        tl.store(y_ptr + y_offs, bn.affine_relu(z, scale[None, :], shift[None, :], RELU), mask=ok)
         first_row = cols < tl.where(pid_m == 0, C_out, 0)  # cols_ok in the first row of tiles, else none
         tl.store(stats_ptr + cols, mean, mask=first_row)
         tl.store(stats_ptr + C_out + cols, rstd, mask=first_row)
@@ -203,9 +206,11 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     img, h, w = positions(m, H, W)
-    dx = _conv_k_loop(dy_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, img, h + padding, w + padding,
-                      m < M, OH, OW, C_out, C_in, K, KW, stride, cols,
-                      True, BN_BACKWARD, RELU, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    dx = _conv_k_loop(src_ptr=dy_ptr, w_ptr=w_ptr, img=img, base_h=h + padding, base_w=w + padding,
+                      pos_ok=m < M, SRC_H=OH, SRC_W=OW, SRC_C=C_out, OUT_C=C_in, K=K, KW=KW, stride=stride, cols=cols,
+                      z_ptr=z_ptr, stats_ptr=stats_ptr, sums_ptr=sums_ptr, inv_count=inv_count,
+                      TRANSPOSED=True, BN_BACKWARD=BN_BACKWARD, RELU=RELU, INPUT_PRECISION=INPUT_PRECISION,
+                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     tl.store(dx_ptr + m[:, None] * C_in + cols[None, :], dx, mask=(m < M)[:, None] & (cols < C_in)[None, :])
 
 
@@ -244,7 +249,7 @@ def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
         a_t = tl.load(x_ptr + x_offs, mask=x_ok, other=0.0)
         g = _load_output_grad(dy_ptr, z_ptr, m[:, None] * C_out + cols[None, :], m_ok[:, None] & cols_ok[None, :],
                               cols[None, :], cols_ok[None, :], stats_ptr, sums_ptr, C_out, inv_count,
-                              BN_BACKWARD, RELU)
+                              BN_BACKWARD=BN_BACKWARD, RELU=RELU)
         acc = tl.dot(a_t, g, acc, input_precision=INPUT_PRECISION)
     tl.store(dw_ptr + pid_s * K * C_out + k[:, None] * C_out + cols[None, :], acc,
              mask=k_ok[:, None] & cols_ok[None, :])
@@ -388,7 +393,7 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
     if training:
         z, partials, tile_m = _forward(x, w, stride, padding, "stats")
         stats = bn.finalize(partials, tile_m, m, gamma, beta, running_mean, running_var, True, momentum, eps)
-        y = bn.apply(z, stats, relu)
+        y = bn.normalize(z, stats, relu)
     else:
         z = None  # not stored: the backward recomputes it
         y, stats = _forward(x, w, stride, padding, "bn_eval", (gamma, beta, running_mean, running_var, eps), relu)
