@@ -119,28 +119,59 @@ def test_whole_graph_against_finite_differences(rng, mix_residual):
         np.testing.assert_allclose(p.grad, numeric, rtol=1e-6, atol=1e-8)
 
 
+def _away_from_kinks(rng, shapes, margin=1e-4, draws=20):
+    """Values for _whole_graph whose float64 conv output h (what the ReLU and the max-pool see)
+    lies at least ``margin`` from the ReLU's kink, and whose max-pool windows each have one winner
+    by at least ``margin``. Float32 computations of h are ~1e-6 from it here, so then every side
+    takes the float64 branch at every kink, and the gradients differ by rounding alone."""
+    for _ in range(draws):
+        values = [None if s is None else rng.standard_normal(s).astype(np.float32) for s in shapes]
+        x, w, gamma, beta = (v.astype(np.float64) for v in values[:4])
+        h = ref.conv_bn_relu(x, w, gamma, beta, np.zeros(4), np.ones(4), padding=1, relu=False)[0]
+        padded = np.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)  # max_pool2d's 3x3/2/1
+        windows = np.sort(np.stack([padded[:, i:i + 6:2, j:j + 8:2] for i in range(3) for j in range(3)], -1), -1)
+        if np.abs(h).min() >= margin and (windows[..., -1] - windows[..., -2]).min() >= margin:
+            return values
+    pytest.fail(f"no draw in {draws} kept {margin} away from every ReLU and max-pool kink")
+
+
 @pytest.mark.parametrize("mix_residual", [True, False])
 def test_whole_graph_kernels_match_numpy_backend(triton_backend, rng, mix_residual):
-    # The graph of every op in float32 on the numpy backend (reference/) and through the
-    # kernels: loss and every gradient agree. Both sides round in float32 with different
-    # summation orders, and batch norm divides by a batch std of a few units, so
-    # agreement is to ~1e-5 relative of each array's scale; 1e-4 leaves headroom.
+    """The graph of every op through the kernels in float32, against the numpy backend in float64
+    (the truth): each array within 1e-4 of its scale plus ten times the error of the numpy
+    backend in float32 (the yardstick) on the same instance, as bench.step holds a whole step.
+
+    The test used to compare the kernels with the numpy backend in float32 directly, at 1e-4 of
+    the scale, and failed now and then (seed 87574639). The cause is not a kink but
+    conditioning: dgamma is a sum over positions of terms that cancel, and when spatial attention
+    standardises a channel of small spread it amplifies rounding in those terms, so float32 gets
+    some dgamma elements only to ~1e-4 of the array's scale, whoever computes it. At that seed the
+    numpy backend in float32 was 2.0e-4 of the scale from float64, the interpreter 2.8e-5: the
+    excess was reference/'s own. Against float64 with twice the yardstick, 1 of 400 instances
+    still failed (seed 1246917527: interpreter 3.0e-4, numpy float32 9.4e-5, the spatial std of one
+    channel 0.06 against 3 to 6 for the others); a wrong kernel (a 0.1% slip) is ~1e-3 off
+    everywhere, well-conditioned arrays included.
+    """
     shapes = [(2, 6, 7, 3), (3, 3, 3, 4), (4,), (4,), None, None, (4, 5), (5,)]
-    values = [None if s is None else rng.standard_normal(s).astype(np.float32) for s in shapes]
+    values = _away_from_kinks(rng, shapes)
     labels = rng.integers(0, 5, 2)
-    results = []
-    for name in ("numpy", triton_backend):
+    results = {}
+    for side, name, dtype in (("truth", "numpy", np.float64), ("yardstick", "numpy", np.float32),
+                              ("kernels", triton_backend, np.float32)):
         with backend.use_backend(name):
-            params = [None if v is None else Tensor(backend.asarray(v), requires_grad=True) for v in values]
+            params = [None if v is None else Tensor(backend.asarray(v.astype(dtype)), requires_grad=True)
+                      for v in values]
             args = list(params)
-            args[4], args[5] = backend.asarray(np.zeros(4, np.float32)), backend.asarray(np.ones(4, np.float32))
+            args[4], args[5] = backend.asarray(np.zeros(4, dtype)), backend.asarray(np.ones(4, dtype))
             loss = _whole_graph(*args, backend.asarray(labels), mix_residual)
             loss.backward()
-            results.append([backend.to_numpy(loss.data)] + [backend.to_numpy(p.grad) for p in params if p is not None]
-                           + [backend.to_numpy(args[4]), backend.to_numpy(args[5])])
-    for got, want in zip(results[1], results[0]):
-        scale = np.abs(want).max()
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
+            results[side] = [backend.to_numpy(a).astype(np.float64) for a in
+                             [loss.data] + [p.grad for p in params if p is not None] + [args[4], args[5]]]
+    for i, (truth, yardstick, kernels) in enumerate(zip(*(results[s] for s in ("truth", "yardstick", "kernels")))):
+        scale = np.abs(truth).max()
+        yardstick_error, kernel_error = np.abs(yardstick - truth).max(), np.abs(kernels - truth).max()
+        assert kernel_error <= 1e-4 * scale + 10 * yardstick_error, \
+            f"array {i}: kernels {kernel_error:.2e}, numpy float32 {yardstick_error:.2e}, scale {scale:.2e}"
 
 
 @pytest.mark.parametrize("op", ["conv2d", "conv_bn_relu"])
