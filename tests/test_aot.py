@@ -51,3 +51,17 @@ def test_a_spec_must_name_every_parameter():
     spec.pop(next(iter(spec)))
     with pytest.raises(ValueError, match="AOT spec names"):
         aot.compile_kernel(kernel_fn, spec, 80)
+
+
+@pytest.mark.parametrize("name, switches", [("elementwise_kernel", dict(OP="relu")),
+                                            ("bn_apply_kernel", dict(BACKWARD=False, RELU=True)),
+                                            ("conv2d_fwd_kernel", dict(EPILOGUE="bn_eval", RELU=True))])
+def test_compiled_relus_keep_nan(name, switches):
+    # tl.maximum's default (PropagateNan.NONE) compiles to max.f32, which returns the number
+    # beside a NaN: relu(NaN) was 0 on the GPU while NaN on numpy, hiding a diverging run.
+    # Every ReLU must compile to the NaN-propagating max.NaN.f32, and no bare max.f32 remains.
+    kernel_fn = next(k for k in KERNELS if k.__name__ == name)
+    spec = next(s for s in kernel_fn.aot_specs if switches.items() <= s.items())
+    ptx = aot.compile_kernel(kernel_fn, spec, 90, aligned=True).asm["ptx"]
+    assert "max.NaN.f32" in ptx
+    assert "max.f32" not in ptx

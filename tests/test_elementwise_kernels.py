@@ -71,3 +71,11 @@ def test_relu_chain_matches_numpy_backend(triton_backend, rng):
             results.append((_host(y.data), _host(x.grad)))
     for got, want in zip(results[1], results[0]):
         np.testing.assert_array_equal(got, want)
+
+
+def test_relu_keeps_nan_and_infinities(triton_backend):
+    # As PyTorch: relu(NaN) is NaN (compiled, tl.maximum needs PropagateNan.ALL for that; see
+    # test_aot.test_compiled_relus_keep_nan), relu(inf) = inf, relu(-inf) = 0.
+    x = np.array([np.nan, -1.0, 2.0, np.inf, -np.inf, -0.0], np.float32)
+    y = backend.to_numpy(F.relu(backend.asarray(x)).data)
+    np.testing.assert_array_equal(y, [np.nan, 0.0, 2.0, np.inf, 0.0, 0.0])

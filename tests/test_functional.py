@@ -86,8 +86,13 @@ def _whole_graph(x, w, gamma, beta, rm, rv, w_fc, b_fc, labels, mix_residual):
 
 @pytest.mark.parametrize("mix_residual", [True, False])
 def test_whole_graph_against_finite_differences(rng, mix_residual):
-    params = [leaf(rng, 2, 6, 7, 3), leaf(rng, 3, 3, 3, 4), leaf(rng, 4), leaf(rng, 4),
-              None, None, leaf(rng, 4, 5), leaf(rng, 5)]
+    # Steps of 1e-6 move the conv output h by far less than 1e-4, so inputs whose h lies 1e-4 or
+    # more from every ReLU and max-pool kink keep each difference quotient on one smooth piece
+    # (drawn freely, about one run in a few hundred put a kink inside a step: seen once in a
+    # run of the suite, 2026-11-30).
+    shapes = [(2, 6, 7, 3), (3, 3, 3, 4), (4,), (4,), None, None, (4, 5), (5,)]
+    params = [None if v is None else Tensor(v.astype(np.float64), requires_grad=True)
+              for v in _away_from_kinks(rng, shapes)]
     labels = rng.integers(0, 5, 2)
 
     def loss_value(*arrays):

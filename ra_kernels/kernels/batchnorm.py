@@ -50,10 +50,13 @@ def bn_coefficients(mean, var, gamma, beta, eps):
 
 @device_function
 def affine_relu(x, scale, shift, RELU: tl.constexpr):
-    """x * scale + shift, then max(., 0) if RELU. Also the backward's ReLU mask, so both agree bit for bit."""
+    """x * scale + shift, then max(., 0) if RELU. Also the backward's ReLU mask, so both agree bit for bit.
+
+    NaN stays NaN, as in PyTorch: tl.maximum's default (PropagateNan.NONE) compiles to max.f32,
+    which returns the number, so a diverging run would be zeroed at every ReLU on the GPU."""
     y = x * scale + shift
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return y
 
 

@@ -32,7 +32,7 @@ def elementwise_kernel(a_ptr, b_ptr, out_ptr, n, OP: tl.constexpr, BLOCK_N: tl.c
     if OP == "add":
         out = a + tl.load(b_ptr + offs, mask=in_bounds)
     elif OP == "relu":
-        out = tl.maximum(a, 0.0)
+        out = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as PyTorch
     else:
         out = tl.where(tl.load(b_ptr + offs, mask=in_bounds) > 0.0, a, 0.0)
     tl.store(out_ptr + offs, out, mask=in_bounds)
