@@ -1,6 +1,6 @@
 """One command that proves and measures everything on a lent GPU, within a fixed device budget.
 
-    python -m bench.gpu_check --out $OUT            # a cold H200: about 6.5 minutes
+    python -m bench.gpu_check --out $OUT            # a cold H200: about 6 minutes
     python -m bench.gpu_check --quick --out $OUT    # the rerun after a fix: under 4 minutes
     python -m bench.gpu_check --dry-run             # any CPU: every stage's plumbing, nothing timed
 
@@ -18,14 +18,14 @@ machine returns no more):
    eager mode (channels_last, cudnn.benchmark, TF32 on both sides), after the agreement check.
 5. kernels: ``bench.kernels`` on attention92's layer shapes at batch 64, TF32, every family:
    device time by CUDA-graph replay on both sides, launch-inclusive time beside it.
-6. sanitize: compute-sanitizer memcheck over the cuda tests of the pooling, resize and attention
-   kernels, in whatever time is left (full run only).
+6. sanitize: compute-sanitizer memcheck (or racecheck) over the cuda tests of some kernel
+   families (SANITIZED_TESTS), in whatever time is left (full run only).
 
 While the tests run, worker processes compile the Triton specialisations that stages 3 to 5
 need (TRITON's on-disk cache is shared), so that the later stages find them compiled.
 
---quick keeps the env stage, the cuda tests of conv/BN and attention_mix, the attention56 step
-at batch 64 and three conv shapes. --dry-run runs every stage on the CPU: the interpret backend
+--quick keeps the env stage, the cuda tests of conv/BN and attention, the attention56 step
+at batch 64 and the first three conv_bn_relu shapes. --dry-run runs every stage on the CPU: the interpret backend
 for tests, step and kernels on tiny shapes, the numpy backend for a few training steps on a
 synthetic dataset; it times nothing and is what CI runs (tests/test_bench.py).
 """
@@ -252,14 +252,12 @@ def stage_train(args) -> dict:
                                        "'data' (bench/README.md)")
     run_dir = args.work / "train"
     command = [sys.executable, "-m", "train.cifar"] + train_command(args, data_dir, run_dir)
-    print(" ".join(command), flush=True)
-    try:
-        done = subprocess.run(command, cwd=REPO, timeout=max(args.limit - 10, 5))
-    except subprocess.TimeoutExpired:
+    returncode = _run_interruptible(command, max(args.limit - 20, 5))  # Ctrl-C: train.cifar checkpoints
+    if returncode is None:
         return dict(ok=False, line="training did not finish within the stage's time limit")
     metrics = run_dir / "metrics.csv"
-    if done.returncode != 0 or not metrics.exists():
-        return dict(ok=False, line=f"train.cifar exited with code {done.returncode}")
+    if returncode != 0 or not metrics.exists():
+        return dict(ok=False, line=f"train.cifar exited with code {returncode}")
     shutil.copyfile(metrics, args.out / "train_metrics.csv")
     with open(metrics, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -271,11 +269,8 @@ def stage_train(args) -> dict:
             f"test accuracy {accuracy:.2%}, loss {loss:.3f}; {rate:,.0f} images/s")
     ok = np.isfinite(loss)
     if not args.dry_run:
-        if baseline is None:
-            line += "; no numpy figure recorded to compare with"
-        else:
-            line += f"; numpy backend (CPU) {baseline:.2%}"
-            ok = ok and abs(accuracy - baseline) <= ACCURACY_TOLERANCE
+        line += f"; numpy backend (CPU) {baseline:.2%}"
+        ok = ok and abs(accuracy - baseline) <= ACCURACY_TOLERANCE
     report = common.markdown_table(list(rows[0]), [[_number(v) for v in r.values()] for r in rows])
     return dict(ok=bool(ok), line=line, report=line + "\n\n" + report, metrics=rows)
 
@@ -345,14 +340,11 @@ def stage_kernels(args) -> dict:
     (args.out / "kernels.json").write_text(json.dumps(
         {"ceilings": None if ceilings is None else vars(ceilings), "results": bench_kernels.raw_records(results)},
         indent=1, default=str))
-    ratios = {}
-    for row in summary.splitlines()[2:]:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        ratios[cells[0]] = cells[1]
+    ratios = bench_kernels.step_ratios(results, KERNEL_MODEL, batch)
     line = (f"{len(results)} of {len(layers)} layers agree with PyTorch"
             + (f", {len(failures)} failed" if failures else "")
             + ("" if args.dry_run else "; PyTorch / ours, device time over a step: "
-               + ", ".join(f"{family} {ratio}" for family, ratio in ratios.items())))
+               + ", ".join(f"{family} {'-' if r is None else f'{r:.2f}'}" for family, r in ratios.items())))
     report = (f"#### {caption}\n\n{table}\n\n#### PyTorch / ours per training step (device time, each layer "
               f"weighted by its uses)\n\n{summary}" + "".join(f"\n- FAILED {f}" for f in failures))
     return dict(ok=not failures and len(results) == len(layers), line=line, details=failures, report=report)
@@ -519,8 +511,6 @@ def run_all(args) -> int:
     deadline = started + args.budget_s
     mode = _mode(args)
     plan = [s for s in STAGES if s.name in args.stages and (s.quick_limit_s > 0 or mode != "quick")]
-    if mode == "dry":
-        plan = [s for s in plan if s.name != "sanitize"] + [s for s in plan if s.name == "sanitize"]
     log.say(f"bench.gpu_check ({mode}): stages {', '.join(s.name for s in plan)}; budget {args.budget_s:.0f} s; "
             f"full log {log.path}")
     results, warmers = {}, []

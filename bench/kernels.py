@@ -655,12 +655,18 @@ def draw_inputs(layer: Layer, batch: int, rng):
     return host, dy
 
 
+def _on_backend(host: dict, dy):
+    """Host inputs and dy as arrays of the current backend, copies (the interpret backend would
+    otherwise update ``host``'s state operands in place)."""
+    arrays = {name: None if value is None else backend.asarray(value.copy()) for name, value in host.items()}
+    return arrays, None if dy is None else backend.asarray(dy)
+
+
 def our_side(layer: Layer, batch: int, rng) -> OurSide:
     """One layer on our kernels, on fresh inputs of the current backend (to compile its kernels, say)."""
     family = FAMILIES[layer.family]
-    host, dy = draw_inputs(layer, batch, rng)
-    arrays = {name: None if value is None else backend.asarray(value) for name, value in host.items()}
-    return OurSide(family, family.kernels, arrays, dict(layer.options), None if dy is None else backend.asarray(dy))
+    arrays, dy = _on_backend(*draw_inputs(layer, batch, rng))
+    return OurSide(family, family.kernels, arrays, dict(layer.options), dy)
 
 
 def run_layer(layer: Layer, uses: dict, batch: int, precision: str, session: common.Session) -> LayerResult:
@@ -671,8 +677,7 @@ def run_layer(layer: Layer, uses: dict, batch: int, precision: str, session: com
     family, options = FAMILIES[layer.family], dict(layer.options)
     host, dy_host = draw_inputs(layer, batch, session.rng)
     dy_host = away_from_relu_kink(layer, host, dy_host)
-    arrays = {name: None if value is None else backend.asarray(value.copy()) for name, value in host.items()}
-    dy = None if dy_host is None else backend.asarray(dy_host)
+    arrays, dy = _on_backend(host, dy_host)
     ours = OurSide(family, family.kernels, arrays, options, dy)
     others = {}
     if session.dry_run:
@@ -743,21 +748,25 @@ def _short(model_name: str) -> str:
     return model_name.removeprefix("attention")
 
 
-def summary_table(results, model_names, batches) -> str:
-    """Per family, PyTorch's time over ours for one training step's worth of its layers (each
-    layer weighted by its uses in the model), per model and batch; "-" in a dry run."""
-    columns = [(m, b) for m in model_names for b in batches]
-    header = ["op"] + [f"{_short(m)} b{b}" for m, b in columns]
-    rows = []
+def step_ratios(results, model: str, batch: int) -> dict:
+    """{family, and "all": PyTorch's time over ours for one training step's worth of its layers
+    (each weighted by its uses in ``model``) at ``batch``, or None where a time is missing (a dry run)}."""
+    ratios = {}
     for family in list(dict.fromkeys(r.layer.family for r in results)) + ["all"]:
-        row = [family]
-        for model, batch in columns:
-            chosen = [r for r in results if r.batch == batch and r.uses.get(model)
-                      and family in (r.layer.family, "all")]
-            totals = [sum(r.uses[model] * r.step_ms(side) for r in chosen) if chosen and
-                      all(r.step_ms(side) is not None for r in chosen) else None for side in ("PyTorch", "ours")]
-            row.append("-" if None in totals else f"{totals[0] / totals[1]:.2f}")
-        rows.append(row)
+        chosen = [r for r in results if r.batch == batch and r.uses.get(model) and family in (r.layer.family, "all")]
+        totals = [sum(r.uses[model] * r.step_ms(side) for r in chosen) if chosen and
+                  all(r.step_ms(side) is not None for r in chosen) else None for side in ("PyTorch", "ours")]
+        ratios[family] = None if None in totals else totals[0] / totals[1]
+    return ratios
+
+
+def summary_table(results, model_names, batches) -> str:
+    """Per family, :func:`step_ratios` per model and batch; "-" in a dry run."""
+    columns = {(m, b): step_ratios(results, m, b) for m in model_names for b in batches}
+    header = ["op"] + [f"{_short(m)} b{b}" for m, b in columns]
+    families = next(iter(columns.values())) if columns else {}
+    rows = [[family] + ["-" if ratios[family] is None else f"{ratios[family]:.2f}" for ratios in columns.values()]
+            for family in families]
     return common.markdown_table(header, rows)
 
 
