@@ -160,12 +160,12 @@ class AttentionModule(nn.Module):
 class ResidualAttentionNet(nn.Module):
     """ra_kernels.models.ResidualAttentionNet in PyTorch: NCHW images -> logits (N, num_classes).
 
-    Takes the keyword arguments of ``ResidualAttentionNet.config`` (``seed`` is ignored: the
-    weights come from :func:`load_our_state`).
+    Takes the keyword arguments of ``ResidualAttentionNet.config``; the weights come from
+    :func:`load_our_state`.
     """
 
     def __init__(self, modules_per_stage=1, p=1, t=2, r=1, stem=16, widths=(64, 128, 256), num_classes=10,
-                 residual_attention=True, attention="mixed", seed=None):
+                 residual_attention=True, attention="mixed"):
         super().__init__()
         self.stem = conv2d(3, stem, 3, 1, 1)
         cin = stem

@@ -10,8 +10,8 @@ Three backends share one op contract:
   backend for real CPU runs, and the only one that also accepts float64.
 
 Selection, first match wins: ``set_backend(name)`` / ``use_backend(name)``;
-the environment variable ``RA_BACKEND``; ``"cuda"`` when CuPy sees a GPU;
-``"numpy"``.
+then :func:`default_backend`: the environment variable ``RA_BACKEND``; ``"cuda"``
+when CuPy sees a GPU; ``"numpy"``.
 
 Kernels are written, registered and launched through ``ra_kernels.launch``,
 which reads the selection made here.
@@ -60,18 +60,32 @@ def _check_name(name):
     return name
 
 
+def default_backend() -> str:
+    """The backend when none is set: ``RA_BACKEND`` when it is set, else ``"cuda"`` when CuPy sees
+    a GPU, else ``"numpy"``. The one selection rule (``train.cifar --backend auto`` uses it too)."""
+    env = os.environ.get("RA_BACKEND")
+    if not env:
+        return "cuda" if gpu_available() else "numpy"
+    try:
+        return _check_name(env)
+    except (ValueError, RuntimeError) as error:
+        raise type(error)(f"the environment variable RA_BACKEND={env!r}: {error}") from None
+
+
 def get_backend() -> str:
     """The name of the backend ops run on now."""
     if _selected["backend"] is None:
-        env = os.environ.get("RA_BACKEND")
-        _selected["backend"] = _check_name(env) if env else "cuda" if gpu_available() else "numpy"
+        _selected["backend"] = default_backend()
     return _selected["backend"]
 
 
-def set_backend(name: str) -> str:
-    """Select the backend by name ('cuda', 'interpret' or 'numpy'); returns the previous one."""
-    previous = get_backend()
-    _selected["backend"] = _check_name(name)
+def set_backend(name: str | None) -> str | None:
+    """Select the backend by name ('cuda', 'interpret' or 'numpy'), or None for
+    :func:`default_backend`; returns the previous selection (None where none was made)."""
+    previous = _selected["backend"]
+    _selected["backend"] = None if name is None else _check_name(name)
+    if name is None:
+        get_backend()  # applies the rule now, so that a bad RA_BACKEND is reported here
     return previous
 
 

@@ -136,6 +136,9 @@ def load_cifar(name: str, data_dir, download: bool = True) -> CifarData:
     """
     source = _source(name)
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ValueError(f"{data_dir} is a file, not a directory: give the directory that holds (or is to "
+                         f"hold) {source.folder}")
     folder = _find_folder(source, data_dir)
     if folder is None:
         _fetch(source, data_dir, download)

@@ -132,9 +132,10 @@ class ResidualAttentionNet(Module):
         if num_classes < 2:
             raise ValueError(f"ResidualAttentionNet: num_classes must be >= 2, got {num_classes}")
         rng = np.random.default_rng(seed)
+        # The architecture, saved with the weights (nn.Module.architecture); the seed only draws them.
         self.config = dict(modules_per_stage=modules_per_stage, p=p, t=t, r=r, stem=stem,
                            widths=tuple(widths), num_classes=num_classes,
-                           residual_attention=residual_attention, attention=attention, seed=seed)
+                           residual_attention=residual_attention, attention=attention)
         self.stem = Conv2d(3, stem, 3, 1, 1, rng=rng)
         cin = stem
         for s, (width, depth) in enumerate(zip(widths, MASK_DEPTHS)):

@@ -10,12 +10,14 @@ made on the GPU loads on the CPU; ``save``/``load`` write and read it as .npz.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections import OrderedDict
 
 import numpy as np
 
 from . import functional as F
+from . import npzfile
 from .autograd import Tensor
 from .backend import asarray, to_numpy
 
@@ -152,7 +154,8 @@ class Module:
 
         Each value is converted to the kind of array (NumPy or CuPy) and the dtype it
         replaces, so a GPU checkpoint loads into a CPU model; shapes must match. With
-        ``strict``, missing and unexpected names are errors.
+        ``strict``, missing and unexpected names are errors. Everything is checked before
+        anything is copied: a load that fails leaves the module as it was.
         """
         targets = dict(self.named_parameters())
         targets.update(self.named_buffers())
@@ -160,6 +163,7 @@ class Module:
         unexpected = [n for n in state if n not in targets]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
+        copies = []
         for name, target in targets.items():
             if name not in state:
                 continue
@@ -167,9 +171,19 @@ class Module:
             value = np.asarray(to_numpy(state[name]))
             if value.shape != tuple(array.shape):
                 raise ValueError(f"load_state_dict: {name} has shape {value.shape} in the state, "
-                                 f"{tuple(array.shape)} in the module")
+                                 f"{tuple(array.shape)} in the module; nothing was loaded")
+            if not np.can_cast(value.dtype, np.float64, "same_kind"):
+                raise TypeError(f"load_state_dict: {name} has dtype {value.dtype} in the state, {array.dtype} "
+                                f"in the module; nothing was loaded")
+            copies.append((array, value))
+        for array, value in copies:
             array[...] = asarray(value, dtype=array.dtype, like=array)
         return self
+
+    def architecture(self):
+        """What this module is, saved with its weights: {"class": its class name, "config": the
+        ``config`` dict it was built from, or None}. Weights load only into the same architecture."""
+        return {"class": type(self).__name__, "config": getattr(self, "config", None)}
 
     def astype(self, dtype):
         """Convert every parameter and buffer to ``dtype`` in place (float64: numpy backend only,
@@ -182,17 +196,20 @@ class Module:
         return self
 
     def save(self, path):
-        """Write ``state_dict()`` to an .npz file (atomically: a temporary file, then rename)."""
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **self.state_dict())
-        os.replace(tmp, path)
+        """Write the weights (``state_dict()``) and ``architecture()`` to an .npz file, atomically
+        (ra_kernels/npzfile.py gives the format, which training checkpoints share)."""
+        arrays = {f"model/{name}": value for name, value in self.state_dict().items()}
+        npzfile.write(path, arrays, {"kind": "weights", "model": self.architecture()})
 
     def load(self, path, strict: bool = True):
-        """Load parameters and buffers from an .npz file written by ``save``."""
-        with np.load(os.fspath(path)) as state:
-            return self.load_state_dict({k: state[k] for k in state.files}, strict=strict)
+        """Load the weights of an .npz file written by ``save`` or by ``train.cifar`` (a checkpoint);
+        returns self. An error, and nothing changed, when the file cannot be read, holds another
+        architecture, or its arrays do not fit."""
+        meta, arrays = npzfile.read(path)
+        if meta["model"] != json.loads(json.dumps(self.architecture())):  # as stored: tuples become lists
+            raise ValueError(f"load: {os.fspath(path)} holds the weights of {_described(meta['model'])}, "
+                             f"this module is {_described(self.architecture())}; nothing was loaded")
+        return self.load_state_dict(npzfile.members(arrays, "model/"), strict=strict)
 
     def __repr__(self):
         lines = [f"{type(self).__name__}("]
@@ -200,6 +217,12 @@ class Module:
             lines.append("  (" + name + "): " + repr(child).replace("\n", "\n  "))
         lines += [f"  {name}: {tuple(p.shape)}" for name, p in self._parameters.items()]
         return "\n".join(lines) + ")" if len(lines) > 1 else f"{type(self).__name__}()"
+
+
+def _described(architecture):
+    config = architecture["config"]
+    return architecture["class"] + ("" if config is None else
+                                    "(" + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")")
 
 
 # --------------------------------------------------------------------------- layers

@@ -269,6 +269,19 @@ def test_checkpoint_round_trip_gives_identical_logits(rng, tmp_path):
     np.testing.assert_array_equal(restored(Tensor(x)).data, model(Tensor(x)).data)
 
 
+@pytest.mark.parametrize("attention, residual", [("channel", True), ("spatial", True), ("mixed", False)])
+def test_weights_load_only_into_the_same_architecture(tmp_path, attention, residual):
+    # The same parameter names and shapes, another meaning: an error naming both, nothing loaded.
+    tiny(seed=1).save(tmp_path / "mixed.npz")
+    other = tiny(attention=attention, residual_attention=residual, seed=2)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"holds the weights of ResidualAttentionNet\(.*attention='mixed'\), "
+                                         rf"this module is ResidualAttentionNet\(.*attention='{attention}'\)"):
+        other.load(tmp_path / "mixed.npz")
+    for name, value in other.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
 @pytest.mark.parametrize("attention", ["mixed", "channel", "spatial"])
 def test_attention_masks_have_trunk_shapes(rng, attention):
     model = tiny(attention=attention)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ra_kernels import backend, nn
+from ra_kernels import backend, nn, npzfile
 
 
 class Affine(nn.Module):
@@ -95,6 +95,32 @@ def test_load_checks_names_and_shapes(rng):
     bad["first.bias"] = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match=r"first.bias has shape \(4,\) in the state, \(3,\) in the module"):
         net.load_state_dict(bad)
+
+
+def test_a_failed_load_changes_nothing(rng):
+    net = Net(rng)
+    before = net.state_dict()
+    other = {name: value + 1 for name, value in before.items()}
+    names = list(other)
+    other[names[-1]] = np.zeros(7, np.float32)  # the last key is wrong: all before it would fit
+    with pytest.raises(ValueError, match=f"{names[-1]} has shape .7,. in the state.*nothing was loaded"):
+        net.load_state_dict(other)
+    other[names[-1]] = np.array(["x"] * before[names[-1]].size).reshape(before[names[-1]].shape)
+    with pytest.raises(TypeError, match=f"{names[-1]} has dtype <U1 in the state"):
+        net.load_state_dict(other)
+    for name, value in net.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_load_of_a_missing_or_truncated_file_names_it(rng, tmp_path):
+    net = Net(rng)
+    with pytest.raises(npzfile.UnreadableFile, match=f"{tmp_path / 'missing.npz'} does not exist"):
+        net.load(tmp_path / "missing.npz")
+    net.save(tmp_path / "net.npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes((tmp_path / "net.npz").read_bytes()[:300])
+    with pytest.raises(npzfile.UnreadableFile, match=f"cannot read {truncated}: truncated or corrupt"):
+        net.load(truncated)
 
 
 def test_loaded_values_keep_the_module_dtype(rng):

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import ra_kernels.functional as F
+from ra_kernels import backend
 from ra_kernels.data import BatchLoader, load_cifar
 from ra_kernels.metrics import TOTALS, accumulate_metrics
 from ra_kernels.models import ResidualAttentionNet
@@ -29,6 +30,7 @@ from ra_kernels.optim import SGD
 
 pytest.importorskip("tqdm", reason="train.cifar draws its progress bar with tqdm")
 from train import cifar, masks  # noqa: E402
+from train import common as cifar_common  # noqa: E402
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
                                       reason="the figures need matplotlib")
@@ -228,7 +230,7 @@ def _corrupt_copies(last, tmp_path):
 def test_corrupt_checkpoints_are_clear_errors(finished_run, tiny_data, tmp_path, capsys):
     truncated, flipped, other = _corrupt_copies(finished_run[0] / "last.npz", tmp_path)
     for path, message in ((truncated, "truncated or corrupt"), (flipped, "truncated or corrupt"),
-                          (other, "is not a checkpoint of train.cifar"), (tmp_path / "missing.npz", "does not exist")):
+                          (other, "without the meta record of ra_kernels"), (tmp_path / "missing.npz", "does not exist")):
         assert cifar.main(["--eval-only", str(path), "--data-dir", str(tiny_data)]) == cifar.EXIT_USAGE
         err = capsys.readouterr().err
         assert "ra-train: error:" in err and message in err and str(path) in err
@@ -236,7 +238,8 @@ def test_corrupt_checkpoints_are_clear_errors(finished_run, tiny_data, tmp_path,
     resumed.mkdir()
     shutil.copyfile(truncated, resumed / "last.npz")
     assert cifar.main(_argv(tiny_data, resumed, "--resume")) == cifar.EXIT_USAGE
-    assert "cannot read checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "truncated or corrupt" in err and str(resumed / "last.npz") in err
 
 
 def test_corrupt_data_file_is_a_clear_error(tiny_data, tmp_path, capsys):
@@ -252,6 +255,138 @@ def test_corrupt_data_file_is_a_clear_error(tiny_data, tmp_path, capsys):
 def test_too_few_images_for_a_batch(tiny_data, tmp_path, capsys):
     assert cifar.main(_argv(tiny_data, tmp_path / "out", "--limit-train", "5")) == cifar.EXIT_USAGE
     assert "5 training images make no full batch of 8" in capsys.readouterr().err
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing of the program runs after it (no except, no Ctrl-C handler)."""
+
+
+def test_a_crash_between_last_and_best_is_repaired_on_resume(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
+    out, real_copy = tmp_path / "crashed", cifar.npzfile.copy
+
+    def killed_copy(source, destination):
+        raise Killed
+
+    monkeypatch.setattr(cifar.npzfile, "copy", killed_copy)
+    with pytest.raises(Killed):  # dies at the end of epoch 1, after last.npz, before best.npz
+        cifar.main(_argv(tiny_data, out))
+    assert _meta(out / "last.npz")["best"]["epoch"] == 1 and not (out / "best.npz").exists()
+    monkeypatch.setattr(cifar.npzfile, "copy", real_copy)
+    assert cifar.main(["--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"repaired {out / 'best.npz'}" in printed
+    # What the run states is what the file holds, and it is the uninterrupted run's best.npz.
+    best = _meta(out / "best.npz")
+    assert f"best.npz holds epoch {best['epoch']} " in printed
+    assert best["best"] == _meta(finished_run[0] / "best.npz")["best"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_best_npz_that_cannot_be_rebuilt_is_reported(finished_run, tiny_data, tmp_path, capsys):
+    out = tmp_path / "removed"
+    assert cifar.main(_argv(tiny_data, out), after_step=_interrupt_at(7)) == cifar.EXIT_INTERRUPTED
+    (out / "best.npz").unlink()
+    assert cifar.main(["--out", str(out), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "does not hold epoch 1, the best so far, and cannot be rebuilt" in captured.err
+    # Epoch 2 rewrote best.npz only if it did better; the final statement is the file's either way.
+    if (out / "best.npz").exists():
+        assert f"best.npz holds epoch {_meta(out / 'best.npz')['epoch']} " in captured.out
+    else:
+        assert "best.npz is missing" in captured.err
+
+
+def test_output_folder_is_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
+    # No dataset at --data-dir and --no-download: a check made after loading would report the data.
+    missing_data = tmp_path / "no-data"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    read_only = tmp_path / "read-only"
+    for out, message in ((a_file, "is a file, not a directory"), (a_file / "run", "cannot write files there")):
+        assert cifar.main(_argv(missing_data, out)) == cifar.EXIT_USAGE
+        assert f"--out {out}" in (err := capsys.readouterr().err) and message in err, err
+        assert masks.main([str(a_file), "--out", str(out)]) == 2
+        assert f"--out {out}" in (err := capsys.readouterr().err) and message in err, err
+    # A read-only folder, as a non-root user meets it (root may write anywhere, so it is simulated).
+    read_only.mkdir()
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(cifar_common.tempfile, "NamedTemporaryFile", refuse)
+    assert cifar.main(_argv(missing_data, read_only)) == cifar.EXIT_USAGE
+    assert f"--out {read_only}: cannot write files there" in (err := capsys.readouterr().err) and \
+        "Permission denied" in err
+    assert masks.main([str(a_file), "--out", str(read_only)]) == 2
+    assert f"--out {read_only}: cannot write files there" in capsys.readouterr().err
+
+
+def test_data_dir_that_is_a_file(tmp_path, capsys):
+    a_file = tmp_path / "cifar.tar"
+    a_file.write_text("")
+    assert cifar.main(_argv(a_file, tmp_path / "out")) == cifar.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{a_file} is a file, not a directory" in err and "download" not in err
+
+
+def test_eval_only_refuses_options_it_would_ignore(finished_run, tiny_data, capsys):
+    last = finished_run[0] / "last.npz"
+    assert cifar.main(["--eval-only", str(last), "--model", "attention92", "--lr", "0.5"]) == cifar.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--model, --lr cannot be given with it" in err and "--limit-test" in err
+
+
+def test_weights_files_and_checkpoints_are_one_format(finished_run, tiny_data, tmp_path, capsys):
+    last = finished_run[0] / "last.npz"
+    model = ResidualAttentionNet(1, stem=8, widths=(16, 32, 64), seed=11).load(last)  # a checkpoint's weights
+    for name, value in _checkpoint_arrays(last).items():
+        if name.startswith("model/"):
+            np.testing.assert_array_equal(model.state_dict()[name[len("model/"):]], value)
+    weights = tmp_path / "weights.npz"
+    model.save(weights)
+    assert cifar.main(["--eval-only", str(weights), "--data-dir", str(tiny_data), "--batch-size", str(BATCH),
+                       "--backend", "numpy"]) == 0
+    from_weights = capsys.readouterr().out
+    assert cifar.main(["--eval-only", str(last), "--data-dir", str(tiny_data), "--batch-size", str(BATCH),
+                       "--backend", "numpy"]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert "weights of a ResidualAttentionNet (mixed attention)" in from_weights
+    assert from_weights.splitlines()[1] == from_checkpoint.splitlines()[1]  # the same accuracy and loss
+    out = tmp_path / "resumed-from-weights"
+    out.mkdir()
+    shutil.copyfile(weights, out / "last.npz")
+    assert cifar.main(["--out", str(out), "--resume"]) == cifar.EXIT_USAGE
+    assert "holds weights only, not a training checkpoint" in capsys.readouterr().err
+
+
+@needs_matplotlib
+def test_masks_of_a_weights_file_and_too_many_images(finished_run, tiny_data, tmp_path, capsys):
+    weights = tmp_path / "weights.npz"
+    ResidualAttentionNet(1, stem=8, widths=(16, 32, 64)).load(finished_run[0] / "last.npz").save(weights)
+    args = ["--data-dir", str(tiny_data), "--backend", "numpy", "--out", str(tmp_path / "figures")]
+    assert masks.main([str(weights), "--images", str(TEST_IMAGES + 1), *args]) == 2
+    assert f"--images {TEST_IMAGES + 1}: the test set of cifar10 has {TEST_IMAGES} images" in capsys.readouterr().err
+    assert masks.main([str(weights), "--images", "2", *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "figures").glob("*.png")) == ["masks_0.png", "masks_1.png"]
+
+
+def test_backend_auto_follows_ra_backend(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(backend._selected, "backend", None)
+    monkeypatch.setenv("RA_BACKEND", "bogus")
+    argv = [a for a in _argv(tiny_data, tmp_path / "out") if a not in ("--backend", "numpy")]
+    assert cifar.main(argv) == cifar.EXIT_USAGE
+    assert "RA_BACKEND='bogus': unknown backend 'bogus'" in capsys.readouterr().err
+    monkeypatch.setenv("RA_BACKEND", "interpret")
+    assert cifar_common.select_backend("auto") == "interpret" == backend.get_backend()
+
+
+def test_the_run_length_is_estimated(finished_run):
+    _, printed = finished_run
+    # Read at the first reading of the metrics, the epoch's end here: STEPS_PER_EPOCH steps remain.
+    estimate = [line for line in printed.splitlines() if "an epoch trains in about" in line]
+    assert len(estimate) == 1 and f"the {STEPS_PER_EPOCH} steps left take about" in estimate[0]
+    assert [cifar.format_duration(s) for s in (45, 150, 7200 * 1.7, 86400 * 6.2)] == \
+        ["45 s", "2 min", "3.4 h", "6.2 days"]
 
 
 # --------------------------------------------------------------------------- help

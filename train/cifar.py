@@ -45,7 +45,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -62,14 +61,19 @@ from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels
 from ra_kernels.metrics import TOTALS, accumulate_metrics
 from ra_kernels.models import ATTENTIONS, MODELS
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES, SGD
+from ra_kernels import npzfile
 from train.checkpoint import model_from_checkpoint, read_checkpoint, write_checkpoint
-from train.common import UsageError, epoch_batches, load_dataset, select_backend
+from train.common import (BACKEND_HELP, UsageError, epoch_batches, load_dataset, prepare_output_dir,
+                          select_backend)
 
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                    "lr", "seconds", "images_per_second")
 # Options a resumed run may change (besides --out and --resume): where the data is and how the
 # run is watched, nothing that changes what it computes (the backend changes only rounding).
 RESUME_MAY_CHANGE = ("data_dir", "no_download", "backend", "log_every")
+
+# The options --eval-only takes: everything else describes a run to train.
+EVAL_ONLY_OPTIONS = ("eval_only", "data_dir", "no_download", "dataset", "limit_test", "batch_size", "backend")
 
 EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -195,10 +199,7 @@ def build_parser():
                             "seed on the same backend repeats a run (default: %(default)s)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto",
-                     help="auto: cuda when CuPy sees a GPU, else numpy (the CPU reference ops); interpret "
-                          "runs the Triton kernels in Triton's interpreter, for testing only (slow) "
-                          "(default: %(default)s)")
+    run.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto", help=BACKEND_HELP)
     run.add_argument("--out", metavar="DIR",
                      help="directory for metrics.csv, curves.png, last.npz and best.npz "
                           "(default: runs/<model>-<dataset>)")
@@ -289,6 +290,14 @@ def evaluate(model, loader, stop=None):
     finally:
         model.train(was_training)
     return mean_metrics(totals)
+
+
+def format_duration(seconds):
+    """A duration in words at a useful precision: "45 s", "12 min", "3.4 h", "6.2 days"."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}" if unit in ("days", "h") else f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 class StopOnInterrupt:
@@ -390,6 +399,7 @@ class Run:
                              epoch_train_seconds=0.0)
         self.history, self.best = [], None
         self.last_good = "none yet: it diverged before the first checkpoint"
+        self._estimated = False  # the run's length is estimated once per session, at the first reading
         if checkpoint is not None:
             self._restore(checkpoint)
         self._session_start, self._seconds_before = time.perf_counter(), self.position["seconds"]
@@ -405,6 +415,30 @@ class Run:
         self.position = {key: meta[key] for key in self.position}
         self.history, self.best = meta["history"], meta["best"]
         self.last_good = self._checkpoint_description()
+        self._repair_best()
+
+    def _best_file_record(self):
+        """The ``best`` record of best.npz itself (the epoch whose end it holds), or None when there is
+        no readable best.npz."""
+        try:
+            return read_checkpoint(self.out / "best.npz", meta_only=True).meta["best"]
+        except UsageError:
+            return None
+
+    def _repair_best(self):
+        """Make best.npz hold the epoch the checkpoint names best. Epoch ends write last.npz, then copy
+        it to best.npz when the epoch is the best so far, so the one file a crash can leave behind is
+        a best.npz older than last.npz's record, and then last.npz itself is the best checkpoint."""
+        if self.best is None or self._best_file_record() == self.best:
+            return
+        if (self.position["epoch"], self.position["batch"]) != (self.best["epoch"], 0):
+            print(f"warning: {self.out / 'best.npz'} does not hold epoch {self.best['epoch']}, the best so far, and "
+                  f"cannot be rebuilt (was it removed or replaced?); it is written again when an epoch does better",
+                  file=sys.stderr)
+            return
+        npzfile.copy(self.out / "last.npz", self.out / "best.npz")
+        print(f"repaired {self.out / 'best.npz'}: an interrupted epoch end had left it out of date; it holds "
+              f"epoch {self.best['epoch']} again")
 
     # ----------------------------------------------------------------- helpers
 
@@ -426,8 +460,7 @@ class Run:
 
     def save(self):
         self.position["seconds"] = self._seconds()
-        meta = dict(self.position, args=vars(self.args), model_config=self.model.config,
-                    num_classes=self.num_classes, batches_per_epoch=self.batches_per_epoch,
+        meta = dict(self.position, args=vars(self.args), num_classes=self.num_classes, batches_per_epoch=self.batches_per_epoch,
                     history=self.history, best=self.best)
         write_checkpoint(self.out / "last.npz", self.model, self.optimizer, self.train_totals, meta)
         self.last_good = self._checkpoint_description()
@@ -485,8 +518,12 @@ class Run:
                     if p["batch"] % args.log_every == 0 or p["batch"] == self.batches_per_epoch or stop.requested:
                         loss, accuracy = self._checked_train_metrics()  # waits for the device
                         now = time.perf_counter()
+                        images_per_second = interval_images / (now - interval_start)
                         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1%}", lr=f"{self.lr:.3g}",
-                                        img_s=f"{interval_images / (now - interval_start):.1f}")
+                                        img_s=f"{images_per_second:.1f}")
+                        if not self._estimated:
+                            tqdm.write(self._estimate(images_per_second))
+                            self._estimated = True
                         interval_start, interval_images = now, 0
                     if stop.requested:
                         return False
@@ -494,6 +531,14 @@ class Run:
             bar.close()
             p["epoch_train_seconds"] += time.perf_counter() - started
         return True
+
+    def _estimate(self, images_per_second):
+        """The run's remaining length at ``images_per_second``, in words (training steps only)."""
+        steps_left = self.args.epochs * self.batches_per_epoch - self.position["iteration"]
+        epoch = self.batches_per_epoch * self.args.batch_size / images_per_second
+        return (f"at {images_per_second:.1f} images/s an epoch trains in about {format_duration(epoch)}; the "
+                f"{steps_left:,} steps left take about "
+                f"{format_duration(steps_left * self.args.batch_size / images_per_second)}, plus the evaluations")
 
     def _step(self, x, y):
         """One SGD step on the batch (x, y); its loss and correct predictions go into train_totals."""
@@ -523,10 +568,8 @@ class Run:
             self.best = dict(epoch=row["epoch"], test_accuracy=test_accuracy, test_loss=test_loss)
         p["epoch"], p["batch"] = p["epoch"] + 1, 0
         self.save()
-        if improved:
-            tmp = self.out / "best.npz.tmp"
-            shutil.copyfile(self.out / "last.npz", tmp)
-            os.replace(tmp, self.out / "best.npz")
+        if improved:  # after last.npz, which names this epoch best: a crash between the two is repaired on resume
+            npzfile.copy(self.out / "last.npz", self.out / "best.npz")
         write_metrics_csv(self.history, self.out / "metrics.csv")
         try:
             plot_curves(self.history, self.out / "curves.png")
@@ -550,29 +593,54 @@ class Run:
         last = self.history[-1]
         print(f"final test accuracy (last epoch, {last['epoch']}): {last['test_accuracy']:.2%}, "
               f"test loss {last['test_loss']:.4f}")
-        print(f"best.npz holds epoch {self.best['epoch']} (test accuracy {self.best['test_accuracy']:.2%}); it was "
+        best = self._best_file_record()  # what the file holds, whatever happened to the run
+        if best is None:
+            print("best.npz is missing", file=sys.stderr)
+            return
+        print(f"best.npz holds epoch {best['epoch']} (test accuracy {best['test_accuracy']:.2%}); it was "
               f"picked on the test set, so report the last epoch's accuracy, not that one")
 
 
 # --------------------------------------------------------------------------- entry points
 
+def checkpoint_dataset(checkpoint, args, explicit):
+    """(dataset name, data directory) for evaluating a checkpoint or weights file: the ones it was
+    trained on, unless given on the command line; a weights file records no data, so there they
+    come from the options, or the dataset from the network's number of classes."""
+    saved = checkpoint.meta.get("args", {})
+    by_classes = {10: "cifar10", 100: "cifar100"}.get(checkpoint.meta["model"]["config"]["num_classes"])
+    dataset = args.dataset if "dataset" in explicit else saved.get("dataset", by_classes or args.dataset)
+    data_dir = args.data_dir if "data_dir" in explicit else saved.get("data_dir", args.data_dir)
+    return dataset, data_dir
+
+
+def describe_checkpoint(checkpoint):
+    """What a file holds, in words: where its run stood, or that it is weights only."""
+    meta = checkpoint.meta
+    if not checkpoint.is_training:
+        return f"weights of a ResidualAttentionNet ({meta['model']['config']['attention']} attention)"
+    saved = meta["args"]
+    return (f"{saved['model']} on {saved['dataset']}, {describe_position(meta, meta['batches_per_epoch'])} of a "
+            f"{saved['epochs']}-epoch run (iteration {meta['iteration']})")
+
+
 def evaluate_checkpoint(args, explicit) -> int:
-    """--eval-only: the test accuracy and loss of a checkpoint, on the current backend."""
+    """--eval-only: the test accuracy and loss of a checkpoint or weights file, on the current backend."""
     path = Path(args.eval_only)
     checkpoint = read_checkpoint(path)
-    saved = checkpoint.meta["args"]
     select_backend(args.backend)
     model = model_from_checkpoint(checkpoint, path)
-    data_dir = args.data_dir if "data_dir" in explicit else saved["data_dir"]
-    data = load_dataset(saved["dataset"], data_dir, download=not args.no_download)
+    dataset, data_dir = checkpoint_dataset(checkpoint, args, explicit)
+    data = load_dataset(dataset, data_dir, download=not args.no_download)
+    if len(data.class_names) != model.config["num_classes"]:
+        raise UsageError(f"{path} classifies {model.config['num_classes']} classes, {dataset} has "
+                         f"{len(data.class_names)}: choose the matching --dataset")
     images, labels = data.test_images[:args.limit_test], data.test_labels[:args.limit_test]
     loader = BatchLoader(images, labels, args.batch_size, data.mean, data.std, train=False, seed=0)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         loss, accuracy = evaluate(model, loader)
-    meta = checkpoint.meta
-    print(f"{path}: {saved['model']} on {saved['dataset']}, {describe_position(meta, meta['batches_per_epoch'])}"
-          f" of a {saved['epochs']}-epoch run (iteration {meta['iteration']})")
-    print(f"test accuracy {accuracy:.2%}  test loss {loss:.4f}  ({len(labels)} images, backend "
+    print(f"{path}: {describe_checkpoint(checkpoint)}")
+    print(f"test accuracy {accuracy:.2%}  test loss {loss:.4f}  ({len(labels)} images of {dataset}, backend "
           f"{backend.get_backend()})")
     return 0
 
@@ -590,8 +658,11 @@ def main(argv=None, after_step=None) -> int:
     explicit = _explicit_options(argv)
     try:
         if args.eval_only is not None:
-            if args.resume:
-                raise UsageError("--eval-only and --resume exclude each other")
+            ignored = [f"--{dest.replace('_', '-')}" for dest in explicit if dest not in EVAL_ONLY_OPTIONS]
+            if ignored:
+                raise UsageError(f"--eval-only takes the network from the checkpoint and evaluates it; "
+                                 f"{', '.join(ignored)} cannot be given with it (only "
+                                 f"{', '.join('--' + d.replace('_', '-') for d in EVAL_ONLY_OPTIONS[1:])})")
             return evaluate_checkpoint(args, explicit)
         args.out = args.out or str(Path("runs") / f"{args.model}-{args.dataset}")
         last = Path(args.out) / "last.npz"
@@ -600,10 +671,13 @@ def main(argv=None, after_step=None) -> int:
             if not last.exists():
                 raise UsageError(f"--resume: {last} does not exist, so there is nothing to resume")
             checkpoint = read_checkpoint(last)
+            if not checkpoint.is_training:
+                raise UsageError(f"--resume: {last} holds weights only, not a training checkpoint")
             args = _resumed_args(args, explicit, checkpoint.meta["args"])
         elif last.exists():
             raise UsageError(f"{args.out} already holds a run ({last}): add --resume to continue it, or "
                              f"choose another --out")
+        prepare_output_dir(args.out)
         return Run(args, checkpoint).train(after_step)
     except UsageError as error:
         print(f"ra-train: error: {error}", file=sys.stderr)

@@ -9,17 +9,18 @@ runs in eval mode (batch-norm running statistics), as at test time. For
 """
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import reference
 from ra_kernels import backend
 from ra_kernels.data import BatchLoader
 from train.checkpoint import model_from_checkpoint, read_checkpoint
-from train.common import UsageError, epoch_batches, load_dataset, select_backend
+from train.common import BACKEND_HELP, UsageError, epoch_batches, load_dataset, prepare_output_dir, select_backend
 
 IMAGE_SIZE = (32, 32)
+FIGURE_BATCH = 64  # images per forward pass
 
 
 def build_parser():
@@ -28,16 +29,18 @@ def build_parser():
         description="Draw the attention masks of a train.cifar checkpoint over a few test images: one PNG per "
                     "image with the input and, per attention module, its mask averaged over channels and "
                     "upsampled to 32x32.")
-    parser.add_argument("checkpoint", help="a last.npz or best.npz written by train.cifar")
+    parser.add_argument("checkpoint", help="a last.npz or best.npz written by train.cifar, or weights written "
+                                           "by Module.save")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for masks_<i>.png")
     parser.add_argument("--images", type=int, default=4, metavar="N",
-                        help="how many test images, the first N of the test set (default: %(default)s)")
+                        help="how many test images, the first N of the test set, at most its size "
+                             "(default: %(default)s)")
     parser.add_argument("--data-dir", metavar="DIR",
-                        help="where the dataset is (default: the --data-dir the checkpoint was trained with)")
+                        help="where the dataset is (default: the --data-dir the checkpoint was trained with, "
+                             "or data for a weights file)")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading when the dataset is not in the data directory")
-    parser.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto",
-                        help="auto: cuda when CuPy sees a GPU, else numpy (default: %(default)s)")
+    parser.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto", help=BACKEND_HELP)
     return parser
 
 
@@ -51,18 +54,16 @@ def channel_mean_masks(masks):
     return upsampled
 
 
-def write_figures(images, labels, class_names, masks, out):
-    """One PNG per image: images uint8 (N, 32, 32, 3), labels (N,), masks from channel_mean_masks.
-
-    Returns the paths written.
+def write_figures(images, labels, class_names, masks, out, first=0):
+    """One PNG per image, ``out/masks_<first + i>.png``: images uint8 (N, 32, 32, 3), labels (N,),
+    masks from channel_mean_masks. Returns the paths written.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels), start=first):
         fig, axes = plt.subplots(1, 1 + len(masks), figsize=(2.6 * (1 + len(masks)), 2.8), squeeze=False)
         axes = axes[0]
         axes[0].imshow(image)
@@ -88,23 +89,31 @@ def main(argv=None) -> int:
     try:
         if args.images < 1:
             raise UsageError(f"--images must be at least 1, got {args.images}")
+        out = prepare_output_dir(args.out)
         checkpoint = read_checkpoint(args.checkpoint)
         select_backend(args.backend)
         model = model_from_checkpoint(checkpoint, args.checkpoint)
-        saved = checkpoint.meta["args"]
-        data = load_dataset(saved["dataset"], args.data_dir or saved["data_dir"], download=not args.no_download)
+        saved = checkpoint.meta.get("args", {})
+        dataset = saved.get("dataset", {10: "cifar10", 100: "cifar100"}.get(model.config["num_classes"]))
+        if dataset is None:
+            raise UsageError(f"{args.checkpoint}: a network of {model.config['num_classes']} classes was not "
+                             f"trained on CIFAR-10 or CIFAR-100")
+        data = load_dataset(dataset, args.data_dir or saved.get("data_dir", "data"), download=not args.no_download)
+        if args.images > len(data.test_labels):
+            raise UsageError(f"--images {args.images}: the test set of {dataset} has {len(data.test_labels)} images")
     except UsageError as error:
         print(f"train.masks: error: {error}", file=sys.stderr)
         return 2
-    n = min(args.images, len(data.test_labels))
-    images, labels = data.test_images[:n], data.test_labels[:n]
-    loader = BatchLoader(images, labels, n, data.mean, data.std, train=False, seed=0)
-    with epoch_batches(loader, 0) as batches:
-        x, _ = next(batches)
+    images, labels = data.test_images[:args.images], data.test_labels[:args.images]
+    loader = BatchLoader(images, labels, FIGURE_BATCH, data.mean, data.std, train=False, seed=0)
     model.eval()
-    masks = channel_mean_masks(model.attention_masks(x))
-    for path in write_figures(images, labels, data.class_names, masks, Path(args.out)):
-        print(path)
+    with epoch_batches(loader, 0) as batches, tqdm(total=args.images, unit="image", leave=False) as bar:
+        for first, (x, _) in zip(range(0, args.images, FIGURE_BATCH), batches):
+            masks = channel_mean_masks(model.attention_masks(x))
+            last = first + x.shape[0]
+            for path in write_figures(images[first:last], labels[first:last], data.class_names, masks, out, first):
+                tqdm.write(str(path))
+            bar.update(x.shape[0])
     return 0
 
 
