@@ -12,6 +12,10 @@ from __future__ import annotations
 import contextlib
 import weakref
 
+import numpy as np
+
+from .backend import to_numpy
+
 _grad_enabled = [True]
 
 
@@ -53,9 +57,18 @@ class Tensor:
     ndim = property(lambda self: self.data.ndim)
     is_leaf = property(lambda self: self.node is None)
 
+    #: Tensors of at most this many elements show their values in repr (read from the device).
+    REPR_MAX_VALUES = 64
+
     def __repr__(self):
         flag = ", requires_grad=True" if self.requires_grad else ""
-        return f"Tensor(shape={tuple(self.shape)}, dtype={self.dtype}{flag})"
+        name = type(self).__name__
+        if self.data.size > self.REPR_MAX_VALUES:
+            return f"{name}(shape={tuple(self.shape)}, dtype={self.dtype}{flag})"
+        values = np.array2string(np.asarray(to_numpy(self.data)), precision=4, separator=", ",
+                                 prefix=name + "(")
+        dtype = "" if self.dtype == np.float32 else f", dtype={self.dtype}"
+        return f"{name}({values}{dtype}{flag})"
 
     def detach(self) -> "Tensor":
         """The same array, cut from the graph."""

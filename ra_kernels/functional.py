@@ -9,7 +9,10 @@ Arguments are Tensors or raw arrays of the current backend (a raw array is a
 constant: it gets no gradient). Activations are NHWC float32 C-contiguous; the
 numpy backend also takes float64, for gradient checks. Bad input raises a
 ValueError or TypeError naming the op, the argument, what it got and what it
-expected, before anything runs.
+expected, before anything runs. That includes an empty array (a zero-size
+dimension: batch 0, H or W 0, no channels), refused alike on every backend, since
+the statistics and means of these ops have no value over nothing. Scalar options
+may be Python or NumPy numbers; they reach the kernels as Python numbers.
 
 Running statistics of batch norm are plain arrays updated in place, like
 buffers of a module.
@@ -54,6 +57,9 @@ def _check_array(op, name, a, ndim=None, layout=None, dtype=None):
         raise TypeError(f"{op}: {name} is {a.dtype.name} but the other inputs are {dtype.name}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D {layout or ''}, got shape {tuple(a.shape)}")
+    if a.size == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(a.shape)}); ops take arrays without "
+                         f"zero-size dimensions")
     if not a.flags.c_contiguous:
         raise ValueError(f"{op}: {name} must be C-contiguous (strides {a.strides} for shape "
                          f"{tuple(a.shape)}); pass a contiguous copy")
@@ -68,8 +74,27 @@ def _check_same_shape(op, names, arrays):
 
 
 def _check_int(op, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    """``value`` as a Python int (Triton cannot specialise NumPy integers); ValueError if it is not one."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{op}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_float(op, name, value, low, high, low_open=False):
+    """``value`` as a Python float, in [low, high] (or (low, high] when ``low_open``); ValueError if not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{op}: {name} must be a number, got {value!r}")
+    value = float(value)
+    if not (low < value <= high if low_open else low <= value <= high):
+        raise ValueError(f"{op}: {name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+def _check_flag(op, name, value):
+    """``value`` as a Python bool: True, False or a NumPy bool; ValueError otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{op}: {name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _check_nhwc(op, x):
@@ -182,31 +207,41 @@ _CrossEntropy = _op("cross_entropy", loss_kernels)
 
 def conv2d(x, w, stride=1, padding=0):
     """2-D convolution without bias. x (N, H, W, Cin), w (KH, KW, Cin, Cout) -> (N, OH, OW, Cout)."""
-    _check_conv("conv2d", x, w, stride, padding)
+    _, stride, padding, _ = _check_conv("conv2d", x, w, stride, padding)
     return _Conv2d.apply(x, w, stride=stride, padding=padding)
 
 
 def _check_conv(op, x, w, stride, padding):
+    """(dtype, stride, padding, output positions N * OH * OW) of a checked convolution."""
     dtype = _check_nhwc(op, x)
     _check_array(op, "w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype)
-    _check_int(op, "stride", stride, 1)
-    _check_int(op, "padding", padding, 0)
+    stride, padding = _check_int(op, "stride", stride, 1), _check_int(op, "padding", padding, 0)
     (_, h, wd, c), (kh, kw, cin, _) = _data(x).shape, _data(w).shape
     if cin != c:
         raise ValueError(f"{op}: x has {c} channels but w (KH, KW, Cin, Cout) = {tuple(_data(w).shape)} "
-                         f"expects Cin = {cin}")
-    _out_size(op, h, kh, stride, padding)
-    _out_size(op, wd, kw, stride, padding)
-    return dtype
+                         f"expects Cin = {cin}{_layout_hint(x, cin)}")
+    n = _data(x).shape[0]
+    return dtype, stride, padding, n * _out_size(op, h, kh, stride, padding) * _out_size(op, wd, kw, stride, padding)
 
 
-def _check_bn(op, x_channels, dtype, gamma, beta, running_mean, running_var, momentum, eps):
-    _check_channel_params(op, x_channels, dtype, gamma=gamma, beta=beta,
+def _layout_hint(x, channels):
+    """A hint when an NCHW array seems to have been given where NHWC is expected."""
+    shape = _data(x).shape
+    return (f" (x is NHWC (N, H, W, C); its shape {tuple(shape)} looks like NCHW: transpose it with "
+            f"x.transpose(0, 2, 3, 1))" if len(shape) == 4 and shape[1] == channels else "")
+
+
+def _check_bn(op, channels, count, dtype, gamma, beta, running_mean, running_var, training, momentum, eps, relu):
+    """(training, momentum, eps, relu) of a checked batch norm of ``count`` values per channel."""
+    _check_channel_params(op, channels, dtype, gamma=gamma, beta=beta,
                           running_mean=running_mean, running_var=running_var)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
-    if not eps > 0.0:
-        raise ValueError(f"{op}: eps must be > 0, got {eps}")
+    training, relu = _check_flag(op, "training", training), _check_flag(op, "relu", relu)
+    momentum = _check_float(op, "momentum", momentum, 0.0, 1.0)
+    eps = _check_float(op, "eps", eps, 0.0, float("inf"), low_open=True)
+    if training and count < 2:
+        raise ValueError(f"{op}: training needs more than 1 value per channel to normalise by their "
+                         f"variance, got {count}")
+    return training, momentum, eps, relu
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
@@ -218,7 +253,9 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentu
     unbiased variance; eval normalises with the running statistics.
     """
     dtype = _check_nhwc("batch_norm", x)
-    _check_bn("batch_norm", _data(x).shape[3], dtype, gamma, beta, running_mean, running_var, momentum, eps)
+    n, h, w, c = _data(x).shape
+    training, momentum, eps, relu = _check_bn("batch_norm", c, n * h * w, dtype, gamma, beta,
+                                              running_mean, running_var, training, momentum, eps, relu)
     return _BatchNorm.apply(x, gamma, beta, _data(running_mean), _data(running_var), training=training,
                             momentum=momentum, eps=eps, relu=relu)
 
@@ -226,8 +263,9 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentu
 def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
                  momentum=0.1, eps=1e-5, relu=True):
     """``batch_norm(conv2d(x, w, stride, padding), ...)`` as one op (fused kernels on GPU backends)."""
-    dtype = _check_conv("conv_bn_relu", x, w, stride, padding)
-    _check_bn("conv_bn_relu", _data(w).shape[3], dtype, gamma, beta, running_mean, running_var, momentum, eps)
+    dtype, stride, padding, positions = _check_conv("conv_bn_relu", x, w, stride, padding)
+    training, momentum, eps, relu = _check_bn("conv_bn_relu", _data(w).shape[3], positions, dtype, gamma, beta,
+                                              running_mean, running_var, training, momentum, eps, relu)
     return _ConvBnRelu.apply(x, w, gamma, beta, _data(running_mean), _data(running_var), stride=stride,
                              padding=padding, training=training, momentum=momentum, eps=eps, relu=relu)
 
@@ -235,9 +273,9 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     """Max over each window of NHWC x; padding counts as -inf; gradient to the first maximum."""
     _check_nhwc("max_pool2d", x)
-    _check_int("max_pool2d", "kernel_size", kernel_size, 1)
-    _check_int("max_pool2d", "stride", stride, 1)
-    _check_int("max_pool2d", "padding", padding, 0)
+    kernel_size = _check_int("max_pool2d", "kernel_size", kernel_size, 1)
+    stride = _check_int("max_pool2d", "stride", stride, 1)
+    padding = _check_int("max_pool2d", "padding", padding, 0)
     if 2 * padding > kernel_size:
         raise ValueError(f"max_pool2d: padding {padding} must be at most kernel_size // 2 "
                          f"({kernel_size // 2}), or some windows would hold only padding")
@@ -279,6 +317,8 @@ def attention_mix(mask_logits, trunk, residual=True, from_logits=True):
     dtype = _check_array("attention_mix", "mask_logits", mask_logits)
     _check_array("attention_mix", "trunk", trunk, dtype=dtype)
     _check_same_shape("attention_mix", ("mask_logits", "trunk"), (mask_logits, trunk))
+    residual = _check_flag("attention_mix", "residual", residual)
+    from_logits = _check_flag("attention_mix", "from_logits", from_logits)
     return _AttentionMix.apply(mask_logits, trunk, residual=residual, from_logits=from_logits)
 
 

@@ -43,9 +43,6 @@ class Parameter(Tensor):
     def __init__(self, data):
         super().__init__(data, requires_grad=True)
 
-    def __repr__(self):
-        return f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype})"
-
 
 class Module:
     """Base class: subclasses assign Parameters, Modules and buffers in ``__init__``

@@ -2,7 +2,7 @@
 import numpy as np
 
 from .elementwise import sigmoid, sigmoid_backward
-from .norm import normalize, normalize_backward
+from .norm import inverse_scale, normalize_backward, standardize
 
 
 def attention_mix(mask_logits, trunk, residual=True, from_logits=True):
@@ -33,11 +33,15 @@ def channel_attention(x, eps=1e-12):
 
     eps keeps y (= 0 there) and its gradient finite at an all-zero pixel and is far
     below any non-negligible sum of squares. Close to F.normalize(x, dim=channels),
-    which instead divides by max(norm, eps).
+    which instead divides by max(norm, eps). Each position is scaled by p, a power of
+    two near its largest |x|, before squaring, so that the sum cannot overflow:
+    norm = p * sqrt(sum_c (x/p)^2 + eps/p^2).
     """
-    norm = np.sqrt((x * x).sum(axis=-1, keepdims=True) + eps)
-    y = x / norm
-    return y, (y, norm)
+    inv_p = inverse_scale(np.abs(x).max(axis=-1, keepdims=True))
+    scaled = x * inv_p
+    root = np.sqrt((scaled * scaled).sum(axis=-1, keepdims=True) + eps * inv_p * inv_p)
+    y = scaled / root
+    return y, (y, root / inv_p)
 
 
 def channel_attention_backward(dy, saved):
@@ -52,9 +56,7 @@ def spatial_attention(x, eps=1e-5):
     mean and biased var per sample and channel over H, W, like
     torch.sigmoid(F.instance_norm(x.permute(0, 3, 1, 2), eps=eps)).
     """
-    mean = x.mean((1, 2), keepdims=True)
-    var = x.var((1, 2), keepdims=True)
-    z, rstd = normalize(x, mean, var, eps)
+    z, rstd = standardize(x, (1, 2), eps)
     y, sigmoid_saved = sigmoid(z)
     return y, (z, rstd, sigmoid_saved)
 

@@ -5,9 +5,33 @@ from . import elementwise
 
 
 def normalize(x, mean, var, eps):
-    """xhat = (x - mean) / sqrt(var + eps); returns (xhat, rstd) with rstd = 1 / sqrt(var + eps)."""
-    rstd = 1 / np.sqrt(var + eps)
+    """xhat = (x - mean) / sqrt(var + eps); returns (xhat, rstd) with rstd = 1 / sqrt(var + eps).
+
+    A variance that overflowed (inf) gives rstd = NaN, not 0: 1 / sqrt(inf) would silently
+    make xhat 0 everywhere.
+    """
+    with np.errstate(divide="ignore"):
+        rstd = np.where(np.isinf(var), np.nan, 1 / np.sqrt(var + eps)).astype(np.result_type(var, x))
     return (x - mean) * rstd, rstd
+
+
+def inverse_scale(largest):
+    """1 / p, p the largest power of two <= max(largest, 1) (p = 1 where largest is inf or NaN),
+    elementwise in largest's dtype: the scale taken out before squaring, exactly."""
+    bound = np.maximum(np.where(np.isfinite(largest), largest, 1), 1)
+    return 1 / np.ldexp(np.ones_like(bound), np.frexp(bound)[1] - 1)
+
+
+def standardize(x, axes, eps):
+    """(xhat, rstd) of x standardised by its mean and biased variance over ``axes``, without
+    overflow for any finite x: the deviations are scaled by p, a power of two near their
+    largest, before squaring, as robust norms do; rstd = (1/p) / sqrt(mean((dev/p)^2) + eps/p^2).
+    A power of two scales exactly, so for ordinary x this is the unscaled computation."""
+    deviation = x - x.mean(axes, keepdims=True)
+    inv_p = inverse_scale(np.abs(deviation).max(axes, keepdims=True))
+    scaled = deviation * inv_p
+    rstd = inv_p / np.sqrt((scaled * scaled).mean(axes, keepdims=True) + eps * inv_p * inv_p)
+    return deviation * rstd, rstd
 
 
 def normalize_backward(dxhat, xhat, rstd, axes):

@@ -9,7 +9,8 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
 
     OH = (H + 2*padding - kernel_size) // stride + 1, like F.max_pool2d(x.permute(0, 3, 1, 2),
     kernel_size, stride, padding) with ceil_mode=False. saved holds the argmax as the
-    row-major tap index within the window; ties go to the first maximum.
+    row-major tap index within the window; ties go to the first maximum. A NaN is the
+    maximum of its window, as in PyTorch: y is NaN and the gradient goes to the first NaN.
     """
     if not 0 <= padding <= kernel_size // 2:
         # As in PyTorch: larger padding would allow windows made only of padding.
@@ -19,8 +20,10 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     argmax = np.zeros(y.shape, np.int8 if kernel_size * kernel_size <= 128 else np.int32)
     # Taps in reverse row-major order, so the first maximum is the last written. (np.argmax
     # over the tap axis gives the same but runs several times slower on the strided view.)
+    y_is_nan = np.isnan(y)
     for tap in reversed(range(kernel_size * kernel_size)):
-        np.copyto(argmax, tap, where=taps[:, :, :, tap // kernel_size, tap % kernel_size] == y)
+        value = taps[:, :, :, tap // kernel_size, tap % kernel_size]
+        np.copyto(argmax, tap, where=(value == y) | (y_is_nan & np.isnan(value)))
     return y, (argmax, x.shape, kernel_size, stride, padding)
 
 

@@ -4,7 +4,13 @@ The interpreter runs plain Python, so it accepts code the compiler rejects; this
 test is what catches such code in CI. Kernels register themselves through
 ``ra_kernels.launch.kernel``, so new kernels are covered without editing this file.
 """
+import re
+
 import pytest
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from ra_kernels import aot
 from ra_kernels.launch import KERNELS
@@ -65,3 +71,40 @@ def test_compiled_relus_keep_nan(name, switches):
     ptx = aot.compile_kernel(kernel_fn, spec, 90, aligned=True).asm["ptx"]
     assert "max.NaN.f32" in ptx
     assert "max.f32" not in ptx
+
+
+# Approximate instructions compiled code may hold, per kernel, each with its reason: tl.exp
+# compiles to ex2.approx.f32 (relative error ~2**-22 plus the rounding of x * log2(e)). Every
+# division and square root is correctly rounded (div_rn, sqrt_rn), as in the interpreter: a
+# plain "/" would compile to div.full.f32 and tl.sqrt to sqrt.approx.f32.
+APPROXIMATE = re.compile(r"\b(?:div\.full|div\.approx|rcp\.approx|sqrt\.approx|rsqrt\.approx|ex2\.approx|"
+                         r"lg2\.approx|sin\.approx|cos\.approx|tanh\.approx)[.\w]*")
+EXP = {"ex2.approx.f32"}  # the sigmoid's exp(-|x|), documented in kernels/attention.py
+MAY_APPROXIMATE = {
+    "sigmoid_mix_kernel": EXP, "sigmoid_mix_backward_kernel": EXP,
+    "spatial_attention_kernel": EXP, "spatial_attention_backward_kernel": EXP,
+    # softmax: exp(x - max), each term <= 1 with the max subtracted (kernels/loss.py)
+    "cross_entropy_rows_kernel": EXP, "cross_entropy_backward_kernel": EXP,
+}
+
+
+@pytest.mark.parametrize("case", SPECIALISATIONS, ids=[_id(c) for c in SPECIALISATIONS])
+def test_approximate_math_only_where_allowed(case):
+    kernel_fn, spec = case
+    ptx = aot.compile_kernel(kernel_fn, spec, 90, aligned=True).asm["ptx"]
+    found = set(APPROXIMATE.findall(ptx))
+    assert found <= MAY_APPROXIMATE.get(kernel_fn.__name__, set()), \
+        f"{kernel_fn.__name__} compiles to {sorted(found)}: use tl.div_rn / tl.sqrt_rn, or allow it here with a reason"
+
+
+def test_the_approximation_pattern_sees_plain_division():
+    # The pin above must be able to fail: the same pattern finds what "/", tl.sqrt and tl.exp become.
+    source = ASTSource(_plain_math_kernel, signature={"x_ptr": "*fp32", "y_ptr": "*fp32"}, constexprs={})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert set(APPROXIMATE.findall(ptx)) == {"div.full.f32", "sqrt.approx.ftz.f32", "ex2.approx.f32"}
+
+
+@triton.jit
+def _plain_math_kernel(x_ptr, y_ptr):
+    x = tl.load(x_ptr)
+    tl.store(y_ptr, 1.0 / tl.sqrt(x) + tl.exp(x))

@@ -1,4 +1,6 @@
 """The autograd engine on its own, with small Functions defined here (NumPy)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -178,3 +180,17 @@ def test_saved_state_is_freed_after_backward(rng):
     y = Scale.apply(x, 2.0)
     Sum.apply(y).backward()
     assert y.node.ctx is None
+
+
+def test_repr_shows_small_values_like_pytorch(rng):
+    def shown(text):
+        return [float(v) for v in re.findall(r"-?\d+\.\d*(?:e[-+]\d+)?", text)]
+
+    value = rng.standard_normal(2).astype(np.float32)
+    loss = Tensor(value.sum(dtype=np.float32), requires_grad=True)
+    assert re.fullmatch(r"Tensor\(\S+, requires_grad=True\)", repr(loss))
+    assert shown(repr(loss)) == pytest.approx([value.sum()], abs=1e-4)
+    small = repr(Tensor(value.astype(np.float64)))
+    assert small.startswith("Tensor([") and small.endswith("], dtype=float64)")
+    assert shown(small) == pytest.approx(value.tolist(), abs=1e-4)
+    assert repr(Tensor(np.zeros((8, 9), np.float32))) == "Tensor(shape=(8, 9), dtype=float32)"

@@ -81,3 +81,13 @@ def test_host_arrays_are_refused_on_a_fake_gpu_backend(monkeypatch):
     monkeypatch.setitem(backend._selected, "backend", "cuda")
     with pytest.raises(TypeError, match="add: a is a NumPy array but the backend is 'cuda', which takes CuPy"):
         F.add(f32(2), f32(2))
+
+
+def test_nchw_images_are_named_as_such():
+    # An NCHW batch reaching the NHWC stem conv: the error says which layout was expected.
+    with pytest.raises(ValueError, match=r"x has 32 channels .* Cin = 3 \(x is NHWC \(N, H, W, C\); its shape "
+                                         r"\(2, 3, 32, 32\) looks like NCHW: transpose it with x.transpose\(0, 2, 3, 1\)\)"):
+        F.conv2d(f32(2, 3, 32, 32), f32(3, 3, 3, 16), padding=1)
+    with pytest.raises(ValueError, match="x has 3 channels") as raised:
+        F.conv2d(f32(1, 8, 8, 3), f32(3, 3, 4, 8))
+    assert "NCHW" not in str(raised.value)  # no hint where the shape does not suggest it

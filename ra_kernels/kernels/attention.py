@@ -10,9 +10,20 @@ Every kernel is memory-bound; each launcher's docstring gives the bytes one call
 moves per element (docs/design.md turns them into totals for the network's layers).
 
 One sigmoid, :func:`_sigmoid_pair`, serves every kernel: it evaluates only
-exp(-|x|), which cannot overflow, and returns s and 1 - s each to full relative
-precision, so gradients s * (1 - s) stay accurate far into the tails (a float32
-``1 - s`` computed by subtraction is 0 once s rounds to 1, beyond x = 17).
+exp(-|x|), which cannot overflow, and returns s and 1 - s each to a relative error of
+a few float32 ulps, so gradients s * (1 - s) stay accurate far into the tails (a
+float32 ``1 - s`` computed by subtraction is 0 once s rounds to 1, beyond x = 17).
+
+Rounding, compiled: divisions and square roots are correctly rounded (``div_rn``,
+``sqrt_rn``), as in the interpreter. ``tl.exp`` alone is approximate: it compiles to
+``ex2.approx.f32`` of x * log2(e), whose relative error is about 2**-22 plus the
+rounding of that product, |x| * 2**-24 (1e-6 at |x| = 17); the interpreter's exp is
+exact to rounding. tests/test_aot.py pins which kernels contain which approximation.
+
+The normalisations (channel and spatial attention) scale by a power of two before
+squaring, as robust norms do: the sums of squares then cannot overflow for any
+finite input (|x| = 1e30 gives the right answer, not 0 or 0.5), and a power of two
+scales exactly, so for ordinary inputs the result is bit for bit the unscaled one.
 
 Offsets are int32: fine below 2**31 elements per array (batch 128 of the
 largest activation, 128x32x32x256, is 3.4e7).
@@ -33,16 +44,31 @@ SPATIAL_BLOCK_P = 64           # ... and positions per step of its sweep over H 
 
 @device_function
 def _sigmoid_pair(x):
-    """(sigmoid(x), sigmoid(-x)) = (s, 1 - s), each to float32 relative precision, for any finite x.
+    """(sigmoid(x), sigmoid(-x)) = (s, 1 - s), each to a few float32 ulps, for any finite x.
 
     Only e = exp(-|x|) in (0, 1] is evaluated, so nothing overflows; e underflows to 0
-    for |x| > ~104, where 0 is the right value of the smaller of the two.
+    for |x| > ~104, where 0 is the right value of the smaller of the two. NaN gives NaN.
     """
     e = tl.exp(-tl.abs(x))
-    large = 1.0 / (1.0 + e)  # sigmoid(|x|), in [0.5, 1]
+    large = tl.div_rn(1.0, 1.0 + e)  # sigmoid(|x|), in [0.5, 1]
     small = e * large        # sigmoid(-|x|) = e / (1 + e), in [0, 0.5]
     positive = x >= 0.0
     return tl.where(positive, large, small), tl.where(positive, small, large)
+
+
+@device_function
+def _inverse_scale(largest):
+    """1 / p, p the largest power of two <= max(largest, 1) (p = 1 where largest is inf), for
+    scaling before squaring; exact, p being a power of two (its exponent bits alone)."""
+    bound = tl.maximum(tl.where(largest < float("inf"), largest, 1.0), 1.0)
+    return tl.div_rn(1.0, (bound.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True))
+
+
+@device_function
+def _abs_of_numbers(x):
+    """|x|, 0 where x is NaN: what a scale is taken from. (Compiled, tl.max skips NaN anyway; the
+    interpreter's np.nanmax would warn on a row of NaN.) The NaN itself still reaches the output."""
+    return tl.where(x == x, tl.abs(x), 0.0)
 
 
 @device_function
@@ -181,17 +207,23 @@ def channel_attention_kernel(x_ptr, dy_ptr, out_ptr, n_pos, C, eps, BACKWARD: tl
     Forward: out = y = x / norm, norm = sqrt(sum_c x^2 + eps) (dy_ptr unused).
     Backward: out = dx = (dy - y * sum_c(dy * y)) / norm, y and norm recomputed from x.
     A program holds whole rows, so the sums need no second kernel and each element is read once.
+    The row is scaled by p, the largest power of two <= max(max_c |x|, 1), before squaring:
+    norm = p * root, root = sqrt(sum_c (x/p)^2 + eps/p^2), cannot overflow; y = (x/p) / root.
+    The divisions are by root itself, as in reference/ (y is exactly +-1 when C = 1).
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ch = tl.arange(0, BLOCK_C)
     mask = (pos < n_pos)[:, None] & (ch < C)[None, :]
     offs = pos[:, None] * C + ch[None, :]                     # [BLOCK_P, BLOCK_C]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)           # padding is 0: adds nothing to the sums
-    inv_norm = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) + eps)     # [BLOCK_P]
-    y = x * inv_norm[:, None]
+    largest = tl.max(_abs_of_numbers(x), axis=1)              # [BLOCK_P]
+    inv_p = _inverse_scale(largest)
+    scaled = x * inv_p[:, None]
+    root = tl.sqrt_rn(tl.sum(scaled * scaled, axis=1) + eps * inv_p * inv_p)[:, None]
+    y = tl.div_rn(scaled, root)
     if BACKWARD:
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-        out = (dy - y * tl.sum(dy * y, axis=1)[:, None]) * inv_norm[:, None]
+        out = tl.div_rn((dy - y * tl.sum(dy * y, axis=1)[:, None]) * inv_p[:, None], root)
     else:
         out = y
     tl.store(out_ptr + offs, out, mask=mask)
@@ -257,7 +289,9 @@ def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
 
     Program (sample, channel block) sweeps its n_hw positions three times: a shifted sum gives
     the mean; the sum of squared deviations from it the biased variance (two passes, so no
-    cancellation when |mean| >> std), rstd = 1 / sqrt(var + eps); then y.
+    cancellation when |mean| >> std), rstd = 1 / sqrt(var + eps); then y. The deviations are
+    scaled by p, a power of two near their largest (bounded by 2 max |x - shift|, found in the
+    first sweep), before squaring: rstd = (1/p) / sqrt(sum((dev/p)^2) / n_hw + eps/p^2).
     """
     sample = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -267,16 +301,22 @@ def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
     # few std of the mean): their rounding then scales with the std, not with |mean|.
     shift = tl.load(x_ptr + sample_base + ch, mask=ch_in, other=0.0)  # [BLOCK_C]
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)  # per-lane partial sums: short float32 chains
+    far = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)  # per-lane max |x - shift|
     for hw_start in range(0, n_hw, BLOCK_P):
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
-        acc += tl.where(mask, tl.load(x_ptr + offs, mask=mask) - shift[None, :], 0.0)
-    mean = shift + tl.sum(acc, axis=0) / n_hw         # [BLOCK_C]
+        shifted = tl.where(mask, tl.load(x_ptr + offs, mask=mask) - shift[None, :], 0.0)
+        acc += shifted
+        far = tl.maximum(far, _abs_of_numbers(shifted))
+    mean = shift + tl.div_rn(tl.sum(acc, axis=0), n_hw.to(tl.float32))  # [BLOCK_C]
+    # |x - mean| <= 2 max |x - shift|: deviations / p stay below 4, their squares far from overflow.
+    inv_p = _inverse_scale(2.0 * tl.max(far, axis=0))
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for hw_start in range(0, n_hw, BLOCK_P):
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
-        deviation = tl.where(mask, tl.load(x_ptr + offs, mask=mask) - mean[None, :], 0.0)
+        deviation = tl.where(mask, tl.load(x_ptr + offs, mask=mask) - mean[None, :], 0.0) * inv_p[None, :]
         acc += deviation * deviation
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_hw + eps)
+    scaled_var = tl.div_rn(tl.sum(acc, axis=0), n_hw.to(tl.float32))
+    rstd = inv_p * tl.div_rn(1.0, tl.sqrt_rn(scaled_var + eps * inv_p * inv_p))
     tl.store(mean_ptr + sample * C + ch, mean, mask=ch_in)
     tl.store(rstd_ptr + sample * C + ch, rstd, mask=ch_in)
     for hw_start in range(0, n_hw, BLOCK_P):
@@ -308,8 +348,8 @@ def spatial_attention_backward_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, dx_ptr,
         z, dz = _spatial_dz(dy_ptr, x_ptr, offs, mask, mean, rstd)
         acc_dz += dz
         acc_dz_z += dz * z
-    mean_dz = tl.sum(acc_dz, axis=0) / n_hw           # [BLOCK_C]
-    mean_dz_z = tl.sum(acc_dz_z, axis=0) / n_hw
+    mean_dz = tl.div_rn(tl.sum(acc_dz, axis=0), n_hw.to(tl.float32))  # [BLOCK_C]
+    mean_dz_z = tl.div_rn(tl.sum(acc_dz_z, axis=0), n_hw.to(tl.float32))
     for hw_start in range(0, n_hw, BLOCK_P):
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
         z, dz = _spatial_dz(dy_ptr, x_ptr, offs, mask, mean, rstd)

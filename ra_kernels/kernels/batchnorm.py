@@ -26,6 +26,10 @@ the variance keeps float32 relative accuracy at any M. It costs no memory
 traffic: the second pass runs over a tile already in registers, and the
 partials are as large as (sum, sum of squares) would be.
 
+Rounding: every division and square root is correctly rounded (``div_rn``, ``sqrt_rn``), so the
+compiled kernels round as the interpreter does; ``/`` would compile to the approximate
+``div.full.f32`` (tests/test_aot.py holds the PTX to this).
+
 Determinism: every reduction is per-tile partials written to memory, then a
 second kernel reducing them in a fixed order; no atomics.
 """
@@ -42,8 +46,12 @@ from .tiles import channel_tile
 
 @device_function
 def bn_coefficients(mean, var, gamma, beta, eps):
-    """rstd, scale, shift of y = x * scale + shift = gamma * (x - mean) * rstd + beta."""
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    """rstd, scale, shift of y = x * scale + shift = gamma * (x - mean) * rstd + beta.
+
+    A variance that overflowed float32 (inf: deviations beyond ~1e19) gives rstd = NaN rather
+    than 1 / inf = 0, which would silently turn every output into beta (docs/design.md §2).
+    """
+    rstd = tl.where(var == float("inf"), float("nan"), tl.div_rn(1.0, tl.sqrt_rn(var + eps)))
     scale = gamma * rstd
     return rstd, scale, beta - mean * scale
 
@@ -72,8 +80,8 @@ def load_stats(stats_ptr, ch, ch_ok, C):
 
 @device_function
 def tile_mean_m2(values, row_ok, count):
-    """Per-column mean and M2 of the ``count`` valid rows (``row_ok``, [ROWS]) of a [ROWS, COLS] tile."""
-    mean = tl.sum(tl.where(row_ok[:, None], values, 0.0), 0) / count
+    """Per-column mean and M2 of the ``count`` (int32) valid rows (``row_ok``, [ROWS]) of a [ROWS, COLS] tile."""
+    mean = tl.div_rn(tl.sum(tl.where(row_ok[:, None], values, 0.0), 0), count.to(tl.float32))
     deviation = tl.where(row_ok[:, None], values - mean[None, :], 0.0)
     return mean, tl.sum(deviation * deviation, 0)
 
@@ -104,7 +112,9 @@ def bn_backward_tile(dy_ptr, x_ptr, offs, ok, ch, ch_ok, stats_ptr, sums_ptr, C,
     mean_g = inv_count * tl.load(sums_ptr + ch, mask=ch_ok, other=0.0)
     mean_gx = inv_count * tl.load(sums_ptr + C + ch, mask=ch_ok, other=0.0)
     g, xhat = bn_backward_terms(dy, x, mean, rstd, scale, shift, RELU)
-    return tl.where(ok, scale * (g - mean_g - xhat * mean_gx), 0.0)
+    # In eval the correction is left out, not multiplied by 0: a NaN in x (xhat, and so the
+    # sum of g * xhat) would otherwise make the whole channel's dx NaN, where dx = scale * g.
+    return tl.where(ok, scale * tl.where(inv_count > 0.0, g - mean_g - xhat * mean_gx, g), 0.0)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -178,20 +188,20 @@ def bn_finalize_kernel(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, runn
             # the chunk of BLOCK_T tiles as one group: its mean, and its M2 = the tiles' M2
             # plus their spread about the chunk mean
             chunk_count = tl.sum(tile_count, 0)
-            chunk_mean = tl.sum(tile_count[:, None] * tile_mean, 0) / chunk_count
+            chunk_mean = tl.div_rn(tl.sum(tile_count[:, None] * tile_mean, 0), chunk_count)
             spread = tile_mean - chunk_mean[None, :]
             chunk_m2 = tl.sum(tile_m2 + tile_count[:, None] * spread * spread, 0)
             # merge the chunk into the running (count, mean, m2)
             total = count + chunk_count
             delta = chunk_mean - mean
-            mean += delta * (chunk_count / total)
-            m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
+            mean += delta * tl.div_rn(chunk_count, total)
+            m2 += chunk_m2 + delta * delta * tl.div_rn(count * chunk_count, total)
             count = total
-        var = m2 / M
+        var = tl.div_rn(m2, M.to(tl.float32))
         old_mean = tl.load(running_mean_ptr + ch, mask=ch_ok)
         old_var = tl.load(running_var_ptr + ch, mask=ch_ok)
         tl.store(running_mean_ptr + ch, (1.0 - momentum) * old_mean + momentum * mean, mask=ch_ok)
-        tl.store(running_var_ptr + ch, (1.0 - momentum) * old_var + momentum * (m2 / (M - 1)), mask=ch_ok)
+        tl.store(running_var_ptr + ch, (1.0 - momentum) * old_var + momentum * tl.div_rn(m2, (M - 1).to(tl.float32)), mask=ch_ok)
     else:
         mean = tl.load(running_mean_ptr + ch, mask=ch_ok)
         var = tl.load(running_var_ptr + ch, mask=ch_ok)

@@ -58,7 +58,9 @@ def cross_entropy_rows_kernel(logits_ptr, labels_ptr, row_loss_ptr, row_max_ptr,
         cols = c0 + tl.arange(0, BLOCK_C)
         x = tl.load(logits_ptr + rows[:, None] * n_classes + cols[None, :],
                     mask=(cols < n_classes)[None, :], other=float("-inf"))  # [BLOCK_R, BLOCK_C]
-        new_max = tl.maximum(row_max, tl.max(x, axis=1))
+        # NaN left out of the max (as compiled tl.max does; the interpreter's nanmax would warn
+        # on a row of NaN); it still makes the row's sum, and so its loss, NaN.
+        new_max = tl.maximum(row_max, tl.max(tl.where(x == x, x, float("-inf")), axis=1))
         # Rescale the running sum to the new max; exp(-inf) = 0 on the first slice.
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
         row_max = new_max
@@ -79,7 +81,7 @@ def mean_kernel(values_ptr, mean_ptr, n, BLOCK: tl.constexpr):
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         partial += tl.load(values_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(mean_ptr, tl.sum(partial, axis=0) / n)
+    tl.store(mean_ptr, tl.div_rn(tl.sum(partial, axis=0), n.to(tl.float32)))
 
 
 @kernel(aot=[dict(logits_ptr="*fp32", labels_ptr=labels, row_max_ptr="*fp32", row_log_sum_ptr="*fp32",
@@ -105,7 +107,7 @@ def cross_entropy_backward_kernel(logits_ptr, labels_ptr, row_max_ptr, row_log_s
     log_sum = tl.load(row_log_sum_ptr + rows, mask=row_ok, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_ok, other=0)
     label_ok = (label >= 0) & (label < n_classes)
-    scale = tl.load(dloss_ptr) / n_rows
+    scale = tl.div_rn(tl.load(dloss_ptr), n_rows.to(tl.float32))
     probs = tl.exp((x - row_max[:, None]) - log_sum[:, None])
     onehot = (cols[None, :] == label[:, None]).to(tl.float32)
     dlogits = tl.where(label_ok[:, None], (probs - onehot) * scale, float("nan"))

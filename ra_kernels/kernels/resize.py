@@ -9,13 +9,8 @@ Source coordinates. Output index o of an axis samples src = o * (in - 1) / (out 
 (src = 0 when out == 1). The kernels compute it as the exact ratio of integers
 num = in - 1 and den = out - 1 (num = 0, den = 1 when out == 1): lo = o*num // den
 is the exact floor, hi = min(lo + 1, in - 1), and frac = (o*num - lo*den) / den is
-one correctly rounded float32 division. reference/ computes src = scale * o in
-float64 and casts frac to float32: its frac is the same correctly rounded value
-up to float64 rounding of src. The one place they can part is an integer src
-that float64 rounds just below it (floor one lower, frac within 2**-50 of 1); there the
-reference's weights are (~1e-16, 1) on (lo - 1, lo) instead of (1, 0) on (lo, lo + 1),
-the same value to float32 rounding, as interpolation is continuous in src.
-Products o*num stay far below 2**31.
+one correctly rounded float32 division, as in reference/. Products o*num stay far
+below 2**31.
 
 The launchers mirror ``reference/resize.py``.
 """
@@ -47,6 +42,13 @@ def _source(o, num, den, in_size):
     hi = tl.minimum(lo + 1, in_size - 1)
     frac = tl.math.div_rn((scaled - lo * den).to(tl.float32), tl.cast(den, tl.float32))
     return lo, hi, frac
+
+
+@device_function
+def _lerp(below, above, frac):
+    """(1 - frac) * below + frac * above; exactly ``below`` where frac = 0, so that an inf
+    neighbour of weight 0 gives no 0 * inf = NaN (reference/resize.py does the same)."""
+    return tl.where(frac == 0.0, below, (1.0 - frac) * below + frac * above)
 
 
 @device_function
@@ -94,9 +96,9 @@ def upsample_bilinear_kernel(x_ptr, skip_ptr, y_ptr, H, W, C, OH, OW, num_h, den
     x01 = tl.load(x_ptr + ((row0 + x1) * C)[:, None] + chan2, mask=tile_mask, other=0.0)
     x11 = tl.load(x_ptr + ((row1 + x1) * C)[:, None] + chan2, mask=tile_mask, other=0.0)
     wy1, wx1 = fy[:, None], fx[:, None]
-    left = (1.0 - wy1) * x00 + wy1 * x10
-    right = (1.0 - wy1) * x01 + wy1 * x11
-    out = (1.0 - wx1) * left + wx1 * right
+    left = _lerp(x00, x10, wy1)
+    right = _lerp(x01, x11, wy1)
+    out = _lerp(left, right, wx1)
     offs = pos[:, None] * C + chan2
     if HAS_SKIP:
         out += tl.load(skip_ptr + offs, mask=tile_mask, other=0.0)
