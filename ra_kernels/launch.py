@@ -6,9 +6,10 @@ This is the code of the project that leans on Triton's internals, so each patch 
 exists. It was checked against triton 3.6.0 (the GPU machines' version, with NumPy 2.5) and
 3.9 (the CPU machines' newest):
 
-* ``_launch_on_cupy_stream``: Triton's launcher asks its driver for the current stream
+* ``_cuda_driver_on_cupy``: Triton's launcher asks its driver for the current stream
   (PyTorch's when torch is installed); kernels must run on CuPy's current stream so that a
-  CUDA graph captured there records them.
+  CUDA graph captured there records them. And Triton's CUDA driver needs torch to exist at
+  all; without torch it is built here on CuPy.
 * ``_interpreting`` / ``_call_interpreted``: ``triton.jit`` decides interpret-or-compile once,
   at import, for every jit function; here the backend changes at run time.
 * ``_fix_interpreter_scalar_index``: triton 3.6's interpreter calls ``int()`` on shape-(1,)
@@ -96,17 +97,42 @@ class DeviceArray:
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_on_cupy_stream():
-    """Make Triton launch on CuPy's current stream instead of asking torch for one.
+def _cuda_driver_on_cupy():
+    """Make Triton's CUDA driver take its device and stream from CuPy, and exist without torch.
 
-    Triton's launcher asks its driver for the current stream (torch's, when torch is
-    installed). Kernels must run on CuPy's current stream so that a CUDA graph
-    captured on it records them.
+    Triton's launcher asks its driver for the current device and stream (torch's, when torch
+    is installed); kernels must run on CuPy's current stream so that a CUDA graph captured
+    on it records them. And Triton's CUDA driver counts as active only beside a CUDA build of
+    torch (``CudaDriver.is_active`` and the constructor import it): without torch, Triton finds
+    "0 active drivers". Then the driver is built here, its torch-backed methods given CuPy's.
     """
     cupy = xp()  # called on the cuda backend
-    driver = triton.runtime.driver.active
+    try:
+        driver = triton.runtime.driver.active
+    except RuntimeError:  # no active driver: no CUDA build of torch in this environment
+        driver = _cuda_driver_without_torch()
+        triton.runtime.driver.set_active(driver)
     driver.get_current_stream = lambda device=None: cupy.cuda.get_current_stream().ptr
     driver.get_current_device = lambda: cupy.cuda.Device().id
+    driver.set_current_device = lambda device: cupy.cuda.Device(device).use()
+    driver.get_device_capability = lambda device=None: divmod(
+        int(cupy.cuda.Device(device).compute_capability), 10)  # "90" -> (9, 0)
+    return driver
+
+
+def _cuda_driver_without_torch():
+    """Triton's CudaDriver, built without the torch imports of its constructor."""
+    try:
+        from triton.backends.nvidia.driver import CudaDriver, CudaLauncher, CudaUtils
+        driver = object.__new__(CudaDriver)  # CudaDriver.__init__ -> GPUDriver.__init__ imports torch
+        driver.utils, driver.launcher_cls = CudaUtils(), CudaLauncher
+        return driver
+    except Exception as error:
+        raise RuntimeError(
+            f"the cuda backend could not start Triton {triton.__version__}'s CUDA driver without PyTorch "
+            f"({type(error).__name__}: {error}). Install a CUDA build of torch beside CuPy "
+            f"(pip install torch), or use triton 3.6, against which ra_kernels builds the driver itself; "
+            f"or run on the numpy backend (RA_BACKEND=numpy)") from error
 
 
 # --------------------------------------------------------------------------- kernels
@@ -200,7 +226,7 @@ def launch(kernel_fn: JITFunction, grid, *args, num_warps=4, **constexprs):
     if backend == "numpy":
         raise RuntimeError(f"{kernel_fn.__name__}: Triton kernels do not run on the numpy backend")
     if backend == "cuda":
-        _launch_on_cupy_stream()
+        _cuda_driver_on_cupy()
     adapter = DeviceArray if backend == "cuda" else HostArray
     wrapped = []
     for a in args:

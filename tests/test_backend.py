@@ -152,3 +152,40 @@ def test_interpreted_launches_from_several_threads_take_turns(rng):
     for x, (mean, relu) in zip(inputs, results):
         np.testing.assert_allclose(mean, x.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(relu, np.maximum(x, 0))
+
+
+# --------------------------------------------------------------------------- Triton's driver without torch
+
+NO_TORCH_RELU = """
+import sys
+sys.modules["torch"] = None  # import torch now raises ImportError, as where it is not installed
+import numpy as np
+from ra_kernels import backend
+from ra_kernels.kernels import elementwise
+backend.set_backend("cuda")
+y, _ = elementwise.relu(backend.asarray(np.array([-1.0, 2.0, np.nan], np.float32)))
+print(backend.to_numpy(y).tolist())
+"""
+
+
+@pytest.mark.gpu
+def test_cuda_backend_runs_without_torch():
+    # Triton's CUDA driver is active only beside a CUDA build of torch ("0 active drivers"
+    # otherwise); launch.py builds it on CuPy instead. A fresh process, torch blocked.
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", NO_TORCH_RELU], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "[0.0, 2.0, nan]"
+
+
+def test_a_driver_that_cannot_be_built_says_what_to_install(monkeypatch):
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    def no_cuda_library():
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(nvidia_driver, "CudaUtils", no_cuda_library)
+    with pytest.raises(RuntimeError, match=r"without PyTorch \(OSError: libcuda.so.1: .*\)\. Install a CUDA "
+                                           r"build of torch beside CuPy \(pip install torch\)"):
+        launch._cuda_driver_without_torch()

@@ -224,16 +224,19 @@ def _corrupt_copies(last, tmp_path):
     flipped.write_bytes(bytes(data))
     other = tmp_path / "other.npz"
     np.savez(other, weights=np.zeros(3))
-    return truncated, flipped, other
+    pickled = tmp_path / "a-python-object.npz"  # np.load would answer with its allow_pickle note
+    pickled.write_bytes(pickle.dumps({"weights": [1, 2]}))
+    return truncated, flipped, other, pickled
 
 
 def test_corrupt_checkpoints_are_clear_errors(finished_run, tiny_data, tmp_path, capsys):
-    truncated, flipped, other = _corrupt_copies(finished_run[0] / "last.npz", tmp_path)
+    truncated, flipped, other, pickled = _corrupt_copies(finished_run[0] / "last.npz", tmp_path)
     for path, message in ((truncated, "truncated or corrupt"), (flipped, "truncated or corrupt"),
-                          (other, "without the meta record of ra_kernels"), (tmp_path / "missing.npz", "does not exist")):
+                          (other, "without the meta record of ra_kernels"), (pickled, "not an .npz file at all"),
+                          (tmp_path / "missing.npz", "does not exist")):
         assert cifar.main(["--eval-only", str(path), "--data-dir", str(tiny_data)]) == cifar.EXIT_USAGE
         err = capsys.readouterr().err
-        assert "ra-train: error:" in err and message in err and str(path) in err
+        assert "ra-train: error:" in err and message in err and str(path) in err and "allow_pickle" not in err
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copyfile(truncated, resumed / "last.npz")
