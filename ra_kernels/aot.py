@@ -31,14 +31,17 @@ def compile_kernel(kernel_fn, spec: dict, capability: int, aligned: bool = False
     """Compile one specialisation of a registered kernel for ``sm_<capability>``.
 
     ``spec`` maps every parameter to a Triton type string or, for a constexpr
-    parameter, its value (see ``launch.kernel``). ``aligned``: every pointer and
-    integer argument is taken as a multiple of 16, as Triton specialises them at launch.
+    parameter, its value (see ``launch.kernel``); an integer value for an integer
+    parameter compiles it as that constant, as Triton does at launch with an argument
+    equal to 1 (see :func:`with_integers_one`). ``aligned``: every pointer and integer
+    argument is taken as a multiple of 16, as Triton specialises them at launch.
     """
     names = [p.name for p in kernel_fn.params]
     if sorted(spec) != sorted(names):
         raise ValueError(f"{kernel_fn.__name__}: AOT spec names {sorted(spec)}, "
                          f"the kernel takes {names}")
-    constexprs = constexpr_values(kernel_fn, spec)
+    constexprs = dict(constexpr_values(kernel_fn, spec))
+    constexprs.update({n: v for n, v in spec.items() if not isinstance(v, str)})
     signature = {n: "constexpr" if n in constexprs else spec[n] for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if aligned and signature[n][:1] in "*i"} or None
@@ -50,6 +53,13 @@ def compile_kernel(kernel_fn, spec: dict, capability: int, aligned: bool = False
 def constexpr_values(kernel_fn, spec: dict) -> dict:
     """The constexpr part of an AOT spec."""
     return {p.name: spec[p.name] for p in kernel_fn.params if p.is_constexpr}
+
+
+def with_integers_one(kernel_fn, spec: dict) -> dict:
+    """``spec`` with every integer argument equal to 1. Triton passes an int argument equal to 1
+    as a constexpr, a Python int inside the kernel (``n.to(...)`` fails there; ``tl.cast`` works)."""
+    integers = {p.name for p in kernel_fn.params if not p.is_constexpr and spec[p.name] in ("i32", "i64")}
+    return {n: 1 if n in integers else v for n, v in spec.items()}
 
 
 def specialisations():

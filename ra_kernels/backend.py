@@ -82,10 +82,11 @@ def get_backend() -> str:
 def set_backend(name: str | None) -> str | None:
     """Select the backend by name ('cuda', 'interpret' or 'numpy'), or None for
     :func:`default_backend`; returns the previous selection (None where none was made)."""
-    previous = _selected["backend"]
-    _selected["backend"] = None if name is None else _check_name(name)
     if name is None:
-        get_backend()  # applies the rule now, so that a bad RA_BACKEND is reported here
+        default_backend()  # a bad RA_BACKEND is reported here, with the selection left as it was
+    else:
+        _check_name(name)
+    previous, _selected["backend"] = _selected["backend"], name
     return previous
 
 
@@ -96,7 +97,7 @@ def use_backend(name: str):
     try:
         yield
     finally:
-        set_backend(previous)
+        _selected["backend"] = previous  # as it was, checked when it was set
 
 
 def uses_triton() -> bool:

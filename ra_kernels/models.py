@@ -133,9 +133,10 @@ class ResidualAttentionNet(Module):
             raise ValueError(f"ResidualAttentionNet: num_classes must be >= 2, got {num_classes}")
         rng = np.random.default_rng(seed)
         # The architecture, saved with the weights (nn.Module.architecture); the seed only draws them.
-        self.config = dict(modules_per_stage=modules_per_stage, p=p, t=t, r=r, stem=stem,
-                           widths=tuple(widths), num_classes=num_classes,
-                           residual_attention=residual_attention, attention=attention)
+        # Python numbers, not NumPy's, so that it is JSON in the saved file.
+        self.config = dict(modules_per_stage=int(modules_per_stage), p=int(p), t=int(t), r=int(r), stem=int(stem),
+                           widths=tuple(int(w) for w in widths), num_classes=int(num_classes),
+                           residual_attention=bool(residual_attention), attention=str(attention))
         self.stem = Conv2d(3, stem, 3, 1, 1, rng=rng)
         cin = stem
         for s, (width, depth) in enumerate(zip(widths, MASK_DEPTHS)):

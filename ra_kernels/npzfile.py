@@ -77,14 +77,20 @@ def _checked_meta(path, text):
     except ValueError as error:
         raise UnreadableFile(f"{path} is not a file of ra_kernels (its meta record is not valid JSON: "
                              f"{error})") from None
-    if meta.get("format") == _VERSION1_FORMAT and meta.get("version") == 1:
+    if meta.get("format") == _VERSION1_FORMAT and meta.get("version") == 1 and \
+            isinstance(meta.get("model_config"), dict):
         config = {k: v for k, v in meta["model_config"].items() if k != "seed"}
-        return dict(meta, kind="training checkpoint", model={"class": "ResidualAttentionNet", "config": config})
-    if meta.get("format") != FORMAT:
+        meta = dict(meta, kind="training checkpoint", model={"class": "ResidualAttentionNet", "config": config})
+    elif meta.get("format") != FORMAT:
         raise UnreadableFile(f"{path} is not a file of ra_kernels (format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
+    elif meta.get("version") != VERSION:
         raise UnreadableFile(f"{path} is a version {meta.get('version')} file; this ra_kernels reads "
                              f"versions 1 and {VERSION}")
+    model = meta.get("model")
+    well_formed = (meta.get("kind") in KINDS and isinstance(model, dict) and isinstance(model.get("class"), str)
+                   and isinstance(model.get("config", False), (dict, type(None))))  # config: a dict or None
+    if not well_formed:
+        raise UnreadableFile(f"{path} has a damaged meta record (kind {meta.get('kind')!r}, model {model!r})")
     return meta
 
 

@@ -1,11 +1,12 @@
 """The Residual Attention Network family: sizes, backends agreeing, gradients, modes, checkpoints, masks."""
 import contextlib
+import json
 
 import numpy as np
 import pytest
 
 import reference
-from ra_kernels import backend, models
+from ra_kernels import backend, models, npzfile
 from ra_kernels import functional as F
 from ra_kernels.autograd import Tensor
 from ra_kernels.models import AttentionModule
@@ -280,6 +281,39 @@ def test_weights_load_only_into_the_same_architecture(tmp_path, attention, resid
         other.load(tmp_path / "mixed.npz")
     for name, value in other.state_dict().items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    # The training checkpoints written before weights and checkpoints shared one format:
+    # the same members, a meta record of another format name with the config under model_config.
+    model = tiny(seed=3)
+    arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
+    meta = dict(format="ra_kernels.train.cifar checkpoint", version=1, epoch=1, batch=0,
+                model_config=dict(model.config, seed=3))
+    np.savez(tmp_path / "old.npz", **arrays, train_totals=np.zeros(3, np.float32), meta=np.array(json.dumps(meta)))
+    restored = tiny(seed=4).load(tmp_path / "old.npz")
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(restored.state_dict()[name], value, err_msg=name)
+    read_meta, _ = npzfile.read(tmp_path / "old.npz", meta_only=True)
+    assert read_meta["kind"] == "training checkpoint" and read_meta["model"]["config"] == json.loads(
+        json.dumps(model.config))
+
+
+@pytest.mark.parametrize("meta", [{"kind": "weights"}, {"kind": "weights", "model": {"class": "X"}},
+                                  {"kind": "notes", "model": {"class": "X", "config": None}}, ["not", "a", "dict"]])
+def test_a_damaged_meta_record_is_named(tmp_path, meta):
+    record = dict(meta, format="ra_kernels", version=2) if isinstance(meta, dict) else meta
+    np.savez(tmp_path / "damaged.npz", meta=np.array(json.dumps(record)))
+    with pytest.raises(npzfile.UnreadableFile, match=f"{tmp_path / 'damaged.npz'} "):
+        tiny().load(tmp_path / "damaged.npz")
+
+
+def test_numpy_numbers_in_the_configuration_save(tmp_path):
+    model = tiny(stem=np.int64(4), widths=np.array([8, 16, 32]), residual_attention=np.bool_(True))
+    model.save(tmp_path / "w.npz")
+    restored = tiny(seed=9).load(tmp_path / "w.npz")  # the same architecture, in Python numbers
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(restored.state_dict()[name], value, err_msg=name)
 
 
 @pytest.mark.parametrize("attention", ["mixed", "channel", "spatial"])

@@ -14,7 +14,7 @@ import numpy as np
 from ra_kernels import backend, npzfile
 from ra_kernels.models import ResidualAttentionNet
 
-from .common import UsageError
+from .common import DEFAULT_DATA_DIR, UsageError
 
 TRAINING = "training checkpoint"
 
@@ -49,6 +49,19 @@ def read_checkpoint(path, meta_only=False) -> Checkpoint:
         raise UsageError(str(error)) from None
     return Checkpoint(meta, npzfile.members(arrays, "model/"), npzfile.members(arrays, "optimizer/"),
                       arrays.get("train_totals"))
+
+
+def data_of(checkpoint: Checkpoint, dataset=None, data_dir=None):
+    """(dataset name, data directory) to evaluate a checkpoint or weights file on: ``dataset`` and
+    ``data_dir`` where given, else those of its training run. A weights file records neither: its
+    dataset is then the CIFAR of its number of classes, its folder the default one."""
+    saved = checkpoint.meta.get("args", {})
+    classes = checkpoint.meta["model"]["config"]["num_classes"]
+    dataset = dataset or saved.get("dataset") or {10: "cifar10", 100: "cifar100"}.get(classes)
+    if dataset is None:
+        raise UsageError(f"a network of {classes} classes was not trained on CIFAR-10 or CIFAR-100: "
+                         f"name the dataset")
+    return dataset, data_dir or saved.get("data_dir", DEFAULT_DATA_DIR)
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, path) -> ResidualAttentionNet:

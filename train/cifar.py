@@ -24,9 +24,10 @@ Files in ``--out DIR``:
 
 A checkpoint (train/checkpoint.py: weights, optimizer state, the training
 totals of the epoch in progress) carries a JSON ``meta`` record: format,
-version, args, model_config, num_classes, batches_per_epoch, the position
-(epoch and batch of the next step, iteration), seconds, the epoch's training
-images and seconds so far, history (the metrics rows) and best. Every random
+version, kind and model (ra_kernels/npzfile.py), then args, num_classes,
+batches_per_epoch, the position (epoch and batch of the next step, iteration),
+seconds, the epoch's training images and seconds so far, history (the metrics
+rows) and best. Every random
 draw of a run (initial weights, label noise, the order and augmentation of each
 batch) is a function of ``--seed`` and the position, so the seed and the
 position are its whole random state, and ``--resume`` repeats exactly what an
@@ -62,9 +63,9 @@ from ra_kernels.metrics import TOTALS, accumulate_metrics
 from ra_kernels.models import ATTENTIONS, MODELS
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES, SGD
 from ra_kernels import npzfile
-from train.checkpoint import model_from_checkpoint, read_checkpoint, write_checkpoint
-from train.common import (BACKEND_HELP, UsageError, epoch_batches, load_dataset, prepare_output_dir,
-                          select_backend)
+from train.checkpoint import data_of, model_from_checkpoint, read_checkpoint, write_checkpoint
+from train.common import (BACKEND_HELP, DEFAULT_DATA_DIR, UsageError, epoch_batches, load_dataset,
+                          prepare_output_dir, select_backend)
 
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                    "lr", "seconds", "images_per_second")
@@ -161,7 +162,7 @@ def build_parser():
     data.add_argument("--dataset", choices=DATASETS, default="cifar10",
                       help="CIFAR-10 (10 classes) or CIFAR-100 (100 fine classes); 50,000 training and 10,000 "
                            "test images each (default: %(default)s)")
-    data.add_argument("--data-dir", default="data", metavar="DIR",
+    data.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
                       help="directory holding the dataset in its official Python format (the extracted "
                            "cifar-10-batches-py/ or cifar-100-python/, or that folder itself); missing files are "
                            "downloaded there, MD5-checked (default: %(default)s)")
@@ -399,7 +400,9 @@ class Run:
                              epoch_train_seconds=0.0)
         self.history, self.best = [], None
         self.last_good = "none yet: it diverged before the first checkpoint"
-        self._estimated = False  # the run's length is estimated once per session, at the first reading
+        # The run's length is estimated at the first reading of the metrics; on a GPU that interval
+        # includes compiling the kernels, so the second reading estimates it again.
+        self._estimates_left = 2 if self.backend == "cuda" else 1
         if checkpoint is not None:
             self._restore(checkpoint)
         self._session_start, self._seconds_before = time.perf_counter(), self.position["seconds"]
@@ -416,10 +419,12 @@ class Run:
         self.history, self.best = meta["history"], meta["best"]
         self.last_good = self._checkpoint_description()
         self._repair_best()
+        for name in ("last.npz", "best.npz", "metrics.csv", "curves.png"):  # left by a kill mid-write
+            (self.out / (name + ".tmp")).unlink(missing_ok=True)
 
     def _best_file_record(self):
         """The ``best`` record of best.npz itself (the epoch whose end it holds), or None when there is
-        no readable best.npz."""
+        no readable best.npz. Only the meta record is read: the arrays are CRC-checked when loaded."""
         try:
             return read_checkpoint(self.out / "best.npz", meta_only=True).meta["best"]
         except UsageError:
@@ -521,9 +526,9 @@ class Run:
                         images_per_second = interval_images / (now - interval_start)
                         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1%}", lr=f"{self.lr:.3g}",
                                         img_s=f"{images_per_second:.1f}")
-                        if not self._estimated:
+                        if self._estimates_left:
                             tqdm.write(self._estimate(images_per_second))
-                            self._estimated = True
+                            self._estimates_left -= 1
                         interval_start, interval_images = now, 0
                     if stop.requested:
                         return False
@@ -538,7 +543,9 @@ class Run:
         epoch = self.batches_per_epoch * self.args.batch_size / images_per_second
         return (f"at {images_per_second:.1f} images/s an epoch trains in about {format_duration(epoch)}; the "
                 f"{steps_left:,} steps left take about "
-                f"{format_duration(steps_left * self.args.batch_size / images_per_second)}, plus the evaluations")
+                f"{format_duration(steps_left * self.args.batch_size / images_per_second)}, plus the evaluations"
+                + (" (this first interval includes compiling the kernels: estimated again at the next reading)"
+                   if self._estimates_left == 2 else ""))
 
     def _step(self, x, y):
         """One SGD step on the batch (x, y); its loss and correct predictions go into train_totals."""
@@ -595,24 +602,13 @@ class Run:
               f"test loss {last['test_loss']:.4f}")
         best = self._best_file_record()  # what the file holds, whatever happened to the run
         if best is None:
-            print("best.npz is missing", file=sys.stderr)
+            print("best.npz is missing or unreadable", file=sys.stderr)
             return
         print(f"best.npz holds epoch {best['epoch']} (test accuracy {best['test_accuracy']:.2%}); it was "
               f"picked on the test set, so report the last epoch's accuracy, not that one")
 
 
 # --------------------------------------------------------------------------- entry points
-
-def checkpoint_dataset(checkpoint, args, explicit):
-    """(dataset name, data directory) for evaluating a checkpoint or weights file: the ones it was
-    trained on, unless given on the command line; a weights file records no data, so there they
-    come from the options, or the dataset from the network's number of classes."""
-    saved = checkpoint.meta.get("args", {})
-    by_classes = {10: "cifar10", 100: "cifar100"}.get(checkpoint.meta["model"]["config"]["num_classes"])
-    dataset = args.dataset if "dataset" in explicit else saved.get("dataset", by_classes or args.dataset)
-    data_dir = args.data_dir if "data_dir" in explicit else saved.get("data_dir", args.data_dir)
-    return dataset, data_dir
-
 
 def describe_checkpoint(checkpoint):
     """What a file holds, in words: where its run stood, or that it is weights only."""
@@ -630,7 +626,8 @@ def evaluate_checkpoint(args, explicit) -> int:
     checkpoint = read_checkpoint(path)
     select_backend(args.backend)
     model = model_from_checkpoint(checkpoint, path)
-    dataset, data_dir = checkpoint_dataset(checkpoint, args, explicit)
+    dataset, data_dir = data_of(checkpoint, *(getattr(args, dest) if dest in explicit else None
+                                               for dest in ("dataset", "data_dir")))
     data = load_dataset(dataset, data_dir, download=not args.no_download)
     if len(data.class_names) != model.config["num_classes"]:
         raise UsageError(f"{path} classifies {model.config['num_classes']} classes, {dataset} has "

@@ -8,6 +8,9 @@ from ra_kernels import backend
 from ra_kernels.data import load_cifar
 
 
+DEFAULT_DATA_DIR = "data"
+
+
 class UsageError(Exception):
     """A problem the user can fix (options, data, checkpoint): reported in one line, exit 2."""
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 import reference
 from ra_kernels import backend
 from ra_kernels.data import BatchLoader
-from train.checkpoint import model_from_checkpoint, read_checkpoint
+from train.checkpoint import data_of, model_from_checkpoint, read_checkpoint
 from train.common import BACKEND_HELP, UsageError, epoch_batches, load_dataset, prepare_output_dir, select_backend
 
 IMAGE_SIZE = (32, 32)
@@ -93,12 +93,8 @@ def main(argv=None) -> int:
         checkpoint = read_checkpoint(args.checkpoint)
         select_backend(args.backend)
         model = model_from_checkpoint(checkpoint, args.checkpoint)
-        saved = checkpoint.meta.get("args", {})
-        dataset = saved.get("dataset", {10: "cifar10", 100: "cifar100"}.get(model.config["num_classes"]))
-        if dataset is None:
-            raise UsageError(f"{args.checkpoint}: a network of {model.config['num_classes']} classes was not "
-                             f"trained on CIFAR-10 or CIFAR-100")
-        data = load_dataset(dataset, args.data_dir or saved.get("data_dir", "data"), download=not args.no_download)
+        dataset, data_dir = data_of(checkpoint, data_dir=args.data_dir)
+        data = load_dataset(dataset, data_dir, download=not args.no_download)
         if args.images > len(data.test_labels):
             raise UsageError(f"--images {args.images}: the test set of {dataset} has {len(data.test_labels)} images")
     except UsageError as error:

@@ -21,9 +21,11 @@ rounding of that product, |x| * 2**-24 (1e-6 at |x| = 17); the interpreter's exp
 exact to rounding. tests/test_aot.py pins which kernels contain which approximation.
 
 The normalisations (channel and spatial attention) scale by a power of two before
-squaring, as robust norms do: the sums of squares then cannot overflow for any
-finite input (|x| = 1e30 gives the right answer, not 0 or 0.5), and a power of two
-scales exactly, so for ordinary inputs the result is bit for bit the unscaled one.
+squaring, as robust norms do: the sums of squares then cannot overflow (|x| = 1e30
+gives the right answer, not 0 or 0.5), and a power of two scales exactly, so for
+ordinary inputs the result is bit for bit the unscaled one. Channel attention holds
+for any finite x; spatial attention while the sum of a map, n_hw * max |x|, is a
+float32, as its mean needs.
 
 Offsets are int32: fine below 2**31 elements per array (batch 128 of the
 largest activation, 128x32x32x256, is 3.4e7).
@@ -307,7 +309,7 @@ def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
         shifted = tl.where(mask, tl.load(x_ptr + offs, mask=mask) - shift[None, :], 0.0)
         acc += shifted
         far = tl.maximum(far, _abs_of_numbers(shifted))
-    mean = shift + tl.div_rn(tl.sum(acc, axis=0), n_hw.to(tl.float32))  # [BLOCK_C]
+    mean = shift + tl.div_rn(tl.sum(acc, axis=0), tl.cast(n_hw, tl.float32))  # [BLOCK_C]
     # |x - mean| <= 2 max |x - shift|: deviations / p stay below 4, their squares far from overflow.
     inv_p = _inverse_scale(2.0 * tl.max(far, axis=0))
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
@@ -315,7 +317,7 @@ def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
         deviation = tl.where(mask, tl.load(x_ptr + offs, mask=mask) - mean[None, :], 0.0) * inv_p[None, :]
         acc += deviation * deviation
-    scaled_var = tl.div_rn(tl.sum(acc, axis=0), n_hw.to(tl.float32))
+    scaled_var = tl.div_rn(tl.sum(acc, axis=0), tl.cast(n_hw, tl.float32))
     rstd = inv_p * tl.div_rn(1.0, tl.sqrt_rn(scaled_var + eps * inv_p * inv_p))
     tl.store(mean_ptr + sample * C + ch, mean, mask=ch_in)
     tl.store(rstd_ptr + sample * C + ch, rstd, mask=ch_in)
@@ -348,8 +350,8 @@ def spatial_attention_backward_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, dx_ptr,
         z, dz = _spatial_dz(dy_ptr, x_ptr, offs, mask, mean, rstd)
         acc_dz += dz
         acc_dz_z += dz * z
-    mean_dz = tl.div_rn(tl.sum(acc_dz, axis=0), n_hw.to(tl.float32))  # [BLOCK_C]
-    mean_dz_z = tl.div_rn(tl.sum(acc_dz_z, axis=0), n_hw.to(tl.float32))
+    mean_dz = tl.div_rn(tl.sum(acc_dz, axis=0), tl.cast(n_hw, tl.float32))  # [BLOCK_C]
+    mean_dz_z = tl.div_rn(tl.sum(acc_dz_z, axis=0), tl.cast(n_hw, tl.float32))
     for hw_start in range(0, n_hw, BLOCK_P):
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
         z, dz = _spatial_dz(dy_ptr, x_ptr, offs, mask, mean, rstd)

@@ -81,7 +81,7 @@ def mean_kernel(values_ptr, mean_ptr, n, BLOCK: tl.constexpr):
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         partial += tl.load(values_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(mean_ptr, tl.div_rn(tl.sum(partial, axis=0), n.to(tl.float32)))
+    tl.store(mean_ptr, tl.div_rn(tl.sum(partial, axis=0), tl.cast(n, tl.float32)))
 
 
 @kernel(aot=[dict(logits_ptr="*fp32", labels_ptr=labels, row_max_ptr="*fp32", row_log_sum_ptr="*fp32",
@@ -107,7 +107,7 @@ def cross_entropy_backward_kernel(logits_ptr, labels_ptr, row_max_ptr, row_log_s
     log_sum = tl.load(row_log_sum_ptr + rows, mask=row_ok, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_ok, other=0)
     label_ok = (label >= 0) & (label < n_classes)
-    scale = tl.div_rn(tl.load(dloss_ptr), n_rows.to(tl.float32))
+    scale = tl.div_rn(tl.load(dloss_ptr), tl.cast(n_rows, tl.float32))
     probs = tl.exp((x - row_max[:, None]) - log_sum[:, None])
     onehot = (cols[None, :] == label[:, None]).to(tl.float32)
     dlogits = tl.where(label_ok[:, None], (probs - onehot) * scale, float("nan"))
