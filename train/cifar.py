@@ -208,8 +208,9 @@ def build_parser():
                      help="continue the run in --out from its last.npz, exactly where it stopped; it keeps "
                           "its settings (only --data-dir, --no-download, --backend and --log-every may change)")
     run.add_argument("--eval-only", metavar="CHECKPOINT",
-                     help="print the test accuracy and loss of CHECKPOINT (a last.npz or best.npz) and exit, "
-                          "on any backend; --data-dir, --limit-test and --batch-size apply")
+                     help="print the test accuracy and loss of CHECKPOINT (a last.npz or best.npz, or weights "
+                          "written by Module.save) and exit, on any backend; only --data-dir, --dataset, "
+                          "--no-download, --limit-test, --batch-size and --backend may be given with it")
     run.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
                      help="read the training loss and accuracy back from the device every N steps, for the "
                           "progress bar and the divergence check (default: %(default)s)")
