@@ -110,7 +110,7 @@ def test_approximate_math_only_where_allowed(case):
 def test_the_approximation_pattern_sees_plain_division():
     # The pin above must be able to fail: the same pattern finds what "/", tl.sqrt and tl.exp become.
     source = ASTSource(_plain_math_kernel, signature={"x_ptr": "*fp32", "y_ptr": "*fp32"}, constexprs={})
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True}).asm["ptx"]
     assert set(APPROXIMATE.findall(ptx)) == {"div.full", "sqrt.approx", "ex2.approx"}
 
 
