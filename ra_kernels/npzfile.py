@@ -26,8 +26,9 @@ class UnreadableFile(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_open(path):
-    """A binary file to write that appears at ``path`` only when the block completes.
+def atomic_open(path, mode="wb", **open_options):
+    """A file to write (``open(path, mode, **open_options)``) that appears at ``path`` only when
+    the block completes.
 
     It is written beside ``path`` as ``<name>.tmp``, flushed to the disk, then renamed over
     ``path``, and the directory is flushed too: a crash (kill -9, power loss) at any moment
@@ -36,7 +37,7 @@ def atomic_open(path):
     path = os.fspath(path)
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, mode, **open_options) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

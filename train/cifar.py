@@ -45,7 +45,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -225,6 +224,11 @@ def _explicit_options(argv):
     return {dest: value for dest, value in vars(given).items() if value is not unset}
 
 
+def _flag(dest):
+    """The command-line option of an argparse destination: "data_dir" -> "--data-dir"."""
+    return "--" + dest.replace("_", "-")
+
+
 def _as_json(value):
     return json.loads(json.dumps(value))
 
@@ -233,12 +237,12 @@ def _resumed_args(args, explicit, saved):
     """The checkpoint's arguments, with those of RESUME_MAY_CHANGE given on the command line
     (``explicit``) taken from there, and --out and --resume."""
     may_change = RESUME_MAY_CHANGE + ("out", "resume")
-    conflicts = [f"--{dest.replace('_', '-')} {_as_json(value)!r} (the run has {saved.get(dest)!r})"
+    conflicts = [f"{_flag(dest)} {_as_json(value)!r} (the run has {saved.get(dest)!r})"
                  for dest, value in explicit.items()
                  if dest not in may_change and _as_json(value) != saved.get(dest)]
     if conflicts:
         raise UsageError("a resumed run keeps the settings it started with; these differ: " + "; ".join(conflicts)
-                         + ". Only " + ", ".join("--" + d.replace("_", "-") for d in RESUME_MAY_CHANGE)
+                         + ". Only " + ", ".join(map(_flag, RESUME_MAY_CHANGE))
                          + " may change (start a new run in another --out to change the rest)")
     resumed = argparse.Namespace(**dict(saved, out=args.out, resume=True))
     for dest in RESUME_MAY_CHANGE:
@@ -329,12 +333,10 @@ class StopOnInterrupt:
 
 
 def write_metrics_csv(history, path):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with npzfile.atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def plot_curves(history, path):
@@ -357,10 +359,9 @@ def plot_curves(history, path):
     loss_ax.legend()
     acc_ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    with npzfile.atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the run
@@ -466,8 +467,8 @@ class Run:
 
     def save(self):
         self.position["seconds"] = self._seconds()
-        meta = dict(self.position, args=vars(self.args), num_classes=self.num_classes, batches_per_epoch=self.batches_per_epoch,
-                    history=self.history, best=self.best)
+        meta = dict(self.position, args=vars(self.args), num_classes=self.num_classes,
+                    batches_per_epoch=self.batches_per_epoch, history=self.history, best=self.best)
         write_checkpoint(self.out / "last.npz", self.model, self.optimizer, self.train_totals, meta)
         self.last_good = self._checkpoint_description()
 
@@ -656,11 +657,11 @@ def main(argv=None, after_step=None) -> int:
     explicit = _explicit_options(argv)
     try:
         if args.eval_only is not None:
-            ignored = [f"--{dest.replace('_', '-')}" for dest in explicit if dest not in EVAL_ONLY_OPTIONS]
+            ignored = [_flag(dest) for dest in explicit if dest not in EVAL_ONLY_OPTIONS]
             if ignored:
                 raise UsageError(f"--eval-only takes the network from the checkpoint and evaluates it; "
                                  f"{', '.join(ignored)} cannot be given with it (only "
-                                 f"{', '.join('--' + d.replace('_', '-') for d in EVAL_ONLY_OPTIONS[1:])})")
+                                 f"{', '.join(map(_flag, EVAL_ONLY_OPTIONS[1:]))})")
             return evaluate_checkpoint(args, explicit)
         args.out = args.out or str(Path("runs") / f"{args.model}-{args.dataset}")
         last = Path(args.out) / "last.npz"
