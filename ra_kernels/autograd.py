@@ -6,6 +6,14 @@ forward on raw arrays and, when a gradient is wanted, records one :class:`Node`
 linking the outputs to the inputs. ``Tensor.backward()`` walks those nodes in
 reverse topological order (iteratively: a 452-layer network is a deep graph) and
 sums gradients where a tensor fed several ops. Nothing here knows any op.
+
+A leaf that already has a ``grad`` array (an optimizer's view of its flat gradient buffer)
+has its gradient added into it: the engine offers that array to the backward of the op
+that consumes the leaf (``ctx.grad_into``), and an op that adds its gradient there itself
+returns that very array, which then needs no addition here. The little array arithmetic the
+engine does itself (the ones that seed a backward, a sum, a copy, an addition in place) goes
+through :data:`arithmetic`, which ``ra_kernels.functional`` points at the backend's kernels,
+so that a training step on a GPU backend is made of kernel launches only.
 """
 from __future__ import annotations
 
@@ -17,6 +25,33 @@ import numpy as np
 from .backend import to_numpy
 
 _grad_enabled = [True]
+
+
+class ArrayArithmetic:
+    """What the engine computes on gradient arrays, by the arrays' own methods (NumPy or CuPy)."""
+
+    @staticmethod
+    def ones_like(a):
+        ones = a.copy()
+        ones.fill(1)
+        return ones
+
+    @staticmethod
+    def add(a, b):
+        return a + b
+
+    @staticmethod
+    def add_into(into, g):
+        into += g
+        return into
+
+    @staticmethod
+    def copy(a):
+        return a.copy()
+
+
+#: The engine's array arithmetic; ra_kernels.functional installs one that runs the backend's kernels.
+arithmetic = ArrayArithmetic()
 
 
 def is_grad_enabled() -> bool:
@@ -94,8 +129,7 @@ class Tensor:
             if self.data.size != 1:
                 raise RuntimeError(f"backward(): grad can be omitted only for a single-element "
                                    f"tensor (a loss), this one has shape {tuple(self.shape)}")
-            grad = self.data.copy()  # ones, on the tensor's own device (NumPy or CuPy)
-            grad.fill(1)
+            grad = arithmetic.ones_like(self.data)
         if grad.shape != self.shape:
             raise ValueError(f"backward(): grad has shape {tuple(grad.shape)}, the tensor {tuple(self.shape)}")
         if self.node is None:
@@ -112,15 +146,16 @@ class Tensor:
                     _accumulate(out, g)
             if all(g is None for g in out_grads):
                 continue
+            node.ctx.grad_into = tuple(_grad_buffer(t) for t in node.inputs)
             in_grads = node.function.backward(node.ctx, *out_grads)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
             if len(in_grads) != len(node.inputs):
                 raise RuntimeError(f"{node.function.__name__}.backward returned {len(in_grads)} "
                                    f"gradients for {len(node.inputs)} inputs")
-            for tensor, g in zip(node.inputs, in_grads):
-                if g is None or tensor is None or not tensor.requires_grad:
-                    continue
+            for tensor, g, into in zip(node.inputs, in_grads, node.ctx.grad_into):
+                if g is None or tensor is None or not tensor.requires_grad or g is into:
+                    continue  # no gradient, or the op added it into tensor.grad itself
                 if g.shape != tensor.shape:
                     raise RuntimeError(f"{node.function.__name__}.backward gave a gradient of shape "
                                        f"{tuple(g.shape)} for an input of shape {tuple(tensor.shape)}")
@@ -129,17 +164,24 @@ class Tensor:
                 else:
                     slots = pending.setdefault(id(tensor.node), [None] * len(tensor.node.outputs))
                     i = tensor.output_index
-                    slots[i] = g if slots[i] is None else slots[i] + g
+                    slots[i] = g if slots[i] is None else arithmetic.add(slots[i], g)
             node.ctx = None  # free what forward saved: each node runs backward once
+
+
+def _grad_buffer(tensor):
+    """The array an op may add ``tensor``'s gradient into: the ``grad`` of a leaf that has one."""
+    if tensor is not None and tensor.node is None and tensor.requires_grad:
+        return tensor.grad
+    return None
 
 
 def _accumulate(tensor, grad):
     """Add ``grad`` into ``tensor.grad``: in place when there is one (an optimizer may have
     made it a view of its flat gradient buffer), else as a copy (``grad`` may be shared)."""
     if tensor.grad is None:
-        tensor.grad = grad.copy()
+        tensor.grad = arithmetic.copy(grad)
     else:
-        tensor.grad += grad
+        arithmetic.add_into(tensor.grad, grad)
 
 
 def _reverse_topological(root):
@@ -167,11 +209,15 @@ class Context:
 
     ``save_for_backward(*arrays)`` / ``saved`` for arrays, plain attributes for
     anything else; ``needs_input_grad[i]`` says whether input i wants a gradient.
+    During backward, ``grad_into[i]`` is the ``grad`` array of input i when it is a leaf
+    that has one (else None): a backward may add input i's gradient into it and return
+    that array as the gradient, which the engine then leaves as it is.
     """
 
     def __init__(self, needs_input_grad):
         self.needs_input_grad = needs_input_grad
         self.saved = ()
+        self.grad_into = ()
 
     def save_for_backward(self, *arrays):
         self.saved = arrays

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import numpy as np
 
@@ -180,14 +181,21 @@ def asarray(a, dtype=None, like=None):
     return np.asarray(to_numpy(a), dtype=dtype)
 
 
+# Per thread: the allocator of empty() (None: the backend's own) and whether host reads are refused.
+_thread = threading.local()
+
+
 def empty(shape, dtype=np.float32):
     """An uninitialised array of the current backend for a kernel to write.
 
     Under :func:`poison_outputs` it is filled with NaN (float), -1 (signed) or
     the largest value (unsigned) instead, so that an element a kernel forgets to write shows up.
+    Inside :func:`use_allocator` the array comes from that allocator.
     """
-    out, dtype = xp().empty(shape, dtype=dtype), np.dtype(dtype)
+    allocate = getattr(_thread, "allocate", None)
+    out = allocate(shape, dtype) if allocate is not None else xp().empty(shape, dtype=dtype)
     if _selected["poison"]:
+        dtype = np.dtype(dtype)
         out.fill(np.nan if dtype.kind == "f" else -1 if dtype.kind == "i" else np.iinfo(dtype).max)
     return out
 
@@ -206,8 +214,33 @@ def poison_outputs(enabled: bool = True):
         _selected["poison"] = previous
 
 
+@contextlib.contextmanager
+def use_allocator(allocate):
+    """Inside the block, :func:`empty` called from this thread returns ``allocate(shape, dtype)``:
+    how a captured step keeps its arrays in a pool of its own (ra_kernels/graph.py)."""
+    previous, _thread.allocate = getattr(_thread, "allocate", None), allocate
+    try:
+        yield
+    finally:
+        _thread.allocate = previous
+
+
+@contextlib.contextmanager
+def no_host_reads(why: str):
+    """Inside the block, :func:`to_numpy` called from this thread raises RuntimeError(``why``...):
+    a step being captured as a CUDA graph must not wait for the device."""
+    previous, _thread.no_host_reads = getattr(_thread, "no_host_reads", None), why
+    try:
+        yield
+    finally:
+        _thread.no_host_reads = previous
+
+
 def to_numpy(a) -> np.ndarray:
     """A host NumPy copy (or view) of an array of any backend."""
+    why = getattr(_thread, "no_host_reads", None)
+    if why is not None:
+        raise RuntimeError(f"an array of shape {tuple(a.shape)} was read back to the host {why}")
     return a.get() if is_cupy_array(a) else np.asarray(a)
 
 

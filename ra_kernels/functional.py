@@ -23,8 +23,9 @@ import numpy as np
 
 import reference as ref
 
+from . import autograd
 from .autograd import Function, Tensor
-from .backend import check_array, choose, get_backend
+from .backend import check_array, choose, empty_like, get_backend
 from .kernels import attention as attention_kernels
 from .kernels import batchnorm as batchnorm_kernels
 from .kernels import conv as conv_kernels
@@ -42,6 +43,9 @@ def _data(a):
     return a.data if isinstance(a, Tensor) else a
 
 
+_FLOAT32, _FLOATS_ON_NUMPY = (np.dtype(np.float32),), (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _check_array(op, name, a, ndim=None, layout=None, dtype=None):
     """Check one array argument; return its float dtype.
 
@@ -49,9 +53,9 @@ def _check_array(op, name, a, ndim=None, layout=None, dtype=None):
     """
     a = check_array(op, name, _data(a), also=" or a Tensor")
     backend = get_backend()
-    allowed = ("float32", "float64") if backend == "numpy" else ("float32",)
-    if a.dtype.name not in allowed:
-        raise TypeError(f"{op}: {name} must be {' or '.join(allowed)} on the {backend} backend, "
+    allowed = _FLOATS_ON_NUMPY if backend == "numpy" else _FLOAT32
+    if a.dtype not in allowed:  # dtype equality, not dtype.name: the name is built at each call
+        raise TypeError(f"{op}: {name} must be {' or '.join(d.name for d in allowed)} on the {backend} backend, "
                         f"got {a.dtype.name}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{op}: {name} is {a.dtype.name} but the other inputs are {dtype.name}")
@@ -131,6 +135,9 @@ class _Op(Function):
     #: (not computed, no kernel launched) when autograd says nothing wants it, as for the
     #: network's input image under the stem conv.
     skips_unwanted_dx = False
+    #: Backward options that take an input's gradient buffer (autograd's ``ctx.grad_into``), by input
+    #: index: the op adds that gradient into the buffer, and no separate addition is launched.
+    grads_into = {}
 
     @classmethod
     def implementation(cls):
@@ -151,12 +158,15 @@ class _Op(Function):
     @classmethod
     def backward(cls, ctx, dy):
         options = {"need_dx": ctx.needs_input_grad[0]} if cls.skips_unwanted_dx else {}
+        if ctx.grad_into:
+            options.update((name, ctx.grad_into[i]) for name, i in cls.grads_into.items())
         grads = tuple(ctx.op_backward(dy, ctx.op_saved, **options))
         return grads + (None,) * (ctx.n_inputs - len(grads))
 
 
 class _BatchNorm(_Op):
     op, kernels = "batch_norm", batchnorm_kernels
+    grads_into = {"dgamma_into": 1, "dbeta_into": 2}
 
     @classmethod
     def run(cls, impl, *args, **kwargs):
@@ -172,6 +182,7 @@ class _BatchNorm(_Op):
 
 class _ConvBnRelu(_BatchNorm):
     op, kernels, skips_unwanted_dx = "conv_bn_relu", conv_kernels, True
+    grads_into = {"dw_into": 1, "dgamma_into": 2, "dbeta_into": 3}
 
 
 class _UpsampleBilinear(_Op):
@@ -185,12 +196,13 @@ class _UpsampleBilinear(_Op):
         return dx, None, dskip
 
 
-def _op(name, kernels, skips_unwanted_dx=False):
+def _op(name, kernels, skips_unwanted_dx=False, grads_into=None):
     """The Function of a plain op: reference.<name> on numpy, kernels.<name> on cuda and interpret."""
-    return type(f"_{name}", (_Op,), {"op": name, "kernels": kernels, "skips_unwanted_dx": skips_unwanted_dx})
+    return type(f"_{name}", (_Op,), {"op": name, "kernels": kernels, "skips_unwanted_dx": skips_unwanted_dx,
+                                     "grads_into": grads_into or {}})
 
 
-_Conv2d = _op("conv2d", conv_kernels, skips_unwanted_dx=True)
+_Conv2d = _op("conv2d", conv_kernels, skips_unwanted_dx=True, grads_into={"dw_into": 1})
 _MaxPool2d = _op("max_pool2d", pool_kernels)
 _Sigmoid = _op("sigmoid", attention_kernels)
 _AttentionMix = _op("attention_mix", attention_kernels)
@@ -201,6 +213,30 @@ _Relu = _op("relu", elementwise)
 _GlobalAvgPool = _op("global_avg_pool", pool_kernels)
 _Linear = _op("linear", linear_kernels)
 _CrossEntropy = _op("cross_entropy", loss_kernels)
+
+
+class _BackendArithmetic:
+    """The autograd engine's array arithmetic (``autograd.arithmetic``) on the current backend:
+    reference/ on numpy, the elementwise kernels on cuda and interpret."""
+
+    @staticmethod
+    def ones_like(a):
+        return choose(ref, elementwise).fill(empty_like(a), 1.0)
+
+    @staticmethod
+    def add(a, b):
+        return choose(ref, elementwise).add(a, b)[0]
+
+    @staticmethod
+    def add_into(into, g):
+        return choose(ref, elementwise).add_into(into, g)
+
+    @staticmethod
+    def copy(a):
+        return choose(ref, elementwise).copy(a)
+
+
+autograd.arithmetic = _BackendArithmetic()
 
 
 # --------------------------------------------------------------------------- the ops

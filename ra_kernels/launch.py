@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import triton
@@ -216,6 +217,40 @@ def _fix_interpreter_scalar_index():
     interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
 
 
+class Launch(NamedTuple):
+    """One kernel launch as :func:`launch` made it: what a CUDA graph records."""
+    kernel_fn: JITFunction
+    grid: tuple
+    args: tuple       # arrays already wrapped for the backend's Triton (HostArray, DeviceArray)
+    num_warps: int
+    constexprs: dict
+    compiled: bool    # on the cuda backend (compiled), else interpreted
+
+
+# Launches made by this thread go into _recording.launches while it is a list (record_launches);
+# other threads (the data loader's prefetch thread) launch as usual, as a CUDA graph captured on
+# one stream does not record the launches another thread makes on its own.
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def record_launches(run: bool = True):
+    """Inside the block, every launch this thread makes is appended to the yielded list of
+    :class:`Launch`, and run only if ``run``. ``run=False`` is what a CUDA-graph capture does (the
+    work is recorded, not done) and what counting launches without their cost needs; a recorded
+    list runs later with :func:`replay`. Blocks do not nest."""
+    if getattr(_recording, "launches", None) is not None:
+        raise RuntimeError("record_launches: launches are already being recorded on this thread")
+    _recording.launches, _recording.run = [], run
+    try:
+        yield _recording.launches
+    finally:
+        _recording.launches = None
+
+
+_SCALARS = frozenset((int, float, bool))
+
+
 def launch(kernel_fn: JITFunction, grid, *args, num_warps=4, **constexprs):
     """Run ``kernel_fn[grid](*args, **constexprs)`` on the current backend.
 
@@ -225,20 +260,41 @@ def launch(kernel_fn: JITFunction, grid, *args, num_warps=4, **constexprs):
     backend = get_backend()
     if backend == "numpy":
         raise RuntimeError(f"{kernel_fn.__name__}: Triton kernels do not run on the numpy backend")
-    if backend == "cuda":
-        _cuda_driver_on_cupy()
-    adapter = DeviceArray if backend == "cuda" else HostArray
+    on_device = backend == "cuda"
+    adapter = DeviceArray if on_device else HostArray
     wrapped = []
     for a in args:
-        if isinstance(a, np.ndarray) or is_cupy_array(a):
-            if (backend == "cuda") != is_cupy_array(a):
+        if type(a) in _SCALARS:  # most arguments: sizes and options, passed as they are
+            wrapped.append(a)
+            continue
+        host = isinstance(a, np.ndarray)
+        if host or is_cupy_array(a):
+            if on_device == host:
                 raise TypeError(f"{kernel_fn.__name__}: a {type(a).__module__} array was given "
                                 f"to a kernel on the {backend} backend")
             a = adapter(a)
         wrapped.append(a)
-    if backend == "interpret":
+    call = Launch(kernel_fn, grid, tuple(wrapped), num_warps, constexprs, on_device)
+    recorded = getattr(_recording, "launches", None)
+    if recorded is not None:
+        recorded.append(call)
+        if not _recording.run:
+            return
+    _run(call)
+
+
+def replay(launches):
+    """Run recorded launches again, in order, on the arrays they were recorded with (the
+    interpret backend's stand-in for replaying a CUDA graph)."""
+    for call in launches:
+        _run(call)
+
+
+def _run(call: Launch):
+    if call.compiled:
+        _cuda_driver_on_cupy()
+        call.kernel_fn[call.grid](*call.args, num_warps=call.num_warps, enable_fp_fusion=True, **call.constexprs)
+    else:
         _fix_interpreter_scalar_index()
         with _interpreter_lock, _interpreting():
-            _interpreted(kernel_fn.fn)[grid](*wrapped, **constexprs)
-    else:
-        kernel_fn[grid](*wrapped, num_warps=num_warps, enable_fp_fusion=True, **constexprs)
+            _interpreted(call.kernel_fn.fn)[call.grid](*call.args, **call.constexprs)

@@ -28,6 +28,7 @@ import numpy as np
 import reference
 
 from .backend import check_array, choose, to_numpy, xp
+from .kernels import elementwise
 from .kernels import optim as optim_kernels
 
 # The paper's CIFAR recipe: LR divided by 10 at 64k and 96k of 160k iterations.
@@ -101,8 +102,9 @@ class SGD:
         self.lr.fill(value)
 
     def zero_grad(self):
-        """Zero every gradient with one fill of the flat buffer; the views stay."""
-        self.flat_grads.fill(0)
+        """Zero every gradient with one fill of the flat buffer (a kernel on cuda and interpret, so
+        that a captured step is kernels only); the views stay."""
+        choose(reference, elementwise).fill(self.flat_grads, 0.0)
 
     def step(self):
         """One update of every parameter: one kernel launch (cuda, interpret) or one

@@ -5,13 +5,18 @@ Activations are NHWC, conv weights HWIO (KH, KW, Cin, Cout), linear weights
 returns one gradient per differentiable input, in argument order; batch_norm and
 conv_bn_relu return `(y, new_running_mean, new_running_var, saved)`. Pure
 functions: inputs are never modified, computation stays in the input dtype
-(float64 for gradient checks, float32 for real runs).
+(float64 for gradient checks, float32 for real runs). The exceptions write where
+told to: the backwards of ops with parameters add a parameter's gradient into
+an array given as ``*_into`` (a gradient buffer), and ``fill`` and ``add_into``
+work in place; with ``copy`` they are the array arithmetic of the autograd
+engine and the optimizer.
 """
 from .augment import augment
 from .attention import (attention_mix, attention_mix_backward, channel_attention, channel_attention_backward,
                         spatial_attention, spatial_attention_backward)
 from .conv import conv2d, conv2d_backward, conv_bn_relu, conv_bn_relu_backward
-from .elementwise import add, add_backward, relu, relu_backward, sigmoid, sigmoid_backward
+from .elementwise import (add, add_backward, add_into, copy, fill, relu, relu_backward, sigmoid,
+                          sigmoid_backward)
 from .linear import linear, linear_backward
 from .loss import cross_entropy, cross_entropy_backward
 from .metrics import accumulate_metrics
@@ -30,7 +35,7 @@ __all__ = [
     "attention_mix", "attention_mix_backward",
     "channel_attention", "channel_attention_backward",
     "spatial_attention", "spatial_attention_backward",
-    "add", "add_backward",
+    "add", "add_backward", "fill", "copy", "add_into",
     "relu", "relu_backward",
     "global_avg_pool", "global_avg_pool_backward",
     "linear", "linear_backward",

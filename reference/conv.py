@@ -1,4 +1,5 @@
 """2-D convolution (NHWC activations, HWIO weights) and its composition with batch norm."""
+from . import elementwise
 from ._windows import fold_windows, windows
 from .norm import batch_norm, batch_norm_backward
 
@@ -26,15 +27,16 @@ def conv2d(x, w, stride=1, padding=0):
     return y, (x, w, stride, padding)
 
 
-def conv2d_backward(dy, saved, need_dx=True):
+def conv2d_backward(dy, saved, need_dx=True, dw_into=None):
     """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx (N, H, W, Cin), dw (KH, KW, Cin, Cout));
-    dx is None, and not computed, when not ``need_dx`` (an input image, say)."""
+    dx is None, and not computed, when not ``need_dx`` (an input image, say). With ``dw_into``
+    dw is added into that array, which is returned as dw."""
     x, w, stride, padding = saved
     kh, kw, cin, cout = w.shape
     n, oh, ow, _ = dy.shape
     dy2d = dy.reshape(-1, cout)
     cols, _ = _im2col(x, (kh, kw), stride, padding)
-    dw = (cols.T @ dy2d).reshape(w.shape)
+    dw = elementwise.gradient_into((cols.T @ dy2d).reshape(w.shape), dw_into)
     if not need_dx:
         return None, dw
     # One (N*OH*OW, Cout) @ (Cout, Cin) product per tap: faster than one product into a
@@ -57,9 +59,10 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
     return y, new_mean, new_var, (conv_saved, bn_saved)
 
 
-def conv_bn_relu_backward(dy, saved, need_dx=True):
-    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta); dx None when not ``need_dx``."""
+def conv_bn_relu_backward(dy, saved, need_dx=True, dw_into=None, dgamma_into=None, dbeta_into=None):
+    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta); dx None when not
+    ``need_dx``; each ``*_into`` as in conv2d_backward."""
     conv_saved, bn_saved = saved
-    dz, dgamma, dbeta = batch_norm_backward(dy, bn_saved)
-    dx, dw = conv2d_backward(dz, conv_saved, need_dx)
+    dz, dgamma, dbeta = batch_norm_backward(dy, bn_saved, dgamma_into, dbeta_into)
+    dx, dw = conv2d_backward(dz, conv_saved, need_dx, dw_into)
     return dx, dw, dgamma, dbeta

@@ -1,4 +1,4 @@
-"""Elementwise ops: sigmoid, relu, add (any shape)."""
+"""Elementwise ops: sigmoid, relu, add (any shape); fill, copy and add in place."""
 import numpy as np
 
 
@@ -41,3 +41,27 @@ def add(a, b):
 def add_backward(dy, saved):
     """(da, db) = (dy, dy)."""
     return dy, dy
+
+
+def fill(out, value):
+    """Every element of ``out`` set to ``value``, in place; returns out."""
+    out.fill(value)
+    return out
+
+
+def copy(a):
+    """A new array equal to a."""
+    return a.copy()
+
+
+def add_into(into, g):
+    """into += g, in place; returns into."""
+    into += g
+    return into
+
+
+def gradient_into(g, into):
+    """A backward's gradient g, added into ``into`` when one is given (then ``into`` is returned):
+    the ``*_into`` options of the backwards of ops with parameters (the autograd engine passes
+    the parameter's gradient buffer, which then needs no separate addition)."""
+    return g if into is None else add_into(into, g)

@@ -72,17 +72,19 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentu
     return y, new_mean, new_var, (xhat, gamma, rstd, training, relu_saved)
 
 
-def batch_norm_backward(dy, saved):
+def batch_norm_backward(dy, saved, dgamma_into=None, dbeta_into=None):
     """Gradients of batch_norm: dy (N, H, W, C) -> (dx, dgamma, dbeta).
 
     The ReLU mask (y > 0) is applied to dy first. Training: the full backward
     through the batch statistics; eval: the running statistics are constants.
+    With ``dgamma_into`` / ``dbeta_into`` that gradient is added into the array given, which is
+    returned in its place.
     """
     xhat, gamma, rstd, training, relu_saved = saved
     if relu_saved is not None:
         (dy,) = elementwise.relu_backward(dy, relu_saved)
-    dgamma = (dy * xhat).sum((0, 1, 2))
-    dbeta = dy.sum((0, 1, 2))
+    dgamma = elementwise.gradient_into((dy * xhat).sum((0, 1, 2)), dgamma_into)
+    dbeta = elementwise.gradient_into(dy.sum((0, 1, 2)), dbeta_into)
     dxhat = dy * gamma
     dx = normalize_backward(dxhat, xhat, rstd, (0, 1, 2)) if training else dxhat * rstd
     return dx, dgamma, dbeta

@@ -30,12 +30,11 @@ float32, as its mean needs.
 Offsets are int32: fine below 2**31 elements per array (batch 128 of the
 largest activation, 128x32x32x256, is 3.4e7).
 """
-import triton
 import triton.language as tl
 
 from ..backend import empty, empty_like
 from ..launch import device_function, kernel, launch
-from .tiles import FLAT_BLOCK, channel_tile
+from .tiles import cdiv, channel_tile, FLAT_BLOCK, next_power_of_2
 
 CHANNEL_TILE_ELEMENTS = 2048   # channel attention: BLOCK_P * BLOCK_C, 16 float32 per thread
 SPATIAL_BLOCK_C = 16           # spatial attention: channels per program (64 B rows) ...
@@ -141,7 +140,7 @@ def sigmoid_mix_backward_kernel(dy_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, OP: tl.
 
 
 def _flat_grid(a):
-    return (triton.cdiv(a.size, FLAT_BLOCK),)
+    return (cdiv(a.size, FLAT_BLOCK),)
 
 
 # Launchers mirror reference/: op(...) -> (out, saved), op_backward(dy, saved) -> grads.
@@ -235,9 +234,9 @@ def _channel_attention_run(x, dy, eps, backward):
     c = x.shape[-1]
     n_pos = x.size // c
     block_p, block_c = channel_tile(c, CHANNEL_TILE_ELEMENTS)   # all C channels in one block
-    block_p = min(block_p, triton.next_power_of_2(n_pos))
+    block_p = min(block_p, next_power_of_2(n_pos))
     out = empty_like(x)
-    launch(channel_attention_kernel, (triton.cdiv(n_pos, block_p),), x, dy, out, n_pos, c, eps,
+    launch(channel_attention_kernel, (cdiv(n_pos, block_p),), x, dy, out, n_pos, c, eps,
            BACKWARD=backward, BLOCK_P=block_p, BLOCK_C=block_c)
     return out
 
@@ -361,9 +360,9 @@ def spatial_attention_backward_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, dx_ptr,
 
 def _spatial_grid_and_blocks(x):
     n, h, w, c = x.shape
-    blocks = dict(BLOCK_P=min(SPATIAL_BLOCK_P, triton.next_power_of_2(h * w)),
-                  BLOCK_C=min(SPATIAL_BLOCK_C, triton.next_power_of_2(c)))
-    return (n, triton.cdiv(c, blocks["BLOCK_C"])), blocks
+    blocks = dict(BLOCK_P=min(SPATIAL_BLOCK_P, next_power_of_2(h * w)),
+                  BLOCK_C=min(SPATIAL_BLOCK_C, next_power_of_2(c)))
+    return (n, cdiv(c, blocks["BLOCK_C"])), blocks
 
 
 def spatial_attention(x, eps=1e-5):

@@ -14,12 +14,11 @@ in ``ra_kernels.data``, so the two agree exactly: Triton's plain ``/`` on float3
 is ``div.full.f32`` on NVIDIA GPUs, off by up to 2 ulp.
 """
 import numpy as np
-import triton
 import triton.language as tl
 
 from ..backend import asarray, empty, xp
 from ..launch import kernel, launch
-from .tiles import FLAT_BLOCK
+from .tiles import cdiv, FLAT_BLOCK
 
 
 
@@ -64,7 +63,7 @@ def augment(images, crop_offsets, flips, mean, std, pad):
     _, height, width, channels = images.shape
     out = empty(images.shape, np.float32)
     n = images.size
-    launch(augment_kernel, (triton.cdiv(n, FLAT_BLOCK),), images, _contiguous(crop_offsets, np.int32),
+    launch(augment_kernel, (cdiv(n, FLAT_BLOCK),), images, _contiguous(crop_offsets, np.int32),
            _contiguous(flips, np.int8), _contiguous(mean, np.float32), _contiguous(std, np.float32),
            out, n, int(pad), H=height, W=width, C=channels, BLOCK_N=FLAT_BLOCK)
     return out

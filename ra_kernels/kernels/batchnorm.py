@@ -33,12 +33,12 @@ compiled kernels round as the interpreter does; ``/`` would compile to the appro
 Determinism: every reduction is per-tile partials written to memory, then a
 second kernel reducing them in a fixed order; no atomics.
 """
-import triton
 import triton.language as tl
 
 from ..backend import empty
 from ..launch import device_function, kernel, launch
-from .tiles import channel_tile
+from . import elementwise
+from .tiles import cdiv, channel_tile
 
 # --------------------------------------------------------------------------- device functions
 # Shared with the conv kernels' epilogues and operand loads (conv.py).
@@ -241,9 +241,17 @@ def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, out_ptr, M, C
     tl.store(out_ptr + offs, out, mask=ok)
 
 
-@kernel(aot=[dict(partials_ptr=_F32, out_ptr=_F32, T=_I32, L=_I32, BLOCK_T=16, BLOCK_L=256)])
-def sum_rows_kernel(partials_ptr, out_ptr, T, L, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
-    """out[l] = sum over t of partials[t, l] for (T, L) partials, in a fixed order (grid: cdiv(L, BLOCK_L))."""
+@kernel(aot=[dict(partials_ptr=_F32, out_ptr=_F32, into_low_ptr=_F32, into_high_ptr=_F32, T=_I32, L=_I32,
+                  SPLIT=_I32, STORE=store, ADD_INTO=add_into, BLOCK_T=16, BLOCK_L=256)
+             for store, add_into in ((True, False), (False, True), (True, True))])
+def sum_rows_kernel(partials_ptr, out_ptr, into_low_ptr, into_high_ptr, T, L, SPLIT,
+                    STORE: tl.constexpr, ADD_INTO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
+    """s[l] = sum over t of partials[t, l] for (T, L) partials, in a fixed order (grid: cdiv(L, BLOCK_L)).
+
+    STORE: out[l] = s[l]. ADD_INTO: s added into two gradient buffers, into_low[l] += s[l] for
+    l < SPLIT and into_high[l - SPLIT] += s[l] beyond (batch norm's sums of g and g * xhat are
+    dbeta and dgamma; a split-K weight gradient has SPLIT = L and one buffer).
+    """
     cols = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols_ok = cols < L
     acc = tl.zeros([BLOCK_L], tl.float32)
@@ -251,7 +259,12 @@ def sum_rows_kernel(partials_ptr, out_ptr, T, L, BLOCK_T: tl.constexpr, BLOCK_L:
         t = t0 + tl.arange(0, BLOCK_T)
         ok = (t < T)[:, None] & cols_ok[None, :]
         acc += tl.sum(tl.load(partials_ptr + t[:, None] * L + cols[None, :], mask=ok, other=0.0), 0)
-    tl.store(out_ptr + cols, acc, mask=cols_ok)
+    if STORE:
+        tl.store(out_ptr + cols, acc, mask=cols_ok)
+    if ADD_INTO:
+        low, high = cols_ok & (cols < SPLIT), cols_ok & (cols >= SPLIT)
+        tl.store(into_low_ptr + cols, tl.load(into_low_ptr + cols, mask=low) + acc, mask=low)
+        tl.store(into_high_ptr + cols - SPLIT, tl.load(into_high_ptr + cols - SPLIT, mask=high) + acc, mask=high)
 
 
 # --------------------------------------------------------------------------- launch helpers (also used by conv.py)
@@ -270,11 +283,16 @@ def _tiles(C):
     return channel_tile(C, _TILE_ELEMENTS, max_block_c=64)
 
 
-def sum_rows(partials, out):
-    """out (L,) = partials (T, L) summed over T, by sum_rows_kernel; returns out."""
-    t, length = partials.shape[0], out.size
-    launch(sum_rows_kernel, (triton.cdiv(length, _SUM_BLOCKS["BLOCK_L"]),), partials, out, t, length,
-           **_SUM_BLOCKS)
+def sum_rows(partials, out=None, into=None):
+    """partials (T, L) summed over T, by sum_rows_kernel: into ``out`` (L elements) when given, and
+    added into ``into`` when given: one gradient buffer of L elements, or two of L / 2 (low, high),
+    the first taking the first half. Returns out."""
+    t, length = partials.shape[0], partials.size // partials.shape[0]
+    low, high = (into, into) if into is None or not isinstance(into, tuple) else into
+    split = length if high is low else low.size
+    launch(sum_rows_kernel, ((length + _SUM_BLOCKS["BLOCK_L"] - 1) // _SUM_BLOCKS["BLOCK_L"],), partials,
+           partials if out is None else out, partials if low is None else low, partials if high is None else high,
+           t, length, split, STORE=out is not None, ADD_INTO=into is not None, **_SUM_BLOCKS)
     return out
 
 
@@ -283,7 +301,7 @@ def finalize(partials, tile_m, m, gamma, beta, running_mean, running_var, traini
     updated in place) or from the running statistics (eval: ``partials`` unused, pass any float32 array)."""
     c = gamma.shape[0]
     stats = empty((4, c))
-    launch(bn_finalize_kernel, (triton.cdiv(c, _FINALIZE_BLOCKS["BLOCK_C"]),), partials, gamma, beta,
+    launch(bn_finalize_kernel, (cdiv(c, _FINALIZE_BLOCKS["BLOCK_C"]),), partials, gamma, beta,
            running_mean, running_var, stats, c, partials.shape[0], tile_m, m, momentum, eps,
            TRAINING=training, **_FINALIZE_BLOCKS)
     return stats
@@ -295,19 +313,31 @@ def normalize(x, stats, relu):
     c = x.shape[-1]
     m, (block_m, block_c) = x.size // c, _tiles(c)
     y = empty(x.shape)
-    launch(bn_apply_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)), x, x, stats, stats, 0.0, y,
+    launch(bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x, x, stats, stats, 0.0, y,
            m, c, BACKWARD=False, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
     return y
 
 
-def backward_sums(dy, x, stats, relu):
-    """sums (2, C): the sums of g and g * xhat over every row of dy, x (..., C)."""
+def backward_sums(dy, x, stats, relu, dgamma_into=None, dbeta_into=None):
+    """sums (2, C): the sums of g and g * xhat over every row of dy, x (..., C). With both
+    ``dgamma_into`` and ``dbeta_into`` (gradient buffers, (C,)) the sums are also added into them,
+    by the same launch."""
     c = x.shape[-1]
     m, (block_m, block_c) = x.size // c, _tiles(c)
-    partials = empty((triton.cdiv(m, block_m), 2, c))
-    launch(bn_tile_reduce_kernel, (partials.shape[0], triton.cdiv(c, block_c)), x, dy, stats, partials, m, c,
+    partials = empty((cdiv(m, block_m), 2, c))
+    launch(bn_tile_reduce_kernel, (partials.shape[0], cdiv(c, block_c)), x, dy, stats, partials, m, c,
            BACKWARD=True, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
-    return sum_rows(partials, empty((2, c)))
+    both = dgamma_into is not None and dbeta_into is not None
+    return sum_rows(partials, empty((2, c)), (dbeta_into, dgamma_into) if both else None)
+
+
+def parameter_gradients(sums, dgamma_into, dbeta_into):
+    """(dgamma, dbeta) of batch norm from ``backward_sums``: the buffers themselves when both were
+    given (the sums went into them), else the sums' rows (an into given alone gets them added here)."""
+    if dgamma_into is not None and dbeta_into is not None:
+        return dgamma_into, dbeta_into
+    return tuple(g if into is None else elementwise.add_into(into, g)
+                 for g, into in ((sums[1], dgamma_into), (sums[0], dbeta_into)))
 
 
 def inverse_count(m, training):
@@ -329,8 +359,8 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentu
     m = x.size // c  # training needs m >= 2: ra_kernels.functional checks it, for every backend
     if training:
         block_m, block_c = _tiles(c)
-        partials = empty((triton.cdiv(m, block_m), 2, c))
-        launch(bn_tile_reduce_kernel, (partials.shape[0], triton.cdiv(c, block_c)), x, x, x, partials, m, c,
+        partials = empty((cdiv(m, block_m), 2, c))
+        launch(bn_tile_reduce_kernel, (partials.shape[0], cdiv(c, block_c)), x, x, x, partials, m, c,
                BACKWARD=False, RELU=False, BLOCK_M=block_m, BLOCK_C=block_c)
         stats = finalize(partials, block_m, m, gamma, beta, running_mean, running_var, True, momentum, eps)
     else:
@@ -338,8 +368,8 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentu
     return normalize(x, stats, relu), running_mean, running_var, (x, stats, training, relu)
 
 
-def batch_norm_backward(dy, saved):
-    """Gradients of batch_norm: dy (N, H, W, C) -> (dx, dgamma, dbeta).
+def batch_norm_backward(dy, saved, dgamma_into=None, dbeta_into=None):
+    """Gradients of batch_norm: dy (N, H, W, C) -> (dx, dgamma, dbeta); ``*_into`` as in reference/.
 
     Kernels: bn_tile_reduce (sums of g and g * xhat per tile) + sum_rows, then
     bn_apply (backward) for dx; dgamma and dbeta are those sums.
@@ -347,8 +377,8 @@ def batch_norm_backward(dy, saved):
     x, stats, training, relu = saved
     c = x.shape[-1]
     m, (block_m, block_c) = x.size // c, _tiles(c)
-    sums = backward_sums(dy, x, stats, relu)
+    sums = backward_sums(dy, x, stats, relu, dgamma_into, dbeta_into)
     dx = empty(x.shape)
-    launch(bn_apply_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)), x, dy, stats, sums,
+    launch(bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x, dy, stats, sums,
            inverse_count(m, training), dx, m, c, BACKWARD=True, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
-    return dx, sums[1], sums[0]
+    return (dx, *parameter_gradients(sums, dgamma_into, dbeta_into))

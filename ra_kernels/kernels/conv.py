@@ -34,13 +34,12 @@ Precision: tl.dot takes ``backend.get_precision()`` ("tf32" by default, "ieee"
 on request) as a constexpr; accumulation is float32. Offsets are int32: fine
 below 2**31 elements per array (the largest here, 128x32x32x256, is 3.4e7).
 """
-import triton
 import triton.language as tl
 
 from ..backend import empty, get_precision
 from ..launch import device_function, kernel, launch
 from . import batchnorm as bn
-from .tiles import out_size, positions
+from .tiles import cdiv, next_power_of_2, out_size, positions
 
 # --------------------------------------------------------------------------- device functions
 
@@ -216,19 +215,22 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
 
 @kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
                   positions_per_split=_I32, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
-                  BLOCK_K=64, BLOCK_M=32, BLOCK_N=block_n)
+                  ACCUMULATE=accumulate, BLOCK_K=64, BLOCK_M=32, BLOCK_N=block_n)
              for bn_backward, relu, precision, block_n in
-             [(False, False, "tf32", 16), (True, True, "ieee", 64), (True, False, "tf32", 128)]])
+             [(False, False, "tf32", 16), (True, True, "ieee", 64), (True, False, "tf32", 128)]
+             for accumulate in ((False, True) if block_n == 16 else (False,))])
 def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
                         H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding, positions_per_split,
                         BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        ACCUMULATE: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """A partial dw: [BLOCK_K rows (kh, kw, ci), BLOCK_N output channels] summed over one split of positions.
 
     Grid: cdiv(K, BLOCK_K), cdiv(C_out, BLOCK_N), splits; split s sums positions
     [s * positions_per_split, (s + 1) * positions_per_split) (a multiple of BLOCK_M)
-    and writes dw_ptr[s] of (splits, K, C_out). The dy operand is dz under
-    BN_BACKWARD, as in ``conv2d_dgrad_kernel``.
+    and writes dw_ptr[s] of (splits, K, C_out); with ACCUMULATE (one split only) it adds its sum
+    into dw_ptr instead, a gradient buffer. The dy operand is dz under BN_BACKWARD, as in
+    ``conv2d_dgrad_kernel``.
     """
     pid_k, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -251,8 +253,10 @@ def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
                               cols[None, :], cols_ok[None, :], stats_ptr, sums_ptr, C_out, inv_count,
                               BN_BACKWARD=BN_BACKWARD, RELU=RELU)
         acc = tl.dot(a_t, g, acc, input_precision=INPUT_PRECISION)
-    tl.store(dw_ptr + pid_s * K * C_out + k[:, None] * C_out + cols[None, :], acc,
-             mask=k_ok[:, None] & cols_ok[None, :])
+    dw_offs, dw_ok = pid_s * K * C_out + k[:, None] * C_out + cols[None, :], k_ok[:, None] & cols_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dw_ptr + dw_offs, mask=dw_ok)
+    tl.store(dw_ptr + dw_offs, acc, mask=dw_ok)
 
 
 # --------------------------------------------------------------------------- tile tables
@@ -272,7 +276,7 @@ def _gemm_tiles(positions, channels):
     over 4 warps. BLOCK_K = 32: 4 TF32 MMA k-steps per load, and three pipeline
     stages of 128x32 + 32x64 float32 stay near 72 KB of shared memory.
     """
-    block_n = min(max(triton.next_power_of_2(channels), 16), 128)
+    block_n = min(max(next_power_of_2(channels), 16), 128)
     block_m = 128 if positions >= 16384 and block_n <= 64 else 64
     return block_m, block_n, 32, 4
 
@@ -292,9 +296,9 @@ def _wgrad_split(positions, k, c_out, tiles):
     (positions * (k + c_out) floats): late 1x1 layers have a large dw and few positions.
     """
     by_traffic = positions * (k + c_out) // (8 * k * c_out)
-    splits = max(1, min(_WGRAD_TARGET_PROGRAMS // tiles, by_traffic, triton.cdiv(positions, _WGRAD_BLOCK_M)))
-    per_split = triton.cdiv(triton.cdiv(positions, splits), _WGRAD_BLOCK_M) * _WGRAD_BLOCK_M
-    return per_split, triton.cdiv(positions, per_split)
+    splits = max(1, min(_WGRAD_TARGET_PROGRAMS // tiles, by_traffic, cdiv(positions, _WGRAD_BLOCK_M)))
+    per_split = cdiv(cdiv(positions, splits), _WGRAD_BLOCK_M) * _WGRAD_BLOCK_M
+    return per_split, cdiv(positions, per_split)
 
 
 # --------------------------------------------------------------------------- launch helpers
@@ -314,10 +318,10 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False):
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
     block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_out"])
     y = empty((s["n"], s["OH"], s["OW"], s["C_out"]))
-    partials = empty((triton.cdiv(m, block_m), 2, s["C_out"])) if epilogue == "stats" else x
+    partials = empty((cdiv(m, block_m), 2, s["C_out"])) if epilogue == "stats" else x
     stats = empty((4, s["C_out"])) if epilogue == "bn_eval" else x
     gamma, beta, running_mean, running_var, eps = bn_args or (x, x, x, x, 0.0)
-    launch(conv2d_fwd_kernel, (triton.cdiv(m, block_m), triton.cdiv(s["C_out"], block_n)),
+    launch(conv2d_fwd_kernel, (cdiv(m, block_m), cdiv(s["C_out"], block_n)),
            x, w, y, partials, gamma, beta, running_mean, running_var, stats, eps,
            s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"], stride, padding,
            num_warps=warps, EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=get_precision(),
@@ -329,9 +333,10 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False):
     return y
 
 
-def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True):
+def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True, dw_into=None):
     """dx, dw of a conv; with bn_args = (z, stats, sums, inv_count) dy is first taken through BN (+ReLU).
-    Without ``need_dx`` the dgrad kernel is not launched and dx is None."""
+    Without ``need_dx`` the dgrad kernel is not launched and dx is None. With ``dw_into`` (a
+    gradient buffer of w's shape) dw is added into it, which is returned as dw."""
     s = _shape_args(x, w, stride, padding)
     bn_backward = bn_args is not None
     z, stats, sums, inv_count = bn_args if bn_backward else (dy, dy, dy, 0.0)
@@ -344,7 +349,7 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True)
         m, k = s["n"] * s["H"] * s["W"], s["KH"] * s["KW"] * s["C_out"]
         block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_in"])
         dx = empty(x.shape)
-        launch(conv2d_dgrad_kernel, (triton.cdiv(m, block_m), triton.cdiv(s["C_in"], block_n)),
+        launch(conv2d_dgrad_kernel, (cdiv(m, block_m), cdiv(s["C_in"], block_n)),
                dy, w, dx, z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding,
                num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
@@ -352,16 +357,17 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True)
     # wgrad: dw (K = KH*KW*C_in, C_out) reduced over M = N*OH*OW positions, split-K
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
     _, block_n, _, warps = _gemm_tiles(m, s["C_out"])
-    tiles = triton.cdiv(k, _WGRAD_BLOCK_K) * triton.cdiv(s["C_out"], block_n)
+    tiles = cdiv(k, _WGRAD_BLOCK_K) * cdiv(s["C_out"], block_n)
     per_split, splits = _wgrad_split(m, k, s["C_out"], tiles)
-    dw = empty(w.shape)
+    dw = empty(w.shape) if dw_into is None else dw_into
     partial_dw = empty((splits, k, s["C_out"])) if splits > 1 else dw
-    launch(conv2d_wgrad_kernel, (triton.cdiv(k, _WGRAD_BLOCK_K), triton.cdiv(s["C_out"], block_n), splits),
+    launch(conv2d_wgrad_kernel, (cdiv(k, _WGRAD_BLOCK_K), cdiv(s["C_out"], block_n), splits),
            x, dy, partial_dw, z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding, per_split,
            num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
+           ACCUMULATE=splits == 1 and dw_into is not None,
            BLOCK_K=_WGRAD_BLOCK_K, BLOCK_N=block_n, BLOCK_M=_WGRAD_BLOCK_M)
     if splits > 1:
-        bn.sum_rows(partial_dw, dw)
+        bn.sum_rows(partial_dw, None if dw_into is not None else dw, dw_into)
     return dx, dw
 
 
@@ -372,11 +378,11 @@ def conv2d(x, w, stride=1, padding=0):
     return _forward(x, w, stride, padding, "store"), (x, w, stride, padding)
 
 
-def conv2d_backward(dy, saved, need_dx=True):
+def conv2d_backward(dy, saved, need_dx=True, dw_into=None):
     """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx, dw). Kernels: conv2d_dgrad (unless not
-    ``need_dx``: dx None), conv2d_wgrad (+ sum_rows)."""
+    ``need_dx``: dx None), conv2d_wgrad (+ sum_rows). With ``dw_into`` dw is added into it."""
     x, w, stride, padding = saved
-    return _backward(dy, x, w, stride, padding, need_dx=need_dx)
+    return _backward(dy, x, w, stride, padding, need_dx=need_dx, dw_into=dw_into)
 
 
 def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
@@ -400,12 +406,13 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
     return y, running_mean, running_var, (x, w, stride, padding, z, stats, training, relu)
 
 
-def conv_bn_relu_backward(dy, saved, need_dx=True):
-    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta); dx None when not ``need_dx``."""
+def conv_bn_relu_backward(dy, saved, need_dx=True, dw_into=None, dgamma_into=None, dbeta_into=None):
+    """Gradients of conv_bn_relu: dy (N, OH, OW, Cout) -> (dx, dw, dgamma, dbeta); dx None when not
+    ``need_dx``; each ``*_into`` (a gradient buffer) gets its gradient added and is returned for it."""
     x, w, stride, padding, z, stats, training, relu = saved
     if z is None:
         z = _forward(x, w, stride, padding, "store")
-    sums = bn.backward_sums(dy, z, stats, relu)
+    sums = bn.backward_sums(dy, z, stats, relu, dgamma_into, dbeta_into)
     inv_count = bn.inverse_count(z.size // z.shape[-1], training)
-    dx, dw = _backward(dy, x, w, stride, padding, (z, stats, sums, inv_count), relu, need_dx)
-    return dx, dw, sums[1], sums[0]
+    dx, dw = _backward(dy, x, w, stride, padding, (z, stats, sums, inv_count), relu, need_dx, dw_into)
+    return (dx, dw, *bn.parameter_gradients(sums, dgamma_into, dbeta_into))

@@ -1,4 +1,5 @@
-"""Elementwise kernels: add, relu and relu's backward.
+"""Elementwise kernels: add, relu and relu's backward; and the array arithmetic of the autograd
+engine and the optimizer (fill, copy, add in place), so that a training step is kernels only.
 
 Arrays of any shape, float32, C-contiguous, all of one shape, NumPy (interpret
 backend) or CuPy (cuda backend). They are memory-bound: each call reads two
@@ -8,28 +9,33 @@ is 8 contiguous float32 per thread: two 128-bit loads per array).
 Offsets are int32: fine below 2**31 elements (batch 128 of the largest
 activation, 128x32x32x256, is 3.4e7).
 """
-import triton
 import triton.language as tl
 
 from ..backend import empty_like
 from ..launch import kernel, launch
 from .tiles import FLAT_BLOCK
 
-_OPS = ("add", "relu", "relu_backward")
+_OPS = ("add", "relu", "relu_backward", "copy", "fill")
 
 
-@kernel(aot=[dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", n="i32", OP=op, BLOCK_N=FLAT_BLOCK)
-             for op in _OPS])
-def elementwise_kernel(a_ptr, b_ptr, out_ptr, n, OP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out = OP(a, b) over n elements.
+@kernel(aot=[dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", value="fp32", n="i32", OP=op,
+                  BLOCK_N=FLAT_BLOCK) for op in _OPS])
+def elementwise_kernel(a_ptr, b_ptr, out_ptr, value, n, OP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = OP(a, b) over n elements (out may be a or b: each element is read before it is written).
 
     OP = "add": a + b.  "relu": max(a, 0) (b unused).
     "relu_backward": a where b > 0 else 0, with a = dy and b = relu's output y.
+    "copy": a.  "fill": ``value`` (a and b unused).
     """
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = offs < n
+    if OP == "fill":
+        tl.store(out_ptr + offs, tl.full([BLOCK_N], value, tl.float32), mask=in_bounds)
+        return
     a = tl.load(a_ptr + offs, mask=in_bounds)
-    if OP == "add":
+    if OP == "copy":
+        out = a
+    elif OP == "add":
         out = a + tl.load(b_ptr + offs, mask=in_bounds)
     elif OP == "relu":
         out = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as PyTorch
@@ -38,10 +44,11 @@ def elementwise_kernel(a_ptr, b_ptr, out_ptr, n, OP: tl.constexpr, BLOCK_N: tl.c
     tl.store(out_ptr + offs, out, mask=in_bounds)
 
 
-def _run(op, a, b):
-    out = empty_like(a)
-    n = a.size
-    launch(elementwise_kernel, (triton.cdiv(n, FLAT_BLOCK),), a, b, out, n, OP=op, BLOCK_N=FLAT_BLOCK)
+def _run(op, a, b, out=None, value=0.0):
+    out = empty_like(a) if out is None else out
+    n = out.size
+    launch(elementwise_kernel, ((n + FLAT_BLOCK - 1) // FLAT_BLOCK,), a, b, out, value, n, OP=op,
+           BLOCK_N=FLAT_BLOCK)
     return out
 
 
@@ -54,6 +61,21 @@ def add(a, b):
 
 def add_backward(dy, saved):
     return dy, dy  # the identity for both inputs: no kernel, no copy
+
+
+def fill(out, value):
+    """Every element of ``out`` set to ``value``, in place; returns out."""
+    return _run("fill", out, out, out, float(value))
+
+
+def copy(a):
+    """A new array equal to a."""
+    return _run("copy", a, a)
+
+
+def add_into(into, g):
+    """into += g, in place; returns into."""
+    return _run("add", into, g, into)
 
 
 def relu(x):

@@ -34,11 +34,11 @@ BLOCK_N = 128 columns) and the wgrad reads dy four times (in = 256 is four
 BLOCK_M = 64 rows). Those re-reads are of dy, at most 25.6 kB, and hit L2.
 Offsets are int32: fine below 2**31 elements per operand.
 """
-import triton
 import triton.language as tl
 
 from ..backend import empty, get_precision
 from ..launch import kernel, launch
+from .tiles import cdiv, next_power_of_2
 
 # tl.dot needs every block dimension >= 16; the caps keep the float32
 # accumulator (BLOCK_M x BLOCK_N) and the operand tiles within registers.
@@ -48,7 +48,7 @@ MAX_BLOCK_M, MAX_BLOCK_N, MAX_BLOCK_K = 64, 128, 32
 
 def _block(size, cap):
     """The smallest power of two >= size, clamped to [MIN_BLOCK, cap]."""
-    return min(max(triton.next_power_of_2(size), MIN_BLOCK), cap)
+    return min(max(next_power_of_2(size), MIN_BLOCK), cap)
 
 
 def _blocks(m, n, k):
@@ -118,7 +118,7 @@ def _matmul(a, a_strides, b, b_strides, m, n, k, epilogue="none", vec=None):
     """
     c = empty((m, n))
     blocks = _blocks(m, n, k)
-    grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"]))
+    grid = (cdiv(m, blocks["BLOCK_M"]), cdiv(n, blocks["BLOCK_N"]))
     launch(matmul_kernel, grid, a, b, c, c if vec is None else vec, m, n, k, *a_strides, *b_strides,
            EPILOGUE=epilogue, PRECISION=get_precision(), **blocks)
     return c

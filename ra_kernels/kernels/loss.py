@@ -22,12 +22,11 @@ the loss; the label's logit is re-read from cache); backward 52,228 B (logits
 25,600 + labels 512 + max/log-sum 512 + dloss 4 + dlogits 25,600).
 Offsets are int32 (int64 where int64 labels enter them): fine below 2**31 logits.
 """
-import triton
 import triton.language as tl
 
 from ..backend import empty, empty_like
 from ..launch import kernel, launch
-from .tiles import row_tile
+from .tiles import cdiv, next_power_of_2, row_tile
 
 MAX_BLOCK_MEAN = 1024
 
@@ -125,11 +124,11 @@ def cross_entropy(logits, labels):
     n_rows, n_classes = logits.shape
     blocks = row_tile(n_rows, n_classes)
     row_loss, row_max, row_log_sum = (empty((n_rows,)) for _ in range(3))
-    launch(cross_entropy_rows_kernel, (triton.cdiv(n_rows, blocks["BLOCK_R"]),), logits, labels,
+    launch(cross_entropy_rows_kernel, (cdiv(n_rows, blocks["BLOCK_R"]),), logits, labels,
            row_loss, row_max, row_log_sum, n_rows, n_classes, **blocks)
     loss = empty(())
     launch(mean_kernel, (1,), row_loss, loss, n_rows,
-           BLOCK=min(triton.next_power_of_2(n_rows), MAX_BLOCK_MEAN))
+           BLOCK=min(next_power_of_2(n_rows), MAX_BLOCK_MEAN))
     return loss, (logits, labels, row_max, row_log_sum)
 
 
@@ -139,7 +138,7 @@ def cross_entropy_backward(dloss, saved):
     n_rows, n_classes = logits.shape
     blocks = row_tile(n_rows, n_classes)
     dlogits = empty_like(logits)
-    grid = (triton.cdiv(n_rows, blocks["BLOCK_R"]), triton.cdiv(n_classes, blocks["BLOCK_C"]))
+    grid = (cdiv(n_rows, blocks["BLOCK_R"]), cdiv(n_classes, blocks["BLOCK_C"]))
     launch(cross_entropy_backward_kernel, grid, logits, labels, row_max, row_log_sum, dloss, dlogits,
            n_rows, n_classes, **blocks)
     return (dlogits,)

@@ -12,11 +12,10 @@ velocity, 20 bytes; for attention92's ~1.96M parameters, 39.2 MB per step
 (1,024 over 4 warps: 8 contiguous float32 per thread, vectorised loads).
 Offsets are int32: fine below 2**31 parameters.
 """
-import triton
 import triton.language as tl
 
 from ..launch import kernel, launch
-from .tiles import FLAT_BLOCK
+from .tiles import cdiv, FLAT_BLOCK
 
 
 
@@ -56,6 +55,6 @@ def sgd_step(param, grad, velocity, lr, momentum=0.9, weight_decay=0.0, nesterov
     float32 array of the backend. momentum, weight_decay: Python floats.
     """
     n = param.size
-    launch(sgd_kernel, (triton.cdiv(n, FLAT_BLOCK),), param, grad, velocity, lr, n,
+    launch(sgd_kernel, (cdiv(n, FLAT_BLOCK),), param, grad, velocity, lr, n,
            float(momentum), float(weight_decay), NESTEROV=bool(nesterov), BLOCK_N=FLAT_BLOCK)
     return param, velocity

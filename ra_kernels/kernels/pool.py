@@ -11,12 +11,11 @@ below 2**31 elements per array (batch 128 of the largest activation,
 The launchers mirror ``reference/pool.py``: ``op(...) -> (out, saved)``,
 ``op_backward(dy, saved) -> (dx,)``.
 """
-import triton
 import triton.language as tl
 
 from ..backend import empty
 from ..launch import kernel, launch
-from .tiles import TILES_AOT, nhwc_tile, out_size, positions
+from .tiles import cdiv, nhwc_tile, out_size, positions, TILES_AOT
 
 def _argmax_dtype(kernel_size):
     """As in reference/: the row-major tap index fits int8 up to 128 taps (11x11)."""
@@ -129,7 +128,7 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     argmax = empty((n, oh, ow, c), _argmax_dtype(kernel_size))
     block_p, block_c = nhwc_tile(c)
     n_out = n * oh * ow
-    launch(max_pool2d_kernel, (triton.cdiv(n_out, block_p), triton.cdiv(c, block_c)),
+    launch(max_pool2d_kernel, (cdiv(n_out, block_p), cdiv(c, block_c)),
            x, y, argmax, h, w, c, oh, ow, n_out,
            KSIZE=kernel_size, STRIDE=stride, PAD=padding, BLOCK_P=block_p, BLOCK_C=block_c)
     return y, (argmax, (h, w), kernel_size, stride, padding)
@@ -146,7 +145,7 @@ def max_pool2d_backward(dy, saved):
     dx = empty((n, h, w, c), dy.dtype)
     block_p, block_c = nhwc_tile(c)
     n_in = n * h * w
-    launch(max_pool2d_backward_kernel, (triton.cdiv(n_in, block_p), triton.cdiv(c, block_c)),
+    launch(max_pool2d_backward_kernel, (cdiv(n_in, block_p), cdiv(c, block_c)),
            dy, argmax, dx, h, w, c, oh, ow, n_in,
            KSIZE=kernel_size, STRIDE=stride, PAD=padding, BLOCK_P=block_p, BLOCK_C=block_c)
     return (dx,)
@@ -203,7 +202,7 @@ def global_avg_pool(x):
     n, h, w, c = x.shape
     y = empty((n, c), x.dtype)
     block_hw, block_c = nhwc_tile(c)
-    launch(global_avg_pool_kernel, (n, triton.cdiv(c, block_c)), x, y, c, h * w,
+    launch(global_avg_pool_kernel, (n, cdiv(c, block_c)), x, y, c, h * w,
            BLOCK_HW=block_hw, BLOCK_C=block_c)
     return y, (x.shape,)
 
@@ -215,6 +214,6 @@ def global_avg_pool_backward(dy, saved):
     dx = empty(x_shape, dy.dtype)
     block_p, block_c = nhwc_tile(c)
     n_in = n * h * w
-    launch(global_avg_pool_backward_kernel, (triton.cdiv(n_in, block_p), triton.cdiv(c, block_c)),
+    launch(global_avg_pool_backward_kernel, (cdiv(n_in, block_p), cdiv(c, block_c)),
            dy, dx, c, h * w, n_in, BLOCK_P=block_p, BLOCK_C=block_c)
     return (dx,)

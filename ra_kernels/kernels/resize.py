@@ -14,12 +14,11 @@ below 2**31.
 
 The launchers mirror ``reference/resize.py``.
 """
-import triton
 import triton.language as tl
 
 from ..backend import empty
 from ..launch import device_function, kernel, launch
-from .tiles import TILES_AOT, nhwc_tile, positions
+from .tiles import cdiv, nhwc_tile, positions, TILES_AOT
 
 
 def _axis(in_size, out_size):
@@ -31,7 +30,7 @@ def _axis(in_size, out_size):
     (in == 1 or out == 1) every output reads index 0.
     """
     num, den = (in_size - 1, out_size - 1) if out_size > 1 else (0, 1)
-    return num, den, (triton.cdiv(2 * den, num) if num else out_size)
+    return num, den, (cdiv(2 * den, num) if num else out_size)
 
 
 @device_function
@@ -157,7 +156,7 @@ def upsample_bilinear(x, size, skip=None):
     y = empty((n, out_h, out_w, c), x.dtype)
     block_p, block_c = nhwc_tile(c)
     n_out = n * out_h * out_w
-    launch(upsample_bilinear_kernel, (triton.cdiv(n_out, block_p), triton.cdiv(c, block_c)),
+    launch(upsample_bilinear_kernel, (cdiv(n_out, block_p), cdiv(c, block_c)),
            x, x if skip is None else skip, y, h, w, c, out_h, out_w, num_h, den_h, num_w, den_w, n_out,
            HAS_SKIP=skip is not None, BLOCK_P=block_p, BLOCK_C=block_c)
     return y, (x.shape, skip is not None)
@@ -175,7 +174,7 @@ def upsample_bilinear_backward(dy, saved):
     dx = empty((n, h, w, c), dy.dtype)
     block_p, block_c = nhwc_tile(c)
     n_in = n * h * w
-    launch(upsample_bilinear_backward_kernel, (triton.cdiv(n_in, block_p), triton.cdiv(c, block_c)),
+    launch(upsample_bilinear_backward_kernel, (cdiv(n_in, block_p), cdiv(c, block_c)),
            dy, dx, h, w, c, out_h, out_w, num_h, den_h, num_w, den_w, n_in, taps_h,
            TAPS_W=taps_w, BLOCK_P=block_p, BLOCK_C=block_c)
     return dx, (dy if has_skip else None)  # the skip add's gradient is dy: no kernel, no copy

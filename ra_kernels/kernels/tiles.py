@@ -6,7 +6,6 @@ the contiguous axis so that a tile row is one coalesced run, come from :func:`ch
 NHWC activations (:func:`nhwc_tile`; batch norm and channel attention with their own tile
 sizes) and rows of class scores (:func:`row_tile`).
 """
-import triton
 import triton.language as tl  # noqa: F401  (Triton's interpreter requires it in a jit function's globals)
 
 from ..launch import device_function
@@ -23,6 +22,17 @@ NHWC_MAX_BLOCK_C = 64
 ROW_TILE, ROW_MAX_BLOCK_C = 4096, 1024
 
 
+def cdiv(a, b):
+    """ceil(a / b) of positive ints, in plain Python: ``triton.cdiv`` is a jit function, and each
+    call from Python costs about 2 us of Triton's call machinery; a step makes thousands."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (n >= 1), in plain Python (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def out_size(size, kernel_size, stride, padding):
     """Output length of a convolution or pooling window along one axis (floor mode)."""
     return (size + 2 * padding - kernel_size) // stride + 1
@@ -34,7 +44,7 @@ def channel_tile(c, elements, max_block_c=None):
     block_c covers all of c up to ``max_block_c`` (a power of two, so c = 3 wastes one lane of
     four, not 61 of 64); the rows fill the rest of the tile, at least one.
     """
-    block_c = triton.next_power_of_2(c)
+    block_c = next_power_of_2(c)
     if max_block_c is not None:
         block_c = min(block_c, max_block_c)
     return max(1, elements // block_c), block_c
@@ -49,7 +59,7 @@ def row_tile(n_rows, n_classes):
     """{BLOCK_R, BLOCK_C} for [rows x classes] tiles of at most ROW_TILE elements, no more rows
     than there are."""
     block_r, block_c = channel_tile(n_classes, ROW_TILE, ROW_MAX_BLOCK_C)
-    return dict(BLOCK_R=min(triton.next_power_of_2(n_rows), block_r), BLOCK_C=block_c)
+    return dict(BLOCK_R=min(next_power_of_2(n_rows), block_r), BLOCK_C=block_c)
 
 
 #: (BLOCK_P, BLOCK_C) compiled ahead of time: 64 channels and more, and a narrow layer.
