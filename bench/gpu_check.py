@@ -24,7 +24,8 @@ machine returns no more):
 While the tests run, worker processes compile the Triton specialisations that stages 3 to 5
 need (TRITON's on-disk cache is shared), so that the later stages find them compiled.
 
---quick keeps the env stage, the cuda tests of conv/BN and attention, the attention56 step
+--quick keeps the env stage, the cuda tests of conv/BN, attention, the captured step, the backend and
+the edge values, the attention56 step
 at batch 64 and the first three conv_bn_relu shapes. --dry-run runs every stage on the CPU: the interpret backend
 for tests, step and kernels on tiny shapes, the numpy backend for a few training steps on a
 synthetic dataset; it times nothing and is what CI runs (tests/test_bench.py).
@@ -94,7 +95,8 @@ STEP_CONFIGS = {"full": [("attention56", 64), ("attention56", 128), ("attention9
 #: The kernels stage: attention92's layers at this batch, TF32; --quick takes the first few of a family.
 KERNEL_MODEL, KERNEL_BATCH, QUICK_LAYERS = "attention92", 64, 3
 #: Cuda tests of --quick, and the files the sanitizer runs.
-QUICK_TESTS = ["tests/test_conv_bn_kernels.py", "tests/test_attention_kernels.py"]
+QUICK_TESTS = ["tests/test_conv_bn_kernels.py", "tests/test_attention_kernels.py", "tests/test_graph.py",
+               "tests/test_backend.py", "tests/test_edge_values.py"]
 SANITIZED_TESTS = {"memcheck": ["tests/test_pool_resize_kernels.py", "tests/test_attention_kernels.py",
                                  "tests/test_conv_bn_kernels.py"],
                    # Shared memory is what racecheck watches: the tiled matrix products of the convs.
@@ -290,16 +292,21 @@ def stage_step(args) -> dict:
     report = bench_step.table(rows, session.dry_run)
     if not args.compile:
         report += "\n\ntorch.compile: skipped (minutes of compilation per model; --compile includes it)."
-    parts = []
+    parts, differ = [], []
     for row in rows:
         t = row["times"]
-        if "ours" in t:
+        if row["identical"] is False:
+            differ.append(f"{row['model']} b{row['batch']}")
+        if "ours captured" in t:
             images = {side: row["batch"] / (timing.median * 1e-3) for side, timing in t.items()}
-            parts.append(f"{row['model'].removeprefix('attention')} b{row['batch']} {images['ours']:,.0f} vs "
+            parts.append(f"{row['model'].removeprefix('attention')} b{row['batch']} "
+                         f"{images['ours captured']:,.0f} / {images['ours eager']:,.0f} vs "
                          f"{images.get('PyTorch eager', float('nan')):,.0f} img/s")
-    line = ("ours vs PyTorch eager: " + "; ".join(parts) if parts else f"{len(rows)} configuration(s) agree "
-            f"({common.NO_TIMING})") + (f"; not run (time): {', '.join(skipped)}" if skipped else "")
-    return dict(ok=True, line=line, report=report)
+    line = ("ours captured / eager vs PyTorch eager: " + "; ".join(parts) if parts
+            else f"{len(rows)} configuration(s) agree ({common.NO_TIMING})")
+    line += (f"; not run (time): {', '.join(skipped)}" if skipped else "")
+    line += (f"; CAPTURED AND EAGER STEPS DIFFER: {', '.join(differ)}" if differ else "")
+    return dict(ok=not differ, line=line, report=report)
 
 
 def _kernel_layers(args) -> list:

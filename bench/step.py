@@ -5,10 +5,12 @@
 
 A training step is what the training loop does per batch: zero the gradients, forward, softmax
 cross-entropy, backward, one SGD update (the paper's recipe: Nesterov momentum 0.9, weight decay
-1e-4, lr 0.1). Ours: ``ra_kernels.models`` with ``ra_kernels.optim.SGD`` (one fused update over
-flat buffers) on the cuda backend. PyTorch: ``bench.torch_model`` (the same architecture, layer for
-layer) in channels_last with cuDNN autotuning and ``torch.optim.SGD(fused=True)``, eager and under
-``torch.compile`` (default mode); its weights and running statistics are copied from ours.
+1e-4, lr 0.1). Ours: ``ra_kernels.steps.TrainStep`` (which also adds the metrics on the device)
+with ``ra_kernels.optim.SGD`` (one fused update over flat buffers) on the cuda backend, captured as
+one CUDA graph (as train.cifar runs) and eager. PyTorch: ``bench.torch_model`` (the same
+architecture, layer for layer) in channels_last with cuDNN autotuning and
+``torch.optim.SGD(fused=True)``, eager and under ``torch.compile(mode="max-autotune")`` (which
+uses CUDA graphs); its weights and running statistics are copied from ours.
 
 Before timing, one step on each side from the same weights and the same batch is checked, in
 IEEE float32 whatever the timing precision: logits, loss, every gradient, and every parameter
@@ -16,9 +18,11 @@ and running statistic after the update, each group against a float64 truth (the 
 in float64; in a dry run, our numpy backend), within ten times the error of a trusted float32
 yardstick (PyTorch eager; in a dry run, our numpy backend) on the same instance (see
 ``YARDSTICK_FACTOR``). Then each side's step is timed (``common.time_ms``: CUDA events, warm-up,
-median) under ``--precision`` (TF32 by default, as training runs) and reported as images/s; the
-ratio is PyTorch's time over ours (above 1, ours is faster). The compiled network compiles during its
-warm-up (minutes), once per precision.
+median) under ``--precision`` (TF32 by default, as training runs) and reported as images/s; a
+ratio is another side's time over our captured step's (above 1, ours is faster). The compiled
+network compiles during its warm-up (minutes), once per precision. On the GPU, our captured and
+eager steps also run ``IDENTITY_STEPS`` steps from the same weights on the same batches: they must
+end with the same bits (the command fails otherwise).
 
 --dry-run: a tiny version of attention56 (the same depth, widths 8/16/32, 8x8 images, batch 4;
 ``--models`` for others) on the interpret backend, its step taken with batch norm on the running
@@ -35,10 +39,10 @@ from pathlib import Path
 import numpy as np
 
 import reference
-import ra_kernels.functional as F
 from ra_kernels import backend, models
-from ra_kernels.autograd import Tensor
+from ra_kernels.metrics import TOTALS
 from ra_kernels.optim import SGD
+from ra_kernels.steps import TrainStep
 
 from . import common
 from .common import DRY_RUN_BATCH, DRY_RUN_IMAGE, IMAGE_SIZE, NUM_CLASSES, build_model
@@ -56,6 +60,9 @@ SGD_ARGUMENTS = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
 #: far more than 10x. The floor covers groups the yardstick gets almost exactly. A yardstick more
 #: than YARDSTICK_LIMIT off float64 measures nothing (a broken truth, say), and fails the check.
 YARDSTICK_FACTOR, ERROR_FLOOR, YARDSTICK_LIMIT = 10.0, 1e-5, 0.1
+
+#: Steps after which our captured and eager steps must hold the same bits (on the GPU).
+IDENTITY_STEPS = 10
 
 
 def _results(logits, loss, gradients: dict, state: dict) -> dict:
@@ -83,29 +90,36 @@ class ReferenceSGD:
 
 
 class OurTrainer:
-    """Our model and optimizer (``ra_kernels.optim.SGD`` unless given) on the current backend;
-    ``step(x, labels)`` is one training step, batch norm in training mode unless ``training`` is False."""
+    """Our model and optimizer (``ra_kernels.optim.SGD`` unless given) on the current backend, stepped by
+    ``ra_kernels.steps.TrainStep`` (as train.cifar trains; captured as a CUDA graph if ``capture``);
+    batch norm in training mode unless ``training`` is False."""
 
-    def __init__(self, model, training=True, optimizer=SGD):
+    def __init__(self, model, training=True, optimizer=SGD, capture=False):
         self.model = model.train(training)
         self.optimizer = optimizer(model.parameters(), **SGD_ARGUMENTS)
-
-    def step(self, x, labels):
-        """One step on NHWC images x (N, H, W, 3), float32 (float64 on the numpy backend too), and
-        int64 labels (N,), arrays of the backend; returns (logits, loss) Tensors, nothing read back."""
-        self.optimizer.zero_grad()
-        logits = self.model(Tensor(x))
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        self.optimizer.step()
-        return logits, loss
+        self.totals = backend.asarray(np.zeros(len(TOTALS), np.float32))
+        self.step = TrainStep(self.model, self.optimizer, self.totals, capture=capture)
 
     def results(self, x, labels) -> dict:
-        """One step's groups (``_results``) as host arrays."""
+        """One step's groups (``_results``) as host arrays, from NHWC images x (N, H, W, 3), float32
+        (float64 on the numpy backend too), and int64 labels (N,), arrays of the backend."""
         logits, loss = self.step(x, labels)
-        return _results(backend.to_numpy(logits.data), backend.to_numpy(loss.data),
+        return _results(backend.to_numpy(logits), backend.to_numpy(loss),
                         {name: backend.to_numpy(p.grad) for name, p in self.model.named_parameters()},
                         self.model.state_dict())
+
+
+def captured_equals_eager(fresh, batches) -> bool:
+    """Whether our captured step and our eager step, each on a model from ``fresh()``, end with the same
+    bits in every parameter, running statistic and velocity after the steps of ``batches`` (the same
+    kernels in the same order; docs/design.md §7)."""
+    ends = []
+    for capture in (False, True):
+        trainer = OurTrainer(fresh(), capture=capture)
+        for x, labels in batches:
+            trainer.step(x, labels)
+        ends.append(dict(trainer.model.state_dict(), velocity=backend.to_numpy(trainer.optimizer.velocity)))
+    return all(np.array_equal(ends[0][name], ends[1][name]) for name in ends[0])
 
 
 class TorchTrainer:
@@ -118,7 +132,7 @@ class TorchTrainer:
         self.net = torch_model.from_ours(model, device).train(training)
         if float64:
             self.net.double()
-        self.forward = torch.compile(self.net) if compiled else self.net
+        self.forward = torch.compile(self.net, mode="max-autotune") if compiled else self.net
         self.optimizer = torch.optim.SGD(self.net.parameters(), **SGD_ARGUMENTS, fused=not float64)
 
     def inputs(self, x, labels):
@@ -223,13 +237,18 @@ def run_config(name: str, batch: int, args, session) -> dict:
                 x_ours, labels_ours)
         errors = check(f"{name} batch {batch}", sides, truth, yardstick)
 
-    times = {}
+    times, identical = {}, None
     if not session.dry_run:
         with common.precision(args.precision, session.torch):
-            trainer = OurTrainer(fresh())
-            times["ours"] = common.time_ms(lambda: trainer.step(x_ours, labels_ours), session.our_clock,
-                                           warmup=3, budget_ms=args.budget_ms, min_reps=10, max_reps=100)
-            del trainer
+            batches = [(backend.asarray(session.rng.standard_normal(x.shape).astype(np.float32)),
+                        backend.asarray(session.rng.integers(0, NUM_CLASSES, batch).astype(np.int64)))
+                       for _ in range(IDENTITY_STEPS)]
+            identical = captured_equals_eager(fresh, batches)
+            for side, capture in (("ours captured", True), ("ours eager", False)):
+                trainer = OurTrainer(fresh(), capture=capture)
+                times[side] = common.time_ms(lambda: trainer.step(x_ours, labels_ours), session.our_clock,
+                                             warmup=3, budget_ms=args.budget_ms, min_reps=10, max_reps=100)
+                del trainer
             for variant, compiled in variants.items():
                 trainer = TorchTrainer(session.torch, fresh(), device, compiled)
                 inputs = trainer.inputs(x_ours, labels_ours)
@@ -237,22 +256,24 @@ def run_config(name: str, batch: int, args, session) -> dict:
                                                 warmup=3, budget_ms=args.budget_ms, min_reps=10, max_reps=100)
                 del trainer
     return {"model": name, "batch": batch, "errors": errors, "yardstick": yardstick, "times": times,
-            "variants": list(variants)}
+            "variants": list(variants), "identical": identical}
 
 
 def table(rows: list, dry_run: bool) -> str:
-    """Images/s per side, PyTorch / ours, and each side's largest error against float64."""
-    variants = rows[0]["variants"]
-    sides = ["ours"] + variants
-    header = (["model", "batch"] + [f"{side} img/s" for side in sides] + [f"{v} / ours" for v in variants]
-              + [f"err {side}" + (" (yardstick)" if side == rows[0]["yardstick"] else "")
-                 for side in rows[0]["errors"]])
+    """Images/s per side, each other side's time over our captured step's, whether captured and eager
+    steps agree bit for bit, and each side's largest error against float64."""
+    others = ["ours eager"] + rows[0]["variants"]
+    sides = ["ours captured"] + others
+    header = (["model", "batch"] + [f"{side} img/s" for side in sides] + [f"{v} / ours captured" for v in others]
+              + ["captured = eager"] + [f"err {side}" + (" (yardstick)" if side == rows[0]["yardstick"] else "")
+                                        for side in rows[0]["errors"]])
     body = []
     for row in rows:
         t = row["times"]
         rates = ["-" if side not in t else f"{row['batch'] / (t[side].median * 1e-3):,.0f}" for side in sides]
-        ratios = ["-" if v not in t else f"{t[v].median / t['ours'].median:.2f}" for v in variants]
-        body.append([row["model"] + (" (tiny)" if dry_run else ""), row["batch"]] + rates + ratios
+        ratios = ["-" if v not in t else f"{t[v].median / t['ours captured'].median:.2f}" for v in others]
+        same = {None: "-", True: "yes", False: "NO"}[row["identical"]]
+        body.append([row["model"] + (" (tiny)" if dry_run else ""), row["batch"]] + rates + ratios + [same]
                     + [f"{e:.1e}" for e in row["errors"].values()])
     return common.markdown_table(header, body)
 
@@ -302,6 +323,11 @@ def main(argv=None) -> int:
                               f"{common.describe_environment(env)}\n\nMedian of 10 to 100 steps after 3 warm-up "
                               f"steps; ratio = PyTorch time / ours.\n\n{report}")
         print(f"\nappended to {args.out / 'RESULTS.md'}")
+    differ = [f"{row['model']} b{row['batch']}" for row in rows if row["identical"] is False]
+    if differ:
+        print(f"captured and eager steps ended with different parameters after {IDENTITY_STEPS} steps: "
+              f"{', '.join(differ)}", file=sys.stderr)
+        return 1
     return 0
 
 

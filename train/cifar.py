@@ -36,7 +36,8 @@ uninterrupted run would have done (bit for bit on the numpy backend).
 Loss and accuracy stay on the device during training: each step adds its loss
 and correct predictions into a small device array, read once per
 ``--log-every`` steps (docs/design.md §6); that read also guards against
-divergence.
+divergence. On cuda each training and evaluation step is one CUDA graph after
+two eager warm-up steps (ra_kernels/steps.py; ``--no-cuda-graph`` turns that off).
 
 Exit codes: 0 done; 1 the loss became NaN or Inf; 2 bad usage, or data or a
 checkpoint that cannot be read; 130 stopped by Ctrl-C.
@@ -54,13 +55,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import ra_kernels.functional as F
 from ra_kernels import backend
-from ra_kernels.autograd import no_grad
 from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels
-from ra_kernels.metrics import TOTALS, accumulate_metrics
+from ra_kernels.metrics import TOTALS
 from ra_kernels.models import ATTENTIONS, MODELS
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES, SGD
+from ra_kernels.steps import EvalStep, TrainStep
 from ra_kernels import npzfile
 from train.checkpoint import data_of, model_from_checkpoint, read_checkpoint, write_checkpoint
 from train.common import (BACKEND_HELP, DEFAULT_DATA_DIR, UsageError, epoch_batches, load_dataset,
@@ -70,10 +70,11 @@ METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "test_l
                    "lr", "seconds", "images_per_second")
 # Options a resumed run may change (besides --out and --resume): where the data is and how the
 # run is watched, nothing that changes what it computes (the backend changes only rounding).
-RESUME_MAY_CHANGE = ("data_dir", "no_download", "backend", "log_every")
+RESUME_MAY_CHANGE = ("data_dir", "no_download", "backend", "log_every", "no_cuda_graph")
 
 # The options --eval-only takes: everything else describes a run to train.
-EVAL_ONLY_OPTIONS = ("eval_only", "data_dir", "no_download", "dataset", "limit_test", "batch_size", "backend")
+EVAL_ONLY_OPTIONS = ("eval_only", "data_dir", "no_download", "dataset", "limit_test", "batch_size", "backend",
+                     "no_cuda_graph")
 
 EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -200,16 +201,23 @@ def build_parser():
 
     run = parser.add_argument_group("run")
     run.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto", help=BACKEND_HELP)
+    run.add_argument("--no-cuda-graph", action="store_true",
+                     help="on cuda, launch every kernel of every step from Python; by default each training "
+                          "and evaluation step is captured as one CUDA graph after two eager steps and replayed "
+                          "(the same kernels in the same order: the same results, without the host's launch "
+                          "cost). Other backends are always eager")
     run.add_argument("--out", metavar="DIR",
                      help="directory for metrics.csv, curves.png, last.npz and best.npz "
                           "(default: runs/<model>-<dataset>)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last.npz, exactly where it stopped; it keeps "
-                          "its settings (only --data-dir, --no-download, --backend and --log-every may change)")
+                          "its settings (only --data-dir, --no-download, --backend, --log-every and "
+                          "--no-cuda-graph may change)")
     run.add_argument("--eval-only", metavar="CHECKPOINT",
                      help="print the test accuracy and loss of CHECKPOINT (a last.npz or best.npz, or weights "
                           "written by Module.save) and exit, on any backend; only --data-dir, --dataset, "
-                          "--no-download, --limit-test, --batch-size and --backend may be given with it")
+                          "--no-download, --limit-test, --batch-size, --backend and --no-cuda-graph may be "
+                          "given with it")
     run.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
                      help="read the training loss and accuracy back from the device every N steps, for the "
                           "progress bar and the divergence check (default: %(default)s)")
@@ -279,23 +287,16 @@ def mean_metrics(totals):
     return loss_sum / count, correct / count
 
 
-def evaluate(model, loader, stop=None):
-    """(mean loss, accuracy) of ``model`` over ``loader`` in eval mode, read once at the end;
-    None when ``stop.requested`` turned true on the way."""
-    was_training = model.training
-    model.eval()
-    totals = new_totals()
-    try:
-        with no_grad(), epoch_batches(loader, 0) as batches:
-            for x, y in tqdm(batches, total=len(loader), desc="test", unit="batch", leave=False,
-                             dynamic_ncols=True):
-                logits = model(x)
-                accumulate_metrics(logits.data, y, F.cross_entropy(logits, y).data, totals)
-                if stop is not None and stop.requested:
-                    return None
-    finally:
-        model.train(was_training)
-    return mean_metrics(totals)
+def evaluate(step, loader, stop=None):
+    """(mean loss, accuracy) over ``loader`` by ``step``, an EvalStep whose totals are zeroed first and
+    read once at the end; None when ``stop.requested`` turned true on the way."""
+    step.totals.fill(0)
+    with epoch_batches(loader, 0) as batches:
+        for x, y in tqdm(batches, total=len(loader), desc="test", unit="batch", leave=False, dynamic_ncols=True):
+            step(x, y)
+            if stop is not None and stop.requested:
+                return None
+    return mean_metrics(step.totals)
 
 
 def format_duration(seconds):
@@ -398,6 +399,9 @@ class Run:
         self.optimizer = SGD(self.model.parameters(), args.lr, args.momentum, args.weight_decay, args.nesterov)
         self.lr = None  # the value last written into the optimizer
         self.train_totals = new_totals()
+        capture = False if args.no_cuda_graph else None  # None: captured on cuda
+        self.train_step = TrainStep(self.model, self.optimizer, self.train_totals, capture)
+        self.eval_step = EvalStep(self.model, new_totals(), capture)
         self.position = dict(epoch=0, batch=0, iteration=0, seconds=0.0, epoch_images=0,
                              epoch_train_seconds=0.0)
         self.history, self.best = [], None
@@ -490,7 +494,7 @@ class Run:
                 while self.position["epoch"] < self.args.epochs:
                     if self.position["batch"] < self.batches_per_epoch and not self._train_epoch(stop, after_step):
                         return self._interrupted()
-                    test = evaluate(self.model, self.test_loader, stop)
+                    test = evaluate(self.eval_step, self.test_loader, stop)
                     if test is None:
                         return self._interrupted()
                     self._end_epoch(*test)
@@ -555,12 +559,7 @@ class Run:
         if lr != self.lr:
             self.optimizer.set_lr(lr)
             self.lr = lr
-        self.optimizer.zero_grad()
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        self.optimizer.step()
-        accumulate_metrics(logits.data, y, loss.data, self.train_totals)
+        self.train_step(x, y)
 
     def _end_epoch(self, test_loss, test_accuracy):
         p = self.position
@@ -637,7 +636,7 @@ def evaluate_checkpoint(args, explicit) -> int:
     images, labels = data.test_images[:args.limit_test], data.test_labels[:args.limit_test]
     loader = BatchLoader(images, labels, args.batch_size, data.mean, data.std, train=False, seed=0)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        loss, accuracy = evaluate(model, loader)
+        loss, accuracy = evaluate(EvalStep(model, new_totals(), False if args.no_cuda_graph else None), loader)
     print(f"{path}: {describe_checkpoint(checkpoint)}")
     print(f"test accuracy {accuracy:.2%}  test loss {loss:.4f}  ({len(labels)} images of {dataset}, backend "
           f"{backend.get_backend()})")
