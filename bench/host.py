@@ -57,12 +57,13 @@ def step_on_stubs(name: str, batch: int):
 
 
 def count_step(name: str, batch: int) -> dict:
-    """{"launches": Counter of kernel names, "allocations": int} of one eager training step."""
+    """{"launches": Counter of kernel names, "allocations": int, "parameters": int (tensors)} of one
+    eager training step."""
     step, inputs, allocator = step_on_stubs(name, batch)
     with backend.use_allocator(allocator), launch.record_launches(run=False) as launches:
         step(*inputs)
     return {"launches": collections.Counter(call.kernel_fn.__name__ for call in launches),
-            "allocations": allocator.calls}
+            "allocations": allocator.calls, "parameters": len(step.model.parameters())}
 
 
 def time_steps(name: str, batch: int, n_steps: int) -> dict:

@@ -118,3 +118,27 @@ def test_the_approximation_pattern_sees_plain_division():
 def _plain_math_kernel(x_ptr, y_ptr):
     x = tl.load(x_ptr)
     tl.store(y_ptr, 1.0 / tl.sqrt(x) + tl.exp(x))
+
+
+@pytest.mark.parametrize("name, switches", [("bn_tile_reduce_kernel", dict(BACKWARD=True)),
+                                            ("bn_tile_reduce_kernel", dict(BACKWARD=False)),
+                                            ("conv2d_fwd_kernel", dict(EPILOGUE="stats")),
+                                            ("conv2d_wgrad_kernel", dict(SPLIT=True))])
+def test_last_program_reductions_publish_before_they_count(name, switches):
+    # batchnorm.last_to_arrive: a program's partial results, stored by all its threads, must be
+    # visible to the program that arrives last. The compiled order that guarantees it: a barrier of
+    # the program's threads, one gpu-scope acquire-release increment, a barrier (the count's
+    # broadcast), then the last program's reads of the partials from L2 (.cg), never a stale L1 line.
+    # The interpreter runs programs one after another, so only the compiled code can get this wrong.
+    kernel_fn = next(k for k in KERNELS if k.__name__ == name)
+    spec = next(s for s in kernel_fn.aot_specs if switches.items() <= s.items())
+    ptx = aot.compile_kernel(kernel_fn, spec, 90, aligned=True).asm["ptx"]
+    events = [re.search(r"bar\.sync|atom\.global\.gpu\.acq_rel\.add|atom\.global|st\.global|ld\.global\.cg", line)
+              for line in ptx.splitlines()]
+    events = [e.group(0) for e in events if e]
+    assert events.count("atom.global.gpu.acq_rel.add") == 1 and events.count("atom.global") == 0, events
+    count = events.index("atom.global.gpu.acq_rel.add")
+    before, after = events[:count], events[count + 1:]
+    last_store = max(i for i, e in enumerate(before) if e == "st.global")
+    assert "bar.sync" in before[last_store + 1:], f"{name}: the partials' stores are not behind a barrier"
+    assert after[0] == "bar.sync" and "ld.global.cg" in after, f"{name}: {after[:3]}"

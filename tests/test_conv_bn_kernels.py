@@ -75,6 +75,23 @@ def on_backend(*arrays):
     return [backend.asarray(a) for a in arrays]
 
 
+def _gradient_buffers(rng, shapes, into):
+    """Gradient buffers already holding values (a gradient being accumulated), for the backwards'
+    ``*_into`` options; None each without ``into``."""
+    return [f32(rng, shape) if into else None for shape in shapes]
+
+
+def assert_added_into(name, got, buffer, before, want, rtol):
+    """The backward returned ``buffer`` itself, now ``before`` + the gradient."""
+    assert got is buffer, f"{name}: the gradient must be added into the buffer given and returned"
+    assert_close(name, backend.to_numpy(got) - before, want, rtol)
+
+
+def assert_counters_released():
+    """Every arrival counter is back at 0 (batchnorm.last_to_arrive), ready for the next launch."""
+    assert not backend.to_numpy(batchnorm.arrival_counters(1)).any()
+
+
 def _kink_free_dy(rng, preactivation, band):
     """A random dy, zero where the reference pre-activation lies within ``band`` of the ReLU's kink."""
     dy = f32(rng, preactivation.shape)
@@ -89,7 +106,7 @@ def _kink_free_dy(rng, preactivation, band):
 # of 16), batch 1, odd H and W, Cout that is not a multiple of any block (20, 40, 130:
 # the last spans two 128-channel tiles), 1x1 stride 2, 3x3 stride 2 on an odd input
 # (K = 180 straddles taps inside a K block), enough positions (512) for the weight
-# gradient to split its reduction over four programs plus the summing kernel, and the
+# gradient to split its reduction over four programs (summed by the last), and the
 # widest layer class (Cin = 1024: a K loop of 32 blocks; Cout = 1000: eight channel tiles).
 CONV_SHAPES = [
     ((2, 7, 9, 3), (3, 3, 3, 20), 1, 1),
@@ -99,6 +116,23 @@ CONV_SHAPES = [
     ((1, 5, 6, 8), (3, 3, 8, 130), 1, 1),
     ((1, 3, 2, 1024), (1, 1, 1024, 1000), 1, 0),
 ]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", [CONV_SHAPES[0], CONV_SHAPES[3]])
+def test_conv2d_weight_gradient_added_into_a_buffer(triton_backend, rng, x_shape, w_shape, stride, padding):
+    # The optimizer's flat gradient buffer: dw is added into it by the last kernel (one split, and
+    # a split reduction whose last program adds), and nothing else changes.
+    x, w = f32(rng, x_shape), f32(rng, w_shape)
+    y, saved = conv.conv2d(*on_backend(x, w), stride, padding)
+    _, saved_ref = ref.conv2d(*f64(x, w), stride, padding)
+    dy = f32(rng, y.shape)
+    before = f32(rng, w_shape)
+    buffer = backend.asarray(before.copy())
+    dx, dw = conv.conv2d_backward(backend.asarray(dy), saved, dw_into=buffer)
+    dx_ref, dw_ref = ref.conv2d_backward(*f64(dy), saved_ref)
+    assert_close("dx", dx, dx_ref, IEEE_RTOL)
+    assert_added_into("dw", dw, buffer, before, dw_ref, IEEE_RTOL)
+    assert_counters_released()
 
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", CONV_SHAPES)
@@ -116,7 +150,8 @@ def test_conv2d_forward_backward(triton_backend, rng, x_shape, w_shape, stride, 
 
 # --------------------------------------------------------------------------- conv_bn_relu
 
-def _check_conv_bn_relu(rng, x_shape, w_shape, stride, padding, training, relu, rtol, band, x_offset=0.0):
+def _check_conv_bn_relu(rng, x_shape, w_shape, stride, padding, training, relu, rtol, band, x_offset=0.0,
+                        into=False):
     x, w = f32(rng, x_shape, offset=x_offset), f32(rng, w_shape)
     gamma, beta, running_mean, running_var = bn_params(rng, w_shape[-1])
     ref_args = (*f64(x, w, gamma, beta, running_mean, running_var), stride, padding, training, 0.1, 1e-5)
@@ -131,10 +166,17 @@ def _check_conv_bn_relu(rng, x_shape, w_shape, stride, padding, training, relu, 
     assert_close("running_var", new_var, var_ref, rtol)
 
     dy = _kink_free_dy(rng, preactivation, band) if relu else f32(rng, y_ref.shape)
-    grads = conv.conv_bn_relu_backward(backend.asarray(dy), saved)
+    before = _gradient_buffers(rng, (w_shape, w_shape[-1:], w_shape[-1:]), into)
+    buffers = [None if b is None else backend.asarray(b.copy()) for b in before]
+    grads = conv.conv_bn_relu_backward(backend.asarray(dy), saved, True, *buffers)
     grads_ref = ref.conv_bn_relu_backward(*f64(dy), saved_ref)
-    for name, got, want in zip(("dx", "dw", "dgamma", "dbeta"), grads, grads_ref):
-        assert_close(name, got, want, rtol)
+    assert_close("dx", grads[0], grads_ref[0], rtol)
+    for name, got, want, buffer, old in zip(("dw", "dgamma", "dbeta"), grads[1:], grads_ref[1:], buffers, before):
+        if into:
+            assert_added_into(name, got, buffer, old, want, rtol)
+        else:
+            assert_close(name, got, want, rtol)
+    assert_counters_released()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
@@ -147,16 +189,19 @@ def test_conv_bn_relu(triton_backend, rng, x_shape, w_shape, stride, padding, tr
     _check_conv_bn_relu(rng, x_shape, w_shape, stride, padding, training, relu, IEEE_RTOL, IEEE_KINK_BAND)
 
 
+@pytest.mark.parametrize("into", [False, True], ids=["new", "into_buffers"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
-def test_conv_bn_relu_1x1_stride_2_with_split_weight_gradient(triton_backend, rng, training):
+def test_conv_bn_relu_1x1_stride_2_with_split_weight_gradient(triton_backend, rng, training, into):
     # 1x1 stride 2 on an odd 23x23 input: 2x12x12 = 288 output positions, enough for the
-    # weight gradient to run three splits and the summing kernel.
-    _check_conv_bn_relu(rng, (2, 23, 23, 16), (1, 1, 16, 36), 2, 0, training, True, IEEE_RTOL, IEEE_KINK_BAND)
+    # weight gradient to run three splits, summed by the last of them. "into_buffers": dw, dgamma
+    # and dbeta are added into gradient buffers (the optimizer's flat buffer).
+    _check_conv_bn_relu(rng, (2, 23, 23, 16), (1, 1, 16, 36), 2, 0, training, True, IEEE_RTOL, IEEE_KINK_BAND,
+                        into=into)
 
 
 def test_conv_bn_relu_statistics_over_many_tiles(triton_backend, rng):
     # 2,170 positions: 34 tiles of 64 rows in the conv epilogue's statistics (the last
-    # partial), merged by the finalize kernel in two chunks of 32; inputs with mean 3
+    # partial), merged by the last program in two chunks of 32; inputs with mean 3
     # give the conv output a mean well away from 0.
     _check_conv_bn_relu(rng, (2, 31, 35, 4), (3, 3, 4, 16), 1, 1, True, True, IEEE_RTOL, IEEE_KINK_BAND,
                         x_offset=3.0)
@@ -175,7 +220,7 @@ def test_conv_bn_relu_training_needs_two_values_per_channel(triton_backend, rng)
 
 # --------------------------------------------------------------------------- batch_norm
 
-def _check_batch_norm(rng, x, training, relu, momentum=0.1, rtol=IEEE_RTOL):
+def _check_batch_norm(rng, x, training, relu, momentum=0.1, rtol=IEEE_RTOL, into=False):
     gamma, beta, running_mean, running_var = bn_params(rng, x.shape[-1])
     ref_args = (*f64(x, gamma, beta, running_mean, running_var), training, momentum, 1e-5)
     y_ref, mean_ref, var_ref, saved_ref = ref.batch_norm(*ref_args, relu=relu)
@@ -189,10 +234,17 @@ def _check_batch_norm(rng, x, training, relu, momentum=0.1, rtol=IEEE_RTOL):
     assert_close("running_var", new_var, var_ref, IEEE_RTOL)
 
     dy = _kink_free_dy(rng, preactivation, IEEE_KINK_BAND) if relu else f32(rng, x.shape)
-    grads = batchnorm.batch_norm_backward(backend.asarray(dy), saved)
+    before = _gradient_buffers(rng, (x.shape[-1:], x.shape[-1:]), into)
+    buffers = [None if b is None else backend.asarray(b.copy()) for b in before]
+    grads = batchnorm.batch_norm_backward(backend.asarray(dy), saved, *buffers)
     grads_ref = ref.batch_norm_backward(*f64(dy), saved_ref)
-    for name, got, want in zip(("dx", "dgamma", "dbeta"), grads, grads_ref):
-        assert_close(name, got, want, rtol)
+    assert_close("dx", grads[0], grads_ref[0], rtol)
+    for name, got, want, buffer, old in zip(("dgamma", "dbeta"), grads[1:], grads_ref[1:], buffers, before):
+        if into:
+            assert_added_into(name, got, buffer, old, want, rtol)
+        else:
+            assert_close(name, got, want, rtol)
+    assert_counters_released()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
@@ -205,9 +257,13 @@ def test_batch_norm(triton_backend, rng, shape, training, relu):
     _check_batch_norm(rng, f32(rng, shape, scale=2.0, offset=1.0), training, relu)
 
 
+def test_batch_norm_gradients_added_into_buffers(triton_backend, rng):
+    _check_batch_norm(rng, f32(rng, (3, 5, 7, 70), scale=2.0, offset=1.0), True, True, into=True)
+
+
 def test_batch_norm_statistics_survive_a_large_mean(triton_backend, rng):
     # Mean 100, std 1, over N*H*W = 16,335 values per channel: 64 row tiles of 256
-    # (the last partial), merged by the finalize kernel in two chunks of 32. momentum = 1
+    # (the last partial), merged by the last program in two chunks of 32. momentum = 1
     # makes the running statistics the batch mean and unbiased variance, checked directly.
     x = f32(rng, (15, 33, 33, 16), scale=1.0, offset=100.0)
     _check_batch_norm(rng, x, training=True, relu=False, momentum=1.0, rtol=LARGE_MEAN_RTOL)

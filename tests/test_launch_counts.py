@@ -10,7 +10,7 @@ import pytest
 from bench import host
 
 #: Launches of one eager training step at batch 64 (forward, loss, backward, SGD, metrics).
-LAUNCH_CEILINGS = {"attention56": 1049, "attention92": 1895}
+LAUNCH_CEILINGS = {"attention56": 728, "attention92": 1313}
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCH_CEILINGS))
@@ -20,5 +20,5 @@ def test_a_training_step_launches_at_most_its_ceiling(name):
     assert launches <= LAUNCH_CEILINGS[name], counts["launches"].most_common()
     # every parameter's gradient lands in the optimizer's flat buffer inside its op's kernels: the
     # elementwise launches are the residual adds, the fan-out sums and a few fills, no per-parameter add
-    assert counts["launches"]["elementwise_kernel"] < launches // 10
+    assert counts["launches"]["elementwise_kernel"] < counts["parameters"] // 3
     assert counts["launches"]["sgd_kernel"] == 1 and counts["launches"]["metrics_kernel"] == 1

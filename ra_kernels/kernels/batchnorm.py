@@ -21,7 +21,7 @@ variance from E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std: with
 mean 100 and std 1, E[x^2] = 10001 carries a float32 rounding of ~5e-4, already
 5e-4 of the variance, and every one of M additions adds more. M2 about the
 tile's own mean sums small squared deviations (no cancellation), and Chan's
-combination of tiles in ``bn_finalize_kernel`` only adds non-negative terms, so
+combination of tiles in ``finalize_statistics`` only adds non-negative terms, so
 the variance keeps float32 relative accuracy at any M. It costs no memory
 traffic: the second pass runs over a tile already in registers, and the
 partials are as large as (sum, sum of squares) would be.
@@ -30,12 +30,15 @@ Rounding: every division and square root is correctly rounded (``div_rn``, ``sqr
 compiled kernels round as the interpreter does; ``/`` would compile to the approximate
 ``div.full.f32`` (tests/test_aot.py holds the PTX to this).
 
-Determinism: every reduction is per-tile partials written to memory, then a
-second kernel reducing them in a fixed order; no atomics.
+Determinism: every reduction is per-tile partials written to memory, then
+reduced in a fixed order, in the same launch, by the last program to finish
+(``last_to_arrive``: one integer atomic per program counts the arrivals; no
+float atomics), so results do not depend on which program is last.
 """
+import numpy as np
 import triton.language as tl
 
-from ..backend import empty
+from ..backend import empty, get_backend, xp
 from ..launch import device_function, kernel, launch
 from . import elementwise
 from .tiles import cdiv, channel_tile
@@ -117,74 +120,44 @@ def bn_backward_tile(dy_ptr, x_ptr, offs, ok, ch, ch_ok, stats_ptr, sums_ptr, C,
     return tl.where(ok, scale * tl.where(inv_count > 0.0, g - mean_g - xhat * mean_gx, g), 0.0)
 
 
-# --------------------------------------------------------------------------- kernels
-
-_F32, _I32 = "*fp32", "i32"
-# The elementwise and tile-reduction kernels see (M, C) as [BLOCK_M, BLOCK_C] tiles:
-# channels are contiguous, so a tile row is one coalesced run. AOT with the largest
-# channel block of the table below.
-_TILE_SPEC = dict(BLOCK_M=64, BLOCK_C=64)
-
-
-@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, stats_ptr=_F32, partials_ptr=_F32, M=_I32, C=_I32,
-                  BACKWARD=backward, RELU=relu, **_TILE_SPEC)
-             for backward, relu in ((False, False), (True, True), (True, False))])
-def bn_tile_reduce_kernel(x_ptr, dy_ptr, stats_ptr, partials_ptr, M, C,
-                          BACKWARD: tl.constexpr, RELU: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partials[t, :, c] for the tile of rows t*BLOCK_M.. and channels c (grid: cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)).
-
-    Forward (BACKWARD=False; dy, stats unused): the tile mean and M2 of x.
-    Backward: the tile sums of g and g * xhat, from dy, x and the forward's stats.
-    """
-    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok, ch_ok = rows < M, ch < C
-    ok = row_ok[:, None] & ch_ok[None, :]
-    offs = rows[:, None] * C + ch[None, :]
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-    if BACKWARD:
-        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0)
-        mean, rstd, scale, shift = load_stats(stats_ptr, ch[None, :], ch_ok[None, :], C)
-        g, xhat = bn_backward_terms(dy, x, mean, rstd, scale, shift, RELU)
-        first, second = tl.sum(g, 0), tl.sum(g * xhat, 0)  # g = 0 on masked elements
-    else:
-        first, second = tile_mean_m2(x, row_ok, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M))
-    out = partials_ptr + pid_m * 2 * C + ch
-    tl.store(out, first, mask=ch_ok)
-    tl.store(out + C, second, mask=ch_ok)
+@device_function
+def last_to_arrive(counter_ptr, arrivals):
+    """True in the last of the ``arrivals`` programs that call this with the same int32 counter (from
+    ``arrival_counters``), which it then resets to 0 for the next launch (and the next replay of a
+    CUDA graph). Every store a program made before the call is visible to that last program: a
+    barrier of the program's threads, then one gpu-scope acquire-release atomic increment (the
+    threadfence-reduction pattern; the PTX is bar.sync, atom.acq_rel.gpu, bar.sync). The last
+    program should read what the others wrote with ``cache_modifier=".cg"`` (from L2)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+    tl.store(counter_ptr, 0, mask=last)
+    return last
 
 
-@kernel(aot=[dict(partials_ptr=_F32, gamma_ptr=_F32, beta_ptr=_F32, running_mean_ptr=_F32,
-                  running_var_ptr=_F32, stats_ptr=_F32, C=_I32, T=_I32, TILE_M=_I32, M=_I32,
-                  momentum="fp32", eps="fp32", TRAINING=training, BLOCK_T=32, BLOCK_C=32)
-             for training in (True, False)])
-def bn_finalize_kernel(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
-                       C, T, TILE_M, M, momentum, eps,
-                       TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """stats (4, C) for a block of channels (grid: cdiv(C, BLOCK_C)).
+@device_function
+def finalize_statistics(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
+                        ch, ch_ok, C, T, TILE_M, M, momentum, eps,
+                        TRAINING: tl.constexpr, BLOCK_T: tl.constexpr):
+    """stats (4, C) of the channels ``ch`` (a vector; mask ``ch_ok``).
 
-    Training: mean and biased variance from the T (mean, M2) partials of tiles of
-    TILE_M rows (the last may be shorter), combined in chunks of BLOCK_T tiles
-    with Chan et al.'s parallel formula; then the running statistics are updated
-    in place: running = (1 - momentum) * running + momentum * (mean, M2 / (M - 1)).
+    Training: mean and biased variance from the T (mean, M2) partials (T, 2, C) of tiles of
+    TILE_M rows (the last may be shorter), combined in chunks of BLOCK_T tiles with Chan et al.'s
+    parallel formula, in a fixed order; then the running statistics are updated in place:
+    running = (1 - momentum) * running + momentum * (mean, M2 / (M - 1)).
     Eval (partials unused): mean and variance are the running statistics.
     """
-    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch_ok = ch < C
     if TRAINING:
         count = 0.0
-        mean = tl.zeros([BLOCK_C], tl.float32)
-        m2 = tl.zeros([BLOCK_C], tl.float32)
+        mean = tl.zeros(ch.shape, tl.float32)
+        m2 = tl.zeros(ch.shape, tl.float32)
         for t0 in range(0, T, BLOCK_T):
             tiles = t0 + tl.arange(0, BLOCK_T)
             # rows in each tile: TILE_M, fewer in the last, 0 past the end
             tile_count = tl.minimum(tl.maximum(M - tiles * TILE_M, 0), TILE_M).to(tl.float32)
             ok = (tiles < T)[:, None] & ch_ok[None, :]
             offs = tiles[:, None] * 2 * C + ch[None, :]
-            tile_mean = tl.load(partials_ptr + offs, mask=ok, other=0.0)
-            tile_m2 = tl.load(partials_ptr + offs + C, mask=ok, other=0.0)
+            tile_mean = tl.load(partials_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+            tile_m2 = tl.load(partials_ptr + offs + C, mask=ok, other=0.0, cache_modifier=".cg")
             # the chunk of BLOCK_T tiles as one group: its mean, and its M2 = the tiles' M2
             # plus their spread about the chunk mean
             chunk_count = tl.sum(tile_count, 0)
@@ -215,6 +188,90 @@ def bn_finalize_kernel(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, runn
     tl.store(stats_ptr + 3 * C + ch, shift, mask=ch_ok)
 
 
+@device_function
+def finalize_sums(partials_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C, T,
+                  ADD_INTO: tl.constexpr, BLOCK_T: tl.constexpr):
+    """sums (2, C) of the channels ``ch``: the backward partials (T, 2, C) summed over T in a fixed
+    order; with ADD_INTO also added into the gradient buffers dbeta (the sum of g) and dgamma (of g * xhat)."""
+    first = tl.zeros(ch.shape, tl.float32)
+    second = tl.zeros(ch.shape, tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        ok = (tiles < T)[:, None] & ch_ok[None, :]
+        offs = tiles[:, None] * 2 * C + ch[None, :]
+        first += tl.sum(tl.load(partials_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), 0)
+        second += tl.sum(tl.load(partials_ptr + offs + C, mask=ok, other=0.0, cache_modifier=".cg"), 0)
+    tl.store(sums_ptr + ch, first, mask=ch_ok)
+    tl.store(sums_ptr + C + ch, second, mask=ch_ok)
+    if ADD_INTO:
+        tl.store(dbeta_ptr + ch, tl.load(dbeta_ptr + ch, mask=ch_ok) + first, mask=ch_ok)
+        tl.store(dgamma_ptr + ch, tl.load(dgamma_ptr + ch, mask=ch_ok) + second, mask=ch_ok)
+
+
+# --------------------------------------------------------------------------- kernels
+
+_F32, _I32 = "*fp32", "i32"
+# The elementwise and tile-reduction kernels see (M, C) as [BLOCK_M, BLOCK_C] tiles:
+# channels are contiguous, so a tile row is one coalesced run. AOT with the largest
+# channel block of the table below.
+_TILE_SPEC = dict(BLOCK_M=64, BLOCK_C=64)
+_FINALIZE_TYPES = dict(gamma_ptr=_F32, beta_ptr=_F32, running_mean_ptr=_F32, running_var_ptr=_F32,
+                       momentum="fp32", eps="fp32", counters_ptr="*i32")
+
+
+@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, stats_ptr=_F32, partials_ptr=_F32, sums_ptr=_F32, dgamma_ptr=_F32,
+                  dbeta_ptr=_F32, **_FINALIZE_TYPES, M=_I32, C=_I32, BACKWARD=backward, RELU=relu,
+                  ADD_INTO=add_into, BLOCK_T=32, **_TILE_SPEC)
+             for backward, relu, add_into in ((False, False, False), (True, True, True), (True, False, False))])
+def bn_tile_reduce_kernel(x_ptr, dy_ptr, stats_ptr, partials_ptr, sums_ptr, dgamma_ptr, dbeta_ptr,
+                          gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, momentum, eps, counters_ptr,
+                          M, C, BACKWARD: tl.constexpr, RELU: tl.constexpr, ADD_INTO: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel reductions over the M rows of x (grid: cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)), finished in
+    the same launch: each program writes partials[t, :, c] for its tile of rows t*BLOCK_M.. and channels
+    c, and the last program of each column of tiles (``last_to_arrive`` on counter pid_c) combines them.
+
+    Forward (BACKWARD=False; dy, sums, dgamma, dbeta unused): the tiles' mean and M2 of x, finished by
+    ``finalize_statistics`` (training) into stats, the running statistics updated in place.
+    Backward (stats from the forward): the tiles' sums of g and g * xhat, finished by ``finalize_sums``
+    into sums (and into dgamma, dbeta with ADD_INTO); the finalize arguments are unused.
+    """
+    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok, ch_ok = rows < M, ch < C
+    ok = row_ok[:, None] & ch_ok[None, :]
+    offs = rows[:, None] * C + ch[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    if BACKWARD:
+        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0)
+        mean, rstd, scale, shift = load_stats(stats_ptr, ch[None, :], ch_ok[None, :], C)
+        g, xhat = bn_backward_terms(dy, x, mean, rstd, scale, shift, RELU)
+        first, second = tl.sum(g, 0), tl.sum(g * xhat, 0)  # g = 0 on masked elements
+    else:
+        first, second = tile_mean_m2(x, row_ok, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M))
+    out = partials_ptr + pid_m * 2 * C + ch
+    tl.store(out, first, mask=ch_ok)
+    tl.store(out + C, second, mask=ch_ok)
+    tiles = tl.num_programs(0)
+    if last_to_arrive(counters_ptr + pid_c, tiles):
+        if BACKWARD:
+            finalize_sums(partials_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C, tiles, ADD_INTO, BLOCK_T)
+        else:
+            finalize_statistics(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
+                                ch, ch_ok, C, tiles, BLOCK_M, M, momentum, eps, True, BLOCK_T)
+
+
+@kernel(aot=[dict(gamma_ptr=_F32, beta_ptr=_F32, running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32,
+                  C=_I32, eps="fp32", BLOCK_C=32)])
+def bn_eval_coefficients_kernel(gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, stats_ptr, C, eps,
+                                BLOCK_C: tl.constexpr):
+    """stats (4, C) from the running statistics (eval), for a block of channels (grid: cdiv(C, BLOCK_C))."""
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    finalize_statistics(gamma_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
+                        ch, ch < C, C, 0, 1, 1, 0.0, eps, False, 1)
+
+
 @kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, stats_ptr=_F32, sums_ptr=_F32, inv_count="fp32", out_ptr=_F32,
                   M=_I32, C=_I32, BACKWARD=backward, RELU=relu, **_TILE_SPEC)
              for backward in (False, True) for relu in (True, False)])
@@ -241,32 +298,6 @@ def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, out_ptr, M, C
     tl.store(out_ptr + offs, out, mask=ok)
 
 
-@kernel(aot=[dict(partials_ptr=_F32, out_ptr=_F32, into_low_ptr=_F32, into_high_ptr=_F32, T=_I32, L=_I32,
-                  SPLIT=_I32, STORE=store, ADD_INTO=add_into, BLOCK_T=16, BLOCK_L=256)
-             for store, add_into in ((True, False), (False, True), (True, True))])
-def sum_rows_kernel(partials_ptr, out_ptr, into_low_ptr, into_high_ptr, T, L, SPLIT,
-                    STORE: tl.constexpr, ADD_INTO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
-    """s[l] = sum over t of partials[t, l] for (T, L) partials, in a fixed order (grid: cdiv(L, BLOCK_L)).
-
-    STORE: out[l] = s[l]. ADD_INTO: s added into two gradient buffers, into_low[l] += s[l] for
-    l < SPLIT and into_high[l - SPLIT] += s[l] beyond (batch norm's sums of g and g * xhat are
-    dbeta and dgamma; a split-K weight gradient has SPLIT = L and one buffer).
-    """
-    cols = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols_ok = cols < L
-    acc = tl.zeros([BLOCK_L], tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        ok = (t < T)[:, None] & cols_ok[None, :]
-        acc += tl.sum(tl.load(partials_ptr + t[:, None] * L + cols[None, :], mask=ok, other=0.0), 0)
-    if STORE:
-        tl.store(out_ptr + cols, acc, mask=cols_ok)
-    if ADD_INTO:
-        low, high = cols_ok & (cols < SPLIT), cols_ok & (cols >= SPLIT)
-        tl.store(into_low_ptr + cols, tl.load(into_low_ptr + cols, mask=low) + acc, mask=low)
-        tl.store(into_high_ptr + cols - SPLIT, tl.load(into_high_ptr + cols - SPLIT, mask=high) + acc, mask=high)
-
-
 # --------------------------------------------------------------------------- launch helpers (also used by conv.py)
 
 # Tiles of the (M, C) kernels: BLOCK_C covers the channels up to 64 (a contiguous
@@ -275,35 +306,37 @@ def sum_rows_kernel(partials_ptr, out_ptr, into_low_ptr, into_high_ptr, T, L, SP
 # registers). Fixed rather than autotuned: these kernels are memory-bound, and
 # the interpreter must not autotune.
 _TILE_ELEMENTS = 4096
-_FINALIZE_BLOCKS = dict(BLOCK_T=32, BLOCK_C=32)
-_SUM_BLOCKS = dict(BLOCK_T=16, BLOCK_L=256)
+#: Tiles combined per step when a last program finishes a reduction (32 rows of partials).
+FINALIZE_BLOCK_T = 32
+#: Channels per program of the eval coefficients.
+_EVAL_BLOCK_C = 32
+#: Arrival counters kept per backend and device (``arrival_counters``).
+_COUNTERS = {}
 
 
 def _tiles(C):
     return channel_tile(C, _TILE_ELEMENTS, max_block_c=64)
 
 
-def sum_rows(partials, out=None, into=None):
-    """partials (T, L) summed over T, by sum_rows_kernel: into ``out`` (L elements) when given, and
-    added into ``into`` when given: one gradient buffer of L elements, or two of L / 2 (low, high),
-    the first taking the first half. Returns out."""
-    t, length = partials.shape[0], partials.size // partials.shape[0]
-    low, high = (into, into) if into is None or not isinstance(into, tuple) else into
-    split = length if high is low else low.size
-    launch(sum_rows_kernel, ((length + _SUM_BLOCKS["BLOCK_L"] - 1) // _SUM_BLOCKS["BLOCK_L"],), partials,
-           partials if out is None else out, partials if low is None else low, partials if high is None else high,
-           t, length, split, STORE=out is not None, ADD_INTO=into is not None, **_SUM_BLOCKS)
-    return out
+def arrival_counters(n):
+    """int32 counters for ``last_to_arrive``, at least n, all 0: one zeroed array per backend and device,
+    made at its first use (a step's eager warm-up, so never inside a capture) and shared by every
+    launch. Each launch leaves its counters at 0 for the next, so launches that run one after another
+    on a stream (the steps) share them; two such launches must not run at once on one device."""
+    name = get_backend()
+    key = (name, xp().cuda.Device().id if name == "cuda" else None)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.size < n:
+        counters = _COUNTERS[key] = xp().zeros(max(n, 4096), np.int32)
+    return counters
 
 
-def finalize(partials, tile_m, m, gamma, beta, running_mean, running_var, training, momentum, eps):
-    """stats (4, C) from forward partials (T, 2, C) of tiles of ``tile_m`` rows (training; running stats
-    updated in place) or from the running statistics (eval: ``partials`` unused, pass any float32 array)."""
+def eval_coefficients(gamma, beta, running_mean, running_var, eps):
+    """stats (4, C) of eval batch norm, from the running statistics."""
     c = gamma.shape[0]
     stats = empty((4, c))
-    launch(bn_finalize_kernel, (cdiv(c, _FINALIZE_BLOCKS["BLOCK_C"]),), partials, gamma, beta,
-           running_mean, running_var, stats, c, partials.shape[0], tile_m, m, momentum, eps,
-           TRAINING=training, **_FINALIZE_BLOCKS)
+    launch(bn_eval_coefficients_kernel, (cdiv(c, _EVAL_BLOCK_C),), gamma, beta, running_mean, running_var, stats,
+           c, eps, BLOCK_C=_EVAL_BLOCK_C)
     return stats
 
 
@@ -319,16 +352,18 @@ def normalize(x, stats, relu):
 
 
 def backward_sums(dy, x, stats, relu, dgamma_into=None, dbeta_into=None):
-    """sums (2, C): the sums of g and g * xhat over every row of dy, x (..., C). With both
-    ``dgamma_into`` and ``dbeta_into`` (gradient buffers, (C,)) the sums are also added into them,
-    by the same launch."""
+    """sums (2, C): the sums of g and g * xhat over every row of dy, x (..., C), by one launch of
+    bn_tile_reduce_kernel. With both ``dgamma_into`` and ``dbeta_into`` (gradient buffers, (C,)) the
+    sums are also added into them."""
     c = x.shape[-1]
     m, (block_m, block_c) = x.size // c, _tiles(c)
-    partials = empty((cdiv(m, block_m), 2, c))
-    launch(bn_tile_reduce_kernel, (partials.shape[0], cdiv(c, block_c)), x, dy, stats, partials, m, c,
-           BACKWARD=True, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
+    partials, sums = empty((cdiv(m, block_m), 2, c)), empty((2, c))
     both = dgamma_into is not None and dbeta_into is not None
-    return sum_rows(partials, empty((2, c)), (dbeta_into, dgamma_into) if both else None)
+    dgamma, dbeta = (dgamma_into, dbeta_into) if both else (sums, sums)
+    launch(bn_tile_reduce_kernel, (partials.shape[0], cdiv(c, block_c)), x, dy, stats, partials, sums, dgamma, dbeta,
+           x, x, x, x, 0.0, 0.0, arrival_counters(cdiv(c, block_c)), m, c,
+           BACKWARD=True, RELU=relu, ADD_INTO=both, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_M=block_m, BLOCK_C=block_c)
+    return sums
 
 
 def parameter_gradients(sums, dgamma_into, dbeta_into):
@@ -352,26 +387,27 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentu
 
     Training: batch statistics (biased variance), running statistics updated in
     place with the unbiased variance; eval: the running statistics. The running
-    arrays returned are the ones passed in. Kernels: training bn_tile_reduce +
-    bn_finalize + bn_apply, eval bn_finalize + bn_apply.
+    arrays returned are the ones passed in. Kernels: training bn_tile_reduce (statistics, finished by
+    its last programs) + bn_apply, eval bn_eval_coefficients + bn_apply.
     """
     c = x.shape[-1]
     m = x.size // c  # training needs m >= 2: ra_kernels.functional checks it, for every backend
     if training:
         block_m, block_c = _tiles(c)
-        partials = empty((cdiv(m, block_m), 2, c))
-        launch(bn_tile_reduce_kernel, (partials.shape[0], cdiv(c, block_c)), x, x, x, partials, m, c,
-               BACKWARD=False, RELU=False, BLOCK_M=block_m, BLOCK_C=block_c)
-        stats = finalize(partials, block_m, m, gamma, beta, running_mean, running_var, True, momentum, eps)
+        partials, stats = empty((cdiv(m, block_m), 2, c)), empty((4, c))
+        launch(bn_tile_reduce_kernel, (partials.shape[0], cdiv(c, block_c)), x, x, stats, partials, x, x, x,
+               gamma, beta, running_mean, running_var, momentum, eps, arrival_counters(cdiv(c, block_c)), m, c,
+               BACKWARD=False, RELU=False, ADD_INTO=False, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_M=block_m,
+               BLOCK_C=block_c)
     else:
-        stats = finalize(x, 1, m, gamma, beta, running_mean, running_var, False, momentum, eps)
+        stats = eval_coefficients(gamma, beta, running_mean, running_var, eps)
     return normalize(x, stats, relu), running_mean, running_var, (x, stats, training, relu)
 
 
 def batch_norm_backward(dy, saved, dgamma_into=None, dbeta_into=None):
     """Gradients of batch_norm: dy (N, H, W, C) -> (dx, dgamma, dbeta); ``*_into`` as in reference/.
 
-    Kernels: bn_tile_reduce (sums of g and g * xhat per tile) + sum_rows, then
+    Kernels: bn_tile_reduce (the sums of g and g * xhat, finished by its last programs), then
     bn_apply (backward) for dx; dgamma and dbeta are those sums.
     """
     x, stats, training, relu = saved

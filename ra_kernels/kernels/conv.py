@@ -12,17 +12,19 @@ implicit GEMMs:
   it runs the forward's K loop with the gather turned around (TRANSPOSED).
 * wgrad: dw[K, Cout] = A^T[K, M] @ dy[M, Cout]: the same im2col gather as the
   forward, reduced over the M positions, split in chunks of positions across
-  programs (split-K) with the chunks' partial dw summed by a second kernel.
+  programs (split-K), the chunks' partial dw summed by the last program of each
+  tile (``batchnorm.last_to_arrive``), in the same launch.
 
 conv_bn_relu (batch norm over the conv output z, then ReLU), kernels per call:
 
 * training forward: conv2d_fwd (EPILOGUE="stats": stores z and the per-tile
-  mean / M2 of its own tile of z, from the accumulator in registers), then
-  bn_finalize (mean, rstd, scale/shift, running statistics updated in place),
-  then bn_apply (y = relu(z * scale + shift), ``batchnorm.normalize``).
+  mean / M2 of its own tile of z, from the accumulator in registers; the last
+  program of each column of tiles combines them into mean, rstd, scale/shift
+  and updates the running statistics in place), then bn_apply
+  (y = relu(z * scale + shift), ``batchnorm.normalize``).
 * eval forward: conv2d_fwd (EPILOGUE="bn_eval": scale/shift from the running
   statistics, ReLU, store y): one kernel.
-* backward: bn_tile_reduce + sum_rows (per channel sums of g = dy * [y > 0]
+* backward: bn_tile_reduce (per channel sums of g = dy * [y > 0]
   and g * xhat from dy and z: these are dbeta and dgamma), then conv2d_dgrad
   and conv2d_wgrad, which load dy and z and turn them into dz (BN backward and
   ReLU mask, ``batchnorm.bn_backward_tile``) while loading their operand, so dz
@@ -121,6 +123,14 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count,
     return acc
 
 
+@device_function
+def _store_gradient(ptrs, ok, value, ACCUMULATE: tl.constexpr):
+    """Store a gradient tile, or add it into what is there (ACCUMULATE: a gradient buffer)."""
+    if ACCUMULATE:
+        value += tl.load(ptrs, mask=ok)
+    tl.store(ptrs, value, mask=ok)
+
+
 # --------------------------------------------------------------------------- kernels
 
 _F32, _I32 = "*fp32", "i32"
@@ -134,20 +144,23 @@ _TILE_CLASSES = [dict(BLOCK_M=128, BLOCK_N=16), dict(BLOCK_M=128, BLOCK_N=64), d
 
 
 @kernel(aot=[dict(x_ptr=_F32, w_ptr=_F32, y_ptr=_F32, partials_ptr=_F32, gamma_ptr=_F32, beta_ptr=_F32,
-                  running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32, eps="fp32", **_SHAPE_TYPES,
-                  EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=precision, BLOCK_K=32, **tiles)
+                  running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32, momentum="fp32", eps="fp32",
+                  counters_ptr="*i32", **_SHAPE_TYPES,
+                  EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=precision, BLOCK_K=32, BLOCK_T=32, **tiles)
              for (epilogue, relu, precision), tiles in zip(
                  [("store", False, "tf32"), ("stats", False, "tf32"), ("bn_eval", True, "ieee"),
                   ("bn_eval", False, "tf32")], _TILE_CLASSES)])
 def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
-                      stats_ptr, eps, H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
+                      stats_ptr, momentum, eps, counters_ptr, H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
                       EPILOGUE: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """One [BLOCK_M positions, BLOCK_N output channels] tile of y (grid: cdiv(M, BLOCK_M), cdiv(C_out, BLOCK_N)).
 
     EPILOGUE "store": y = conv(x, w). "stats": y = z = conv(x, w), plus this tile's
-    mean and M2 of z per channel into partials (cdiv(M, BLOCK_M), 2, C_out), the
-    input of ``batchnorm.bn_finalize_kernel``. "bn_eval": y = relu(z * scale + shift)
+    mean and M2 of z per channel into partials (cdiv(M, BLOCK_M), 2, C_out); the last
+    program of each column of tiles (``batchnorm.last_to_arrive`` on counter pid_n)
+    combines them into stats (4, C_out) and updates the running statistics
+    (``batchnorm.finalize_statistics``, BLOCK_T tiles a step). "bn_eval": y = relu(z * scale + shift)
     (ReLU if RELU) with scale/shift from gamma, beta and the running statistics;
     the programs of the first row of tiles also store them as stats (4, C_out) for
     the backward. Pointers an epilogue does not use may be any float32 array.
@@ -184,6 +197,11 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
             out = partials_ptr + pid_m * 2 * C_out + cols
             tl.store(out, tile_mean, mask=cols_ok)
             tl.store(out + C_out, tile_m2, mask=cols_ok)
+            tiles = tl.num_programs(0)
+            if bn.last_to_arrive(counters_ptr + pid_n, tiles):
+                bn.finalize_statistics(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
+                                       stats_ptr, cols, cols_ok, C_out, tiles, BLOCK_M, M, momentum, eps,
+                                       True, BLOCK_T)
 
 
 @kernel(aot=[dict(dy_ptr=_F32, w_ptr=_F32, dx_ptr=_F32, **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
@@ -213,23 +231,27 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     tl.store(dx_ptr + m[:, None] * C_in + cols[None, :], dx, mask=(m < M)[:, None] & (cols < C_in)[None, :])
 
 
-@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
+@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, partials_ptr=_F32, counters_ptr="*i32",
+                  **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
                   positions_per_split=_I32, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
-                  ACCUMULATE=accumulate, BLOCK_K=64, BLOCK_M=32, BLOCK_N=block_n)
-             for bn_backward, relu, precision, block_n in
-             [(False, False, "tf32", 16), (True, True, "ieee", 64), (True, False, "tf32", 128)]
-             for accumulate in ((False, True) if block_n == 16 else (False,))])
-def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
+                  SPLIT=split, ACCUMULATE=accumulate, BLOCK_K=64, BLOCK_M=32, BLOCK_N=block_n)
+             for (bn_backward, relu, precision, block_n), (split, accumulate) in zip(
+                 [(False, False, "tf32", 16), (True, True, "ieee", 64), (True, False, "tf32", 128),
+                  (False, False, "ieee", 32)],
+                 [(True, True), (True, False), (False, True), (False, False)])])
+def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, partials_ptr, counters_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
                         H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding, positions_per_split,
                         BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                        ACCUMULATE: tl.constexpr,
+                        SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A partial dw: [BLOCK_K rows (kh, kw, ci), BLOCK_N output channels] summed over one split of positions.
+    """A [BLOCK_K rows (kh, kw, ci), BLOCK_N output channels] tile of dw, summed over one split of positions.
 
     Grid: cdiv(K, BLOCK_K), cdiv(C_out, BLOCK_N), splits; split s sums positions
-    [s * positions_per_split, (s + 1) * positions_per_split) (a multiple of BLOCK_M)
-    and writes dw_ptr[s] of (splits, K, C_out); with ACCUMULATE (one split only) it adds its sum
-    into dw_ptr instead, a gradient buffer. The dy operand is dz under BN_BACKWARD, as in
+    [s * positions_per_split, (s + 1) * positions_per_split) (a multiple of BLOCK_M). Without
+    SPLIT (one split) the sum is dw's tile. With SPLIT each program writes its sum into
+    partials[s] of (splits, K, C_out), and the last of a tile's splits (``batchnorm.last_to_arrive``
+    on the tile's counter) adds them up in split order into dw's tile. ACCUMULATE: dw is a
+    gradient buffer, and the tile is added into it. The dy operand is dz under BN_BACKWARD, as in
     ``conv2d_dgrad_kernel``.
     """
     pid_k, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -253,10 +275,17 @@ def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
                               cols[None, :], cols_ok[None, :], stats_ptr, sums_ptr, C_out, inv_count,
                               BN_BACKWARD=BN_BACKWARD, RELU=RELU)
         acc = tl.dot(a_t, g, acc, input_precision=INPUT_PRECISION)
-    dw_offs, dw_ok = pid_s * K * C_out + k[:, None] * C_out + cols[None, :], k_ok[:, None] & cols_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(dw_ptr + dw_offs, mask=dw_ok)
-    tl.store(dw_ptr + dw_offs, acc, mask=dw_ok)
+    dw_offs, dw_ok = k[:, None] * C_out + cols[None, :], k_ok[:, None] & cols_ok[None, :]
+    if SPLIT:
+        tl.store(partials_ptr + pid_s * K * C_out + dw_offs, acc, mask=dw_ok)
+        splits = tl.num_programs(2)
+        if bn.last_to_arrive(counters_ptr + pid_k * tl.num_programs(1) + pid_n, splits):
+            total = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+            for s in range(0, splits):
+                total += tl.load(partials_ptr + s * K * C_out + dw_offs, mask=dw_ok, other=0.0, cache_modifier=".cg")
+            _store_gradient(dw_ptr + dw_offs, dw_ok, total, ACCUMULATE)
+    else:
+        _store_gradient(dw_ptr + dw_offs, dw_ok, acc, ACCUMULATE)
 
 
 # --------------------------------------------------------------------------- tile tables
@@ -313,24 +342,21 @@ def _shape_args(x, w, stride, padding):
 
 
 def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False):
-    """Launch conv2d_fwd_kernel; returns (y, partials, BLOCK_M) (partials: "stats" only) or (y, stats) ("bn_eval")."""
+    """Launch conv2d_fwd_kernel: y ("store"), or (y, stats) ("stats", "bn_eval"), with
+    bn_args = (gamma, beta, running_mean, running_var, momentum, eps) for those two."""
     s = _shape_args(x, w, stride, padding)
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
     block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_out"])
+    grid = (cdiv(m, block_m), cdiv(s["C_out"], block_n))
     y = empty((s["n"], s["OH"], s["OW"], s["C_out"]))
-    partials = empty((cdiv(m, block_m), 2, s["C_out"])) if epilogue == "stats" else x
-    stats = empty((4, s["C_out"])) if epilogue == "bn_eval" else x
-    gamma, beta, running_mean, running_var, eps = bn_args or (x, x, x, x, 0.0)
-    launch(conv2d_fwd_kernel, (cdiv(m, block_m), cdiv(s["C_out"], block_n)),
-           x, w, y, partials, gamma, beta, running_mean, running_var, stats, eps,
-           s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"], stride, padding,
-           num_warps=warps, EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=get_precision(),
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    if epilogue == "stats":
-        return y, partials, block_m
-    if epilogue == "bn_eval":
-        return y, stats
-    return y
+    partials = empty((grid[0], 2, s["C_out"])) if epilogue == "stats" else x
+    stats = empty((4, s["C_out"])) if epilogue != "store" else x
+    gamma, beta, running_mean, running_var, momentum, eps = bn_args or (x, x, x, x, 0.0, 0.0)
+    launch(conv2d_fwd_kernel, grid, x, w, y, partials, gamma, beta, running_mean, running_var, stats, momentum, eps,
+           bn.arrival_counters(grid[1]), s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"],
+           stride, padding, num_warps=warps, EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=get_precision(),
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=bn.FINALIZE_BLOCK_T)
+    return y if epilogue == "store" else (y, stats)
 
 
 def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True, dw_into=None):
@@ -360,14 +386,12 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True,
     tiles = cdiv(k, _WGRAD_BLOCK_K) * cdiv(s["C_out"], block_n)
     per_split, splits = _wgrad_split(m, k, s["C_out"], tiles)
     dw = empty(w.shape) if dw_into is None else dw_into
-    partial_dw = empty((splits, k, s["C_out"])) if splits > 1 else dw
+    partials = empty((splits, k, s["C_out"])) if splits > 1 else dw
     launch(conv2d_wgrad_kernel, (cdiv(k, _WGRAD_BLOCK_K), cdiv(s["C_out"], block_n), splits),
-           x, dy, partial_dw, z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding, per_split,
-           num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
-           ACCUMULATE=splits == 1 and dw_into is not None,
+           x, dy, dw, partials, bn.arrival_counters(tiles), z, stats, sums, inv_count, *shapes, m, k, s["KW"],
+           stride, padding, per_split, num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu,
+           INPUT_PRECISION=precision, SPLIT=splits > 1, ACCUMULATE=dw_into is not None,
            BLOCK_K=_WGRAD_BLOCK_K, BLOCK_N=block_n, BLOCK_M=_WGRAD_BLOCK_M)
-    if splits > 1:
-        bn.sum_rows(partial_dw, None if dw_into is not None else dw, dw_into)
     return dx, dw
 
 
@@ -380,7 +404,7 @@ def conv2d(x, w, stride=1, padding=0):
 
 def conv2d_backward(dy, saved, need_dx=True, dw_into=None):
     """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx, dw). Kernels: conv2d_dgrad (unless not
-    ``need_dx``: dx None), conv2d_wgrad (+ sum_rows). With ``dw_into`` dw is added into it."""
+    ``need_dx``: dx None), conv2d_wgrad. With ``dw_into`` dw is added into it."""
     x, w, stride, padding = saved
     return _backward(dy, x, w, stride, padding, need_dx=need_dx, dw_into=dw_into)
 
@@ -396,13 +420,13 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
     if training and m < 2:
         raise ValueError(f"conv_bn_relu: training needs more than 1 value per channel, got x {tuple(x.shape)} "
                          f"and w {tuple(w.shape)}")
+    bn_args = (gamma, beta, running_mean, running_var, momentum, eps)
     if training:
-        z, partials, tile_m = _forward(x, w, stride, padding, "stats")
-        stats = bn.finalize(partials, tile_m, m, gamma, beta, running_mean, running_var, True, momentum, eps)
+        z, stats = _forward(x, w, stride, padding, "stats", bn_args)
         y = bn.normalize(z, stats, relu)
     else:
         z = None  # not stored: the backward recomputes it
-        y, stats = _forward(x, w, stride, padding, "bn_eval", (gamma, beta, running_mean, running_var, eps), relu)
+        y, stats = _forward(x, w, stride, padding, "bn_eval", bn_args, relu)
     return y, running_mean, running_var, (x, w, stride, padding, z, stats, training, relu)
 
 
