@@ -185,6 +185,26 @@ class _ConvBnRelu(_BatchNorm):
     grads_into = {"dw_into": 1, "dgamma_into": 2, "dbeta_into": 3}
 
 
+class _ConvChain(_Op):
+    """Arguments (x, w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n); every parameter's
+    gradient may go into its buffer (``into``, aligned with the arguments after x)."""
+    op, kernels, skips_unwanted_dx = "conv_chain", conv_kernels, True
+
+    @classmethod
+    def run(cls, impl, *args, **kwargs):
+        y, running, saved = impl.conv_chain(*args, **kwargs)
+        for i, values in enumerate(running):  # kernels update in place; reference/ returns new arrays
+            for buffer, value in zip(args[5 * i + 4:5 * i + 6], values):
+                if value is not buffer:
+                    buffer[...] = value
+        return y, saved
+
+    @classmethod
+    def backward(cls, ctx, dy):
+        into = ctx.grad_into[1:] if ctx.grad_into else None
+        return tuple(ctx.op_backward(dy, ctx.op_saved, need_dx=ctx.needs_input_grad[0], into=into))
+
+
 class _UpsampleBilinear(_Op):
     """Arguments (x, size, skip), as in reference/ and kernels/; all positional, so that skip gets
     a gradient slot, and size's slot is None."""
@@ -304,6 +324,55 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
                                               running_mean, running_var, training, momentum, eps, relu)
     return _ConvBnRelu.apply(x, w, gamma, beta, _data(running_mean), _data(running_var), stride=stride,
                              padding=padding, training=training, momentum=momentum, eps=eps, relu=relu)
+
+
+def conv_chain(x, layers, momentum=0.1, eps=1e-5):
+    """Convolutions in a row, each but the last followed by batch norm in training mode and ReLU:
+    ``conv2d(conv_bn_relu(conv_bn_relu(x, ...), ...), ...)`` as one op (a bottleneck branch).
+
+    ``layers``: one (w, stride, padding, bn) per conv, bn = (gamma, beta, running_mean, running_var)
+    for every conv but the last, None for the last. Training mode only (batch statistics; the
+    running statistics are updated in place): in eval, run the layers as conv_bn_relu and conv2d,
+    which apply eval batch norm inside the conv already. On the kernel backends no batch-norm
+    output is ever written: each conv applies the batch norm before it as it loads its input, and
+    takes that batch norm's backward sums in its own gradient kernel (docs/design.md §7).
+    """
+    op = "conv_chain"
+    if not isinstance(layers, (list, tuple)) or len(layers) < 2:
+        raise ValueError(f"{op}: layers must list at least 2 convolutions as (w, stride, padding, bn), got {layers!r}")
+    dtype = _check_nhwc(op, x)
+    args, shapes, channels = [x], [], _data(x).shape[3]
+    shape = _data(x).shape
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, (list, tuple)) or len(layer) != 4:
+            raise ValueError(f"{op}: layer {i} must be (w, stride, padding, bn), got {layer!r}")
+        w, stride, padding, bn = layer
+        _check_array(op, f"layer {i} w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype)
+        stride, padding = _check_int(op, f"layer {i} stride", stride, 1), _check_int(op, f"layer {i} padding", padding, 0)
+        kh, kw, cin, cout = _data(w).shape
+        if cin != channels:
+            raise ValueError(f"{op}: layer {i} w (KH, KW, Cin, Cout) = {tuple(_data(w).shape)} expects Cin = {cin}, "
+                             f"its input has {channels} channels")
+        shape = (shape[0], _out_size(op, shape[1], kh, stride, padding), _out_size(op, shape[2], kw, stride, padding),
+                 cout)
+        last = i == len(layers) - 1
+        if last != (bn is None):
+            raise ValueError(f"{op}: every layer but the last takes bn = (gamma, beta, running_mean, running_var), "
+                             f"the last None; layer {i} has {'none' if bn is None else 'one'}")
+        args.append(w)
+        if not last:
+            if not isinstance(bn, (list, tuple)) or len(bn) != 4:
+                raise ValueError(f"{op}: layer {i} bn must be (gamma, beta, running_mean, running_var), got {bn!r}")
+            _check_channel_params(op, cout, dtype, gamma=bn[0], beta=bn[1], running_mean=bn[2], running_var=bn[3])
+            if shape[0] * shape[1] * shape[2] < 2:
+                raise ValueError(f"{op}: layer {i}'s batch norm needs more than 1 value per channel to normalise by "
+                                 f"their variance, got {shape[0] * shape[1] * shape[2]}")
+            args += [bn[0], bn[1], _data(bn[2]), _data(bn[3])]
+        shapes.append((stride, padding))
+        channels = cout
+    momentum = _check_float(op, "momentum", momentum, 0.0, 1.0)
+    eps = _check_float(op, "eps", eps, 0.0, float("inf"), low_open=True)
+    return _ConvChain.apply(*args, layers=tuple(shapes), momentum=momentum, eps=eps)
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):

@@ -20,13 +20,27 @@ MASK_DEPTHS = (3, 2, 1)  # max-pool levels of the mask branch per stage: 32->4, 
 
 # --------------------------------------------------------------------------- the paper's blocks
 
+def _branch(x, *layers, training):
+    """ConvBnRelu layers then a Conv2d: one ``F.conv_chain`` in training, the layers' own calls in eval."""
+    if training:
+        norms = {(layer.bn.momentum, layer.bn.eps) for layer in layers[:-1]}
+        if len(norms) != 1:
+            raise ValueError(f"a conv chain's batch norms must share momentum and eps, got {sorted(norms)}")
+        (momentum, eps), = norms
+        return F.conv_chain(x, [layer.chain_layer() for layer in layers], momentum, eps)
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
 class ResidualUnit(Module):
     """Pre-activation bottleneck unit (NHWC): cin -> cout at stride ``stride``.
 
     BN-ReLU, conv1x1 (cin -> cout/4) + BN-ReLU, conv3x3 (stride) + BN-ReLU, conv1x1
     (-> cout); plus the input, or a 1x1 stride-s projection of the pre-activated
-    input when the channels or the stride change. Each conv that a BN-ReLU follows
-    runs as one ``conv_bn_relu``.
+    input when the channels or the stride change. In training the three convs run as
+    one ``conv_chain`` (no batch-norm output is written); in eval each conv that a
+    BN-ReLU follows runs as one ``conv_bn_relu``, batch norm applied in its epilogue.
     """
 
     def __init__(self, cin, cout, stride=1, rng=None):
@@ -42,7 +56,7 @@ class ResidualUnit(Module):
     def forward(self, x):
         activated = self.pre(x)
         shortcut = self.project(activated) if "project" in self._modules else x
-        return F.add(self.expand(self.spatial(self.reduce(activated))), shortcut)
+        return F.add(_branch(activated, self.reduce, self.spatial, self.expand, training=self.training), shortcut)
 
 
 ATTENTIONS = ("mixed", "channel", "spatial")
@@ -96,7 +110,8 @@ class AttentionModule(Module):
         mask = self.bottom(mask)
         for level in reversed(range(self.depth - 1)):
             mask = self.up[level](F.upsample_bilinear(mask, skips[level].shape[1:3], skip=skips[level]))
-        logits = self.mask_head(F.upsample_bilinear(mask, trunk.shape[1:3]))
+        head = self.mask_head
+        logits = _branch(head[0](F.upsample_bilinear(mask, trunk.shape[1:3])), head[1], head[2], training=self.training)
         if self.attention == "mixed":
             out = F.attention_mix(logits, trunk, residual=self.residual_attention)
             if self.keep_mask:

@@ -242,6 +242,10 @@ class Conv2d(Module):
     def forward(self, x):
         return F.conv2d(x, self.weight, self.stride, self.padding)
 
+    def chain_layer(self):
+        """This conv as the last layer of ``F.conv_chain``."""
+        return self.weight, self.stride, self.padding, None
+
 
 class BatchNorm2d(Module):
     """Batch norm over N, H, W per channel, optionally followed by ReLU.
@@ -274,6 +278,13 @@ class ConvBnRelu(Module):
         super().__init__()
         self.conv = Conv2d(cin, cout, kernel_size, stride, padding, rng)
         self.bn = BatchNorm2d(cout, relu=relu)
+
+    def chain_layer(self):
+        """This layer as a layer of ``F.conv_chain`` (which always applies the ReLU)."""
+        if not self.bn.relu:
+            raise ValueError("ConvBnRelu.chain_layer: F.conv_chain applies a ReLU after each batch norm; this "
+                             "layer has relu=False")
+        return self.conv.weight, self.conv.stride, self.conv.padding, self.bn.statistics()
 
     def forward(self, x):
         return F.conv_bn_relu(x, self.conv.weight, *self.bn.statistics(), stride=self.conv.stride,

@@ -14,7 +14,7 @@ engine and the optimizer.
 from .augment import augment
 from .attention import (attention_mix, attention_mix_backward, channel_attention, channel_attention_backward,
                         spatial_attention, spatial_attention_backward)
-from .conv import conv2d, conv2d_backward, conv_bn_relu, conv_bn_relu_backward
+from .conv import conv2d, conv2d_backward, conv_bn_relu, conv_bn_relu_backward, conv_chain, conv_chain_backward
 from .elementwise import (add, add_backward, add_into, copy, fill, relu, relu_backward, sigmoid,
                           sigmoid_backward)
 from .linear import linear, linear_backward
@@ -29,6 +29,7 @@ __all__ = [
     "conv2d", "conv2d_backward",
     "batch_norm", "batch_norm_backward",
     "conv_bn_relu", "conv_bn_relu_backward",
+    "conv_chain", "conv_chain_backward",
     "max_pool2d", "max_pool2d_backward",
     "upsample_bilinear", "upsample_bilinear_backward",
     "sigmoid", "sigmoid_backward",

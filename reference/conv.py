@@ -66,3 +66,38 @@ def conv_bn_relu_backward(dy, saved, need_dx=True, dw_into=None, dgamma_into=Non
     dz, dgamma, dbeta = batch_norm_backward(dy, bn_saved, dgamma_into, dbeta_into)
     dx, dw = conv2d_backward(dz, conv_saved, need_dx, dw_into)
     return dx, dw, dgamma, dbeta
+
+
+def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5):
+    """conv2d, batch_norm + ReLU, conv2d, ..., conv2d in training mode: each conv but the last is
+    conv_bn_relu (batch statistics, ReLU), the last conv2d. params: w_1, gamma_1, beta_1,
+    running_mean_1, running_var_1, w_2, ..., w_n; layers: ((stride, padding), ...), one per conv.
+
+    Returns (y, ((new_running_mean, new_running_var), ...), saved): exactly the ops in turn.
+    """
+    n, y, running, saved = len(layers), x, [], []
+    for i, (stride, padding) in enumerate(layers):
+        if i < n - 1:
+            y, new_mean, new_var, layer_saved = conv_bn_relu(y, *params[5 * i:5 * i + 5], stride, padding, True,
+                                                             momentum, eps, True)
+            running.append((new_mean, new_var))
+        else:
+            y, layer_saved = conv2d(y, params[5 * i], stride, padding)
+        saved.append(layer_saved)
+    return y, tuple(running), saved
+
+
+def conv_chain_backward(dy, saved, need_dx=True, into=None):
+    """Gradients of conv_chain, one per input: (dx, dw_1, dgamma_1, dbeta_1, None, None, dw_2, ..., dw_n),
+    None for the running statistics; dx None when not ``need_dx``; ``into``: per entry of params, an
+    array to add that gradient into (returned for it), or None."""
+    n = len(saved)
+    into = into or (None,) * (5 * n - 4)
+    grads = [None] * (5 * n - 4)
+    for i in reversed(range(n)):
+        if i == n - 1:
+            dy, grads[5 * i] = conv2d_backward(dy, saved[i], i > 0 or need_dx, into[5 * i])
+        else:
+            dy, grads[5 * i], grads[5 * i + 1], grads[5 * i + 2] = conv_bn_relu_backward(
+                dy, saved[i], i > 0 or need_dx, *into[5 * i:5 * i + 3])
+    return (dy, *grads)

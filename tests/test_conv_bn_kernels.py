@@ -283,3 +283,70 @@ def test_batch_norm_training_needs_two_values_per_channel(triton_backend, rng):
         F.batch_norm(*on_backend(f32(rng, (1, 1, 1, 3)), *bn_params(rng, 3)))
     with pytest.raises(ValueError, match="conv_bn_relu: training needs more than 1 value per channel"):
         F.conv_bn_relu(*on_backend(f32(rng, (1, 3, 3, 2)), f32(rng, (3, 3, 2, 3)), *bn_params(rng, 3)))
+
+
+# --------------------------------------------------------------------------- conv_chain
+
+def _chain_inputs(rng, x_shape, w_shapes, strides, band, beta_offset=0.0):
+    """x, params, layers of a conv_chain, redrawn until no batch norm's pre-activation lies within
+    ``band`` (relative to its largest) of the ReLU's kink: there float32 may take the other branch.
+    Thousands of values per channel always have some near the kink; ``beta_offset`` then lifts the
+    pre-activations (gamma * xhat + beta) clear of it."""
+    layers = tuple((stride, shape[0] // 2) for shape, stride in zip(w_shapes, strides))
+    while True:
+        x, params = f32(rng, x_shape), []
+        for i, shape in enumerate(w_shapes):
+            params.append(f32(rng, shape))
+            if i < len(w_shapes) - 1:
+                gamma, beta, running_mean, running_var = bn_params(rng, shape[-1])
+                params += [gamma, beta + np.float32(beta_offset), running_mean, running_var]
+        h, near_kink = np.float64(x), False
+        for i, (stride, padding) in enumerate(layers[:-1]):
+            args = (h, *f64(*params[5 * i:5 * i + 5]), stride, padding, True)
+            pre = ref.conv_bn_relu(*args, relu=False)[0]
+            near_kink |= np.abs(pre).min() < band * np.abs(pre).max()
+            h = ref.conv_bn_relu(*args, relu=True)[0]
+        if not near_kink:
+            return x, params, layers
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["new", "into_buffers"])
+@pytest.mark.parametrize("x_shape, w_shapes, strides, need_dx, beta_offset", [
+    # the residual unit's branch: 1x1, 3x3 stride 2 on an odd input, 1x1; channels off every block
+    ((2, 9, 7, 20), [(1, 1, 20, 6), (3, 3, 6, 6), (1, 1, 6, 24)], (1, 2, 1), True, 0.0),
+    # the mask head (1x1, 1x1), without dx (an input that needs no gradient)
+    ((1, 5, 6, 8), [(1, 1, 8, 8), (1, 1, 8, 8)], (1, 1), False, 0.0),
+    # 2,178 positions: 35 tiles of 64 in dgrad's batch-norm sums, finished in two chunks of 32
+    ((2, 33, 33, 4), [(1, 1, 4, 4), (1, 1, 4, 4)], (1, 1), True, 4.0),
+])
+def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, beta_offset, into):
+    """Every output, running statistic and gradient of the fused chain (each batch norm applied by the
+    next conv as it loads, its backward sums taken in that conv's dgrad) against reference/."""
+    x, params, layers = _chain_inputs(rng, x_shape, w_shapes, strides, IEEE_KINK_BAND, beta_offset)
+    y_ref, running_ref, saved_ref = ref.conv_chain(*f64(x, *params), layers=layers)
+    args = on_backend(x, *params)
+    y, running, saved = conv.conv_chain(*args, layers=layers)
+    assert_close("y", y, y_ref, IEEE_RTOL)
+    for i, ((mean, var), (mean_ref, var_ref)) in enumerate(zip(running, running_ref)):
+        assert mean is args[5 * i + 4] and var is args[5 * i + 5], "running statistics are updated in place"
+        assert_close(f"running_mean {i}", mean, mean_ref, IEEE_RTOL)
+        assert_close(f"running_var {i}", var, var_ref, IEEE_RTOL)
+
+    dy = f32(rng, y_ref.shape)
+    running_slots = {5 * i + 3 for i in range(len(layers) - 1)} | {5 * i + 4 for i in range(len(layers) - 1)}
+    before = [None if not into or j in running_slots else f32(rng, p.shape) for j, p in enumerate(params)]
+    buffers = [None if b is None else backend.asarray(b.copy()) for b in before]
+    grads = conv.conv_chain_backward(backend.asarray(dy), saved, need_dx, buffers)
+    grads_ref = ref.conv_chain_backward(*f64(dy), saved_ref)
+    if need_dx:
+        assert_close("dx", grads[0], grads_ref[0], IEEE_RTOL)
+    else:
+        assert grads[0] is None
+    for j, (got, want) in enumerate(zip(grads[1:], grads_ref[1:])):
+        if j in running_slots:
+            assert got is None and want is None
+        elif into:
+            assert_added_into(f"gradient of parameter {j}", got, buffers[j], before[j], want, IEEE_RTOL)
+        else:
+            assert_close(f"gradient of parameter {j}", got, want, IEEE_RTOL)
+    assert_counters_released()

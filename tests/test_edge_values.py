@@ -62,6 +62,9 @@ def case(rng, op):
             return fn, [x, *bn_state(rng, c)], kind
         fn = (lambda x, wt, g, b, rm, rv: F.conv_bn_relu(x, wt, g, b, rm, rv, 1, 0, training=training, relu=relu))
         return fn, [x, draw(rng, (1, 1, c, 4)), *bn_state(rng, 4)], kind
+    if op == "conv_chain":  # conv1x1 + BN (training) + ReLU, conv1x1
+        fn = (lambda x, w1, g, b, rm, rv, w2: F.conv_chain(x, [(w1, 1, 0, (g, b, rm, rv)), (w2, 1, 0, None)]))
+        return fn, [x, draw(rng, (1, 1, c, 4)), *bn_state(rng, 4), draw(rng, (1, 1, 4, 3))], kind
     if op == "max_pool2d":
         return (lambda x: F.max_pool2d(x)), [x], kind
     if op == "upsample_bilinear":
@@ -81,7 +84,7 @@ def case(rng, op):
     return getattr(F, op), [x], kind  # sigmoid, channel_attention, spatial_attention, relu, global_avg_pool
 
 
-OPS = ("conv2d", "batch_norm", "conv_bn_relu", "max_pool2d", "upsample_bilinear", "sigmoid", "attention_mix",
+OPS = ("conv2d", "batch_norm", "conv_bn_relu", "conv_chain", "max_pool2d", "upsample_bilinear", "sigmoid", "attention_mix",
        "channel_attention", "spatial_attention", "add", "relu", "global_avg_pool", "linear", "cross_entropy")
 
 
@@ -165,6 +168,9 @@ def empty_calls():
         ("batch_norm", lambda: F.batch_norm(backend.asarray(x0), *map(backend.asarray, c3))),
         ("conv_bn_relu", lambda: F.conv_bn_relu(backend.asarray(x_no_rows), backend.asarray(np.ones((1, 1, 3, 3), np.float32)),
                                                 *map(backend.asarray, c3))),
+        ("conv_chain", lambda: F.conv_chain(backend.asarray(x_no_rows), [
+            (backend.asarray(np.ones((1, 1, 3, 3), np.float32)), 1, 0, tuple(map(backend.asarray, c3))),
+            (backend.asarray(np.ones((1, 1, 3, 2), np.float32)), 1, 0, None)])),
         ("max_pool2d", lambda: F.max_pool2d(backend.asarray(x_no_rows))),
         ("upsample_bilinear", lambda: F.upsample_bilinear(backend.asarray(x_no_rows), (8, 8))),
         ("sigmoid", lambda: F.sigmoid(backend.asarray(np.zeros(0, np.float32)))),

@@ -146,6 +146,48 @@ def conv_bn_relu_case(x_shape, w_shape, stride, padding, training, relu):
     return Case(forward, ref.conv_bn_relu_backward, make)
 
 
+def conv_chain_case(x_shape, w_shapes, strides):
+    """conv_chain over convs of the given HWIO shapes and strides (padding KH // 2), a BN-ReLU after
+    each but the last. Inputs: x, then per conv w (and gamma, beta); running statistics fixed."""
+    layers = tuple((stride, shape[0] // 2) for shape, stride in zip(w_shapes, strides))
+    n = len(w_shapes)
+
+    def arguments(x, inputs, running):
+        args = [x]
+        for i in range(n):
+            args.append(inputs[3 * i])
+            if i < n - 1:
+                args += [inputs[3 * i + 1], inputs[3 * i + 2], *running[2 * i:2 * i + 2]]
+        return args
+
+    def forward(x, *inputs, **running):
+        y, _, saved = ref.conv_chain(*arguments(x, inputs, list(running.values())), layers=layers)
+        return y, saved
+
+    def backward(dy, saved):
+        return tuple(g for i, g in enumerate(ref.conv_chain_backward(dy, saved)) if i == 0 or (i - 1) % 5 < 3)
+
+    def draw(rng):
+        inputs, running = [], {}
+        for i, shape in enumerate(w_shapes):
+            inputs.append(rng.standard_normal(shape))
+            if i < n - 1:
+                gamma, beta, running[f"mean{i}"], running[f"var{i}"] = bn_params(rng, shape[-1])
+                inputs += [gamma, beta]
+        return [rng.standard_normal(x_shape), *inputs], running
+
+    def preactivation(x, *inputs, **running):
+        running, lowest, h = list(running.values()), np.inf, x
+        for i in range(n - 1):
+            w, gamma, beta = inputs[3 * i:3 * i + 3]
+            args = (h, w, gamma, beta, *running[2 * i:2 * i + 2], *layers[i], True)
+            lowest = min(lowest, np.abs(ref.conv_bn_relu(*args, relu=False)[0]).min())
+            h = ref.conv_bn_relu(*args, relu=True)[0]
+        return np.array([lowest])
+
+    return Case(forward, backward, lambda rng: kink_free(lambda: draw(rng), preactivation))
+
+
 def pool_case(x_shape, kernel_size, stride, padding):
     return Case(lambda x: ref.max_pool2d(x, kernel_size, stride, padding), ref.max_pool2d_backward,
                 lambda rng: ([distinct(rng, x_shape)], {}))
@@ -184,6 +226,8 @@ CASES = {
     "conv_bn_relu_train": conv_bn_relu_case((2, 5, 7, 3), (3, 3, 3, 4), 1, 1, training=True, relu=True),
     "conv_bn_train_1x1_s2": conv_bn_relu_case((2, 7, 9, 3), (1, 1, 3, 4), 2, 0, training=True, relu=False),
     "conv_bn_relu_eval_s2": conv_bn_relu_case((1, 7, 9, 3), (3, 3, 3, 4), 2, 1, training=False, relu=True),
+    "conv_chain_bottleneck_s2": conv_chain_case((2, 5, 7, 3), [(1, 1, 3, 4), (3, 3, 4, 4), (1, 1, 4, 5)], (1, 2, 1)),
+    "conv_chain_two": conv_chain_case((1, 6, 5, 4), [(3, 3, 4, 3), (1, 1, 3, 2)], (1, 1)),
     "maxpool3_s2_p1": pool_case((2, 7, 9, 3), 3, 2, 1),
     "maxpool3_s2_p1_even": pool_case((1, 8, 8, 2), 3, 2, 1),
     "maxpool2_s2_p0": pool_case((2, 8, 6, 3), 2, 2, 0),

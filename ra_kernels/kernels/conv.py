@@ -76,9 +76,17 @@ def _load_output_grad(dy_ptr, z_ptr, offs, ok, ch, ch_ok, stats_ptr, sums_ptr, C
 
 
 @device_function
-def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count,
+def _activated(x, ok, stats_ptr, ch, ch_ok, C):
+    """relu(x * scale + shift) with scale and shift of channels ``ch`` from a (4, C) stats buffer, 0 where
+    not ``ok``: a batch-norm + ReLU applied by the conv that consumes its output, as it loads it."""
+    _, _, scale, shift = bn.load_stats(stats_ptr, ch, ch_ok, C)
+    return tl.where(ok, bn.affine_relu(x, scale, shift, True), 0.0)
+
+
+@device_function
+def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, pre_stats_ptr,
                  img, base_h, base_w, pos_ok, SRC_H, SRC_W, SRC_C, OUT_C, K, KW, stride, cols,
-                 TRANSPOSED: tl.constexpr, BN_BACKWARD: tl.constexpr, RELU: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, PRE_BN: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_M, BLOCK_N] accumulator of an implicit-GEMM conv: sum over k < K of A[pos, k] * B[k, col].
@@ -89,7 +97,9 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count,
     output gradient), positions are input pixels with (base_h, base_w) = (h, w) + padding,
     A[pos, (kh, kw, co)] = dy[img, (base_h - kh) / stride, (base_w - kw) / stride, co] when
     those divide exactly, B[(kh, kw, co), ci] = w[kh, kw, ci, co], and with BN_BACKWARD the
-    dy loads become dz (see ``_load_output_grad``).
+    dy loads become dz (see ``_load_output_grad``). PRE_BN (forward only): A is im2col of
+    relu(x * scale + shift), scale and shift per channel of x from pre_stats (4, SRC_C), applied
+    as x loads (zero where a window hangs over the padding, as for the activation itself).
     """
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     cols_ok = cols < OUT_C
@@ -117,6 +127,8 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count,
             offs, ok = _im2col_offsets(img[:, None], base_h[:, None], base_w[:, None], pos_ok[:, None],
                                        kh[None, :], kw[None, :], c[None, :], k_ok[None, :], SRC_H, SRC_W, SRC_C)
             a = tl.load(src_ptr + offs, mask=ok, other=0.0)
+            if PRE_BN:
+                a = _activated(a, ok, pre_stats_ptr, c[None, :], k_ok[None, :], SRC_C)
             w_offs = k[:, None] * OUT_C + cols[None, :]
         b = tl.load(w_ptr + w_offs, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -145,14 +157,16 @@ _TILE_CLASSES = [dict(BLOCK_M=128, BLOCK_N=16), dict(BLOCK_M=128, BLOCK_N=64), d
 
 @kernel(aot=[dict(x_ptr=_F32, w_ptr=_F32, y_ptr=_F32, partials_ptr=_F32, gamma_ptr=_F32, beta_ptr=_F32,
                   running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32, momentum="fp32", eps="fp32",
-                  counters_ptr="*i32", **_SHAPE_TYPES,
-                  EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=precision, BLOCK_K=32, BLOCK_T=32, **tiles)
-             for (epilogue, relu, precision), tiles in zip(
-                 [("store", False, "tf32"), ("stats", False, "tf32"), ("bn_eval", True, "ieee"),
-                  ("bn_eval", False, "tf32")], _TILE_CLASSES)])
+                  counters_ptr="*i32", pre_stats_ptr=_F32, **_SHAPE_TYPES,
+                  EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_bn, INPUT_PRECISION=precision, BLOCK_K=32, BLOCK_T=32,
+                  **tiles)
+             for (epilogue, relu, pre_bn, precision), tiles in zip(
+                 [("store", False, True, "tf32"), ("stats", False, True, "tf32"), ("bn_eval", True, False, "ieee"),
+                  ("bn_eval", False, False, "tf32"), ("stats", False, False, "ieee")], _TILE_CLASSES * 2)])
 def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
-                      stats_ptr, momentum, eps, counters_ptr, H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
-                      EPILOGUE: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      stats_ptr, momentum, eps, counters_ptr, pre_stats_ptr,
+                      H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
+                      EPILOGUE: tl.constexpr, RELU: tl.constexpr, PRE_BN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """One [BLOCK_M positions, BLOCK_N output channels] tile of y (grid: cdiv(M, BLOCK_M), cdiv(C_out, BLOCK_N)).
 
@@ -163,7 +177,8 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
     (``batchnorm.finalize_statistics``, BLOCK_T tiles a step). "bn_eval": y = relu(z * scale + shift)
     (ReLU if RELU) with scale/shift from gamma, beta and the running statistics;
     the programs of the first row of tiles also store them as stats (4, C_out) for
-    the backward. Pointers an epilogue does not use may be any float32 array.
+    the backward. PRE_BN: the conv's input is relu(x * scale + shift), from pre_stats (4, C_in),
+    applied as x loads. Pointers an epilogue does not use may be any float32 array.
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -173,8 +188,8 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
     # A plain forward GEMM: no BN backward, so the dy-to-dz operands are never read (x_ptr stands in).
     z = _conv_k_loop(src_ptr=x_ptr, w_ptr=w_ptr, img=img, base_h=oh * stride - padding, base_w=ow * stride - padding,
                      pos_ok=m_ok, SRC_H=H, SRC_W=W, SRC_C=C_in, OUT_C=C_out, K=K, KW=KW, stride=stride, cols=cols,
-                     z_ptr=x_ptr, stats_ptr=x_ptr, sums_ptr=x_ptr, inv_count=0.0,
-                     TRANSPOSED=False, BN_BACKWARD=False, RELU=False, INPUT_PRECISION=INPUT_PRECISION,
+                     z_ptr=x_ptr, stats_ptr=x_ptr, sums_ptr=x_ptr, inv_count=0.0, pre_stats_ptr=pre_stats_ptr,
+                     TRANSPOSED=False, BN_BACKWARD=False, RELU=False, PRE_BN=PRE_BN, INPUT_PRECISION=INPUT_PRECISION,
                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     ok = m_ok[:, None] & cols_ok[None, :]
     y_offs = m[:, None] * C_out + cols[None, :]
@@ -204,20 +219,34 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
                                        True, BLOCK_T)
 
 
-@kernel(aot=[dict(dy_ptr=_F32, w_ptr=_F32, dx_ptr=_F32, **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
-                  BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision, BLOCK_K=32, **tiles)
-             for (bn_backward, relu, precision), tiles in zip(
-                 [(False, False, "tf32"), (True, True, "ieee"), (True, False, "tf32")], _TILE_CLASSES)])
+_INPUT_SUMS_TYPES = dict(in_z_ptr=_F32, in_stats_ptr=_F32, partials_ptr=_F32, in_sums_ptr=_F32, dgamma_ptr=_F32,
+                         dbeta_ptr=_F32, counters_ptr="*i32")
+
+
+@kernel(aot=[dict(dy_ptr=_F32, w_ptr=_F32, dx_ptr=_F32, **_BN_BACKWARD_TYPES, **_INPUT_SUMS_TYPES, **_SHAPE_TYPES,
+                  BN_BACKWARD=bn_backward, RELU=relu, INPUT_SUMS=input_sums, ADD_INTO=input_sums,
+                  INPUT_PRECISION=precision, BLOCK_K=32, BLOCK_T=32, **tiles)
+             for (bn_backward, relu, input_sums, precision), tiles in zip(
+                 [(False, False, False, "tf32"), (True, True, True, "ieee"), (True, False, False, "tf32"),
+                  (False, False, True, "tf32")], _TILE_CLASSES)])
 def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
+                        in_z_ptr, in_stats_ptr, partials_ptr, in_sums_ptr, dgamma_ptr, dbeta_ptr, counters_ptr,
                         H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
-                        BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_SUMS: tl.constexpr,
+                        ADD_INTO: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """One [BLOCK_M input positions, BLOCK_N input channels] tile of dx (grid: cdiv(M, BLOCK_M), cdiv(C_in, BLOCK_N)).
 
     Here M = N*H*W input positions and K = KH*KW*C_out. With BN_BACKWARD the
     operand is dz = BN+ReLU backward of dy (z the conv output, stats (4, C_out)
     and sums (2, C_out) from the forward and the backward reduction, inv_count
     1/(N*OH*OW) in training, 0 in eval); else dy itself (z, stats, sums unused).
+
+    INPUT_SUMS: the conv's input was relu(bn(in_z)) (applied as it loaded, in_stats (4, C_in)),
+    so dx is the gradient of that activation, and the epilogue also adds up the batch-norm
+    backward sums of g = dx * [activation > 0] and g * xhat over its tile, into partials
+    (cdiv(M, BLOCK_M), 2, C_in); the last program of each column of tiles finishes them into
+    in_sums (2, C_in) and, with ADD_INTO, adds them into the gradient buffers dbeta and dgamma.
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,24 +254,40 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     img, h, w = positions(m, H, W)
     dx = _conv_k_loop(src_ptr=dy_ptr, w_ptr=w_ptr, img=img, base_h=h + padding, base_w=w + padding,
                       pos_ok=m < M, SRC_H=OH, SRC_W=OW, SRC_C=C_out, OUT_C=C_in, K=K, KW=KW, stride=stride, cols=cols,
-                      z_ptr=z_ptr, stats_ptr=stats_ptr, sums_ptr=sums_ptr, inv_count=inv_count,
-                      TRANSPOSED=True, BN_BACKWARD=BN_BACKWARD, RELU=RELU, INPUT_PRECISION=INPUT_PRECISION,
-                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    tl.store(dx_ptr + m[:, None] * C_in + cols[None, :], dx, mask=(m < M)[:, None] & (cols < C_in)[None, :])
+                      z_ptr=z_ptr, stats_ptr=stats_ptr, sums_ptr=sums_ptr, inv_count=inv_count, pre_stats_ptr=z_ptr,
+                      TRANSPOSED=True, BN_BACKWARD=BN_BACKWARD, RELU=RELU, PRE_BN=False,
+                      INPUT_PRECISION=INPUT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    cols_ok = cols < C_in
+    ok = (m < M)[:, None] & cols_ok[None, :]
+    offs = m[:, None] * C_in + cols[None, :]
+    tl.store(dx_ptr + offs, dx, mask=ok)
+    if INPUT_SUMS:
+        mean, rstd, scale, shift = bn.load_stats(in_stats_ptr, cols[None, :], cols_ok[None, :], C_in)
+        g, xhat = bn.bn_backward_terms(dx, tl.load(in_z_ptr + offs, mask=ok, other=0.0), mean, rstd, scale, shift,
+                                       True)
+        g = tl.where(ok, g, 0.0)
+        out = partials_ptr + pid_m * 2 * C_in + cols
+        tl.store(out, tl.sum(g, 0), mask=cols_ok)
+        tl.store(out + C_in, tl.sum(g * xhat, 0), mask=cols_ok)
+        tiles = tl.num_programs(0)
+        if bn.last_to_arrive(counters_ptr + pid_n, tiles):
+            bn.finalize_sums(partials_ptr, in_sums_ptr, dgamma_ptr, dbeta_ptr, cols, cols_ok, C_in, tiles, ADD_INTO,
+                             BLOCK_T)
 
 
-@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, partials_ptr=_F32, counters_ptr="*i32",
+@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, partials_ptr=_F32, counters_ptr="*i32", pre_stats_ptr=_F32,
                   **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
-                  positions_per_split=_I32, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
-                  SPLIT=split, ACCUMULATE=accumulate, BLOCK_K=64, BLOCK_M=32, BLOCK_N=block_n)
-             for (bn_backward, relu, precision, block_n), (split, accumulate) in zip(
+                  positions_per_split=_I32, BN_BACKWARD=bn_backward, RELU=relu, PRE_BN=pre_bn,
+                  INPUT_PRECISION=precision, SPLIT=split, ACCUMULATE=accumulate, BLOCK_K=64, BLOCK_M=32,
+                  BLOCK_N=block_n)
+             for (bn_backward, relu, precision, block_n), (split, accumulate, pre_bn) in zip(
                  [(False, False, "tf32", 16), (True, True, "ieee", 64), (True, False, "tf32", 128),
                   (False, False, "ieee", 32)],
-                 [(True, True), (True, False), (False, True), (False, False)])])
-def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, partials_ptr, counters_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
-                        H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding, positions_per_split,
-                        BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                        SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 [(True, True, True), (True, False, False), (False, True, True), (False, False, False)])])
+def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, partials_ptr, counters_ptr, pre_stats_ptr, z_ptr, stats_ptr, sums_ptr,
+                        inv_count, H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding, positions_per_split,
+                        BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, PRE_BN: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """A [BLOCK_K rows (kh, kw, ci), BLOCK_N output channels] tile of dw, summed over one split of positions.
 
@@ -252,7 +297,8 @@ def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, partials_ptr, counters_ptr, z_ptr
     partials[s] of (splits, K, C_out), and the last of a tile's splits (``batchnorm.last_to_arrive``
     on the tile's counter) adds them up in split order into dw's tile. ACCUMULATE: dw is a
     gradient buffer, and the tile is added into it. The dy operand is dz under BN_BACKWARD, as in
-    ``conv2d_dgrad_kernel``.
+    ``conv2d_dgrad_kernel``; PRE_BN: the x operand is relu(bn(x)), from pre_stats (4, C_in), as in
+    the forward.
     """
     pid_k, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -271,6 +317,8 @@ def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, partials_ptr, counters_ptr, z_ptr
                                        (ow * stride - padding)[None, :], m_ok[None, :],
                                        kh[:, None], kw[:, None], ci[:, None], k_ok[:, None], H, W, C_in)
         a_t = tl.load(x_ptr + x_offs, mask=x_ok, other=0.0)
+        if PRE_BN:
+            a_t = _activated(a_t, x_ok, pre_stats_ptr, ci[:, None], k_ok[:, None], C_in)
         g = _load_output_grad(dy_ptr, z_ptr, m[:, None] * C_out + cols[None, :], m_ok[:, None] & cols_ok[None, :],
                               cols[None, :], cols_ok[None, :], stats_ptr, sums_ptr, C_out, inv_count,
                               BN_BACKWARD=BN_BACKWARD, RELU=RELU)
@@ -341,9 +389,10 @@ def _shape_args(x, w, stride, padding):
     return dict(n=n, H=h, W=wd, C_in=c_in, OH=oh, OW=ow, C_out=c_out, KH=kh, KW=kw)
 
 
-def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False):
+def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False, pre_stats=None):
     """Launch conv2d_fwd_kernel: y ("store"), or (y, stats) ("stats", "bn_eval"), with
-    bn_args = (gamma, beta, running_mean, running_var, momentum, eps) for those two."""
+    bn_args = (gamma, beta, running_mean, running_var, momentum, eps) for those two. With
+    ``pre_stats`` (4, C_in) the conv's input is relu(x * scale + shift) (PRE_BN)."""
     s = _shape_args(x, w, stride, padding)
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
     block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_out"])
@@ -353,16 +402,24 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False):
     stats = empty((4, s["C_out"])) if epilogue != "store" else x
     gamma, beta, running_mean, running_var, momentum, eps = bn_args or (x, x, x, x, 0.0, 0.0)
     launch(conv2d_fwd_kernel, grid, x, w, y, partials, gamma, beta, running_mean, running_var, stats, momentum, eps,
-           bn.arrival_counters(grid[1]), s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"],
-           stride, padding, num_warps=warps, EPILOGUE=epilogue, RELU=relu, INPUT_PRECISION=get_precision(),
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=bn.FINALIZE_BLOCK_T)
+           bn.arrival_counters(grid[1]), x if pre_stats is None else pre_stats,
+           s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"], stride, padding,
+           num_warps=warps, EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_stats is not None,
+           INPUT_PRECISION=get_precision(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+           BLOCK_T=bn.FINALIZE_BLOCK_T)
     return y if epilogue == "store" else (y, stats)
 
 
-def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True, dw_into=None):
-    """dx, dw of a conv; with bn_args = (z, stats, sums, inv_count) dy is first taken through BN (+ReLU).
-    Without ``need_dx`` the dgrad kernel is not launched and dx is None. With ``dw_into`` (a
-    gradient buffer of w's shape) dw is added into it, which is returned as dw."""
+def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True, dw_into=None, pre_stats=None,
+              input_bn_into=(None, None)):
+    """(dx, dw, input_sums) of a conv; with bn_args = (z, stats, sums, inv_count) dy is first taken through
+    BN (+ReLU). Without ``need_dx`` the dgrad kernel is not launched and dx is None. With ``dw_into``
+    (a gradient buffer of w's shape) dw is added into it, which is returned as dw.
+
+    ``pre_stats`` (4, C_in): the forward took relu(bn(x)) with these statistics (PRE_BN). The weight
+    gradient loads x so too, dx is the gradient of that activation, and dgrad's epilogue adds up
+    the input batch norm's backward sums, input_sums (2, C_in) (else None), also added into
+    ``input_bn_into`` = (dgamma_into, dbeta_into) when both are buffers."""
     s = _shape_args(x, w, stride, padding)
     bn_backward = bn_args is not None
     z, stats, sums, inv_count = bn_args if bn_backward else (dy, dy, dy, 0.0)
@@ -370,15 +427,22 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True,
     shapes = (s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"])
 
     # dgrad: M = N*H*W input positions, K = KH*KW*C_out
-    dx = None
+    dx = input_sums = None
     if need_dx:
         m, k = s["n"] * s["H"] * s["W"], s["KH"] * s["KW"] * s["C_out"]
         block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_in"])
+        grid = (cdiv(m, block_m), cdiv(s["C_in"], block_n))
         dx = empty(x.shape)
-        launch(conv2d_dgrad_kernel, (cdiv(m, block_m), cdiv(s["C_in"], block_n)),
-               dy, w, dx, z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding,
-               num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_PRECISION=precision,
-               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        input_sums = empty((2, s["C_in"])) if pre_stats is not None else None
+        partials = empty((grid[0], 2, s["C_in"])) if pre_stats is not None else dx
+        add_into = input_bn_into[0] is not None and input_bn_into[1] is not None
+        dgamma, dbeta = input_bn_into if add_into else (dx, dx)
+        launch(conv2d_dgrad_kernel, grid, dy, w, dx, z, stats, sums, inv_count,
+               x, dx if pre_stats is None else pre_stats, partials, dx if input_sums is None else input_sums,
+               dgamma, dbeta, bn.arrival_counters(grid[1]), *shapes, m, k, s["KW"], stride, padding,
+               num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_SUMS=pre_stats is not None,
+               ADD_INTO=add_into, INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+               BLOCK_T=bn.FINALIZE_BLOCK_T)
 
     # wgrad: dw (K = KH*KW*C_in, C_out) reduced over M = N*OH*OW positions, split-K
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
@@ -388,11 +452,12 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True,
     dw = empty(w.shape) if dw_into is None else dw_into
     partials = empty((splits, k, s["C_out"])) if splits > 1 else dw
     launch(conv2d_wgrad_kernel, (cdiv(k, _WGRAD_BLOCK_K), cdiv(s["C_out"], block_n), splits),
-           x, dy, dw, partials, bn.arrival_counters(tiles), z, stats, sums, inv_count, *shapes, m, k, s["KW"],
-           stride, padding, per_split, num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu,
-           INPUT_PRECISION=precision, SPLIT=splits > 1, ACCUMULATE=dw_into is not None,
+           x, dy, dw, partials, bn.arrival_counters(tiles), x if pre_stats is None else pre_stats,
+           z, stats, sums, inv_count, *shapes, m, k, s["KW"], stride, padding, per_split, num_warps=warps,
+           BN_BACKWARD=bn_backward, RELU=relu, PRE_BN=pre_stats is not None, INPUT_PRECISION=precision,
+           SPLIT=splits > 1, ACCUMULATE=dw_into is not None,
            BLOCK_K=_WGRAD_BLOCK_K, BLOCK_N=block_n, BLOCK_M=_WGRAD_BLOCK_M)
-    return dx, dw
+    return dx, dw, input_sums
 
 
 # --------------------------------------------------------------------------- launchers (mirror reference/conv.py)
@@ -406,7 +471,7 @@ def conv2d_backward(dy, saved, need_dx=True, dw_into=None):
     """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx, dw). Kernels: conv2d_dgrad (unless not
     ``need_dx``: dx None), conv2d_wgrad. With ``dw_into`` dw is added into it."""
     x, w, stride, padding = saved
-    return _backward(dy, x, w, stride, padding, need_dx=need_dx, dw_into=dw_into)
+    return _backward(dy, x, w, stride, padding, need_dx=need_dx, dw_into=dw_into)[:2]
 
 
 def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
@@ -438,5 +503,55 @@ def conv_bn_relu_backward(dy, saved, need_dx=True, dw_into=None, dgamma_into=Non
         z = _forward(x, w, stride, padding, "store")
     sums = bn.backward_sums(dy, z, stats, relu, dgamma_into, dbeta_into)
     inv_count = bn.inverse_count(z.size // z.shape[-1], training)
-    dx, dw = _backward(dy, x, w, stride, padding, (z, stats, sums, inv_count), relu, need_dx, dw_into)
+    dx, dw, _ = _backward(dy, x, w, stride, padding, (z, stats, sums, inv_count), relu, need_dx, dw_into)
     return (dx, dw, *bn.parameter_gradients(sums, dgamma_into, dbeta_into))
+
+
+def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5):
+    """conv2d, batch_norm + ReLU, conv2d, ..., conv2d, in training mode: every conv but the last is
+    followed by batch norm (batch statistics; running statistics updated in place) and ReLU.
+
+    params: w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n (HWIO weights, (C,)
+    arrays); layers: ((stride, padding), ...), one per conv. Returns (y, ((running_mean,
+    running_var), ...), saved). Kernels: one conv2d_fwd per conv. Each batch norm's statistics come
+    from its conv's epilogue ("stats"), and the next conv applies it, with the ReLU, as it loads
+    its operand (PRE_BN): the activations relu(bn(z)) are never written.
+    """
+    n, z, stats, inputs = len(layers), x, None, []
+    for i, (stride, padding) in enumerate(layers):
+        w = params[5 * i]
+        inputs.append((z, stats))
+        if i < n - 1:
+            gamma, beta, running_mean, running_var = params[5 * i + 1:5 * i + 5]
+            z, stats = _forward(z, w, stride, padding, "stats", (gamma, beta, running_mean, running_var, momentum, eps),
+                                pre_stats=stats)
+        else:
+            z = _forward(z, w, stride, padding, "store", pre_stats=stats)
+    running = tuple((params[5 * i + 3], params[5 * i + 4]) for i in range(n - 1))
+    return z, running, (params[0::5], layers, inputs)
+
+
+def conv_chain_backward(dy, saved, need_dx=True, into=None):
+    """Gradients of conv_chain: dy (N, OH, OW, C) -> one per input: (dx, dw_1, dgamma_1, dbeta_1, None, None,
+    dw_2, ...), None for the running statistics; dx None when not ``need_dx``. ``into``: per entry of
+    params, a gradient buffer to add that gradient into (returned for it), or None.
+
+    Kernels: per conv, dgrad and wgrad. Going back, each conv's operand is dz of its batch norm,
+    made from the activation gradient, z, the statistics and the sums as it loads (BN_BACKWARD),
+    and its dgrad's epilogue adds up the sums of the batch norm before it (INPUT_SUMS), so no
+    kernel of batch norm's own is launched.
+    """
+    weights, layers, inputs = saved
+    n = len(layers)
+    into = into or (None,) * (5 * n - 4)
+    grads = [None] * (5 * n - 4)
+    bn_args, operand = None, dy  # the last conv's operand: dy itself
+    for i in reversed(range(n)):
+        (stride, padding), (x, pre_stats) = layers[i], inputs[i]
+        bn_into = (into[5 * i - 4], into[5 * i - 3]) if i > 0 else (None, None)
+        dx, grads[5 * i], sums = _backward(operand, x, weights[i], stride, padding, bn_args, True, i > 0 or need_dx,
+                                           into[5 * i], pre_stats, bn_into)
+        if i > 0:  # x is z of batch norm i - 1, whose backward the next conv down applies on load
+            grads[5 * i - 4:5 * i - 2] = bn.parameter_gradients(sums, *bn_into)
+            bn_args, operand = (x, pre_stats, sums, bn.inverse_count(x.size // x.shape[-1], True)), dx
+    return (dx, *grads)
