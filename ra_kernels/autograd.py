@@ -49,6 +49,11 @@ class ArrayArithmetic:
     def copy(a):
         return a.copy()
 
+    @staticmethod
+    def zero(into):
+        into.fill(0)
+        return into
+
 
 #: The engine's array arithmetic; ra_kernels.functional installs one that runs the backend's kernels.
 arithmetic = ArrayArithmetic()

@@ -236,6 +236,11 @@ def no_host_reads(why: str):
         _thread.no_host_reads = previous
 
 
+def host_reads_refused() -> bool:
+    """True inside :func:`no_host_reads` on this thread: while a step is being captured."""
+    return getattr(_thread, "no_host_reads", None) is not None
+
+
 def to_numpy(a) -> np.ndarray:
     """A host NumPy copy (or view) of an array of any backend."""
     why = getattr(_thread, "no_host_reads", None)

@@ -255,6 +255,10 @@ class _BackendArithmetic:
     def copy(a):
         return choose(ref, elementwise).copy(a)
 
+    @staticmethod
+    def zero(into):
+        return choose(ref, elementwise).fill(into, 0.0)
+
 
 autograd.arithmetic = _BackendArithmetic()
 

@@ -83,7 +83,11 @@ def _capture_recorded(fn, args):
 
 class StepGraph:
     """``fn`` of device arrays, run eagerly ``warmup`` times and then captured and replayed, once per
-    signature (the shapes and dtypes of the arguments: a last partial batch gets its own graph).
+    signature: the shapes and dtypes of the arguments (a last partial batch gets its own graph), and
+    ``state()``, a hashable of whatever else the captured kernels were chosen by (a mode, the
+    precision, hyperparameters passed as launch arguments); a new value gets its own warm-up and
+    graph. Checks on host values in ``fn`` (the labels' range on a host array) run at the eager
+    calls and the capture only.
 
     ``step(*arrays)`` returns what ``fn`` returns. Until the signature's ``warmup`` eager calls are
     done, that is a plain call (Triton compiles and loads the kernels it meets). The next call
@@ -92,10 +96,10 @@ class StepGraph:
     next replay of the same signature rewrites: read or copy them before the next call.
     """
 
-    def __init__(self, fn, warmup: int = 2):
+    def __init__(self, fn, warmup: int = 2, state=lambda: None):
         if warmup < 1:
             raise ValueError(f"StepGraph: warmup must be >= 1 (kernels compile in the eager calls), got {warmup}")
-        self.fn, self.warmup = fn, warmup
+        self.fn, self.warmup, self.state = fn, warmup, state
         self._graphs = {}      # signature -> (static inputs, Captured)
         self._eager_calls = {}  # signature -> eager calls made so far
 
@@ -104,7 +108,7 @@ class StepGraph:
         return list(self._graphs)
 
     def __call__(self, *arrays):
-        signature = tuple((tuple(a.shape), np.dtype(a.dtype).str) for a in arrays)
+        signature = (tuple((tuple(a.shape), np.dtype(a.dtype).str) for a in arrays), self.state())
         entry = self._graphs.get(signature)
         if entry is None:
             done = self._eager_calls.get(signature, 0)

@@ -290,11 +290,28 @@ def replay(launches):
         _run(call)
 
 
+#: Called after an interpreted launch stopped partway (an error, Ctrl-C): state that programs keep
+#: across launches may be left half-updated (the arrival counters of kernels/batchnorm.py). A
+#: compiled launch cannot stop partway: it finishes, or the CUDA context is lost.
+_after_interrupted_launch = []
+
+
+def after_interrupted_launch(fn):
+    """Decorator: call ``fn()`` whenever an interpreted launch raises before its last program ran."""
+    _after_interrupted_launch.append(fn)
+    return fn
+
+
 def _run(call: Launch):
     if call.compiled:
         _cuda_driver_on_cupy()
         call.kernel_fn[call.grid](*call.args, num_warps=call.num_warps, enable_fp_fusion=True, **call.constexprs)
-    else:
-        _fix_interpreter_scalar_index()
-        with _interpreter_lock, _interpreting():
+        return
+    _fix_interpreter_scalar_index()
+    with _interpreter_lock, _interpreting():
+        try:
             _interpreted(call.kernel_fn.fn)[call.grid](*call.args, **call.constexprs)
+        except BaseException:
+            for repair in _after_interrupted_launch:
+                repair()
+            raise

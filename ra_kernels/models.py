@@ -20,9 +20,10 @@ MASK_DEPTHS = (3, 2, 1)  # max-pool levels of the mask branch per stage: 32->4, 
 
 # --------------------------------------------------------------------------- the paper's blocks
 
-def _branch(x, *layers, training):
-    """ConvBnRelu layers then a Conv2d: one ``F.conv_chain`` in training, the layers' own calls in eval."""
-    if training:
+def _branch(x, *layers):
+    """ConvBnRelu layers then a Conv2d: one ``F.conv_chain`` when every layer is in training mode, else
+    the layers' own calls (each in its own mode: a frozen batch norm stays frozen)."""
+    if all(layer.training for layer in layers):
         norms = {(layer.bn.momentum, layer.bn.eps) for layer in layers[:-1]}
         if len(norms) != 1:
             raise ValueError(f"a conv chain's batch norms must share momentum and eps, got {sorted(norms)}")
@@ -56,7 +57,7 @@ class ResidualUnit(Module):
     def forward(self, x):
         activated = self.pre(x)
         shortcut = self.project(activated) if "project" in self._modules else x
-        return F.add(_branch(activated, self.reduce, self.spatial, self.expand, training=self.training), shortcut)
+        return F.add(_branch(activated, self.reduce, self.spatial, self.expand), shortcut)
 
 
 ATTENTIONS = ("mixed", "channel", "spatial")
@@ -111,7 +112,7 @@ class AttentionModule(Module):
         for level in reversed(range(self.depth - 1)):
             mask = self.up[level](F.upsample_bilinear(mask, skips[level].shape[1:3], skip=skips[level]))
         head = self.mask_head
-        logits = _branch(head[0](F.upsample_bilinear(mask, trunk.shape[1:3])), head[1], head[2], training=self.training)
+        logits = _branch(head[0](F.upsample_bilinear(mask, trunk.shape[1:3])), head[1], head[2])
         if self.attention == "mixed":
             out = F.attention_mix(logits, trunk, residual=self.residual_attention)
             if self.keep_mask:

@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import autograd
 from . import functional as F
 from . import npzfile
 from .autograd import Tensor
@@ -121,10 +122,11 @@ class Module:
                 yield prefix + name, b
 
     def zero_grad(self):
-        """Zero every gradient in place (an optimizer may hold them as views of one buffer)."""
+        """Zero every gradient in place (an optimizer may hold them as views of one buffer), one kernel
+        each on the kernel backends (``autograd.arithmetic``), so that a captured step may call it."""
         for p in self.parameters():
             if p.grad is not None:
-                p.grad.fill(0)
+                autograd.arithmetic.zero(p.grad)
 
     # ----------------------------------------------------------------- modes
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import functional as F
 from .autograd import no_grad
-from .backend import get_backend
+from .backend import get_backend, get_precision
 from .graph import StepGraph
 from .metrics import accumulate_metrics
 
@@ -30,9 +30,9 @@ def _checked_capture(capture):
 
 
 class _Step:
-    def __init__(self, fn, capture, warmup):
+    def __init__(self, fn, capture, warmup, state):
         self.captured = _checked_capture(capture)
-        self._run = StepGraph(fn, warmup) if self.captured else fn
+        self._run = StepGraph(fn, warmup, state) if self.captured else fn
 
     def __call__(self, x, labels):
         """Run on images x (N, H, W, C) and integer labels (N,), arrays of the backend; returns the
@@ -47,12 +47,18 @@ class TrainStep(_Step):
 
     ``capture``: None for :func:`default_capture`. ``warmup``: eager steps per batch shape before
     the capture. The learning rate is the optimizer's device array, read by every replay, so
-    ``optimizer.set_lr`` between steps takes effect.
+    ``optimizer.set_lr`` between steps takes effect. A change of the model's mode, the precision
+    or the optimizer's momentum, weight decay or Nesterov switch gets a graph of its own; changes
+    below the model's top (one layer frozen after the capture) need a new TrainStep.
     """
 
     def __init__(self, model, optimizer, totals, capture=None, warmup=2):
         self.model, self.optimizer, self.totals = model, optimizer, totals
-        super().__init__(self._step, capture, warmup)
+        super().__init__(self._step, capture, warmup, self._state)
+
+    def _state(self):
+        o = self.optimizer
+        return self.model.training, get_precision(), o.momentum, o.weight_decay, o.nesterov
 
     def _step(self, x, labels):
         self.optimizer.zero_grad()
@@ -71,7 +77,7 @@ class EvalStep(_Step):
 
     def __init__(self, model, totals, capture=None, warmup=2):
         self.model, self.totals = model, totals
-        super().__init__(self._step, capture, warmup)
+        super().__init__(self._step, capture, warmup, get_precision)
 
     def __call__(self, x, labels):
         was_training = self.model.training

@@ -65,7 +65,9 @@ def test_captured_training_steps_equal_eager_ones_bit_for_bit(triton_backend, rn
     batches, lrs = _batches(rng, [4, 4, 4, 4]), [0.1, 0.1, 0.05, 0.05]
     eager, eager_outputs, _ = _train(seed, False, batches, lrs)
     captured, captured_outputs, step = _train(seed, True, batches, lrs)
-    assert step.captured and step._run.signatures() == [(((4, 4, 4, 3), "<f4"), ((4,), "<i8"))]
+    shapes, state = step._run.signatures()[0]
+    assert step.captured and len(step._run.signatures()) == 1 and shapes == (((4, 4, 4, 3), "<f4"), ((4,), "<i8"))
+    assert state == (True, backend.get_precision(), 0.9, 1e-4, True)  # mode, precision, SGD's launch scalars
     for name in eager:
         np.testing.assert_array_equal(captured[name], eager[name], err_msg=name)
     for (a_logits, a_loss), (b_logits, b_loss) in zip(captured_outputs, eager_outputs):
@@ -166,7 +168,8 @@ def test_step_graph_warms_up_captures_once_per_signature_and_copies_inputs(monke
         calls.append(a)
         return float(a.sum())
 
-    run = graph.StepGraph(fn, warmup=2)
+    mode = ["train"]
+    run = graph.StepGraph(fn, warmup=2, state=lambda: mode[0])
     with backend.use_backend("interpret"):
         full = [np.full(4, i, np.float32) for i in range(5)]
         assert run(full[0]) == 0 and run(full[1]) == 4  # eager warm-up: fn on the caller's arrays
@@ -180,6 +183,9 @@ def test_step_graph_warms_up_captures_once_per_signature_and_copies_inputs(monke
         assert run(partial) == 3 and run(partial) == 3 and len(captures) == 1  # its own warm-up
         assert run(partial)[0] == 3 and len(captures) == 2
         assert len(run.signatures()) == 2
+        mode[0] = "other"  # another state (a mode, a hyperparameter): its own warm-up and graph
+        assert run(full[4]) == 16 and run(full[4]) == 16 and len(captures) == 2
+        assert run(full[4])[0] == 16 and len(captures) == 3 and len(run.signatures()) == 3
 
 
 def test_capture_needs_kernels():
@@ -189,3 +195,26 @@ def test_capture_needs_kernels():
     with pytest.raises(RuntimeError, match="nothing to capture"):
         graph.capture(lambda: None)
     assert not steps.TrainStep(model, SGD(model.parameters()), np.zeros(3, np.float32)).captured
+
+
+def test_a_launch_stopped_partway_leaves_the_arrival_counters_at_zero(rng, monkeypatch):
+    """An interpreted launch that raises after some programs counted their arrival (Ctrl-C, an
+    error) would leave every later reduction finishing early; the counters are zeroed at once."""
+    from ra_kernels.kernels import batchnorm
+    with backend.use_backend("interpret"):
+        x = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
+        params = [np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32)]
+        batchnorm.batch_norm(x, *params)
+        counters = batchnorm.arrival_counters(1)
+
+        class Interrupted:
+            def __getitem__(self, grid):
+                def some_programs_then_stop(*args, **kwargs):
+                    counters[:2] += 1  # two programs counted their arrival
+                    raise KeyboardInterrupt
+                return some_programs_then_stop
+
+        monkeypatch.setattr(launch, "_interpreted", lambda fn: Interrupted())
+        with pytest.raises(KeyboardInterrupt):
+            batchnorm.batch_norm(x, *params)
+        assert not counters.any()

@@ -332,3 +332,14 @@ def test_attention_masks_have_trunk_shapes(rng, attention):
             assert mask.min() > 0 and mask.max() < 1
     assert all(m.mask is None and not m.keep_mask for _, m in model.attention_modules())
     assert isinstance(model.stage1[1], AttentionModule)
+
+
+def test_a_frozen_layer_of_a_branch_keeps_its_running_statistics(rng):
+    # A unit in training mode takes its branch as one conv_chain; a layer frozen in eval mode (a
+    # common fine-tuning setup) sends the branch through the layers one by one, each in its own mode.
+    unit = models.ResidualUnit(8, 8, rng=np.random.default_rng(0)).train()
+    unit.reduce.eval()
+    before = unit.reduce.bn.running_mean.copy(), unit.spatial.bn.running_mean.copy()
+    unit(rng.standard_normal((2, 4, 4, 8)).astype(np.float32))
+    np.testing.assert_array_equal(unit.reduce.bn.running_mean, before[0])
+    assert not np.array_equal(unit.spatial.bn.running_mean, before[1])

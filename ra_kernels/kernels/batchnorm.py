@@ -38,8 +38,8 @@ float atomics), so results do not depend on which program is last.
 import numpy as np
 import triton.language as tl
 
-from ..backend import empty, get_backend, xp
-from ..launch import device_function, kernel, launch
+from ..backend import empty, get_backend, host_reads_refused, xp
+from ..launch import after_interrupted_launch, device_function, kernel, launch
 from . import elementwise
 from .tiles import cdiv, channel_tile
 
@@ -310,7 +310,9 @@ _TILE_ELEMENTS = 4096
 FINALIZE_BLOCK_T = 32
 #: Channels per program of the eval coefficients.
 _EVAL_BLOCK_C = 32
-#: Arrival counters kept per backend and device (``arrival_counters``).
+#: Arrival counters kept per backend and device (``arrival_counters``): 64k groups, 256 KB; a launch
+#: uses one per column of tiles or per weight-gradient tile (attention92's largest: 72).
+ARRIVAL_COUNTERS = 65536
 _COUNTERS = {}
 
 
@@ -319,16 +321,33 @@ def _tiles(C):
 
 
 def arrival_counters(n):
-    """int32 counters for ``last_to_arrive``, at least n, all 0: one zeroed array per backend and device,
-    made at its first use (a step's eager warm-up, so never inside a capture) and shared by every
-    launch. Each launch leaves its counters at 0 for the next, so launches that run one after another
-    on a stream (the steps) share them; two such launches must not run at once on one device."""
+    """int32 counters for ``last_to_arrive``, at least n, all 0: one array of ARRIVAL_COUNTERS per
+    backend and device, made at its first use and never replaced (a captured graph keeps its
+    address), shared by every launch. Each launch leaves its counters at 0 for the next, so
+    launches that run one after another on a stream (the steps) share them; two such launches
+    must not run at once on one device. The first use must come before any capture (a step's
+    eager warm-up does it): a capture would record the zeroing instead of doing it."""
+    if n > ARRIVAL_COUNTERS:
+        raise ValueError(f"a launch needs {n} arrival counters, more than the {ARRIVAL_COUNTERS} kept "
+                         f"(kernels/batchnorm.py ARRIVAL_COUNTERS)")
     name = get_backend()
     key = (name, xp().cuda.Device().id if name == "cuda" else None)
     counters = _COUNTERS.get(key)
-    if counters is None or counters.size < n:
-        counters = _COUNTERS[key] = xp().zeros(max(n, 4096), np.int32)
+    if counters is None:
+        if host_reads_refused():  # a capture is under way (ra_kernels/graph.py)
+            raise RuntimeError("the arrival counters are made at their first use, which must not be inside a "
+                               "CUDA-graph capture: run the step once eagerly first (graph.StepGraph does)")
+        counters = _COUNTERS[key] = xp().zeros(ARRIVAL_COUNTERS, np.int32)
     return counters
+
+
+@after_interrupted_launch
+def _reset_interpreted_counters():
+    """An interpreted launch that stopped partway leaves its counters counted: zero them, or every later
+    launch would finish its reductions early."""
+    counters = _COUNTERS.get(("interpret", None))
+    if counters is not None:
+        counters.fill(0)
 
 
 def eval_coefficients(gamma, beta, running_mean, running_var, eps):
