@@ -186,13 +186,13 @@ class _ConvBnRelu(_BatchNorm):
 
 
 class _ConvChain(_Op):
-    """Arguments (x, w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n); every parameter's
-    gradient may go into its buffer (``into``, aligned with the arguments after x)."""
+    """Arguments (x, w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n, skip), skip an array
+    or None; every parameter's gradient may go into its buffer (``into``, aligned with the parameters)."""
     op, kernels, skips_unwanted_dx = "conv_chain", conv_kernels, True
 
     @classmethod
     def run(cls, impl, *args, **kwargs):
-        y, running, saved = impl.conv_chain(*args, **kwargs)
+        y, running, saved = impl.conv_chain(*args[:-1], skip=args[-1], **kwargs)
         for i, values in enumerate(running):  # kernels update in place; reference/ returns new arrays
             for buffer, value in zip(args[5 * i + 4:5 * i + 6], values):
                 if value is not buffer:
@@ -201,7 +201,7 @@ class _ConvChain(_Op):
 
     @classmethod
     def backward(cls, ctx, dy):
-        into = ctx.grad_into[1:] if ctx.grad_into else None
+        into = ctx.grad_into[1:-1] if ctx.grad_into else None
         return tuple(ctx.op_backward(dy, ctx.op_saved, need_dx=ctx.needs_input_grad[0], into=into))
 
 
@@ -330,9 +330,10 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
                              padding=padding, training=training, momentum=momentum, eps=eps, relu=relu)
 
 
-def conv_chain(x, layers, momentum=0.1, eps=1e-5):
+def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None):
     """Convolutions in a row, each but the last followed by batch norm in training mode and ReLU:
-    ``conv2d(conv_bn_relu(conv_bn_relu(x, ...), ...), ...)`` as one op (a bottleneck branch).
+    ``conv2d(conv_bn_relu(conv_bn_relu(x, ...), ...), ...)`` as one op (a bottleneck branch), plus
+    ``skip`` (of the output's shape: a residual unit's shortcut, added in the last conv's epilogue).
 
     ``layers``: one (w, stride, padding, bn) per conv, bn = (gamma, beta, running_mean, running_var)
     for every conv but the last, None for the last. Training mode only (batch statistics; the
@@ -376,7 +377,11 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5):
         channels = cout
     momentum = _check_float(op, "momentum", momentum, 0.0, 1.0)
     eps = _check_float(op, "eps", eps, 0.0, float("inf"), low_open=True)
-    return _ConvChain.apply(*args, layers=tuple(shapes), momentum=momentum, eps=eps)
+    if skip is not None:
+        _check_array(op, "skip", skip, 4, "NHWC", dtype)
+        if tuple(_data(skip).shape) != shape:
+            raise ValueError(f"{op}: skip must have the output's shape {shape}, got {tuple(_data(skip).shape)}")
+    return _ConvChain.apply(*args, skip, layers=tuple(shapes), momentum=momentum, eps=eps)
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):

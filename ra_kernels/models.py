@@ -20,18 +20,19 @@ MASK_DEPTHS = (3, 2, 1)  # max-pool levels of the mask branch per stage: 32->4, 
 
 # --------------------------------------------------------------------------- the paper's blocks
 
-def _branch(x, *layers):
-    """ConvBnRelu layers then a Conv2d: one ``F.conv_chain`` when every layer is in training mode, else
-    the layers' own calls (each in its own mode: a frozen batch norm stays frozen)."""
+def _branch(x, *layers, skip=None):
+    """ConvBnRelu layers then a Conv2d, plus ``skip`` if given: one ``F.conv_chain`` when every layer is
+    in training mode, else the layers' own calls (each in its own mode: a frozen batch norm stays
+    frozen) and an add."""
     if all(layer.training for layer in layers):
         norms = {(layer.bn.momentum, layer.bn.eps) for layer in layers[:-1]}
         if len(norms) != 1:
             raise ValueError(f"a conv chain's batch norms must share momentum and eps, got {sorted(norms)}")
         (momentum, eps), = norms
-        return F.conv_chain(x, [layer.chain_layer() for layer in layers], momentum, eps)
+        return F.conv_chain(x, [layer.chain_layer() for layer in layers], momentum, eps, skip=skip)
     for layer in layers:
         x = layer(x)
-    return x
+    return x if skip is None else F.add(x, skip)
 
 
 class ResidualUnit(Module):
@@ -57,7 +58,7 @@ class ResidualUnit(Module):
     def forward(self, x):
         activated = self.pre(x)
         shortcut = self.project(activated) if "project" in self._modules else x
-        return F.add(_branch(activated, self.reduce, self.spatial, self.expand), shortcut)
+        return _branch(activated, self.reduce, self.spatial, self.expand, skip=shortcut)
 
 
 ATTENTIONS = ("mixed", "channel", "spatial")

@@ -68,10 +68,11 @@ def conv_bn_relu_backward(dy, saved, need_dx=True, dw_into=None, dgamma_into=Non
     return dx, dw, dgamma, dbeta
 
 
-def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5):
+def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5, skip=None):
     """conv2d, batch_norm + ReLU, conv2d, ..., conv2d in training mode: each conv but the last is
-    conv_bn_relu (batch statistics, ReLU), the last conv2d. params: w_1, gamma_1, beta_1,
-    running_mean_1, running_var_1, w_2, ..., w_n; layers: ((stride, padding), ...), one per conv.
+    conv_bn_relu (batch statistics, ReLU), the last conv2d, plus ``skip`` when given (an array of
+    the output's shape). params: w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n;
+    layers: ((stride, padding), ...), one per conv.
 
     Returns (y, ((new_running_mean, new_running_var), ...), saved): exactly the ops in turn.
     """
@@ -84,13 +85,17 @@ def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5):
         else:
             y, layer_saved = conv2d(y, params[5 * i], stride, padding)
         saved.append(layer_saved)
-    return y, tuple(running), saved
+    if skip is not None:
+        y = elementwise.add(y, skip)[0]
+    return y, tuple(running), (saved, skip is not None)
 
 
 def conv_chain_backward(dy, saved, need_dx=True, into=None):
-    """Gradients of conv_chain, one per input: (dx, dw_1, dgamma_1, dbeta_1, None, None, dw_2, ..., dw_n),
-    None for the running statistics; dx None when not ``need_dx``; ``into``: per entry of params, an
-    array to add that gradient into (returned for it), or None."""
+    """Gradients of conv_chain, one per input: (dx, dw_1, dgamma_1, dbeta_1, None, None, dw_2, ..., dw_n,
+    dskip), None for the running statistics; dx None when not ``need_dx``; dskip is dy (None without
+    skip); ``into``: per entry of params, an array to add that gradient into (returned for it), or None."""
+    saved, has_skip = saved
+    dskip = dy if has_skip else None
     n = len(saved)
     into = into or (None,) * (5 * n - 4)
     grads = [None] * (5 * n - 4)
@@ -100,4 +105,4 @@ def conv_chain_backward(dy, saved, need_dx=True, into=None):
         else:
             dy, grads[5 * i], grads[5 * i + 1], grads[5 * i + 2] = conv_bn_relu_backward(
                 dy, saved[i], i > 0 or need_dx, *into[5 * i:5 * i + 3])
-    return (dy, *grads)
+    return (dy, *grads, dskip)

@@ -311,21 +311,26 @@ def _chain_inputs(rng, x_shape, w_shapes, strides, band, beta_offset=0.0):
 
 
 @pytest.mark.parametrize("into", [False, True], ids=["new", "into_buffers"])
-@pytest.mark.parametrize("x_shape, w_shapes, strides, need_dx, beta_offset", [
+@pytest.mark.parametrize("x_shape, w_shapes, strides, need_dx, beta_offset, with_skip", [
     # the residual unit's branch: 1x1, 3x3 stride 2 on an odd input, 1x1; channels off every block
-    ((2, 9, 7, 20), [(1, 1, 20, 6), (3, 3, 6, 6), (1, 1, 6, 24)], (1, 2, 1), True, 0.0),
+    ((2, 9, 7, 20), [(1, 1, 20, 6), (3, 3, 6, 6), (1, 1, 6, 24)], (1, 2, 1), True, 0.0, False),
+    # the same with its shortcut added in the last conv's epilogue
+    ((2, 9, 7, 20), [(1, 1, 20, 6), (3, 3, 6, 6), (1, 1, 6, 24)], (1, 2, 1), True, 0.0, True),
     # the mask head (1x1, 1x1), without dx (an input that needs no gradient)
-    ((1, 5, 6, 8), [(1, 1, 8, 8), (1, 1, 8, 8)], (1, 1), False, 0.0),
+    ((1, 5, 6, 8), [(1, 1, 8, 8), (1, 1, 8, 8)], (1, 1), False, 0.0, False),
     # 2,178 positions: 35 tiles of 64 in dgrad's batch-norm sums, finished in two chunks of 32
-    ((2, 33, 33, 4), [(1, 1, 4, 4), (1, 1, 4, 4)], (1, 1), True, 4.0),
+    ((2, 33, 33, 4), [(1, 1, 4, 4), (1, 1, 4, 4)], (1, 1), True, 4.0, False),
 ])
-def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, beta_offset, into):
+def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, beta_offset, with_skip, into):
     """Every output, running statistic and gradient of the fused chain (each batch norm applied by the
     next conv as it loads, its backward sums taken in that conv's dgrad) against reference/."""
     x, params, layers = _chain_inputs(rng, x_shape, w_shapes, strides, IEEE_KINK_BAND, beta_offset)
-    y_ref, running_ref, saved_ref = ref.conv_chain(*f64(x, *params), layers=layers)
+    y_shape = ref.conv_chain(*f64(x, *params), layers=layers)[0].shape
+    skip = f32(rng, y_shape) if with_skip else None
+    y_ref, running_ref, saved_ref = ref.conv_chain(*f64(x, *params), layers=layers,
+                                                   skip=None if skip is None else f64(skip)[0])
     args = on_backend(x, *params)
-    y, running, saved = conv.conv_chain(*args, layers=layers)
+    y, running, saved = conv.conv_chain(*args, layers=layers, skip=None if skip is None else backend.asarray(skip))
     assert_close("y", y, y_ref, IEEE_RTOL)
     for i, ((mean, var), (mean_ref, var_ref)) in enumerate(zip(running, running_ref)):
         assert mean is args[5 * i + 4] and var is args[5 * i + 5], "running statistics are updated in place"
@@ -336,8 +341,10 @@ def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, be
     running_slots = {5 * i + 3 for i in range(len(layers) - 1)} | {5 * i + 4 for i in range(len(layers) - 1)}
     before = [None if not into or j in running_slots else f32(rng, p.shape) for j, p in enumerate(params)]
     buffers = [None if b is None else backend.asarray(b.copy()) for b in before]
-    grads = conv.conv_chain_backward(backend.asarray(dy), saved, need_dx, buffers)
-    grads_ref = ref.conv_chain_backward(*f64(dy), saved_ref)
+    dy_on_backend = backend.asarray(dy)
+    *grads, dskip = conv.conv_chain_backward(dy_on_backend, saved, need_dx, buffers)
+    *grads_ref, _ = ref.conv_chain_backward(*f64(dy), saved_ref)
+    assert dskip is (dy_on_backend if with_skip else None)  # the shortcut's gradient is dy itself
     if need_dx:
         assert_close("dx", grads[0], grads_ref[0], IEEE_RTOL)
     else:

@@ -146,9 +146,10 @@ def conv_bn_relu_case(x_shape, w_shape, stride, padding, training, relu):
     return Case(forward, ref.conv_bn_relu_backward, make)
 
 
-def conv_chain_case(x_shape, w_shapes, strides):
+def conv_chain_case(x_shape, w_shapes, strides, skip_shape=None):
     """conv_chain over convs of the given HWIO shapes and strides (padding KH // 2), a BN-ReLU after
-    each but the last. Inputs: x, then per conv w (and gamma, beta); running statistics fixed."""
+    each but the last, plus a skip input of ``skip_shape`` if given. Inputs: x, then per conv w (and
+    gamma, beta), then skip; running statistics fixed."""
     layers = tuple((stride, shape[0] // 2) for shape, stride in zip(w_shapes, strides))
     n = len(w_shapes)
 
@@ -161,11 +162,15 @@ def conv_chain_case(x_shape, w_shapes, strides):
         return args
 
     def forward(x, *inputs, **running):
-        y, _, saved = ref.conv_chain(*arguments(x, inputs, list(running.values())), layers=layers)
+        skip = inputs[-1] if skip_shape else None
+        params = inputs[:-1] if skip_shape else inputs
+        y, _, saved = ref.conv_chain(*arguments(x, params, list(running.values())), layers=layers, skip=skip)
         return y, saved
 
     def backward(dy, saved):
-        return tuple(g for i, g in enumerate(ref.conv_chain_backward(dy, saved)) if i == 0 or (i - 1) % 5 < 3)
+        *grads, dskip = ref.conv_chain_backward(dy, saved)
+        kept = tuple(g for i, g in enumerate(grads) if i == 0 or (i - 1) % 5 < 3)
+        return kept + ((dskip,) if skip_shape else ())
 
     def draw(rng):
         inputs, running = [], {}
@@ -174,10 +179,12 @@ def conv_chain_case(x_shape, w_shapes, strides):
             if i < n - 1:
                 gamma, beta, running[f"mean{i}"], running[f"var{i}"] = bn_params(rng, shape[-1])
                 inputs += [gamma, beta]
-        return [rng.standard_normal(x_shape), *inputs], running
+        return [rng.standard_normal(x_shape), *inputs, *([rng.standard_normal(skip_shape)] if skip_shape else [])], \
+            running
 
     def preactivation(x, *inputs, **running):
         running, lowest, h = list(running.values()), np.inf, x
+        inputs = inputs[:-1] if skip_shape else inputs
         for i in range(n - 1):
             w, gamma, beta = inputs[3 * i:3 * i + 3]
             args = (h, w, gamma, beta, *running[2 * i:2 * i + 2], *layers[i], True)
@@ -227,6 +234,8 @@ CASES = {
     "conv_bn_train_1x1_s2": conv_bn_relu_case((2, 7, 9, 3), (1, 1, 3, 4), 2, 0, training=True, relu=False),
     "conv_bn_relu_eval_s2": conv_bn_relu_case((1, 7, 9, 3), (3, 3, 3, 4), 2, 1, training=False, relu=True),
     "conv_chain_bottleneck_s2": conv_chain_case((2, 5, 7, 3), [(1, 1, 3, 4), (3, 3, 4, 4), (1, 1, 4, 5)], (1, 2, 1)),
+    "conv_chain_residual": conv_chain_case((2, 5, 6, 4), [(1, 1, 4, 3), (3, 3, 3, 3), (1, 1, 3, 4)], (1, 1, 1),
+                                           skip_shape=(2, 5, 6, 4)),
     "conv_chain_two": conv_chain_case((1, 6, 5, 4), [(3, 3, 4, 3), (1, 1, 3, 2)], (1, 1)),
     "maxpool3_s2_p1": pool_case((2, 7, 9, 3), 3, 2, 1),
     "maxpool3_s2_p1_even": pool_case((1, 8, 8, 2), 3, 2, 1),

@@ -35,6 +35,8 @@ def bn_params(c):
      ValueError, r"conv_chain: every layer but the last takes bn .* layer 1 has one"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(5)), (f32(1, 1, 8, 2), 1, 0, None)]),
      ValueError, r"conv_chain: gamma has 5 channels, x has 8"),
+    (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 2), 1, 0, None)],
+                          skip=f32(1, 4, 4, 3)), ValueError, r"conv_chain: skip must have the output's shape \(1, 4, 4, 2\)"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, None)]), ValueError,
      r"conv_chain: layers must list at least 2 convolutions"),
     (lambda: F.conv_chain(f32(1, 1, 1, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 2), 1, 0, None)]),

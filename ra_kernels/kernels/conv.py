@@ -157,16 +157,18 @@ _TILE_CLASSES = [dict(BLOCK_M=128, BLOCK_N=16), dict(BLOCK_M=128, BLOCK_N=64), d
 
 @kernel(aot=[dict(x_ptr=_F32, w_ptr=_F32, y_ptr=_F32, partials_ptr=_F32, gamma_ptr=_F32, beta_ptr=_F32,
                   running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32, momentum="fp32", eps="fp32",
-                  counters_ptr="*i32", pre_stats_ptr=_F32, **_SHAPE_TYPES,
-                  EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_bn, INPUT_PRECISION=precision, BLOCK_K=32, BLOCK_T=32,
-                  **tiles)
-             for (epilogue, relu, pre_bn, precision), tiles in zip(
-                 [("store", False, True, "tf32"), ("stats", False, True, "tf32"), ("bn_eval", True, False, "ieee"),
-                  ("bn_eval", False, False, "tf32"), ("stats", False, False, "ieee")], _TILE_CLASSES * 2)])
+                  counters_ptr="*i32", pre_stats_ptr=_F32, skip_ptr=_F32, **_SHAPE_TYPES,
+                  EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_bn, ADD_SKIP=add_skip, INPUT_PRECISION=precision,
+                  BLOCK_K=32, BLOCK_T=32, **tiles)
+             for (epilogue, relu, pre_bn, add_skip, precision), tiles in zip(
+                 [("store", False, True, True, "tf32"), ("stats", False, True, False, "tf32"),
+                  ("bn_eval", True, False, False, "ieee"), ("bn_eval", False, False, False, "tf32"),
+                  ("stats", False, False, False, "ieee"), ("store", False, False, False, "ieee")], _TILE_CLASSES * 2)])
 def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
-                      stats_ptr, momentum, eps, counters_ptr, pre_stats_ptr,
+                      stats_ptr, momentum, eps, counters_ptr, pre_stats_ptr, skip_ptr,
                       H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
-                      EPILOGUE: tl.constexpr, RELU: tl.constexpr, PRE_BN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      EPILOGUE: tl.constexpr, RELU: tl.constexpr, PRE_BN: tl.constexpr, ADD_SKIP: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """One [BLOCK_M positions, BLOCK_N output channels] tile of y (grid: cdiv(M, BLOCK_M), cdiv(C_out, BLOCK_N)).
 
@@ -178,7 +180,8 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
     (ReLU if RELU) with scale/shift from gamma, beta and the running statistics;
     the programs of the first row of tiles also store them as stats (4, C_out) for
     the backward. PRE_BN: the conv's input is relu(x * scale + shift), from pre_stats (4, C_in),
-    applied as x loads. Pointers an epilogue does not use may be any float32 array.
+    applied as x loads. ADD_SKIP ("store"): y = conv(x, w) + skip, skip of y's shape (a residual
+    unit's shortcut). Pointers an epilogue does not use may be any float32 array.
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -206,6 +209,8 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
         tl.store(stats_ptr + 2 * C_out + cols, scale, mask=first_row)
         tl.store(stats_ptr + 3 * C_out + cols, shift, mask=first_row)
     else:
+        if ADD_SKIP:
+            z += tl.load(skip_ptr + y_offs, mask=ok, other=0.0)
         tl.store(y_ptr + y_offs, z, mask=ok)
         if EPILOGUE == "stats":
             tile_mean, tile_m2 = bn.tile_mean_m2(z, m_ok, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M))
@@ -389,10 +394,11 @@ def _shape_args(x, w, stride, padding):
     return dict(n=n, H=h, W=wd, C_in=c_in, OH=oh, OW=ow, C_out=c_out, KH=kh, KW=kw)
 
 
-def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False, pre_stats=None):
+def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False, pre_stats=None, skip=None):
     """Launch conv2d_fwd_kernel: y ("store"), or (y, stats) ("stats", "bn_eval"), with
     bn_args = (gamma, beta, running_mean, running_var, momentum, eps) for those two. With
-    ``pre_stats`` (4, C_in) the conv's input is relu(x * scale + shift) (PRE_BN)."""
+    ``pre_stats`` (4, C_in) the conv's input is relu(x * scale + shift) (PRE_BN); with ``skip``
+    ("store") y is the conv plus skip (ADD_SKIP)."""
     s = _shape_args(x, w, stride, padding)
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
     block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_out"])
@@ -402,9 +408,9 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False, pre_stat
     stats = empty((4, s["C_out"])) if epilogue != "store" else x
     gamma, beta, running_mean, running_var, momentum, eps = bn_args or (x, x, x, x, 0.0, 0.0)
     launch(conv2d_fwd_kernel, grid, x, w, y, partials, gamma, beta, running_mean, running_var, stats, momentum, eps,
-           bn.arrival_counters(grid[1]), x if pre_stats is None else pre_stats,
+           bn.arrival_counters(grid[1]), x if pre_stats is None else pre_stats, x if skip is None else skip,
            s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"], stride, padding,
-           num_warps=warps, EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_stats is not None,
+           num_warps=warps, EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_stats is not None, ADD_SKIP=skip is not None,
            INPUT_PRECISION=get_precision(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
            BLOCK_T=bn.FINALIZE_BLOCK_T)
     return y if epilogue == "store" else (y, stats)
@@ -507,15 +513,17 @@ def conv_bn_relu_backward(dy, saved, need_dx=True, dw_into=None, dgamma_into=Non
     return (dx, dw, *bn.parameter_gradients(sums, dgamma_into, dbeta_into))
 
 
-def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5):
+def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5, skip=None):
     """conv2d, batch_norm + ReLU, conv2d, ..., conv2d, in training mode: every conv but the last is
-    followed by batch norm (batch statistics; running statistics updated in place) and ReLU.
+    followed by batch norm (batch statistics; running statistics updated in place) and ReLU; plus
+    ``skip`` (an array of the output's shape, a residual unit's shortcut) when given.
 
     params: w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n (HWIO weights, (C,)
     arrays); layers: ((stride, padding), ...), one per conv. Returns (y, ((running_mean,
     running_var), ...), saved). Kernels: one conv2d_fwd per conv. Each batch norm's statistics come
     from its conv's epilogue ("stats"), and the next conv applies it, with the ReLU, as it loads
-    its operand (PRE_BN): the activations relu(bn(z)) are never written.
+    its operand (PRE_BN): the activations relu(bn(z)) are never written. The last conv adds skip in
+    its epilogue (ADD_SKIP).
     """
     n, z, stats, inputs = len(layers), x, None, []
     for i, (stride, padding) in enumerate(layers):
@@ -526,22 +534,23 @@ def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5):
             z, stats = _forward(z, w, stride, padding, "stats", (gamma, beta, running_mean, running_var, momentum, eps),
                                 pre_stats=stats)
         else:
-            z = _forward(z, w, stride, padding, "store", pre_stats=stats)
+            z = _forward(z, w, stride, padding, "store", pre_stats=stats, skip=skip)
     running = tuple((params[5 * i + 3], params[5 * i + 4]) for i in range(n - 1))
-    return z, running, (params[0::5], layers, inputs)
+    return z, running, (params[0::5], layers, inputs, skip is not None)
 
 
 def conv_chain_backward(dy, saved, need_dx=True, into=None):
     """Gradients of conv_chain: dy (N, OH, OW, C) -> one per input: (dx, dw_1, dgamma_1, dbeta_1, None, None,
-    dw_2, ...), None for the running statistics; dx None when not ``need_dx``. ``into``: per entry of
-    params, a gradient buffer to add that gradient into (returned for it), or None.
+    dw_2, ..., dw_n, dskip), None for the running statistics; dx None when not ``need_dx``; dskip is dy
+    itself (None without skip). ``into``: per entry of params, a gradient buffer to add that
+    gradient into (returned for it), or None.
 
     Kernels: per conv, dgrad and wgrad. Going back, each conv's operand is dz of its batch norm,
     made from the activation gradient, z, the statistics and the sums as it loads (BN_BACKWARD),
     and its dgrad's epilogue adds up the sums of the batch norm before it (INPUT_SUMS), so no
     kernel of batch norm's own is launched.
     """
-    weights, layers, inputs = saved
+    weights, layers, inputs, has_skip = saved
     n = len(layers)
     into = into or (None,) * (5 * n - 4)
     grads = [None] * (5 * n - 4)
@@ -554,4 +563,4 @@ def conv_chain_backward(dy, saved, need_dx=True, into=None):
         if i > 0:  # x is z of batch norm i - 1, whose backward the next conv down applies on load
             grads[5 * i - 4:5 * i - 2] = bn.parameter_gradients(sums, *bn_into)
             bn_args, operand = (x, pre_stats, sums, bn.inverse_count(x.size // x.shape[-1], True)), dx
-    return (dx, *grads)
+    return (dx, *grads, dy if has_skip else None)
