@@ -164,6 +164,14 @@ class _Op(Function):
         return grads + (None,) * (ctx.n_inputs - len(grads))
 
 
+def _update_running(buffers, values):
+    """Running-statistics buffers take the op's new values: kernels update them in place (then this
+    copies nothing), reference/ returns new arrays."""
+    for buffer, value in zip(buffers, values):
+        if value is not buffer:
+            buffer[...] = value
+
+
 class _BatchNorm(_Op):
     op, kernels = "batch_norm", batchnorm_kernels
     grads_into = {"dgamma_into": 1, "dbeta_into": 2}
@@ -173,10 +181,7 @@ class _BatchNorm(_Op):
         # The running statistics are the last two positional arguments; the op returns
         # their new values (kernels update them in place, making this copy a no-op).
         y, new_mean, new_var, saved = getattr(impl, cls.op)(*args, **kwargs)
-        running_mean, running_var = args[-2:]
-        for buffer, value in ((running_mean, new_mean), (running_var, new_var)):
-            if value is not buffer:
-                buffer[...] = value
+        _update_running(args[-2:], (new_mean, new_var))
         return y, saved
 
 
@@ -193,10 +198,8 @@ class _ConvChain(_Op):
     @classmethod
     def run(cls, impl, *args, **kwargs):
         y, running, saved = impl.conv_chain(*args[:-1], skip=args[-1], **kwargs)
-        for i, values in enumerate(running):  # kernels update in place; reference/ returns new arrays
-            for buffer, value in zip(args[5 * i + 4:5 * i + 6], values):
-                if value is not buffer:
-                    buffer[...] = value
+        for i, values in enumerate(running):
+            _update_running(args[5 * i + 4:5 * i + 6], values)
         return y, saved
 
     @classmethod

@@ -208,6 +208,41 @@ def finalize_sums(partials_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C, T
         tl.store(dgamma_ptr + ch, tl.load(dgamma_ptr + ch, mask=ch_ok) + second, mask=ch_ok)
 
 
+@device_function
+def _store_partials(partials_ptr, first, second, ch, ch_ok, C):
+    """This program's row of partials (T, 2, C): row program_id(0), channels ``ch``."""
+    out = partials_ptr + tl.program_id(0) * 2 * C + ch
+    tl.store(out, first, mask=ch_ok)
+    tl.store(out + C, second, mask=ch_ok)
+
+
+@device_function
+def reduce_statistics(values, row_ok, partials_ptr, counters_ptr, gamma_ptr, beta_ptr, running_mean_ptr,
+                      running_var_ptr, stats_ptr, ch, ch_ok, C, M, momentum, eps,
+                      TILE_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Batch-norm training statistics of a [TILE_M rows, channels ``ch``] tile of ``values`` (grid: row tiles,
+    channel blocks): its mean and M2 go into partials, and the last tile of the column finishes stats
+    and the running statistics (``finalize_statistics``)."""
+    tile, tiles = tl.program_id(0), tl.num_programs(0)
+    mean, m2 = tile_mean_m2(values, row_ok, tl.minimum(TILE_M, M - tile * TILE_M))
+    _store_partials(partials_ptr, mean, m2, ch, ch_ok, C)
+    if last_to_arrive(counters_ptr + tl.program_id(1), tiles):
+        finalize_statistics(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
+                            ch, ch_ok, C, tiles, TILE_M, M, momentum, eps, True, BLOCK_T)
+
+
+@device_function
+def reduce_backward_sums(g, xhat, partials_ptr, counters_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C,
+                         ADD_INTO: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Batch-norm backward sums of a tile of g (0 where masked) and xhat, channels ``ch`` (grid: row tiles,
+    channel blocks): its sums of g and g * xhat go into partials, and the last tile of the column finishes
+    sums (and dbeta, dgamma with ADD_INTO; ``finalize_sums``)."""
+    _store_partials(partials_ptr, tl.sum(g, 0), tl.sum(g * xhat, 0), ch, ch_ok, C)
+    tiles = tl.num_programs(0)
+    if last_to_arrive(counters_ptr + tl.program_id(1), tiles):
+        finalize_sums(partials_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C, tiles, ADD_INTO, BLOCK_T)
+
+
 # --------------------------------------------------------------------------- kernels
 
 _F32, _I32 = "*fp32", "i32"
@@ -229,16 +264,16 @@ def bn_tile_reduce_kernel(x_ptr, dy_ptr, stats_ptr, partials_ptr, sums_ptr, dgam
                           BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-channel reductions over the M rows of x (grid: cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)), finished in
     the same launch: each program writes partials[t, :, c] for its tile of rows t*BLOCK_M.. and channels
-    c, and the last program of each column of tiles (``last_to_arrive`` on counter pid_c) combines them.
+    c, and the last program of each column of tiles combines them (``reduce_statistics``,
+    ``reduce_backward_sums``; counter: the column).
 
     Forward (BACKWARD=False; dy, sums, dgamma, dbeta unused): the tiles' mean and M2 of x, finished by
     ``finalize_statistics`` (training) into stats, the running statistics updated in place.
     Backward (stats from the forward): the tiles' sums of g and g * xhat, finished by ``finalize_sums``
     into sums (and into dgamma, dbeta with ADD_INTO); the finalize arguments are unused.
     """
-    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok, ch_ok = rows < M, ch < C
     ok = row_ok[:, None] & ch_ok[None, :]
     offs = rows[:, None] * C + ch[None, :]
@@ -246,20 +281,12 @@ def bn_tile_reduce_kernel(x_ptr, dy_ptr, stats_ptr, partials_ptr, sums_ptr, dgam
     if BACKWARD:
         dy = tl.load(dy_ptr + offs, mask=ok, other=0.0)
         mean, rstd, scale, shift = load_stats(stats_ptr, ch[None, :], ch_ok[None, :], C)
-        g, xhat = bn_backward_terms(dy, x, mean, rstd, scale, shift, RELU)
-        first, second = tl.sum(g, 0), tl.sum(g * xhat, 0)  # g = 0 on masked elements
+        g, xhat = bn_backward_terms(dy, x, mean, rstd, scale, shift, RELU)  # g = 0 on masked elements
+        reduce_backward_sums(g, xhat, partials_ptr, counters_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C,
+                             ADD_INTO, BLOCK_T)
     else:
-        first, second = tile_mean_m2(x, row_ok, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M))
-    out = partials_ptr + pid_m * 2 * C + ch
-    tl.store(out, first, mask=ch_ok)
-    tl.store(out + C, second, mask=ch_ok)
-    tiles = tl.num_programs(0)
-    if last_to_arrive(counters_ptr + pid_c, tiles):
-        if BACKWARD:
-            finalize_sums(partials_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C, tiles, ADD_INTO, BLOCK_T)
-        else:
-            finalize_statistics(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
-                                ch, ch_ok, C, tiles, BLOCK_M, M, momentum, eps, True, BLOCK_T)
+        reduce_statistics(x, row_ok, partials_ptr, counters_ptr, gamma_ptr, beta_ptr, running_mean_ptr,
+                          running_var_ptr, stats_ptr, ch, ch_ok, C, M, momentum, eps, BLOCK_M, BLOCK_T)
 
 
 @kernel(aot=[dict(gamma_ptr=_F32, beta_ptr=_F32, running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32,

@@ -213,15 +213,8 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
             z += tl.load(skip_ptr + y_offs, mask=ok, other=0.0)
         tl.store(y_ptr + y_offs, z, mask=ok)
         if EPILOGUE == "stats":
-            tile_mean, tile_m2 = bn.tile_mean_m2(z, m_ok, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M))
-            out = partials_ptr + pid_m * 2 * C_out + cols
-            tl.store(out, tile_mean, mask=cols_ok)
-            tl.store(out + C_out, tile_m2, mask=cols_ok)
-            tiles = tl.num_programs(0)
-            if bn.last_to_arrive(counters_ptr + pid_n, tiles):
-                bn.finalize_statistics(partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
-                                       stats_ptr, cols, cols_ok, C_out, tiles, BLOCK_M, M, momentum, eps,
-                                       True, BLOCK_T)
+            bn.reduce_statistics(z, m_ok, partials_ptr, counters_ptr, gamma_ptr, beta_ptr, running_mean_ptr,
+                                 running_var_ptr, stats_ptr, cols, cols_ok, C_out, M, momentum, eps, BLOCK_M, BLOCK_T)
 
 
 _INPUT_SUMS_TYPES = dict(in_z_ptr=_F32, in_stats_ptr=_F32, partials_ptr=_F32, in_sums_ptr=_F32, dgamma_ptr=_F32,
@@ -270,14 +263,8 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
         mean, rstd, scale, shift = bn.load_stats(in_stats_ptr, cols[None, :], cols_ok[None, :], C_in)
         g, xhat = bn.bn_backward_terms(dx, tl.load(in_z_ptr + offs, mask=ok, other=0.0), mean, rstd, scale, shift,
                                        True)
-        g = tl.where(ok, g, 0.0)
-        out = partials_ptr + pid_m * 2 * C_in + cols
-        tl.store(out, tl.sum(g, 0), mask=cols_ok)
-        tl.store(out + C_in, tl.sum(g * xhat, 0), mask=cols_ok)
-        tiles = tl.num_programs(0)
-        if bn.last_to_arrive(counters_ptr + pid_n, tiles):
-            bn.finalize_sums(partials_ptr, in_sums_ptr, dgamma_ptr, dbeta_ptr, cols, cols_ok, C_in, tiles, ADD_INTO,
-                             BLOCK_T)
+        bn.reduce_backward_sums(tl.where(ok, g, 0.0), xhat, partials_ptr, counters_ptr, in_sums_ptr, dgamma_ptr,
+                                dbeta_ptr, cols, cols_ok, C_in, ADD_INTO, BLOCK_T)
 
 
 @kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, partials_ptr=_F32, counters_ptr="*i32", pre_stats_ptr=_F32,
