@@ -10,7 +10,10 @@ sums gradients where a tensor fed several ops. Nothing here knows any op.
 A leaf that already has a ``grad`` array (an optimizer's view of its flat gradient buffer)
 has its gradient added into it: the engine offers that array to the backward of the op
 that consumes the leaf (``ctx.grad_into``), and an op that adds its gradient there itself
-returns that very array, which then needs no addition here. The little array arithmetic the
+returns that very array, which then needs no addition here. A tensor that feeds several ops
+is offered the same way: once one consumer's gradient has arrived in an array that nothing
+else holds (a sum the engine made, or a gradient its op declared new, ``Function.new_grads``),
+the next consumer may add its own into it. The little array arithmetic the
 engine does itself (the ones that seed a backward, a sum, a copy, an addition in place) goes
 through :data:`arithmetic`, which ``ra_kernels.functional`` points at the backend's kernels,
 so that a training step on a GPU backend is made of kernel launches only.
@@ -140,27 +143,31 @@ class Tensor:
         if self.node is None:
             _accumulate(self, grad)
             return
-        # Gradients waiting for each node, one slot per output, summed as they arrive.
+        # Gradients waiting for each node, one slot per output, summed as they arrive; ``owned``: the
+        # (node id, output index) slots whose array nothing but the slot holds, so that a later
+        # backward may add into it (never the caller's grad, nor a gradient an op may share).
         pending = {id(self.node): [None] * len(self.node.outputs)}
         pending[id(self.node)][self.output_index] = grad
+        owned = set()
         for node in _reverse_topological(self.node):
             out_grads = pending.pop(id(node))
+            owned.difference_update((id(node), i) for i in range(len(out_grads)))
             for out_ref, g in zip(node.outputs, out_grads):
                 out = out_ref()
                 if out is not None and out.retains_grad and g is not None:
                     _accumulate(out, g)
             if all(g is None for g in out_grads):
                 continue
-            node.ctx.grad_into = tuple(_grad_buffer(t) for t in node.inputs)
+            node.ctx.grad_into = tuple(_grad_buffer(t, pending, owned) for t in node.inputs)
             in_grads = node.function.backward(node.ctx, *out_grads)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
             if len(in_grads) != len(node.inputs):
                 raise RuntimeError(f"{node.function.__name__}.backward returned {len(in_grads)} "
                                    f"gradients for {len(node.inputs)} inputs")
-            for tensor, g, into in zip(node.inputs, in_grads, node.ctx.grad_into):
+            for index, (tensor, g, into) in enumerate(zip(node.inputs, in_grads, node.ctx.grad_into)):
                 if g is None or tensor is None or not tensor.requires_grad or g is into:
-                    continue  # no gradient, or the op added it into tensor.grad itself
+                    continue  # no gradient, or the op added it into the array offered
                 if g.shape != tensor.shape:
                     raise RuntimeError(f"{node.function.__name__}.backward gave a gradient of shape "
                                        f"{tuple(g.shape)} for an input of shape {tuple(tensor.shape)}")
@@ -169,15 +176,25 @@ class Tensor:
                 else:
                     slots = pending.setdefault(id(tensor.node), [None] * len(tensor.node.outputs))
                     i = tensor.output_index
-                    slots[i] = g if slots[i] is None else arithmetic.add(slots[i], g)
+                    if slots[i] is None:
+                        slots[i] = g
+                        if index in node.function.new_grads:
+                            owned.add((id(tensor.node), i))
+                    else:
+                        slots[i] = arithmetic.add(slots[i], g)
+                        owned.add((id(tensor.node), i))
             node.ctx = None  # free what forward saved: each node runs backward once
 
 
-def _grad_buffer(tensor):
-    """The array an op may add ``tensor``'s gradient into: the ``grad`` of a leaf that has one."""
-    if tensor is not None and tensor.node is None and tensor.requires_grad:
+def _grad_buffer(tensor, pending, owned):
+    """The array an op may add ``tensor``'s gradient into: the ``grad`` of a leaf that has one, or
+    the gradient summed so far of a non-leaf whose array is the engine's own (``owned``)."""
+    if tensor is None or not tensor.requires_grad:
+        return None
+    if tensor.node is None:
         return tensor.grad
-    return None
+    key = (id(tensor.node), tensor.output_index)
+    return pending[key[0]][key[1]] if key in owned else None
 
 
 def _accumulate(tensor, grad):
@@ -215,8 +232,9 @@ class Context:
     ``save_for_backward(*arrays)`` / ``saved`` for arrays, plain attributes for
     anything else; ``needs_input_grad[i]`` says whether input i wants a gradient.
     During backward, ``grad_into[i]`` is the ``grad`` array of input i when it is a leaf
-    that has one (else None): a backward may add input i's gradient into it and return
-    that array as the gradient, which the engine then leaves as it is.
+    that has one, or the gradient summed so far of input i when another consumer's gradient
+    has arrived in an array the engine owns (else None): a backward may add input i's
+    gradient into it and return that array as the gradient, which the engine then leaves as it is.
     """
 
     def __init__(self, needs_input_grad):
@@ -251,7 +269,13 @@ class Function:
     an array or a tuple of arrays, and ``backward(ctx, *grad_outputs)`` returning one
     gradient (or None) per positional argument. A grad_output is None when that
     output received no gradient.
+
+    ``new_grads``: the positions of the arguments whose gradient backward always returns in a
+    new array that it keeps no reference to (not a grad_output passed through, not a saved
+    array), or in the array offered by ``ctx.grad_into``; the engine may then let another
+    consumer of that input add its gradient into it.
     """
+    new_grads = ()
 
     @staticmethod
     def forward(ctx, *args, **kwargs):

@@ -89,6 +89,90 @@ def test_leaf_grad_accumulates_in_place_into_an_existing_array(rng):
     assert x.grad.base is flat
 
 
+class Add(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        return a + b
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, dy  # the same array for both: not new
+
+
+class Identity(Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.copy()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (dy,)  # passed through: not new
+
+
+class ScaleNew(Function):
+    """x * factor whose backward always returns a new array (``new_grads``)."""
+    new_grads = (0,)
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy * ctx.factor, None
+
+
+class ScaleInto(ScaleNew):
+    """ScaleNew that adds its gradient into the array the engine offers, and records the offer."""
+    offers = []
+
+    @staticmethod
+    def backward(ctx, dy):
+        into = ctx.grad_into[0]
+        ScaleInto.offers.append(into)
+        if into is None:
+            return dy * ctx.factor, None
+        into += dy * ctx.factor
+        return into, None
+
+
+def test_a_second_consumer_adds_into_the_first_ones_new_gradient(rng):
+    # h feeds ScaleNew and ScaleInto; whichever runs backward first, the gradient is 2 + 3 = 5 per
+    # element, and when ScaleNew's (a new array, so the engine's own) is there first, ScaleInto is
+    # offered that very array and adds into it: so in one of the two orders of the sum's operands.
+    used = []
+    for new_first in (True, False):
+        ScaleInto.offers.clear()
+        x = Tensor(rng.standard_normal(4), requires_grad=True)
+        h = Scale.apply(x, 1.0)
+        a, b = ScaleNew.apply(h, 2.0), ScaleInto.apply(h, 3.0)
+        Sum.apply(Add.apply(a, b) if new_first else Add.apply(b, a)).backward()
+        np.testing.assert_allclose(x.grad, np.full(4, 5.0), rtol=1e-15)
+        (offer,) = ScaleInto.offers
+        if offer is not None:
+            np.testing.assert_allclose(offer, np.full(4, 5.0), rtol=1e-15)
+            used.append(new_first)
+    assert len(used) == 1, "ScaleInto runs second in one order, and is then offered ScaleNew's array"
+
+
+@pytest.mark.parametrize("pass_first", [True, False])
+def test_a_gradient_an_op_passes_through_is_never_added_into(rng, pass_first):
+    # Add hands the caller's grad to both branches, Identity passes it on to h: that array is not the
+    # engine's, so ScaleInto must not be offered it (it would overwrite the caller's array).
+    ScaleInto.offers.clear()
+    x = Tensor(rng.standard_normal(4), requires_grad=True)
+    h = Scale.apply(x, 1.0)
+    a, b = Identity.apply(h), ScaleInto.apply(h, 3.0)
+    y = Add.apply(a, b) if pass_first else Add.apply(b, a)
+    grad = rng.standard_normal(4)
+    kept = grad.copy()
+    y.backward(grad)
+    np.testing.assert_array_equal(grad, kept)
+    np.testing.assert_allclose(x.grad, 4 * kept, rtol=1e-15)
+    assert all(o is not grad for o in ScaleInto.offers)
+
+
 def test_long_chain_has_no_recursion_limit(rng):
     # 2,000 recorded ops, far deeper than Python's default recursion limit of 1,000.
     x = Tensor(rng.standard_normal(3), requires_grad=True)
