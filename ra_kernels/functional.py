@@ -234,7 +234,7 @@ _SpatialAttention = _op("spatial_attention", attention_kernels)
 _Add = _op("add", elementwise)
 _Relu = _op("relu", elementwise)
 _GlobalAvgPool = _op("global_avg_pool", pool_kernels)
-_Linear = _op("linear", linear_kernels)
+_Linear = _op("linear", linear_kernels, grads_into={"dw_into": 1, "db_into": 2})
 _CrossEntropy = _op("cross_entropy", loss_kernels)
 
 

@@ -124,7 +124,8 @@ def _plain_math_kernel(x_ptr, y_ptr):
                                             ("bn_tile_reduce_kernel", dict(BACKWARD=False)),
                                             ("conv2d_fwd_kernel", dict(EPILOGUE="stats")),
                                             ("conv2d_wgrad_kernel", dict(SPLIT=True)),
-                                            ("conv2d_dgrad_kernel", dict(INPUT_SUMS=True))])
+                                            ("conv2d_dgrad_kernel", dict(INPUT_SUMS=True)),
+                                            ("cross_entropy_rows_kernel", dict())])
 def test_last_program_reductions_publish_before_they_count(name, switches):
     # batchnorm.last_to_arrive: a program's partial results, stored by all its threads, must be
     # visible to the program that arrives last. The compiled order that guarantees it: a barrier of

@@ -78,6 +78,29 @@ def test_linear_forward_backward(triton_backend, rng, n, n_in, n_out):
     _check_linear(*_linear_case(rng, n, n_in, n_out), input_eps=0.0)
 
 
+@pytest.mark.parametrize("given", ["both", "dw", "db"])
+def test_linear_gradients_added_into_buffers(triton_backend, rng, given):
+    """dw and db added into the optimizer's buffers (both in the wgrad kernel, one alone by an add)."""
+    x, w, b, dy = _linear_case(rng, 17, 33, 21)
+    _, saved = linear_kernels.linear(*(backend.asarray(a) for a in (x, w, b)))
+    before = {"dw": rng.standard_normal(w.shape).astype(np.float32),
+              "db": rng.standard_normal(b.shape).astype(np.float32)}
+    buffers = {k: backend.asarray(v.copy()) if given in (k, "both") else None for k, v in before.items()}
+    _, dw, db = linear_kernels.linear_backward(backend.asarray(dy), saved, dw_into=buffers["dw"],
+                                               db_into=buffers["db"])
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    _, want_dw, want_db = ref.linear_backward(dy64, ref.linear(x64, w.astype(np.float64), b.astype(np.float64))[1])
+    for name, got, want, bound in (("dw", dw, want_dw, _product_bound(x64.T, dy64, 0.0)),
+                                   ("db", db, want_db, (x.shape[0] + 1) * EPS * np.abs(dy64).sum(0))):
+        if buffers[name] is None:
+            _assert_within(got, want, bound, name)
+        else:
+            assert got is buffers[name], f"{name} must be added into the buffer given and returned"
+            # one more rounding for the addition of the buffer's value
+            _assert_within(backend.to_numpy(got).astype(np.float64) - before[name], want,
+                           bound + 2 * EPS * (np.abs(want) + np.abs(before[name])), name)
+
+
 @pytest.mark.parametrize("n, n_in, n_out", [(3, 256, 100), (1, 5, 10)])
 def test_linear_tf32(triton_backend, rng, n, n_in, n_out):
     # TF32 keeps 11 significant bits of each input (tensor cores may truncate rather than

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ..backend import empty, get_precision
 from ..launch import kernel, launch
+from . import elementwise
 from .tiles import cdiv, next_power_of_2
 
 # tl.dot needs every block dimension >= 16; the caps keep the float32
@@ -57,8 +58,8 @@ def _blocks(m, n, k):
 
 
 def _aot_specs():
-    """The launches of the attention92 head at batch 64: out = 10 and 100 in TF32 (training),
-    out = 100 (the larger tiles) in IEEE too (the tests)."""
+    """The launches of the attention92 head at batch 64: out = 10 and 100 in TF32 (training, dw and
+    db added into the gradient buffers), out = 100 (the larger tiles) in IEEE too (the tests)."""
     batch, n_in = 64, 256
     specs = []
     for n_out in (10, 100):
@@ -68,14 +69,15 @@ def _aot_specs():
             for precision in ("tf32", "ieee") if n_out == 100 else ("tf32",):
                 specs.append(dict(a_ptr="*fp32", b_ptr="*fp32", c_ptr="*fp32", vec_ptr="*fp32",
                                   M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32",
-                                  stride_bk="i32", stride_bn="i32", EPILOGUE=epilogue,
-                                  PRECISION=precision, **_blocks(m, n, k)))
+                                  stride_bk="i32", stride_bn="i32", EPILOGUE=epilogue, PRECISION=precision,
+                                  ACCUMULATE=epilogue == "b_column_sums" and precision == "tf32",
+                                  **_blocks(m, n, k)))
     return specs
 
 
 @kernel(aot=_aot_specs())
 def matmul_kernel(a_ptr, b_ptr, c_ptr, vec_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                  EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
+                  EPILOGUE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C (M, N) = A (M, K) @ B (K, N), C C-contiguous; float32 accumulation.
 
@@ -84,7 +86,8 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, vec_ptr, M, N, K, stride_am, stride_ak, s
     EPILOGUE = "bias": C += vec (N,) broadcast over rows.
     "b_column_sums": also vec (N,) = column sums of B, written by the programs of
     the first row of tiles. "none": C only (vec unused).
-    PRECISION: tl.dot's input_precision ("tf32" or "ieee").
+    PRECISION: tl.dot's input_precision ("tf32" or "ieee"). ACCUMULATE: C (and the column sums)
+    are added into what the arrays hold (gradient buffers).
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,23 +107,29 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, vec_ptr, M, N, K, stride_am, stride_ak, s
             col_sums += tl.sum(b, axis=0)
     if EPILOGUE == "bias":
         acc += tl.load(vec_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    c_ptrs, c_ok = c_ptr + rows[:, None] * N + cols[None, :], row_ok[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_ok)
+    tl.store(c_ptrs, acc, mask=c_ok)
     if EPILOGUE == "b_column_sums":
         if pid_m == 0:  # every row of tiles computes the same sums; the first one stores them
+            if ACCUMULATE:
+                col_sums += tl.load(vec_ptr + cols, mask=col_ok)
             tl.store(vec_ptr + cols, col_sums, mask=col_ok)
 
 
-def _matmul(a, a_strides, b, b_strides, m, n, k, epilogue="none", vec=None):
+def _matmul(a, a_strides, b, b_strides, m, n, k, epilogue="none", vec=None, into=None):
     """C (m, n) = A @ B with A, B given by array and (row, column) strides in elements.
 
     ``vec``: the bias for epilogue "bias", the output for the column sums of B
-    for "b_column_sums".
+    for "b_column_sums". With ``into`` (an (m, n) array) C is added into it, and the column sums
+    into vec, and ``into`` is returned.
     """
-    c = empty((m, n))
+    c = empty((m, n)) if into is None else into
     blocks = _blocks(m, n, k)
     grid = (cdiv(m, blocks["BLOCK_M"]), cdiv(n, blocks["BLOCK_N"]))
     launch(matmul_kernel, grid, a, b, c, c if vec is None else vec, m, n, k, *a_strides, *b_strides,
-           EPILOGUE=epilogue, PRECISION=get_precision(), **blocks)
+           EPILOGUE=epilogue, PRECISION=get_precision(), ACCUMULATE=into is not None, **blocks)
     return c
 
 
@@ -133,11 +142,16 @@ def linear(x, w, b):
     return y, (x, w)
 
 
-def linear_backward(dy, saved):
-    """dy (N, out) -> (dx = dy @ w^T (N, in), dw = x^T @ dy (in, out), db = sum_n dy (out,))."""
+def linear_backward(dy, saved, dw_into=None, db_into=None):
+    """dy (N, out) -> (dx = dy @ w^T (N, in), dw = x^T @ dy (in, out), db = sum_n dy (out,)). With both
+    ``dw_into`` and ``db_into`` (gradient buffers) dw and db are added into them in the same kernel;
+    one given alone gets its gradient added by an elementwise kernel."""
     x, w = saved
     (n, n_in), n_out = x.shape, w.shape[1]
     dx = _matmul(dy, (n_out, 1), w, (1, n_out), n, n_in, n_out)
+    if dw_into is not None and db_into is not None:
+        dw = _matmul(x, (1, n_in), dy, (n_out, 1), n_in, n_out, n, "b_column_sums", db_into, into=dw_into)
+        return dx, dw, db_into
     db = empty((n_out,))
     dw = _matmul(x, (1, n_in), dy, (n_out, 1), n_in, n_out, n, "b_column_sums", db)
-    return dx, dw, db
+    return (dx, *(g if into is None else elementwise.add_into(into, g) for g, into in ((dw, dw_into), (db, db_into))))

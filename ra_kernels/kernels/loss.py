@@ -8,8 +8,8 @@ Forward: ``cross_entropy_rows_kernel`` computes, per row, the max m, the
 log-sum-exp of the shifted row log s = log sum_k exp(x_k - m) (an online
 max-and-rescale over BLOCK_C-class slices, so any K works), and the row loss
 log s - (x_label - m): the reference's operation order, stable for any logit
-magnitude. ``mean_kernel`` then averages the row losses in one program, in a
-fixed order (deterministic, no atomics). The backward recomputes the softmax as
+magnitude. The last of its programs to finish (``batchnorm.last_to_arrive``) then
+averages the row losses, in a fixed order (deterministic, no float atomics). The backward recomputes the softmax as
 exp((x - m) - log s) from the logits and the two saved per-row values, instead
 of the forward writing an (N, K) softmax that the backward would read back.
 
@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..backend import empty, empty_like
 from ..launch import kernel, launch
+from .batchnorm import arrival_counters, last_to_arrive
 from .tiles import cdiv, next_power_of_2, row_tile
 
 MAX_BLOCK_MEAN = 1024
@@ -37,14 +38,18 @@ _LABEL_TYPES = ("*i32", "*i64")
 
 
 @kernel(aot=[dict(logits_ptr="*fp32", labels_ptr=labels, row_loss_ptr="*fp32", row_max_ptr="*fp32",
-                  row_log_sum_ptr="*fp32", n_rows="i32", n_classes="i32", **row_tile(*shape))
+                  row_log_sum_ptr="*fp32", loss_ptr="*fp32", counters_ptr="*i32", n_rows="i32", n_classes="i32",
+                  BLOCK_MEAN=64, **row_tile(*shape))
              for shape in _AOT_SHAPES for labels in _LABEL_TYPES])
-def cross_entropy_rows_kernel(logits_ptr, labels_ptr, row_loss_ptr, row_max_ptr, row_log_sum_ptr,
-                              n_rows, n_classes, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per row of logits (n_rows, n_classes): max m, log s = log sum exp(x - m), loss log s - (x_label - m).
+def cross_entropy_rows_kernel(logits_ptr, labels_ptr, row_loss_ptr, row_max_ptr, row_log_sum_ptr, loss_ptr,
+                              counters_ptr, n_rows, n_classes,
+                              BLOCK_MEAN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per row of logits (n_rows, n_classes): max m, log s = log sum exp(x - m), loss log s - (x_label - m);
+    then their mean, the loss (0-d), by the last program to finish.
 
     Grid (cdiv(n_rows, BLOCK_R),). Outputs (n_rows,) float32 each; the loss is
-    NaN where the label is outside [0, n_classes).
+    NaN where the label is outside [0, n_classes). The mean sums BLOCK_MEAN lanes of strided
+    row losses, then the lanes, and divides rounding to nearest.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -71,16 +76,12 @@ def cross_entropy_rows_kernel(logits_ptr, labels_ptr, row_loss_ptr, row_max_ptr,
     tl.store(row_loss_ptr + rows, loss, mask=row_ok)
     tl.store(row_max_ptr + rows, row_max, mask=row_ok)
     tl.store(row_log_sum_ptr + rows, log_sum, mask=row_ok)
-
-
-@kernel(aot=[dict(values_ptr="*fp32", mean_ptr="*fp32", n="i32", BLOCK=64)])
-def mean_kernel(values_ptr, mean_ptr, n, BLOCK: tl.constexpr):
-    """mean_ptr[0] = mean of values (n,) float32, by one program in a fixed order. Grid (1,)."""
-    partial = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        partial += tl.load(values_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(mean_ptr, tl.div_rn(tl.sum(partial, axis=0), tl.cast(n, tl.float32)))
+    if last_to_arrive(counters_ptr, tl.num_programs(0)):
+        partial = tl.zeros((BLOCK_MEAN,), tl.float32)
+        for start in range(0, n_rows, BLOCK_MEAN):
+            offs = start + tl.arange(0, BLOCK_MEAN)
+            partial += tl.load(row_loss_ptr + offs, mask=offs < n_rows, other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, tl.div_rn(tl.sum(partial, axis=0), tl.cast(n_rows, tl.float32)))
 
 
 @kernel(aot=[dict(logits_ptr="*fp32", labels_ptr=labels, row_max_ptr="*fp32", row_log_sum_ptr="*fp32",
@@ -124,11 +125,10 @@ def cross_entropy(logits, labels):
     n_rows, n_classes = logits.shape
     blocks = row_tile(n_rows, n_classes)
     row_loss, row_max, row_log_sum = (empty((n_rows,)) for _ in range(3))
-    launch(cross_entropy_rows_kernel, (cdiv(n_rows, blocks["BLOCK_R"]),), logits, labels,
-           row_loss, row_max, row_log_sum, n_rows, n_classes, **blocks)
     loss = empty(())
-    launch(mean_kernel, (1,), row_loss, loss, n_rows,
-           BLOCK=min(next_power_of_2(n_rows), MAX_BLOCK_MEAN))
+    launch(cross_entropy_rows_kernel, (cdiv(n_rows, blocks["BLOCK_R"]),), logits, labels,
+           row_loss, row_max, row_log_sum, loss, arrival_counters(1), n_rows, n_classes,
+           BLOCK_MEAN=min(next_power_of_2(n_rows), MAX_BLOCK_MEAN), **blocks)
     return loss, (logits, labels, row_max, row_log_sum)
 
 
