@@ -30,17 +30,26 @@ from .common import IMAGE_SIZE, NUM_CLASSES, markdown_table
 
 
 class _ArrayCache:
-    """An allocator for ``backend.use_allocator``: one array per (shape, dtype), reused."""
+    """An allocator for ``backend.use_allocator`` that reuses arrays from step to step: the k-th array
+    of a (shape, dtype) a step asks for is the same array every step. Within a step each array is
+    distinct, as real allocations are: the autograd engine tells gradients apart by identity (an
+    op that added into the array offered returns that very array), so a shared array would skip
+    additions and undercount launches. Call ``new_step()`` before each step."""
 
     def __init__(self):
-        self.arrays, self.calls = {}, 0
+        self.arrays, self.taken, self.calls = collections.defaultdict(list), collections.Counter(), 0
+
+    def new_step(self):
+        self.taken.clear()
 
     def __call__(self, shape, dtype):
         self.calls += 1
         key = (tuple(np.atleast_1d(shape)), np.dtype(dtype).str)
-        if key not in self.arrays:
-            self.arrays[key] = np.empty(shape, dtype)
-        return self.arrays[key]
+        arrays, k = self.arrays[key], self.taken[key]
+        if k == len(arrays):
+            arrays.append(np.empty(shape, dtype))  # never written: the launches are not run
+        self.taken[key] += 1
+        return arrays[k]
 
 
 def step_on_stubs(name: str, batch: int):
@@ -60,6 +69,7 @@ def count_step(name: str, batch: int) -> dict:
     """{"launches": Counter of kernel names, "allocations": int, "parameters": int (tensors)} of one
     eager training step."""
     step, inputs, allocator = step_on_stubs(name, batch)
+    allocator.new_step()
     with backend.use_allocator(allocator), launch.record_launches(run=False) as launches:
         step(*inputs)
     return {"launches": collections.Counter(call.kernel_fn.__name__ for call in launches),
@@ -72,6 +82,7 @@ def time_steps(name: str, batch: int, n_steps: int) -> dict:
     times = []
     with backend.use_allocator(allocator):
         for _ in range(n_steps + 2):
+            allocator.new_step()
             with launch.record_launches(run=False) as launches:
                 start = time.perf_counter()
                 step(*inputs)

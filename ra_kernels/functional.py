@@ -191,9 +191,10 @@ class _ConvBnRelu(_BatchNorm):
 
 
 class _ConvChain(_Op):
-    """Arguments (x, w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n, skip), skip an array
-    or None; every parameter's gradient may go into its buffer (``into``, aligned with the parameters)."""
-    op, kernels, skips_unwanted_dx = "conv_chain", conv_kernels, True
+    """Arguments (x, w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n, [gamma_0, beta_0,
+    running_mean_0, running_var_0 of the input's batch norm,] skip), skip an array or None; every
+    parameter's gradient may go into its buffer (``into``, aligned with the parameters)."""
+    op, kernels, skips_unwanted_dx, new_grads = "conv_chain", conv_kernels, True, (0,)
 
     @classmethod
     def run(cls, impl, *args, **kwargs):
@@ -205,7 +206,8 @@ class _ConvChain(_Op):
     @classmethod
     def backward(cls, ctx, dy):
         into = ctx.grad_into[1:-1] if ctx.grad_into else None
-        return tuple(ctx.op_backward(dy, ctx.op_saved, need_dx=ctx.needs_input_grad[0], into=into))
+        dx_into = ctx.grad_into[0] if ctx.grad_into else None
+        return tuple(ctx.op_backward(dy, ctx.op_saved, need_dx=ctx.needs_input_grad[0], into=into, dx_into=dx_into))
 
 
 class _UpsampleBilinear(_Op):
@@ -219,14 +221,14 @@ class _UpsampleBilinear(_Op):
         return dx, None, dskip
 
 
-def _op(name, kernels, skips_unwanted_dx=False, grads_into=None):
+def _op(name, kernels, skips_unwanted_dx=False, grads_into=None, new_grads=()):
     """The Function of a plain op: reference.<name> on numpy, kernels.<name> on cuda and interpret."""
     return type(f"_{name}", (_Op,), {"op": name, "kernels": kernels, "skips_unwanted_dx": skips_unwanted_dx,
-                                     "grads_into": grads_into or {}})
+                                     "grads_into": grads_into or {}, "new_grads": new_grads})
 
 
-_Conv2d = _op("conv2d", conv_kernels, skips_unwanted_dx=True, grads_into={"dw_into": 1})
-_MaxPool2d = _op("max_pool2d", pool_kernels)
+_Conv2d = _op("conv2d", conv_kernels, skips_unwanted_dx=True, grads_into={"dx_into": 0, "dw_into": 1}, new_grads=(0,))
+_MaxPool2d = _op("max_pool2d", pool_kernels, grads_into={"dx_into": 0}, new_grads=(0,))
 _Sigmoid = _op("sigmoid", attention_kernels)
 _AttentionMix = _op("attention_mix", attention_kernels)
 _ChannelAttention = _op("channel_attention", attention_kernels)
@@ -333,10 +335,14 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
                              padding=padding, training=training, momentum=momentum, eps=eps, relu=relu)
 
 
-def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None):
+def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, residual=False):
     """Convolutions in a row, each but the last followed by batch norm in training mode and ReLU:
     ``conv2d(conv_bn_relu(conv_bn_relu(x, ...), ...), ...)`` as one op (a bottleneck branch), plus
-    ``skip`` (of the output's shape: a residual unit's shortcut, added in the last conv's epilogue).
+    ``skip`` (of the output's shape: a residual unit's shortcut, added in the last conv's epilogue),
+    or x itself with ``residual`` (an identity shortcut: its gradient joins dx inside the op).
+    ``input_bn`` = (gamma, beta, running_mean, running_var): a batch norm + ReLU of x first, in
+    training mode too (a pre-activation unit, ``F.batch_norm(x, *input_bn, relu=True)``; with
+    ``residual`` x, not its activation, is added).
 
     ``layers``: one (w, stride, padding, bn) per conv, bn = (gamma, beta, running_mean, running_var)
     for every conv but the last, None for the last. Training mode only (batch statistics; the
@@ -378,13 +384,31 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None):
             args += [bn[0], bn[1], _data(bn[2]), _data(bn[3])]
         shapes.append((stride, padding))
         channels = cout
+    if input_bn is not None:
+        if not isinstance(input_bn, (list, tuple)) or len(input_bn) != 4:
+            raise ValueError(f"{op}: input_bn must be (gamma, beta, running_mean, running_var), got {input_bn!r}")
+        x_shape = _data(x).shape
+        _check_channel_params(op, x_shape[3], dtype, gamma=input_bn[0], beta=input_bn[1],
+                              running_mean=input_bn[2], running_var=input_bn[3])
+        if x_shape[0] * x_shape[1] * x_shape[2] < 2:
+            raise ValueError(f"{op}: the input's batch norm needs more than 1 value per channel to normalise by "
+                             f"their variance, got {x_shape[0] * x_shape[1] * x_shape[2]}")
+        args += [input_bn[0], input_bn[1], _data(input_bn[2]), _data(input_bn[3])]
     momentum = _check_float(op, "momentum", momentum, 0.0, 1.0)
     eps = _check_float(op, "eps", eps, 0.0, float("inf"), low_open=True)
+    if not isinstance(residual, (bool, np.bool_)):
+        raise ValueError(f"{op}: residual must be True or False, got {residual!r}")
+    if residual and skip is not None:
+        raise ValueError(f"{op}: give skip or residual (which adds x itself), not both")
+    if residual and tuple(_data(x).shape) != shape:
+        raise ValueError(f"{op}: residual adds x, so the output must have x's shape {tuple(_data(x).shape)}, "
+                         f"got {shape}")
     if skip is not None:
         _check_array(op, "skip", skip, 4, "NHWC", dtype)
         if tuple(_data(skip).shape) != shape:
             raise ValueError(f"{op}: skip must have the output's shape {shape}, got {tuple(_data(skip).shape)}")
-    return _ConvChain.apply(*args, skip, layers=tuple(shapes), momentum=momentum, eps=eps)
+    return _ConvChain.apply(*args, skip, layers=tuple(shapes), momentum=momentum, eps=eps,
+                            input_bn=input_bn is not None, residual=bool(residual))
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):

@@ -20,19 +20,29 @@ MASK_DEPTHS = (3, 2, 1)  # max-pool levels of the mask branch per stage: 32->4, 
 
 # --------------------------------------------------------------------------- the paper's blocks
 
-def _branch(x, *layers, skip=None):
-    """ConvBnRelu layers then a Conv2d, plus ``skip`` if given: one ``F.conv_chain`` when every layer is
-    in training mode, else the layers' own calls (each in its own mode: a frozen batch norm stays
-    frozen) and an add."""
+def _branch(x, *layers, skip=None, residual=False):
+    """[BatchNorm2d with ReLU,] ConvBnRelu layers, then a Conv2d; plus ``skip`` if given, or x itself
+    when ``residual``: one ``F.conv_chain`` when every layer is in training mode, else the layers'
+    own calls (each in its own mode: a frozen batch norm stays frozen) and an add."""
     if all(layer.training for layer in layers):
-        norms = {(layer.bn.momentum, layer.bn.eps) for layer in layers[:-1]}
+        input_bn = layers[0] if isinstance(layers[0], BatchNorm2d) else None
+        convs = layers[1:] if input_bn is not None else layers
+        norms = {(layer.bn.momentum, layer.bn.eps) for layer in convs[:-1]}
+        if input_bn is not None:
+            if not input_bn.relu:
+                raise ValueError("a conv chain's input batch norm is followed by a ReLU; this one has relu=False")
+            norms.add((input_bn.momentum, input_bn.eps))
         if len(norms) != 1:
             raise ValueError(f"a conv chain's batch norms must share momentum and eps, got {sorted(norms)}")
         (momentum, eps), = norms
-        return F.conv_chain(x, [layer.chain_layer() for layer in layers], momentum, eps, skip=skip)
+        return F.conv_chain(x, [layer.chain_layer() for layer in convs], momentum, eps, skip=skip,
+                            input_bn=None if input_bn is None else input_bn.statistics(), residual=residual)
+    y = x
     for layer in layers:
-        x = layer(x)
-    return x if skip is None else F.add(x, skip)
+        y = layer(y)
+    if residual:
+        skip = x
+    return y if skip is None else F.add(y, skip)
 
 
 class ResidualUnit(Module):
@@ -40,9 +50,11 @@ class ResidualUnit(Module):
 
     BN-ReLU, conv1x1 (cin -> cout/4) + BN-ReLU, conv3x3 (stride) + BN-ReLU, conv1x1
     (-> cout); plus the input, or a 1x1 stride-s projection of the pre-activated
-    input when the channels or the stride change. In training the three convs run as
-    one ``conv_chain`` (no batch-norm output is written); in eval each conv that a
-    BN-ReLU follows runs as one ``conv_bn_relu``, batch norm applied in its epilogue.
+    input when the channels or the stride change. In training the unit runs as one
+    ``conv_chain`` (no batch-norm output is written): with the pre-activation and the
+    identity shortcut inside it, or, with a projection, after the pre-activation, which
+    the projection reads too. In eval each conv that a BN-ReLU follows runs as one
+    ``conv_bn_relu``, batch norm applied in its epilogue.
     """
 
     def __init__(self, cin, cout, stride=1, rng=None):
@@ -56,9 +68,10 @@ class ResidualUnit(Module):
             self.project = Conv2d(cin, cout, 1, stride, rng=rng)
 
     def forward(self, x):
+        if "project" not in self._modules:
+            return _branch(x, self.pre, self.reduce, self.spatial, self.expand, residual=True)
         activated = self.pre(x)
-        shortcut = self.project(activated) if "project" in self._modules else x
-        return _branch(activated, self.reduce, self.spatial, self.expand, skip=shortcut)
+        return _branch(activated, self.reduce, self.spatial, self.expand, skip=self.project(activated))
 
 
 ATTENTIONS = ("mixed", "channel", "spatial")
@@ -113,7 +126,7 @@ class AttentionModule(Module):
         for level in reversed(range(self.depth - 1)):
             mask = self.up[level](F.upsample_bilinear(mask, skips[level].shape[1:3], skip=skips[level]))
         head = self.mask_head
-        logits = _branch(head[0](F.upsample_bilinear(mask, trunk.shape[1:3])), head[1], head[2])
+        logits = _branch(F.upsample_bilinear(mask, trunk.shape[1:3]), head[0], head[1], head[2])
         if self.attention == "mixed":
             out = F.attention_mix(logits, trunk, residual=self.residual_attention)
             if self.keep_mask:

@@ -27,10 +27,10 @@ def conv2d(x, w, stride=1, padding=0):
     return y, (x, w, stride, padding)
 
 
-def conv2d_backward(dy, saved, need_dx=True, dw_into=None):
+def conv2d_backward(dy, saved, need_dx=True, dw_into=None, dx_into=None):
     """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx (N, H, W, Cin), dw (KH, KW, Cin, Cout));
     dx is None, and not computed, when not ``need_dx`` (an input image, say). With ``dw_into``
-    dw is added into that array, which is returned as dw."""
+    dw is added into that array, which is returned as dw; with ``dx_into`` likewise dx."""
     x, w, stride, padding = saved
     kh, kw, cin, cout = w.shape
     n, oh, ow, _ = dy.shape
@@ -43,7 +43,7 @@ def conv2d_backward(dy, saved, need_dx=True, dw_into=None):
     # KH*KW-times larger buffer, and lighter on memory.
     dx = fold_windows(lambda i, j: (dy2d @ w[i, j].T).reshape(n, oh, ow, cin), (kh, kw), x.shape, stride, padding,
                       dy.dtype)
-    return dx, dw
+    return elementwise.gradient_into(dx, dx_into), dw
 
 
 def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
@@ -68,41 +68,64 @@ def conv_bn_relu_backward(dy, saved, need_dx=True, dw_into=None, dgamma_into=Non
     return dx, dw, dgamma, dbeta
 
 
-def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5, skip=None):
+def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=False, residual=False):
     """conv2d, batch_norm + ReLU, conv2d, ..., conv2d in training mode: each conv but the last is
-    conv_bn_relu (batch statistics, ReLU), the last conv2d, plus ``skip`` when given (an array of
-    the output's shape). params: w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n;
-    layers: ((stride, padding), ...), one per conv.
+    conv_bn_relu (batch statistics, ReLU), the last conv2d; plus ``skip`` when given (an array of
+    the output's shape), or x itself when ``residual``. With ``input_bn`` a batch norm + ReLU of x
+    comes first (a pre-activation unit: ``residual`` still adds x, not its activation).
 
-    Returns (y, ((new_running_mean, new_running_var), ...), saved): exactly the ops in turn.
+    params: w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n, then, with
+    ``input_bn``, gamma_0, beta_0, running_mean_0, running_var_0 of the input's batch norm (last,
+    so that batch norm j always has params 5j+1 to 5j+4); layers: ((stride, padding), ...), one per conv.
+
+    Returns (y, ((new_running_mean, new_running_var), ...), saved), the running statistics in the
+    order of params: exactly the ops in turn.
     """
     n, y, running, saved = len(layers), x, [], []
+    input_saved = None
+    if input_bn:
+        y, new_mean, new_var, input_saved = batch_norm(x, *params[5 * n - 4:5 * n], True, momentum, eps, True)
     for i, (stride, padding) in enumerate(layers):
         if i < n - 1:
-            y, new_mean, new_var, layer_saved = conv_bn_relu(y, *params[5 * i:5 * i + 5], stride, padding, True,
-                                                             momentum, eps, True)
-            running.append((new_mean, new_var))
+            y, new_mean_i, new_var_i, layer_saved = conv_bn_relu(y, *params[5 * i:5 * i + 5], stride, padding, True,
+                                                                 momentum, eps, True)
+            running.append((new_mean_i, new_var_i))
         else:
             y, layer_saved = conv2d(y, params[5 * i], stride, padding)
         saved.append(layer_saved)
-    if skip is not None:
-        y = elementwise.add(y, skip)[0]
-    return y, tuple(running), (saved, skip is not None)
+    if input_bn:
+        running.append((new_mean, new_var))
+    if skip is not None or residual:
+        y = elementwise.add(y, x if residual else skip)[0]
+    return y, tuple(running), (saved, input_saved, skip is not None, residual)
 
 
-def conv_chain_backward(dy, saved, need_dx=True, into=None):
+def conv_chain_backward(dy, saved, need_dx=True, into=None, dx_into=None):
     """Gradients of conv_chain, one per input: (dx, dw_1, dgamma_1, dbeta_1, None, None, dw_2, ..., dw_n,
-    dskip), None for the running statistics; dx None when not ``need_dx``; dskip is dy (None without
-    skip); ``into``: per entry of params, an array to add that gradient into (returned for it), or None."""
-    saved, has_skip = saved
-    dskip = dy if has_skip else None
+    [dgamma_0, dbeta_0, None, None,] dskip), None for the running statistics; dx None when not
+    ``need_dx`` (with ``residual`` it includes dy); dskip is dy (None without skip); ``into``: per
+    entry of params, an array to add that gradient into (returned for it), or None; ``dx_into`` the
+    same for dx."""
+    saved, input_saved, has_skip, residual = saved
+    dskip, dout = (dy if has_skip else None), dy
     n = len(saved)
-    into = into or (None,) * (5 * n - 4)
-    grads = [None] * (5 * n - 4)
+    n_params = 5 * n - 4 + (4 if input_saved else 0)
+    into = into or (None,) * n_params
+    grads = [None] * n_params
     for i in reversed(range(n)):
+        need = i > 0 or need_dx or input_saved is not None  # the input batch norm's gradients need dx
         if i == n - 1:
-            dy, grads[5 * i] = conv2d_backward(dy, saved[i], i > 0 or need_dx, into[5 * i])
+            dy, grads[5 * i] = conv2d_backward(dy, saved[i], need, into[5 * i])
         else:
             dy, grads[5 * i], grads[5 * i + 1], grads[5 * i + 2] = conv_bn_relu_backward(
-                dy, saved[i], i > 0 or need_dx, *into[5 * i:5 * i + 3])
+                dy, saved[i], need, *into[5 * i:5 * i + 3])
+    if input_saved is not None:
+        j = 5 * n - 4
+        dy, grads[j], grads[j + 1] = batch_norm_backward(dy, input_saved, *into[j:j + 2])
+    if not need_dx:
+        dy = None
+    else:
+        if residual:
+            dy = elementwise.add(dy, dout)[0]
+        dy = elementwise.gradient_into(dy, dx_into)
     return (dy, *grads, dskip)

@@ -2,6 +2,7 @@
 import numpy as np
 
 from ._windows import fold_windows, windows
+from .elementwise import gradient_into
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):
@@ -27,12 +28,13 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     return y, (argmax, x.shape, kernel_size, stride, padding)
 
 
-def max_pool2d_backward(dy, saved):
-    """dx (N, H, W, C): each dy element goes to its window's argmax; overlapping windows accumulate."""
+def max_pool2d_backward(dy, saved, dx_into=None):
+    """dx (N, H, W, C): each dy element goes to its window's argmax; overlapping windows accumulate.
+    With ``dx_into`` dx is added into it, which is returned."""
     argmax, x_shape, kernel_size, stride, padding = saved
     dx = fold_windows(lambda i, j: np.where(argmax == i * kernel_size + j, dy, 0), (kernel_size, kernel_size),
                       x_shape, stride, padding, dy.dtype)
-    return (dx,)
+    return (gradient_into(dx, dx_into),)
 
 
 def global_avg_pool(x):

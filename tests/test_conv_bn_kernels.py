@@ -287,68 +287,87 @@ def test_batch_norm_training_needs_two_values_per_channel(triton_backend, rng):
 
 # --------------------------------------------------------------------------- conv_chain
 
-def _chain_inputs(rng, x_shape, w_shapes, strides, band, beta_offset=0.0):
-    """x, params, layers of a conv_chain, redrawn until no batch norm's pre-activation lies within
-    ``band`` (relative to its largest) of the ReLU's kink: there float32 may take the other branch.
-    Thousands of values per channel always have some near the kink; ``beta_offset`` then lifts the
-    pre-activations (gamma * xhat + beta) clear of it."""
+def _chain_inputs(rng, x_shape, w_shapes, strides, band, beta_offset=0.0, input_bn=False):
+    """x, params, layers of a conv_chain (with the input's batch norm last in params when ``input_bn``),
+    redrawn until no batch norm's pre-activation lies within ``band`` (relative to its largest) of the
+    ReLU's kink: there float32 may take the other branch. Thousands of values per channel always have
+    some near the kink; ``beta_offset`` then lifts the pre-activations (gamma * xhat + beta) clear of it."""
     layers = tuple((stride, shape[0] // 2) for shape, stride in zip(w_shapes, strides))
+    n = len(w_shapes)
     while True:
         x, params = f32(rng, x_shape), []
-        for i, shape in enumerate(w_shapes):
-            params.append(f32(rng, shape))
-            if i < len(w_shapes) - 1:
+        for i, shape in enumerate(w_shapes + ([(1, 1, 1, x_shape[-1])] if input_bn else [])):
+            if i < n:
+                params.append(f32(rng, shape))
+            if i != n - 1:
                 gamma, beta, running_mean, running_var = bn_params(rng, shape[-1])
                 params += [gamma, beta + np.float32(beta_offset), running_mean, running_var]
-        h, near_kink = np.float64(x), False
+        h, pre_activations = np.float64(x), []
+        if input_bn:
+            pre_activations.append(ref.batch_norm(h, *f64(*params[5 * n - 4:]), True, relu=False)[0])
+            h = ref.batch_norm(h, *f64(*params[5 * n - 4:]), True, relu=True)[0]
         for i, (stride, padding) in enumerate(layers[:-1]):
             args = (h, *f64(*params[5 * i:5 * i + 5]), stride, padding, True)
-            pre = ref.conv_bn_relu(*args, relu=False)[0]
-            near_kink |= np.abs(pre).min() < band * np.abs(pre).max()
+            pre_activations.append(ref.conv_bn_relu(*args, relu=False)[0])
             h = ref.conv_bn_relu(*args, relu=True)[0]
-        if not near_kink:
+        if all(np.abs(pre).min() >= band * np.abs(pre).max() for pre in pre_activations):
             return x, params, layers
 
 
 @pytest.mark.parametrize("into", [False, True], ids=["new", "into_buffers"])
-@pytest.mark.parametrize("x_shape, w_shapes, strides, need_dx, beta_offset, with_skip", [
+@pytest.mark.parametrize("x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn", [
     # the residual unit's branch: 1x1, 3x3 stride 2 on an odd input, 1x1; channels off every block
-    ((2, 9, 7, 20), [(1, 1, 20, 6), (3, 3, 6, 6), (1, 1, 6, 24)], (1, 2, 1), True, 0.0, False),
+    ((2, 9, 7, 20), [(1, 1, 20, 6), (3, 3, 6, 6), (1, 1, 6, 24)], (1, 2, 1), True, 0.0, None, False),
     # the same with its shortcut added in the last conv's epilogue
-    ((2, 9, 7, 20), [(1, 1, 20, 6), (3, 3, 6, 6), (1, 1, 6, 24)], (1, 2, 1), True, 0.0, True),
+    ((2, 9, 7, 20), [(1, 1, 20, 6), (3, 3, 6, 6), (1, 1, 6, 24)], (1, 2, 1), True, 0.0, "skip", False),
+    # a whole pre-activation unit: the input's batch norm applied as conv 1 loads, x added at the end
+    # (60 values per channel: a kink-free draw comes about one time in four)
+    ((2, 5, 6, 12), [(1, 1, 12, 4), (3, 3, 4, 4), (1, 1, 4, 12)], (1, 1, 1), True, 0.0, "residual", True),
+    # x added without an input batch norm
+    ((2, 5, 6, 4), [(1, 1, 4, 3), (3, 3, 3, 4)], (1, 1), True, 0.0, "residual", False),
     # the mask head (1x1, 1x1), without dx (an input that needs no gradient)
-    ((1, 5, 6, 8), [(1, 1, 8, 8), (1, 1, 8, 8)], (1, 1), False, 0.0, False),
+    ((1, 5, 6, 8), [(1, 1, 8, 8), (1, 1, 8, 8)], (1, 1), False, 0.0, None, False),
+    # the same with its input's batch norm: without dx, its dgamma and dbeta still come from dgrad's sums
+    ((1, 5, 6, 8), [(1, 1, 8, 8), (1, 1, 8, 8)], (1, 1), False, 0.0, None, True),
     # 2,178 positions: 35 tiles of 64 in dgrad's batch-norm sums, finished in two chunks of 32
-    ((2, 33, 33, 4), [(1, 1, 4, 4), (1, 1, 4, 4)], (1, 1), True, 4.0, False),
+    ((2, 33, 33, 4), [(1, 1, 4, 4), (1, 1, 4, 4)], (1, 1), True, 4.0, None, False),
 ])
-def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, beta_offset, with_skip, into):
+def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn, into):
     """Every output, running statistic and gradient of the fused chain (each batch norm applied by the
     next conv as it loads, its backward sums taken in that conv's dgrad) against reference/."""
-    x, params, layers = _chain_inputs(rng, x_shape, w_shapes, strides, IEEE_KINK_BAND, beta_offset)
-    y_shape = ref.conv_chain(*f64(x, *params), layers=layers)[0].shape
-    skip = f32(rng, y_shape) if with_skip else None
-    y_ref, running_ref, saved_ref = ref.conv_chain(*f64(x, *params), layers=layers,
-                                                   skip=None if skip is None else f64(skip)[0])
+    x, params, layers = _chain_inputs(rng, x_shape, w_shapes, strides, IEEE_KINK_BAND, beta_offset, input_bn)
+    options = dict(layers=layers, input_bn=input_bn, residual=shortcut == "residual")
+    y_shape = ref.conv_chain(*f64(x, *params), **options)[0].shape
+    skip = f32(rng, y_shape) if shortcut == "skip" else None
+    y_ref, running_ref, saved_ref = ref.conv_chain(*f64(x, *params), skip=None if skip is None else f64(skip)[0],
+                                                   **options)
     args = on_backend(x, *params)
-    y, running, saved = conv.conv_chain(*args, layers=layers, skip=None if skip is None else backend.asarray(skip))
+    y, running, saved = conv.conv_chain(*args, skip=None if skip is None else backend.asarray(skip), **options)
     assert_close("y", y, y_ref, IEEE_RTOL)
-    for i, ((mean, var), (mean_ref, var_ref)) in enumerate(zip(running, running_ref)):
-        assert mean is args[5 * i + 4] and var is args[5 * i + 5], "running statistics are updated in place"
-        assert_close(f"running_mean {i}", mean, mean_ref, IEEE_RTOL)
-        assert_close(f"running_var {i}", var, var_ref, IEEE_RTOL)
+    n_norms = len(layers) - 1 + input_bn
+    assert len(running) == len(running_ref) == n_norms
+    for j, ((mean, var), (mean_ref, var_ref)) in enumerate(zip(running, running_ref)):
+        assert mean is args[5 * j + 4] and var is args[5 * j + 5], "running statistics are updated in place"
+        assert_close(f"running_mean {j}", mean, mean_ref, IEEE_RTOL)
+        assert_close(f"running_var {j}", var, var_ref, IEEE_RTOL)
 
     dy = f32(rng, y_ref.shape)
-    running_slots = {5 * i + 3 for i in range(len(layers) - 1)} | {5 * i + 4 for i in range(len(layers) - 1)}
+    running_slots = {5 * j + 3 for j in range(n_norms)} | {5 * j + 4 for j in range(n_norms)}
     before = [None if not into or j in running_slots else f32(rng, p.shape) for j, p in enumerate(params)]
     buffers = [None if b is None else backend.asarray(b.copy()) for b in before]
     dy_on_backend = backend.asarray(dy)
-    *grads, dskip = conv.conv_chain_backward(dy_on_backend, saved, need_dx, buffers)
+    dx_before = f32(rng, x.shape) if into else None  # x's gradient from another consumer (autograd's dx_into)
+    dx_into = None if dx_before is None else backend.asarray(dx_before.copy())
+    *grads, dskip = conv.conv_chain_backward(dy_on_backend, saved, need_dx, buffers, dx_into)
     *grads_ref, _ = ref.conv_chain_backward(*f64(dy), saved_ref)
-    assert dskip is (dy_on_backend if with_skip else None)  # the shortcut's gradient is dy itself
-    if need_dx:
-        assert_close("dx", grads[0], grads_ref[0], IEEE_RTOL)
-    else:
+    assert len(grads) == len(grads_ref) == len(params) + 1
+    assert dskip is (dy_on_backend if skip is not None else None)  # the shortcut's gradient is dy itself
+    if not need_dx:
         assert grads[0] is None
+    elif into:
+        assert_added_into("dx", grads[0], dx_into, dx_before, grads_ref[0], IEEE_RTOL)
+    else:
+        assert_close("dx", grads[0], grads_ref[0], IEEE_RTOL)
     for j, (got, want) in enumerate(zip(grads[1:], grads_ref[1:])):
         if j in running_slots:
             assert got is None and want is None

@@ -73,10 +73,15 @@ def test_summary_lists_layers_params_and_mult_adds():
 def _kinks(monkeypatch, relu_masks=None):
     """Record the branches a forward takes at the network's kinks, in call order.
 
-    Yields a dict: ``masks``, the side of zero of each ReLU input of batch_norm and
-    conv_bn_relu (from the output > 0); ``winners``, the first maximum of each max-pool window.
+    Yields a dict: ``masks``, the side of zero of each ReLU input of batch_norm, conv_bn_relu
+    and conv_chain (from the output > 0; inside a chain on the kernel backends, where no
+    activation is written, from the saved z and the (4, C) statistics as the kernels' own
+    ``affine_relu`` computes it, z * scale + shift in float32, so the recorded side is the one
+    the kernels took, bit for bit); ``winners``, the first maximum of each max-pool window.
     Given the ``relu_masks`` of another forward of the same network, the ReLUs take those
-    branches instead: the op runs without ReLU and its output is gated by the mask
+    branches instead (a conv_chain runs as its input's batch_norm, its conv_bn_relu layers and a
+    conv2d, plus the skip or x, which is what reference.conv_chain computes): the op runs without
+    ReLU and its output is gated by the mask
     (``attention_mix(mask, z, residual=False, from_logits=False)`` is mask * z), so that both
     forwards differentiate the same piece of the piecewise-smooth network. ``forced`` then
     holds, per ReLU, the largest |pre-activation| / std where the mask contradicted its sign.
@@ -101,13 +106,35 @@ def _kinks(monkeypatch, relu_masks=None):
             return F.attention_mix(gate, z, residual=False, from_logits=False)
         return recorded
 
+    def chain_side(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, residual=False):
+        if relu_masks is None:
+            out = conv_chain(x, layers, momentum, eps, skip, input_bn, residual)
+            # kernels/conv.py saves (weights, layers, [(input, stats of the BN before it)], has_skip,
+            # residual): the input of conv j + 1 is z of conv j (of conv 0, x, with input_bn), and the
+            # ReLU after it is relu(z * scale + shift)
+            _, _, inputs, _, _ = out.node.ctx.op_saved
+            for z, stats in inputs:
+                if stats is not None:
+                    z, stats = backend.to_numpy(z), backend.to_numpy(stats)
+                    kinks["masks"].append(z * stats[2] + stats[3] > 0)
+            return out
+        y = x if input_bn is None else F.batch_norm(x, *input_bn, training=True, momentum=momentum, eps=eps,
+                                                    relu=True)
+        for w, stride, padding, bn in layers[:-1]:
+            y = F.conv_bn_relu(y, w, *bn, stride, padding, training=True, momentum=momentum, eps=eps)
+        w, stride, padding, _ = layers[-1]
+        y = F.conv2d(y, w, stride, padding)
+        skip = x if residual else skip
+        return y if skip is None else F.add(y, skip)
+
     def pool_winner(x, kernel_size=3, stride=2, padding=1):
         _, (argmax, *_) = reference.max_pool2d(backend.to_numpy(x.data), kernel_size, stride, padding)
         kinks["winners"].append(argmax)
         return max_pool2d(x, kernel_size, stride, padding)
 
-    batch_norm, conv_bn_relu, max_pool2d = F.batch_norm, F.conv_bn_relu, F.max_pool2d
+    batch_norm, conv_bn_relu, conv_chain, max_pool2d = F.batch_norm, F.conv_bn_relu, F.conv_chain, F.max_pool2d
     with monkeypatch.context() as patch:
+        patch.setattr(F, "conv_chain", chain_side)
         patch.setattr(F, "batch_norm", relu_side(batch_norm, False))
         patch.setattr(F, "conv_bn_relu", relu_side(conv_bn_relu, True))
         patch.setattr(F, "max_pool2d", pool_winner)

@@ -70,6 +70,12 @@ def test_max_pool2d(triton_backend, rng, geometry, shape, values):
     # Exact: each dx element is a sum of at most 9 small integers, exact in float32, so any
     # difference is a gradient sent to the wrong input.
     np.testing.assert_array_equal(_host(dx), want_dx)
+    # Added into x's gradient from its other consumers (the engine's dx_into): still exact on integers.
+    before = _signed_integers(rng, x.shape)
+    into = backend.asarray(before.copy())
+    (dx_into,) = pool.max_pool2d_backward(backend.asarray(dy), saved, dx_into=into)
+    assert dx_into is into
+    np.testing.assert_array_equal(_host(dx_into), before + want_dx)
 
 
 def test_max_pool2d_int32_argmax_above_128_taps(triton_backend, rng):

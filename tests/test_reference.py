@@ -146,12 +146,14 @@ def conv_bn_relu_case(x_shape, w_shape, stride, padding, training, relu):
     return Case(forward, ref.conv_bn_relu_backward, make)
 
 
-def conv_chain_case(x_shape, w_shapes, strides, skip_shape=None):
+def conv_chain_case(x_shape, w_shapes, strides, skip_shape=None, input_bn=False, residual=False):
     """conv_chain over convs of the given HWIO shapes and strides (padding KH // 2), a BN-ReLU after
-    each but the last, plus a skip input of ``skip_shape`` if given. Inputs: x, then per conv w (and
-    gamma, beta), then skip; running statistics fixed."""
+    each but the last, a BN-ReLU of x first with ``input_bn``, plus a skip input of ``skip_shape`` if
+    given, or x with ``residual``. Inputs: x, then per conv w (and gamma, beta), then the input's
+    gamma and beta, then skip; running statistics fixed."""
     layers = tuple((stride, shape[0] // 2) for shape, stride in zip(w_shapes, strides))
     n = len(w_shapes)
+    options = dict(layers=layers, input_bn=input_bn, residual=residual)
 
     def arguments(x, inputs, running):
         args = [x]
@@ -159,12 +161,14 @@ def conv_chain_case(x_shape, w_shapes, strides, skip_shape=None):
             args.append(inputs[3 * i])
             if i < n - 1:
                 args += [inputs[3 * i + 1], inputs[3 * i + 2], *running[2 * i:2 * i + 2]]
+        if input_bn:
+            args += [inputs[3 * n - 2], inputs[3 * n - 1], *running[-2:]]
         return args
 
     def forward(x, *inputs, **running):
         skip = inputs[-1] if skip_shape else None
         params = inputs[:-1] if skip_shape else inputs
-        y, _, saved = ref.conv_chain(*arguments(x, params, list(running.values())), layers=layers, skip=skip)
+        y, _, saved = ref.conv_chain(*arguments(x, params, list(running.values())), skip=skip, **options)
         return y, saved
 
     def backward(dy, saved):
@@ -179,12 +183,19 @@ def conv_chain_case(x_shape, w_shapes, strides, skip_shape=None):
             if i < n - 1:
                 gamma, beta, running[f"mean{i}"], running[f"var{i}"] = bn_params(rng, shape[-1])
                 inputs += [gamma, beta]
+        if input_bn:
+            gamma, beta, running["mean_in"], running["var_in"] = bn_params(rng, x_shape[-1])
+            inputs += [gamma, beta]
         return [rng.standard_normal(x_shape), *inputs, *([rng.standard_normal(skip_shape)] if skip_shape else [])], \
             running
 
     def preactivation(x, *inputs, **running):
         running, lowest, h = list(running.values()), np.inf, x
         inputs = inputs[:-1] if skip_shape else inputs
+        if input_bn:
+            args = (h, inputs[3 * n - 2], inputs[3 * n - 1], *running[-2:], True)
+            lowest = np.abs(ref.batch_norm(*args, relu=False)[0]).min()
+            h = ref.batch_norm(*args, relu=True)[0]
         for i in range(n - 1):
             w, gamma, beta = inputs[3 * i:3 * i + 3]
             args = (h, w, gamma, beta, *running[2 * i:2 * i + 2], *layers[i], True)
@@ -237,6 +248,9 @@ CASES = {
     "conv_chain_residual": conv_chain_case((2, 5, 6, 4), [(1, 1, 4, 3), (3, 3, 3, 3), (1, 1, 3, 4)], (1, 1, 1),
                                            skip_shape=(2, 5, 6, 4)),
     "conv_chain_two": conv_chain_case((1, 6, 5, 4), [(3, 3, 4, 3), (1, 1, 3, 2)], (1, 1)),
+    "conv_chain_preactivation_unit": conv_chain_case((2, 5, 6, 4), [(1, 1, 4, 3), (3, 3, 3, 3), (1, 1, 3, 4)],
+                                                     (1, 1, 1), input_bn=True, residual=True),
+    "conv_chain_input_bn_s2": conv_chain_case((2, 5, 7, 3), [(1, 1, 3, 4), (3, 3, 4, 2)], (1, 2), input_bn=True),
     "maxpool3_s2_p1": pool_case((2, 7, 9, 3), 3, 2, 1),
     "maxpool3_s2_p1_even": pool_case((1, 8, 8, 2), 3, 2, 1),
     "maxpool2_s2_p0": pool_case((2, 8, 6, 3), 2, 2, 0),

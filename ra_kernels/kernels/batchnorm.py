@@ -299,16 +299,21 @@ def bn_eval_coefficients_kernel(gamma_ptr, beta_ptr, running_mean_ptr, running_v
                         ch, ch < C, C, 0, 1, 1, 0.0, eps, False, 1)
 
 
-@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, stats_ptr=_F32, sums_ptr=_F32, inv_count="fp32", out_ptr=_F32,
-                  M=_I32, C=_I32, BACKWARD=backward, RELU=relu, **_TILE_SPEC)
-             for backward in (False, True) for relu in (True, False)])
-def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, out_ptr, M, C,
-                    BACKWARD: tl.constexpr, RELU: tl.constexpr,
+@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, stats_ptr=_F32, sums_ptr=_F32, inv_count="fp32", add_ptr=_F32,
+                  out_ptr=_F32, M=_I32, C=_I32, BACKWARD=backward, RELU=relu, ADD=add, ACCUMULATE=accumulate,
+                  **_TILE_SPEC)
+             for backward, add, accumulate in ((False, False, False), (True, False, False), (True, True, False),
+                                               (True, True, True))
+             for relu in (True, False)])
+def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, add_ptr, out_ptr, M, C,
+                    BACKWARD: tl.constexpr, RELU: tl.constexpr, ADD: tl.constexpr, ACCUMULATE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """One [BLOCK_M, BLOCK_C] tile of (M, C) (grid: cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)).
 
     Forward (dy, sums, inv_count unused): out = y = affine_relu(x). Backward: out = dx
-    from dy, x, stats and sums (see ``bn_backward_tile``).
+    from dy, x, stats and sums (see ``bn_backward_tile``), plus add (M, C) with ADD: the
+    gradient of a residual unit's identity shortcut joins its input gradient here; with
+    ACCUMULATE all that is added into out (the input's gradient from its other consumers).
     """
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -319,6 +324,10 @@ def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, out_ptr, M, C
     if BACKWARD:
         out = bn_backward_tile(dy_ptr, x_ptr, offs, ok, ch[None, :], ch_ok, stats_ptr, sums_ptr, C, inv_count,
                                RELU)
+        if ADD:
+            out += tl.load(add_ptr + offs, mask=ok)
+        if ACCUMULATE:
+            out += tl.load(out_ptr + offs, mask=ok)
     else:
         _, _, scale, shift = load_stats(stats_ptr, ch[None, :], ch_ok, C)
         out = affine_relu(tl.load(x_ptr + offs, mask=ok), scale, shift, RELU)
@@ -392,9 +401,34 @@ def normalize(x, stats, relu):
     c = x.shape[-1]
     m, (block_m, block_c) = x.size // c, _tiles(c)
     y = empty(x.shape)
-    launch(bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x, x, stats, stats, 0.0, y,
-           m, c, BACKWARD=False, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
+    launch(bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x, x, stats, stats, 0.0, x, y,
+           m, c, BACKWARD=False, RELU=relu, ADD=False, ACCUMULATE=False, BLOCK_M=block_m, BLOCK_C=block_c)
     return y
+
+
+def statistics(x, gamma, beta, running_mean, running_var, momentum, eps):
+    """stats (4, C) of training batch norm over every row of x (..., C), the running statistics
+    updated in place: one launch of bn_tile_reduce_kernel, finished by its last programs."""
+    c = x.shape[-1]
+    m, (block_m, block_c) = x.size // c, _tiles(c)
+    partials, stats = empty((cdiv(m, block_m), 2, c)), empty((4, c))
+    launch(bn_tile_reduce_kernel, (partials.shape[0], cdiv(c, block_c)), x, x, stats, partials, x, x, x,
+           gamma, beta, running_mean, running_var, momentum, eps, arrival_counters(cdiv(c, block_c)), m, c,
+           BACKWARD=False, RELU=False, ADD_INTO=False, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_M=block_m, BLOCK_C=block_c)
+    return stats
+
+
+def input_gradient(dy, x, stats, sums, inv_count, relu, add=None, into=None):
+    """dx of batch norm (+ReLU) from dy, x (..., C), its stats and backward sums, plus ``add`` (an
+    array of x's shape) when given; added into ``into`` (then returned) when given: one launch of
+    bn_apply_kernel."""
+    c = x.shape[-1]
+    m, (block_m, block_c) = x.size // c, _tiles(c)
+    dx = empty(x.shape) if into is None else into
+    launch(bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x, dy, stats, sums, inv_count,
+           x if add is None else add, dx, m, c, BACKWARD=True, RELU=relu, ADD=add is not None,
+           ACCUMULATE=into is not None, BLOCK_M=block_m, BLOCK_C=block_c)
+    return dx
 
 
 def backward_sums(dy, x, stats, relu, dgamma_into=None, dbeta_into=None):
@@ -436,15 +470,9 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentu
     arrays returned are the ones passed in. Kernels: training bn_tile_reduce (statistics, finished by
     its last programs) + bn_apply, eval bn_eval_coefficients + bn_apply.
     """
-    c = x.shape[-1]
-    m = x.size // c  # training needs m >= 2: ra_kernels.functional checks it, for every backend
+    # training needs >= 2 rows: ra_kernels.functional checks it, for every backend
     if training:
-        block_m, block_c = _tiles(c)
-        partials, stats = empty((cdiv(m, block_m), 2, c)), empty((4, c))
-        launch(bn_tile_reduce_kernel, (partials.shape[0], cdiv(c, block_c)), x, x, stats, partials, x, x, x,
-               gamma, beta, running_mean, running_var, momentum, eps, arrival_counters(cdiv(c, block_c)), m, c,
-               BACKWARD=False, RELU=False, ADD_INTO=False, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_M=block_m,
-               BLOCK_C=block_c)
+        stats = statistics(x, gamma, beta, running_mean, running_var, momentum, eps)
     else:
         stats = eval_coefficients(gamma, beta, running_mean, running_var, eps)
     return normalize(x, stats, relu), running_mean, running_var, (x, stats, training, relu)
@@ -457,10 +485,6 @@ def batch_norm_backward(dy, saved, dgamma_into=None, dbeta_into=None):
     bn_apply (backward) for dx; dgamma and dbeta are those sums.
     """
     x, stats, training, relu = saved
-    c = x.shape[-1]
-    m, (block_m, block_c) = x.size // c, _tiles(c)
     sums = backward_sums(dy, x, stats, relu, dgamma_into, dbeta_into)
-    dx = empty(x.shape)
-    launch(bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x, dy, stats, sums,
-           inverse_count(m, training), dx, m, c, BACKWARD=True, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
+    dx = input_gradient(dy, x, stats, sums, inverse_count(x.size // x.shape[-1], training), relu)
     return (dx, *parameter_gradients(sums, dgamma_into, dbeta_into))

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..backend import empty, get_precision
 from ..launch import device_function, kernel, launch
-from . import batchnorm as bn
+from . import batchnorm as bn, elementwise
 from .tiles import cdiv, next_power_of_2, out_size, positions
 
 # --------------------------------------------------------------------------- device functions
@@ -137,10 +137,12 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, pre_stat
 
 @device_function
 def _store_gradient(ptrs, ok, value, ACCUMULATE: tl.constexpr):
-    """Store a gradient tile, or add it into what is there (ACCUMULATE: a gradient buffer)."""
+    """Store a gradient tile, or add it into what is there (ACCUMULATE: a gradient buffer); returns
+    what was stored."""
     if ACCUMULATE:
         value += tl.load(ptrs, mask=ok)
     tl.store(ptrs, value, mask=ok)
+    return value
 
 
 # --------------------------------------------------------------------------- kernels
@@ -223,15 +225,15 @@ _INPUT_SUMS_TYPES = dict(in_z_ptr=_F32, in_stats_ptr=_F32, partials_ptr=_F32, in
 
 @kernel(aot=[dict(dy_ptr=_F32, w_ptr=_F32, dx_ptr=_F32, **_BN_BACKWARD_TYPES, **_INPUT_SUMS_TYPES, **_SHAPE_TYPES,
                   BN_BACKWARD=bn_backward, RELU=relu, INPUT_SUMS=input_sums, ADD_INTO=input_sums,
-                  INPUT_PRECISION=precision, BLOCK_K=32, BLOCK_T=32, **tiles)
-             for (bn_backward, relu, input_sums, precision), tiles in zip(
-                 [(False, False, False, "tf32"), (True, True, True, "ieee"), (True, False, False, "tf32"),
-                  (False, False, True, "tf32")], _TILE_CLASSES)])
+                  ACCUMULATE=accumulate, INPUT_PRECISION=precision, BLOCK_K=32, BLOCK_T=32, **tiles)
+             for (bn_backward, relu, input_sums, accumulate, precision), tiles in zip(
+                 [(False, False, False, True, "tf32"), (True, True, True, False, "ieee"),
+                  (True, False, False, False, "tf32"), (False, False, True, False, "tf32")], _TILE_CLASSES)])
 def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
                         in_z_ptr, in_stats_ptr, partials_ptr, in_sums_ptr, dgamma_ptr, dbeta_ptr, counters_ptr,
                         H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
                         BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_SUMS: tl.constexpr,
-                        ADD_INTO: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        ADD_INTO: tl.constexpr, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """One [BLOCK_M input positions, BLOCK_N input channels] tile of dx (grid: cdiv(M, BLOCK_M), cdiv(C_in, BLOCK_N)).
 
@@ -245,6 +247,8 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     backward sums of g = dx * [activation > 0] and g * xhat over its tile, into partials
     (cdiv(M, BLOCK_M), 2, C_in); the last program of each column of tiles finishes them into
     in_sums (2, C_in) and, with ADD_INTO, adds them into the gradient buffers dbeta and dgamma.
+    ACCUMULATE: dx holds x's gradient from its other consumers, and this one is added into it
+    (the sums are then those of the total).
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -258,7 +262,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     cols_ok = cols < C_in
     ok = (m < M)[:, None] & cols_ok[None, :]
     offs = m[:, None] * C_in + cols[None, :]
-    tl.store(dx_ptr + offs, dx, mask=ok)
+    dx = _store_gradient(dx_ptr + offs, ok, dx, ACCUMULATE)
     if INPUT_SUMS:
         mean, rstd, scale, shift = bn.load_stats(in_stats_ptr, cols[None, :], cols_ok[None, :], C_in)
         g, xhat = bn.bn_backward_terms(dx, tl.load(in_z_ptr + offs, mask=ok, other=0.0), mean, rstd, scale, shift,
@@ -404,10 +408,11 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False, pre_stat
 
 
 def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True, dw_into=None, pre_stats=None,
-              input_bn_into=(None, None)):
+              input_bn_into=(None, None), dx_into=None):
     """(dx, dw, input_sums) of a conv; with bn_args = (z, stats, sums, inv_count) dy is first taken through
     BN (+ReLU). Without ``need_dx`` the dgrad kernel is not launched and dx is None. With ``dw_into``
-    (a gradient buffer of w's shape) dw is added into it, which is returned as dw.
+    (a gradient buffer of w's shape) dw is added into it, which is returned as dw; ``dx_into`` (x's
+    gradient from its other consumers) likewise for dx.
 
     ``pre_stats`` (4, C_in): the forward took relu(bn(x)) with these statistics (PRE_BN). The weight
     gradient loads x so too, dx is the gradient of that activation, and dgrad's epilogue adds up
@@ -425,7 +430,7 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True,
         m, k = s["n"] * s["H"] * s["W"], s["KH"] * s["KW"] * s["C_out"]
         block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_in"])
         grid = (cdiv(m, block_m), cdiv(s["C_in"], block_n))
-        dx = empty(x.shape)
+        dx = empty(x.shape) if dx_into is None else dx_into
         input_sums = empty((2, s["C_in"])) if pre_stats is not None else None
         partials = empty((grid[0], 2, s["C_in"])) if pre_stats is not None else dx
         add_into = input_bn_into[0] is not None and input_bn_into[1] is not None
@@ -434,8 +439,8 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True,
                x, dx if pre_stats is None else pre_stats, partials, dx if input_sums is None else input_sums,
                dgamma, dbeta, bn.arrival_counters(grid[1]), *shapes, m, k, s["KW"], stride, padding,
                num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_SUMS=pre_stats is not None,
-               ADD_INTO=add_into, INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-               BLOCK_T=bn.FINALIZE_BLOCK_T)
+               ADD_INTO=add_into, ACCUMULATE=dx_into is not None, INPUT_PRECISION=precision, BLOCK_M=block_m,
+               BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=bn.FINALIZE_BLOCK_T)
 
     # wgrad: dw (K = KH*KW*C_in, C_out) reduced over M = N*OH*OW positions, split-K
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
@@ -460,11 +465,11 @@ def conv2d(x, w, stride=1, padding=0):
     return _forward(x, w, stride, padding, "store"), (x, w, stride, padding)
 
 
-def conv2d_backward(dy, saved, need_dx=True, dw_into=None):
+def conv2d_backward(dy, saved, need_dx=True, dw_into=None, dx_into=None):
     """Gradients of conv2d: dy (N, OH, OW, Cout) -> (dx, dw). Kernels: conv2d_dgrad (unless not
-    ``need_dx``: dx None), conv2d_wgrad. With ``dw_into`` dw is added into it."""
+    ``need_dx``: dx None), conv2d_wgrad. With ``dw_into`` dw is added into it, with ``dx_into`` dx."""
     x, w, stride, padding = saved
-    return _backward(dy, x, w, stride, padding, need_dx=need_dx, dw_into=dw_into)[:2]
+    return _backward(dy, x, w, stride, padding, need_dx=need_dx, dw_into=dw_into, dx_into=dx_into)[:2]
 
 
 def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding=0, training=True,
@@ -500,19 +505,24 @@ def conv_bn_relu_backward(dy, saved, need_dx=True, dw_into=None, dgamma_into=Non
     return (dx, dw, *bn.parameter_gradients(sums, dgamma_into, dbeta_into))
 
 
-def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5, skip=None):
+def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=False, residual=False):
     """conv2d, batch_norm + ReLU, conv2d, ..., conv2d, in training mode: every conv but the last is
     followed by batch norm (batch statistics; running statistics updated in place) and ReLU; plus
-    ``skip`` (an array of the output's shape, a residual unit's shortcut) when given.
+    ``skip`` (an array of the output's shape, a residual unit's shortcut) when given, or x itself
+    when ``residual``. With ``input_bn`` a batch norm + ReLU of x comes first (pre-activation).
 
     params: w_1, gamma_1, beta_1, running_mean_1, running_var_1, w_2, ..., w_n (HWIO weights, (C,)
-    arrays); layers: ((stride, padding), ...), one per conv. Returns (y, ((running_mean,
-    running_var), ...), saved). Kernels: one conv2d_fwd per conv. Each batch norm's statistics come
-    from its conv's epilogue ("stats"), and the next conv applies it, with the ReLU, as it loads
-    its operand (PRE_BN): the activations relu(bn(z)) are never written. The last conv adds skip in
-    its epilogue (ADD_SKIP).
+    arrays), then with ``input_bn`` gamma_0, beta_0, running_mean_0, running_var_0; layers:
+    ((stride, padding), ...), one per conv. Returns (y, ((running_mean, running_var), ...), saved),
+    as reference.conv_chain. Kernels: bn_tile_reduce for the input's statistics (``input_bn``), then
+    one conv2d_fwd per conv. Each later batch norm's statistics come from its conv's epilogue
+    ("stats"), and the next conv applies it, with the ReLU, as it loads its operand (PRE_BN): the
+    activations relu(bn(z)) are never written, the input's neither. The last conv adds skip or x
+    in its epilogue (ADD_SKIP).
     """
-    n, z, stats, inputs = len(layers), x, None, []
+    n = len(layers)
+    stats = bn.statistics(x, *params[5 * n - 4:5 * n], momentum, eps) if input_bn else None
+    z, inputs = x, []
     for i, (stride, padding) in enumerate(layers):
         w = params[5 * i]
         inputs.append((z, stats))
@@ -521,33 +531,45 @@ def conv_chain(x, *params, layers, momentum=0.1, eps=1e-5, skip=None):
             z, stats = _forward(z, w, stride, padding, "stats", (gamma, beta, running_mean, running_var, momentum, eps),
                                 pre_stats=stats)
         else:
-            z = _forward(z, w, stride, padding, "store", pre_stats=stats, skip=skip)
-    running = tuple((params[5 * i + 3], params[5 * i + 4]) for i in range(n - 1))
-    return z, running, (params[0::5], layers, inputs, skip is not None)
+            z = _forward(z, w, stride, padding, "store", pre_stats=stats, skip=x if residual else skip)
+    running = tuple((params[5 * j + 3], params[5 * j + 4]) for j in range(n - 1 + input_bn))
+    return z, running, (params[0::5], layers, inputs, skip is not None, residual)
 
 
-def conv_chain_backward(dy, saved, need_dx=True, into=None):
+def conv_chain_backward(dy, saved, need_dx=True, into=None, dx_into=None):
     """Gradients of conv_chain: dy (N, OH, OW, C) -> one per input: (dx, dw_1, dgamma_1, dbeta_1, None, None,
-    dw_2, ..., dw_n, dskip), None for the running statistics; dx None when not ``need_dx``; dskip is dy
-    itself (None without skip). ``into``: per entry of params, a gradient buffer to add that
-    gradient into (returned for it), or None.
+    dw_2, ..., dw_n, [dgamma_0, dbeta_0, None, None,] dskip), None for the running statistics; dx None
+    when not ``need_dx`` (with ``residual`` it includes dy); dskip is dy itself (None without skip).
+    ``into``: per entry of params, a gradient buffer to add that gradient into (returned for it), or None;
+    ``dx_into``: the same for dx (x's gradient from its other consumers).
 
-    Kernels: per conv, dgrad and wgrad. Going back, each conv's operand is dz of its batch norm,
-    made from the activation gradient, z, the statistics and the sums as it loads (BN_BACKWARD),
-    and its dgrad's epilogue adds up the sums of the batch norm before it (INPUT_SUMS), so no
-    kernel of batch norm's own is launched.
+    Kernels: per conv, dgrad and wgrad; then, with an input batch norm, one bn_apply for dx (adding
+    dy when ``residual``). Going back, each conv's operand is dz of its batch norm, made from the
+    activation gradient, z, the statistics and the sums as it loads (BN_BACKWARD), and its dgrad's
+    epilogue adds up the sums of the batch norm before it (INPUT_SUMS), so no kernel of batch norm's
+    own is launched for the batch norms between convs.
     """
-    weights, layers, inputs, has_skip = saved
-    n = len(layers)
-    into = into or (None,) * (5 * n - 4)
-    grads = [None] * (5 * n - 4)
+    weights, layers, inputs, has_skip, residual = saved
+    n, input_stats = len(layers), inputs[0][1]
+    n_params = 5 * n - 4 + (4 if input_stats is not None else 0)
+    into = into or (None,) * n_params
+    grads = [None] * n_params
     bn_args, operand = None, dy  # the last conv's operand: dy itself
     for i in reversed(range(n)):
         (stride, padding), (x, pre_stats) = layers[i], inputs[i]
-        bn_into = (into[5 * i - 4], into[5 * i - 3]) if i > 0 else (None, None)
-        dx, grads[5 * i], sums = _backward(operand, x, weights[i], stride, padding, bn_args, True, i > 0 or need_dx,
-                                           into[5 * i], pre_stats, bn_into)
-        if i > 0:  # x is z of batch norm i - 1, whose backward the next conv down applies on load
-            grads[5 * i - 4:5 * i - 2] = bn.parameter_gradients(sums, *bn_into)
+        j = 5 * (i - 1 if i > 0 else n - 1) + 1  # params of the batch norm before conv i, if it has one
+        bn_into = (into[j], into[j + 1]) if pre_stats is not None else (None, None)
+        into_dx = dx_into if i == 0 and input_stats is None and need_dx else None  # else bn_apply adds into it
+        dx, grads[5 * i], sums = _backward(operand, x, weights[i], stride, padding, bn_args, True,
+                                           i > 0 or need_dx or pre_stats is not None, into[5 * i], pre_stats, bn_into,
+                                           into_dx)
+        if pre_stats is not None:  # x is z of batch norm i - 1 (or the input), whose backward comes next
+            grads[j:j + 2] = bn.parameter_gradients(sums, *bn_into)
             bn_args, operand = (x, pre_stats, sums, bn.inverse_count(x.size // x.shape[-1], True)), dx
+    if not need_dx:
+        dx = None
+    elif input_stats is not None:  # one kernel: the input batch norm's dx, plus dy, into dx_into
+        dx = bn.input_gradient(dx, *bn_args, True, dy if residual else None, dx_into)
+    elif residual:
+        dx = elementwise.add_into(dx, dy)  # dx is the dgrad's new array, or dx_into
     return (dx, *grads, dy if has_skip else None)

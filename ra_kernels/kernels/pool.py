@@ -71,11 +71,12 @@ def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
 
 
 @kernel(aot=[dict(dy_ptr="*fp32", argmax_ptr=idx, dx_ptr="*fp32", H="i32", W="i32", C="i32",
-                  OH="i32", OW="i32", n_in="i32", KSIZE=k, STRIDE=s, PAD=p, BLOCK_P=bp, BLOCK_C=bc)
+                  OH="i32", OW="i32", n_in="i32", KSIZE=k, STRIDE=s, PAD=p, ACCUMULATE=(bp, bc) == TILES_AOT[0],
+                  BLOCK_P=bp, BLOCK_C=bc)
              for k, s, p, idx in _MAX_POOL_AOT for bp, bc in TILES_AOT])
 def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in,
                                KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                               ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx[n, ih, iw, c] = sum of dy over the windows whose argmax is (ih, iw), by gather.
 
     dy (N, OH, OW, C) float32, argmax (N, OH, OW, C) int8/int32 from the forward,
@@ -85,7 +86,8 @@ def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in
     of those whose argmax tap is its own position in that window. So there are no
     atomics, the sum order is fixed (deterministic), and each dx element is
     written once, zeros included (no memset). Grid: (cdiv(n_in, BLOCK_P),
-    cdiv(C, BLOCK_C)), n_in = N*H*W.
+    cdiv(C, BLOCK_C)), n_in = N*H*W. ACCUMULATE: dx holds x's gradient from its other
+    consumers, and this one is added into it.
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)      # flat (n, ih, iw), [BLOCK_P]
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -109,7 +111,10 @@ def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in
             mask = tile_mask & ok[:, None]
             hit = tl.load(argmax_ptr + win, mask=mask, other=-1) == (kh * KSIZE + kw)[:, None]
             acc += tl.load(dy_ptr + win, mask=mask & hit, other=0.0)
-    tl.store(dx_ptr + pos[:, None] * C + chan[None, :], acc, mask=tile_mask)
+    dx_offs = pos[:, None] * C + chan[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dx_ptr + dx_offs, mask=tile_mask)
+    tl.store(dx_ptr + dx_offs, acc, mask=tile_mask)
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):
@@ -134,20 +139,22 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     return y, (argmax, (h, w), kernel_size, stride, padding)
 
 
-def max_pool2d_backward(dy, saved):
-    """dx (N, H, W, C): each dy element goes to its window's argmax; overlapping windows add.
+def max_pool2d_backward(dy, saved, dx_into=None):
+    """dx (N, H, W, C): each dy element goes to its window's argmax; overlapping windows add. With
+    ``dx_into`` (x's gradient from its other consumers) dx is added into it, which is returned.
 
     Reads dy and the argmax (5 bytes per output element, each about
     (kernel_size/stride)^2 times through the cache), writes dx once (4 bytes per input element).
     """
     argmax, (h, w), kernel_size, stride, padding = saved
     n, oh, ow, c = dy.shape
-    dx = empty((n, h, w, c), dy.dtype)
+    dx = empty((n, h, w, c), dy.dtype) if dx_into is None else dx_into
     block_p, block_c = nhwc_tile(c)
     n_in = n * h * w
     launch(max_pool2d_backward_kernel, (cdiv(n_in, block_p), cdiv(c, block_c)),
            dy, argmax, dx, h, w, c, oh, ow, n_in,
-           KSIZE=kernel_size, STRIDE=stride, PAD=padding, BLOCK_P=block_p, BLOCK_C=block_c)
+           KSIZE=kernel_size, STRIDE=stride, PAD=padding, ACCUMULATE=dx_into is not None, BLOCK_P=block_p,
+           BLOCK_C=block_c)
     return (dx,)
 
 
