@@ -245,14 +245,10 @@ def test_backward_needs_explicit_grad_for_non_scalars(rng):
 
 
 def test_backward_of_wrong_arity_is_reported(rng):
-    class Broken(Function):
-        @staticmethod
-        def forward(ctx, a, b):
-            return a + b
-
+    class Broken(Add):
         @staticmethod
         def backward(ctx, dy):
-            return (dy,)
+            return (dy,)  # one gradient for two inputs
 
     a, b = (Tensor(rng.standard_normal(2), requires_grad=True) for _ in range(2))
     with pytest.raises(RuntimeError, match="Broken.backward returned 1 gradients for 2 inputs"):
