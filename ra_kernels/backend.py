@@ -23,10 +23,14 @@ import functools
 import os
 import threading
 
+import ml_dtypes
 import numpy as np
 
 BACKENDS = ("cuda", "interpret", "numpy")
 PRECISIONS = ("tf32", "ieee")
+#: bfloat16 storage (activations, later): ml_dtypes' NumPy type, which Triton reads as bf16 and
+#: CuPy 14 accepts too. Kernels compute in float32 (kernels/storage.py).
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 _selected = {"backend": None, "precision": "tf32", "poison": False}
 
@@ -196,7 +200,8 @@ def empty(shape, dtype=np.float32):
     out = allocate(shape, dtype) if allocate is not None else xp().empty(shape, dtype=dtype)
     if _selected["poison"]:
         dtype = np.dtype(dtype)
-        out.fill(np.nan if dtype.kind == "f" else -1 if dtype.kind == "i" else np.iinfo(dtype).max)
+        floating = dtype.kind == "f" or dtype == BFLOAT16
+        out.fill(np.nan if floating else -1 if dtype.kind == "i" else np.iinfo(dtype).max)
     return out
 
 

@@ -1,9 +1,10 @@
 """Elementwise kernels: add, relu and relu's backward; and the array arithmetic of the autograd
 engine and the optimizer (fill, copy, add in place), so that a training step is kernels only.
 
-Arrays of any shape, float32, C-contiguous, all of one shape, NumPy (interpret
+Arrays of any shape, float32 or bfloat16 (each array its own: computed in float32, stored as
+the output's type, kernels/storage.py), C-contiguous, all of one shape, NumPy (interpret
 backend) or CuPy (cuda backend). They are memory-bound: each call reads two
-arrays and writes one, 12 bytes per element, so the loop is a flat 1-D sweep in
+arrays and writes one, 12 bytes per element in float32, so the loop is a flat 1-D sweep in
 ``BLOCK_N``-element tiles whose accesses vectorise (BLOCK_N = tiles.FLAT_BLOCK = 1024 over 4 warps
 is 8 contiguous float32 per thread: two 128-bit loads per array).
 Offsets are int32: fine below 2**31 elements (batch 128 of the largest
@@ -13,13 +14,14 @@ import triton.language as tl
 
 from ..backend import empty_like
 from ..launch import kernel, launch
+from . import storage
 from .tiles import FLAT_BLOCK
 
 _OPS = ("add", "relu", "relu_backward", "copy", "fill")
 
 
-@kernel(aot=[dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", value="fp32", n="i32", OP=op,
-                  BLOCK_N=FLAT_BLOCK) for op in _OPS])
+@kernel(aot=[dict(a_ptr=f"*{t}", b_ptr=f"*{t}", out_ptr=f"*{t}", value="fp32", n="i32", OP=op, BLOCK_N=FLAT_BLOCK)
+             for op in _OPS for t in ("fp32", "bf16")])
 def elementwise_kernel(a_ptr, b_ptr, out_ptr, value, n, OP: tl.constexpr, BLOCK_N: tl.constexpr):
     """out = OP(a, b) over n elements (out may be a or b: each element is read before it is written).
 
@@ -30,18 +32,18 @@ def elementwise_kernel(a_ptr, b_ptr, out_ptr, value, n, OP: tl.constexpr, BLOCK_
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = offs < n
     if OP == "fill":
-        tl.store(out_ptr + offs, tl.full([BLOCK_N], value, tl.float32), mask=in_bounds)
+        storage.store(out_ptr + offs, tl.full([BLOCK_N], value, tl.float32), in_bounds)
         return
-    a = tl.load(a_ptr + offs, mask=in_bounds)
+    a = tl.load(a_ptr + offs, mask=in_bounds).to(tl.float32)
     if OP == "copy":
         out = a
     elif OP == "add":
-        out = a + tl.load(b_ptr + offs, mask=in_bounds)
+        out = a + tl.load(b_ptr + offs, mask=in_bounds).to(tl.float32)
     elif OP == "relu":
         out = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as PyTorch
     else:
-        out = tl.where(tl.load(b_ptr + offs, mask=in_bounds) > 0.0, a, 0.0)
-    tl.store(out_ptr + offs, out, mask=in_bounds)
+        out = tl.where(tl.load(b_ptr + offs, mask=in_bounds).to(tl.float32) > 0.0, a, 0.0)
+    storage.store(out_ptr + offs, out, in_bounds)
 
 
 def _run(op, a, b, out=None, value=0.0):

@@ -1,0 +1,38 @@
+"""Storage types: kernels compute in float32 and store float32 or bfloat16 (docs/design.md §8).
+
+A kernel takes the storage type from its pointers, so one Triton source serves both: loads
+widen with ``.to(tl.float32)``, and stores go through :func:`store`, which rounds to the
+pointer's type. The rounding is written out in integer arithmetic rather than left to
+``.to(tl.bfloat16)``: compiled, that cast is ``cvt.rn.bf16.f32`` (round to nearest, ties to
+even), but triton 3.6's interpreter truncates it (its fp_trunc drops the low 16 bits), so the
+CPU tests would see a different, biased rounding. Written out, both backends give the same
+bits, those of ``cvt.rn`` and of ``ml_dtypes.bfloat16``, NaN and infinities included.
+"""
+import triton.language as tl
+
+from ..launch import device_function
+
+
+@device_function
+def round_to_bfloat16(x):
+    """float32 x rounded to the nearest bfloat16, ties to even (the top 16 bits of the result).
+
+    On the bits: add 0x7FFF plus the lowest kept bit, then drop the low 16 bits. A carry out of
+    the mantissa steps the exponent, and the largest finite values round to infinity, as IEEE
+    rounding does; infinities stay, and a NaN stays a NaN (its high mantissa bits are kept,
+    and the add cannot carry past them into the sign).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = bits + (0x7FFF + ((bits >> 16) & 1))
+    is_nan = x != x
+    kept = tl.where(is_nan, bits | 0x400000, rounded)  # a quiet NaN, whatever its payload
+    return (kept >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@device_function
+def store(ptrs, value, mask):
+    """Store float32 ``value`` at ``ptrs`` in their element type: as it is into float32, rounded
+    to nearest even into bfloat16."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        value = round_to_bfloat16(value)
+    tl.store(ptrs, value, mask=mask)
