@@ -184,3 +184,71 @@ def test_ops_through_functional(triton_backend, rng):
     # float32 on both paths, different summation orders: a few ulps of values of size ~1.
     for got, want in zip(results[1], results[0]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bfloat16 storage (issue 14)
+
+BF16_U, F32_U = 2.0 ** -8, 2.0 ** -24  # unit roundoffs: one rounding is off by at most u relative
+
+
+def _bf16(a):
+    return backend.asarray(a.astype(backend.BFLOAT16))
+
+
+def _within(got, want, bound, what):
+    got = _host(got).astype(np.float64)
+    assert got.shape == want.shape and (np.abs(got - want) <= bound).all(), \
+        f"{what}: worst {np.abs(got - want).max():.3e} (bound there {np.broadcast_to(bound, want.shape).flat[np.argmax(np.abs(got - want))]:.3e})"
+
+
+@pytest.mark.parametrize("geometry", [(3, 2, 1), (2, 3, 0)])
+def test_max_pool2d_in_bfloat16(triton_backend, rng, geometry):
+    # A max selects a value and its gradient sums small integers (exact in float32 and, up to 256,
+    # in bfloat16): the bf16 kernels must agree exactly with the reference on the same values.
+    kernel_size, stride, padding = geometry
+    x = rng.standard_normal((2, 7, 9, 67)).astype(backend.BFLOAT16)
+    y, saved = pool.max_pool2d(_bf16(x), kernel_size, stride, padding)
+    want_y, want_saved = ref.max_pool2d(x.astype(np.float64), kernel_size, stride, padding)
+    assert y.dtype == backend.BFLOAT16
+    np.testing.assert_array_equal(_host(y).astype(np.float64), want_y)
+    np.testing.assert_array_equal(_host(saved[0]), want_saved[0])
+    dy = _signed_integers(rng, want_y.shape)
+    (dx,) = pool.max_pool2d_backward(_bf16(dy), saved)
+    (want_dx,) = ref.max_pool2d_backward(dy.astype(np.float64), want_saved)
+    assert dx.dtype == backend.BFLOAT16
+    np.testing.assert_array_equal(_host(dx).astype(np.float64), want_dx)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 9, 67), (2, 4, 4, 64)])
+def test_global_avg_pool_in_bfloat16(triton_backend, rng, shape):
+    # Summed in float32 (n_hw terms: at most n_hw roundings of the running sum), divided once in
+    # float32, then rounded once to bfloat16: <= BF16_U of the mean plus the float32 part.
+    x = rng.standard_normal(shape).astype(backend.BFLOAT16)
+    x64 = x.astype(np.float64)
+    y, saved = pool.global_avg_pool(_bf16(x))
+    want_y = x64.mean((1, 2))
+    n_hw = shape[1] * shape[2]
+    float32_part = (n_hw + 1) * F32_U * np.abs(x64).sum((1, 2)) / n_hw
+    _within(y, want_y, BF16_U * (np.abs(want_y) + float32_part) + float32_part, "y")
+    dy = rng.standard_normal(want_y.shape).astype(backend.BFLOAT16)
+    (dx,) = pool.global_avg_pool_backward(_bf16(dy), saved)
+    want_dx = np.broadcast_to((dy.astype(np.float64) / n_hw)[:, None, None, :], shape)
+    _within(dx, want_dx, (BF16_U + 2 * F32_U) * np.abs(want_dx), "dx")
+
+
+@pytest.mark.parametrize("with_skip", [False, True], ids=["no_skip", "skip"])
+def test_upsample_bilinear_in_bfloat16(triton_backend, rng, with_skip):
+    # Computed in float32 as for float32 storage (a few float32 roundings of values of size ~1: the
+    # 4e-6 of test_upsample_bilinear), then rounded once to bfloat16.
+    shape, size = (2, 5, 7, 67), (9, 13)
+    x = rng.standard_normal(shape).astype(backend.BFLOAT16)
+    skip = rng.standard_normal((shape[0], *size, shape[3])).astype(backend.BFLOAT16) if with_skip else None
+    y, saved = resize.upsample_bilinear(_bf16(x), size, None if skip is None else _bf16(skip))
+    want_y, want_saved = ref.upsample_bilinear(x.astype(np.float64), size,
+                                               None if skip is None else skip.astype(np.float64))
+    assert y.dtype == backend.BFLOAT16
+    _within(y, want_y, BF16_U * (np.abs(want_y) + 4e-6) + 4e-6, "y")
+    dy = rng.standard_normal(want_y.shape).astype(backend.BFLOAT16)
+    dx, _ = resize.upsample_bilinear_backward(_bf16(dy), saved)
+    want_dx, _ = ref.upsample_bilinear_backward(dy.astype(np.float64), want_saved)
+    _within(dx, want_dx, BF16_U * (np.abs(want_dx) + 2e-5) + 2e-5, "dx")

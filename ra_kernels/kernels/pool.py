@@ -1,6 +1,6 @@
 """Pooling kernels over NHWC activations: max pooling with argmax, global average pooling.
 
-Layouts: x (N, H, W, C) float32, C-contiguous, NumPy (interpret backend) or
+Layouts: x (N, H, W, C) float32 or bfloat16 (computed in float32), C-contiguous, NumPy (interpret backend) or
 CuPy (cuda backend). All four kernels are memory-bound, so each program works
 on a [BLOCK_P positions x BLOCK_C channels] tile with channels the fastest
 axis (:func:`tiles.nhwc_tile`): a row of the tile is BLOCK_C contiguous float32, and
@@ -15,7 +15,8 @@ import triton.language as tl
 
 from ..backend import empty
 from ..launch import kernel, launch
-from .tiles import cdiv, nhwc_tile, out_size, positions, TILES_AOT
+from . import storage
+from .tiles import TILES_AOT, TILES_TYPES_AOT, cdiv, nhwc_tile, out_size, positions
 
 def _argmax_dtype(kernel_size):
     """As in reference/: the row-major tap index fits int8 up to 128 taps (11x11)."""
@@ -30,15 +31,15 @@ def _argmax_dtype(kernel_size):
 _MAX_POOL_AOT = [(3, 2, 1, "*i8"), (2, 2, 0, "*i8"), (3, 1, 1, "*i8"), (2, 3, 0, "*i8"), (12, 1, 6, "*i32")]
 
 
-@kernel(aot=[dict(x_ptr="*fp32", y_ptr="*fp32", argmax_ptr=idx, H="i32", W="i32", C="i32",
+@kernel(aot=[dict(x_ptr=f"*{t}", y_ptr=f"*{t}", argmax_ptr=idx, H="i32", W="i32", C="i32",
                   OH="i32", OW="i32", n_out="i32", KSIZE=k, STRIDE=s, PAD=p, BLOCK_P=bp, BLOCK_C=bc)
-             for k, s, p, idx in _MAX_POOL_AOT for bp, bc in TILES_AOT])
+             for k, s, p, idx in _MAX_POOL_AOT for (bp, bc), t in TILES_TYPES_AOT])
 def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
                       KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """y[n, oh, ow, c] = max of x over the KSIZE x KSIZE window at (oh*STRIDE - PAD, ow*STRIDE - PAD).
 
-    x (N, H, W, C) float32; y (N, OH, OW, C) float32; argmax (N, OH, OW, C) int8
+    x (N, H, W, C) and y (N, OH, OW, C), float32 or bfloat16 (both the same); argmax (N, OH, OW, C) int8
     or int32: the row-major tap index kh*KSIZE + kw of the first maximum. Padding
     reads as -inf. A NaN wins over numbers and the first NaN is kept, as
     np.argmax does. Grid: (cdiv(n_out, BLOCK_P), cdiv(C, BLOCK_C)), n_out = N*OH*OW.
@@ -61,26 +62,26 @@ def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
             inside = row_inside & (iw >= 0) & (iw < W)
             row = ((n * H + ih) * W + iw) * C
             v = tl.load(x_ptr + row[:, None] + chan[None, :], mask=tile_mask & inside[:, None],
-                        other=float("-inf"))
+                        other=float("-inf")).to(tl.float32)
             take = (v > best) | ((v != v) & (best == best))  # (v != v): NaN, taken once
             best = tl.where(take, v, best)
             best_tap = tl.where(take, kh * KSIZE + kw, best_tap)
     out = pos[:, None] * C + chan[None, :]
-    tl.store(y_ptr + out, best, mask=tile_mask)
+    storage.store(y_ptr + out, best, tile_mask)  # a value of x: exact in x's type
     tl.store(argmax_ptr + out, best_tap.to(argmax_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@kernel(aot=[dict(dy_ptr="*fp32", argmax_ptr=idx, dx_ptr="*fp32", H="i32", W="i32", C="i32",
+@kernel(aot=[dict(dy_ptr=f"*{t}", argmax_ptr=idx, dx_ptr=f"*{t}", H="i32", W="i32", C="i32",
                   OH="i32", OW="i32", n_in="i32", KSIZE=k, STRIDE=s, PAD=p, ACCUMULATE=(bp, bc) == TILES_AOT[0],
                   BLOCK_P=bp, BLOCK_C=bc)
-             for k, s, p, idx in _MAX_POOL_AOT for bp, bc in TILES_AOT])
+             for k, s, p, idx in _MAX_POOL_AOT for (bp, bc), t in TILES_TYPES_AOT])
 def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in,
                                KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                                ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx[n, ih, iw, c] = sum of dy over the windows whose argmax is (ih, iw), by gather.
 
-    dy (N, OH, OW, C) float32, argmax (N, OH, OW, C) int8/int32 from the forward,
-    dx (N, H, W, C) float32. Gather, not scatter: each input element visits the
+    dy (N, OH, OW, C) and dx (N, H, W, C) float32 or bfloat16 (summed in float32), argmax
+    (N, OH, OW, C) int8/int32 from the forward. Gather, not scatter: each input element visits the
     windows that can cover it, at most cdiv(KSIZE, STRIDE) per axis (the window
     rows oh with oh*STRIDE - PAD <= ih < oh*STRIDE - PAD + KSIZE), and sums the dy
     of those whose argmax tap is its own position in that window. So there are no
@@ -110,11 +111,11 @@ def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in
             win = (((n * OH + oh) * OW + ow) * C)[:, None] + chan[None, :]
             mask = tile_mask & ok[:, None]
             hit = tl.load(argmax_ptr + win, mask=mask, other=-1) == (kh * KSIZE + kw)[:, None]
-            acc += tl.load(dy_ptr + win, mask=mask & hit, other=0.0)
+            acc += tl.load(dy_ptr + win, mask=mask & hit, other=0.0).to(tl.float32)
     dx_offs = pos[:, None] * C + chan[None, :]
     if ACCUMULATE:
-        acc += tl.load(dx_ptr + dx_offs, mask=tile_mask)
-    tl.store(dx_ptr + dx_offs, acc, mask=tile_mask)
+        acc += tl.load(dx_ptr + dx_offs, mask=tile_mask).to(tl.float32)
+    storage.store(dx_ptr + dx_offs, acc, tile_mask)
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):
@@ -160,12 +161,12 @@ def max_pool2d_backward(dy, saved, dx_into=None):
 
 # --------------------------------------------------------------------------- global average pooling
 
-@kernel(aot=[dict(x_ptr="*fp32", y_ptr="*fp32", C="i32", n_hw="i32", BLOCK_HW=bp, BLOCK_C=bc)
-             for bp, bc in TILES_AOT])
+@kernel(aot=[dict(x_ptr=f"*{t}", y_ptr=f"*{t}", C="i32", n_hw="i32", BLOCK_HW=bp, BLOCK_C=bc)
+             for (bp, bc), t in TILES_TYPES_AOT])
 def global_avg_pool_kernel(x_ptr, y_ptr, C, n_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """y[n, c] = mean of x[n, :, :, c] over the n_hw = H*W positions.
 
-    x (N, H, W, C) float32, y (N, C) float32. Grid: (N, cdiv(C, BLOCK_C)); each
+    x (N, H, W, C), y (N, C), float32 or bfloat16 (summed in float32). Grid: (N, cdiv(C, BLOCK_C)); each
     program sweeps its sample's H*W positions in BLOCK_HW-row tiles, keeping a
     [BLOCK_HW, BLOCK_C] float32 partial sum that is reduced over positions once at the end.
     """
@@ -176,29 +177,29 @@ def global_avg_pool_kernel(x_ptr, y_ptr, C, n_hw, BLOCK_HW: tl.constexpr, BLOCK_
     for start in range(0, n_hw, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         offs = ((n * n_hw + hw) * C)[:, None] + chan[None, :]
-        acc += tl.load(x_ptr + offs, mask=(hw < n_hw)[:, None] & chan_ok[None, :], other=0.0)
+        acc += tl.load(x_ptr + offs, mask=(hw < n_hw)[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
     # Correctly rounded division (plain / is approximate on the GPU); tl.cast, not n_hw.to(...):
     # an int argument equal to 1 reaches the compiled kernel as a constexpr.
     mean = tl.math.div_rn(tl.sum(acc, axis=0), tl.cast(n_hw, tl.float32))
-    tl.store(y_ptr + n * C + chan, mean, mask=chan_ok)
+    storage.store(y_ptr + n * C + chan, mean, chan_ok)
 
 
-@kernel(aot=[dict(dy_ptr="*fp32", dx_ptr="*fp32", C="i32", n_hw="i32", n_in="i32", BLOCK_P=bp, BLOCK_C=bc)
-             for bp, bc in TILES_AOT])
+@kernel(aot=[dict(dy_ptr=f"*{t}", dx_ptr=f"*{t}", C="i32", n_hw="i32", n_in="i32", BLOCK_P=bp, BLOCK_C=bc)
+             for (bp, bc), t in TILES_TYPES_AOT])
 def global_avg_pool_backward_kernel(dy_ptr, dx_ptr, C, n_hw, n_in,
                                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx[n, h, w, c] = dy[n, c] / n_hw, n_hw = H*W.
 
-    dy (N, C) float32, dx (N, H, W, C) float32. Grid: (cdiv(n_in, BLOCK_P),
+    dy (N, C), dx (N, H, W, C), float32 or bfloat16. Grid: (cdiv(n_in, BLOCK_P),
     cdiv(C, BLOCK_C)) over the n_in = N*H*W positions; the dy rows a tile needs
     are read through the cache, dx is written once.
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)      # flat (n, h, w)
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     tile_mask = (pos < n_in)[:, None] & (chan < C)[None, :]
-    dy = tl.load(dy_ptr + ((pos // n_hw) * C)[:, None] + chan[None, :], mask=tile_mask, other=0.0)
-    tl.store(dx_ptr + pos[:, None] * C + chan[None, :], tl.math.div_rn(dy, tl.cast(n_hw, tl.float32)),
-             mask=tile_mask)
+    dy = tl.load(dy_ptr + ((pos // n_hw) * C)[:, None] + chan[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    storage.store(dx_ptr + pos[:, None] * C + chan[None, :], tl.math.div_rn(dy, tl.cast(n_hw, tl.float32)),
+                  tile_mask)
 
 
 def global_avg_pool(x):

@@ -1,6 +1,7 @@
 """Bilinear resizing with aligned corners over NHWC activations, the skip add fused in.
 
-Layouts: x (N, H, W, C), y and skip (N, OH, OW, C), float32, C-contiguous,
+Layouts: x (N, H, W, C), y and skip (N, OH, OW, C), float32 or bfloat16 (each its own; computed
+in float32, kernels/storage.py), C-contiguous,
 NumPy (interpret backend) or CuPy (cuda backend). Tiles are [BLOCK_P positions
 x BLOCK_C channels] with channels the fastest axis (``pool.nhwc_tile``).
 Offsets are int32: fine below 2**31 elements per array.
@@ -18,7 +19,8 @@ import triton.language as tl
 
 from ..backend import empty
 from ..launch import device_function, kernel, launch
-from .tiles import cdiv, nhwc_tile, positions, TILES_AOT
+from . import storage
+from .tiles import TILES_TYPES_AOT, cdiv, nhwc_tile, positions
 
 
 def _axis(in_size, out_size):
@@ -71,9 +73,9 @@ _GEOMETRY = dict(H="i32", W="i32", C="i32", OH="i32", OW="i32", num_h="i32", den
                  num_w="i32", den_w="i32")
 
 
-@kernel(aot=[dict(x_ptr="*fp32", skip_ptr="*fp32", y_ptr="*fp32", **_GEOMETRY, n_out="i32",
+@kernel(aot=[dict(x_ptr=f"*{t}", skip_ptr=f"*{t}", y_ptr=f"*{t}", **_GEOMETRY, n_out="i32",
                   HAS_SKIP=has_skip, BLOCK_P=bp, BLOCK_C=bc)
-             for has_skip in (True, False) for bp, bc in TILES_AOT])
+             for has_skip in (True, False) for (bp, bc), t in TILES_TYPES_AOT])
 def upsample_bilinear_kernel(x_ptr, skip_ptr, y_ptr, H, W, C, OH, OW, num_h, den_h, num_w, den_w, n_out,
                              HAS_SKIP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """y[n, oy, ox, c] = bilinear sample of x at (src(oy), src(ox)) (+ skip[n, oy, ox, c] if HAS_SKIP).
@@ -90,29 +92,29 @@ def upsample_bilinear_kernel(x_ptr, skip_ptr, y_ptr, H, W, C, OH, OW, num_h, den
     x0, x1, fx = _source(ox, num_w, den_w, W)
     row0, row1 = (n * H + y0) * W, (n * H + y1) * W                # [BLOCK_P] pixel indices
     chan2 = chan[None, :]
-    x00 = tl.load(x_ptr + ((row0 + x0) * C)[:, None] + chan2, mask=tile_mask, other=0.0)
-    x10 = tl.load(x_ptr + ((row1 + x0) * C)[:, None] + chan2, mask=tile_mask, other=0.0)
-    x01 = tl.load(x_ptr + ((row0 + x1) * C)[:, None] + chan2, mask=tile_mask, other=0.0)
-    x11 = tl.load(x_ptr + ((row1 + x1) * C)[:, None] + chan2, mask=tile_mask, other=0.0)
+    x00 = tl.load(x_ptr + ((row0 + x0) * C)[:, None] + chan2, mask=tile_mask, other=0.0).to(tl.float32)
+    x10 = tl.load(x_ptr + ((row1 + x0) * C)[:, None] + chan2, mask=tile_mask, other=0.0).to(tl.float32)
+    x01 = tl.load(x_ptr + ((row0 + x1) * C)[:, None] + chan2, mask=tile_mask, other=0.0).to(tl.float32)
+    x11 = tl.load(x_ptr + ((row1 + x1) * C)[:, None] + chan2, mask=tile_mask, other=0.0).to(tl.float32)
     wy1, wx1 = fy[:, None], fx[:, None]
     left = _lerp(x00, x10, wy1)
     right = _lerp(x01, x11, wy1)
     out = _lerp(left, right, wx1)
     offs = pos[:, None] * C + chan2
     if HAS_SKIP:
-        out += tl.load(skip_ptr + offs, mask=tile_mask, other=0.0)
-    tl.store(y_ptr + offs, out, mask=tile_mask)
+        out += tl.load(skip_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
+    storage.store(y_ptr + offs, out, tile_mask)
 
 
-@kernel(aot=[dict(dy_ptr="*fp32", dx_ptr="*fp32", **_GEOMETRY, n_in="i32", taps_h="i32",
+@kernel(aot=[dict(dy_ptr=f"*{t}", dx_ptr=f"*{t}", **_GEOMETRY, n_in="i32", taps_h="i32",
                   TAPS_W=taps, BLOCK_P=bp, BLOCK_C=bc)
-             for taps in (5, 1) for bp, bc in TILES_AOT])       # 5: every 2x upsample of the network
+             for taps in (5, 1) for (bp, bc), t in TILES_TYPES_AOT])       # 5: every 2x upsample of the network
 def upsample_bilinear_backward_kernel(dy_ptr, dx_ptr, H, W, C, OH, OW, num_h, den_h, num_w, den_w, n_in,
                                       taps_h, TAPS_W: tl.constexpr,
                                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx[n, iy, ix, c] = sum over outputs (oy, ox) of w(oy, iy) * w(ox, ix) * dy[n, oy, ox, c], by gather.
 
-    dy (N, OH, OW, C), dx (N, H, W, C), float32. Grid: (cdiv(n_in, BLOCK_P),
+    dy (N, OH, OW, C), dx (N, H, W, C), float32 or bfloat16. Grid: (cdiv(n_in, BLOCK_P),
     cdiv(C, BLOCK_C)), n_in = N*H*W. Each input index i is read by the outputs
     whose src lies in [i - 1, i + 1): at most taps_h rows and TAPS_W columns
     (``_axis``) from ``_first_output`` on. Candidates past the last output are
@@ -135,10 +137,10 @@ def upsample_bilinear_backward_kernel(dy_ptr, dx_ptr, H, W, C, OH, OW, num_h, de
             ox = ox_first + tx
             ok = (oy < OH) & (ox < OW)
             g = tl.load(dy_ptr + (((n * OH + oy) * OW + ox) * C)[:, None] + chan[None, :],
-                        mask=tile_mask & ok[:, None], other=0.0)
+                        mask=tile_mask & ok[:, None], other=0.0).to(tl.float32)
             row += _weight(ox, ix, num_w, den_w, W)[:, None] * g
         acc += _weight(oy, iy, num_h, den_h, H)[:, None] * row
-    tl.store(dx_ptr + pos[:, None] * C + chan[None, :], acc, mask=tile_mask)
+    storage.store(dx_ptr + pos[:, None] * C + chan[None, :], acc, tile_mask)
 
 
 def upsample_bilinear(x, size, skip=None):

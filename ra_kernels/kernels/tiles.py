@@ -64,6 +64,9 @@ def row_tile(n_rows, n_classes):
 
 #: (BLOCK_P, BLOCK_C) compiled ahead of time: 64 channels and more, and a narrow layer.
 TILES_AOT = (nhwc_tile(64), nhwc_tile(3))
+#: ((BLOCK_P, BLOCK_C), activation storage type) compiled ahead of time: each tile in float32, the
+#: wide one in bfloat16 too (kernels/storage.py).
+TILES_TYPES_AOT = tuple((tile, "fp32") for tile in TILES_AOT) + ((TILES_AOT[0], "bf16"),)
 
 
 @device_function
