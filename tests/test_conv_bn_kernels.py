@@ -257,6 +257,42 @@ def test_batch_norm(triton_backend, rng, shape, training, relu):
     _check_batch_norm(rng, f32(rng, shape, scale=2.0, offset=1.0), training, relu)
 
 
+BF16_U = 2.0 ** -8  # bfloat16's unit roundoff
+
+
+def _within_bf16(name, actual, expected, rtol):
+    """A bfloat16 result: the float32 computation's error (``rtol`` of the largest value, as for
+    float32 storage) plus one rounding to bfloat16 (BF16_U of each value)."""
+    actual = backend.to_numpy(actual)
+    assert actual.dtype == backend.BFLOAT16, f"{name}: stored as {actual.dtype}, not bfloat16"
+    error = np.abs(actual.astype(np.float64) - expected)
+    bound = BF16_U * np.abs(expected) + rtol * np.abs(expected).max()
+    assert (error <= bound).all(), f"{name}: error {error.max():.3g}, bound there {bound.flat[np.argmax(error)]:.3g}"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_batch_norm_in_bfloat16(triton_backend, rng, training):
+    # bfloat16 x and dy, statistics and sums in float32: against float64 from the same bfloat16
+    # values, y and dx within one bfloat16 rounding plus the float32 bound; the statistics, the
+    # running statistics, dgamma and dbeta (float32) within the float32 bound.
+    x = f32(rng, (3, 5, 7, 70), scale=2.0, offset=1.0).astype(backend.BFLOAT16)
+    gamma, beta, running_mean, running_var = bn_params(rng, 70)
+    ref_args = (*f64(x, gamma, beta, running_mean, running_var), training, 0.1, 1e-5)
+    y_ref, mean_ref, var_ref, saved_ref = ref.batch_norm(*ref_args, relu=True)
+    args = on_backend(x, gamma, beta, running_mean, running_var)
+    y, new_mean, new_var, saved = batchnorm.batch_norm(*args, training, 0.1, 1e-5, True)
+    _within_bf16("y", y, y_ref, IEEE_RTOL)
+    assert_close("running_mean", new_mean, mean_ref, IEEE_RTOL)
+    assert_close("running_var", new_var, var_ref, IEEE_RTOL)
+    dy = _kink_free_dy(rng, ref.batch_norm(*ref_args, relu=False)[0], IEEE_KINK_BAND).astype(backend.BFLOAT16)
+    dx, dgamma, dbeta = batchnorm.batch_norm_backward(backend.asarray(dy), saved)
+    dx_ref, dgamma_ref, dbeta_ref = ref.batch_norm_backward(dy.astype(np.float64), saved_ref)
+    _within_bf16("dx", dx, dx_ref, IEEE_RTOL)
+    assert_close("dgamma", dgamma, dgamma_ref, IEEE_RTOL)
+    assert_close("dbeta", dbeta, dbeta_ref, IEEE_RTOL)
+    assert_counters_released()
+
+
 def test_batch_norm_gradients_added_into_buffers(triton_backend, rng):
     _check_batch_norm(rng, f32(rng, (3, 5, 7, 70), scale=2.0, offset=1.0), True, True, into=True)
 

@@ -4,9 +4,9 @@ Besides ``batch_norm`` / ``batch_norm_backward`` this module holds the statistic
 coefficient and apply code that ``conv.py`` fuses into its conv kernels, so that
 both ops run the same arithmetic.
 
-Layouts (all float32, C-contiguous): x, y, dy, dx are (N, H, W, C), seen as
-M = N*H*W rows of C channels; gamma, beta, running_mean, running_var, dgamma,
-dbeta are (C,). Buffers passed between the kernels:
+Layouts (C-contiguous): x, y, dy, dx are (N, H, W, C), float32 or bfloat16 (computed in
+float32, kernels/storage.py), seen as M = N*H*W rows of C channels; gamma, beta,
+running_mean, running_var, dgamma, dbeta are (C,) float32, and so are the buffers below. Buffers passed between the kernels:
 
 * ``partials`` (T, 2, C): one row per tile of ``TILE_M`` consecutive rows of x
   (T = cdiv(M, TILE_M)). Forward: the tile's mean and M2 (sum of squared
@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..backend import empty, get_backend, host_reads_refused, xp
 from ..launch import after_interrupted_launch, device_function, kernel, launch
-from . import elementwise
+from . import elementwise, storage
 from .tiles import cdiv, channel_tile
 
 # --------------------------------------------------------------------------- device functions
@@ -109,8 +109,8 @@ def bn_backward_tile(dy_ptr, x_ptr, offs, ok, ch, ch_ok, stats_ptr, sums_ptr, C,
     variance) and 0 in eval (the running statistics are constants: dx = scale * g).
     ``ch`` / ``ch_ok`` broadcast against ``offs``: a row [1, COLS] when channels run along columns.
     """
-    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0)
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     mean, rstd, scale, shift = load_stats(stats_ptr, ch, ch_ok, C)
     mean_g = inv_count * tl.load(sums_ptr + ch, mask=ch_ok, other=0.0)
     mean_gx = inv_count * tl.load(sums_ptr + C + ch, mask=ch_ok, other=0.0)
@@ -245,7 +245,7 @@ def reduce_backward_sums(g, xhat, partials_ptr, counters_ptr, sums_ptr, dgamma_p
 
 # --------------------------------------------------------------------------- kernels
 
-_F32, _I32 = "*fp32", "i32"
+_F32, _BF16, _I32 = "*fp32", "*bf16", "i32"
 # The elementwise and tile-reduction kernels see (M, C) as [BLOCK_M, BLOCK_C] tiles:
 # channels are contiguous, so a tile row is one coalesced run. AOT with the largest
 # channel block of the table below.
@@ -254,10 +254,12 @@ _FINALIZE_TYPES = dict(gamma_ptr=_F32, beta_ptr=_F32, running_mean_ptr=_F32, run
                        momentum="fp32", eps="fp32", counters_ptr="*i32")
 
 
-@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, stats_ptr=_F32, partials_ptr=_F32, sums_ptr=_F32, dgamma_ptr=_F32,
+@kernel(aot=[dict(x_ptr=t, dy_ptr=t, stats_ptr=_F32, partials_ptr=_F32, sums_ptr=_F32, dgamma_ptr=_F32,
                   dbeta_ptr=_F32, **_FINALIZE_TYPES, M=_I32, C=_I32, BACKWARD=backward, RELU=relu,
                   ADD_INTO=add_into, BLOCK_T=32, **_TILE_SPEC)
-             for backward, relu, add_into in ((False, False, False), (True, True, True), (True, False, False))])
+             for backward, relu, add_into, t in ((False, False, False, _F32), (True, True, True, _F32),
+                                                 (True, False, False, _F32), (False, False, False, _BF16),
+                                                 (True, True, True, _BF16))])
 def bn_tile_reduce_kernel(x_ptr, dy_ptr, stats_ptr, partials_ptr, sums_ptr, dgamma_ptr, dbeta_ptr,
                           gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, momentum, eps, counters_ptr,
                           M, C, BACKWARD: tl.constexpr, RELU: tl.constexpr, ADD_INTO: tl.constexpr,
@@ -277,9 +279,9 @@ def bn_tile_reduce_kernel(x_ptr, dy_ptr, stats_ptr, partials_ptr, sums_ptr, dgam
     row_ok, ch_ok = rows < M, ch < C
     ok = row_ok[:, None] & ch_ok[None, :]
     offs = rows[:, None] * C + ch[None, :]
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if BACKWARD:
-        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         mean, rstd, scale, shift = load_stats(stats_ptr, ch[None, :], ch_ok[None, :], C)
         g, xhat = bn_backward_terms(dy, x, mean, rstd, scale, shift, RELU)  # g = 0 on masked elements
         reduce_backward_sums(g, xhat, partials_ptr, counters_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C,
@@ -299,12 +301,12 @@ def bn_eval_coefficients_kernel(gamma_ptr, beta_ptr, running_mean_ptr, running_v
                         ch, ch < C, C, 0, 1, 1, 0.0, eps, False, 1)
 
 
-@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, stats_ptr=_F32, sums_ptr=_F32, inv_count="fp32", add_ptr=_F32,
-                  out_ptr=_F32, M=_I32, C=_I32, BACKWARD=backward, RELU=relu, ADD=add, ACCUMULATE=accumulate,
+@kernel(aot=[dict(x_ptr=t, dy_ptr=t, stats_ptr=_F32, sums_ptr=_F32, inv_count="fp32", add_ptr=t,
+                  out_ptr=t, M=_I32, C=_I32, BACKWARD=backward, RELU=relu, ADD=add, ACCUMULATE=accumulate,
                   **_TILE_SPEC)
              for backward, add, accumulate in ((False, False, False), (True, False, False), (True, True, False),
                                                (True, True, True))
-             for relu in (True, False)])
+             for relu, t in ((True, _F32), (False, _F32), (True, _BF16))])
 def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, add_ptr, out_ptr, M, C,
                     BACKWARD: tl.constexpr, RELU: tl.constexpr, ADD: tl.constexpr, ACCUMULATE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -325,13 +327,13 @@ def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, add_ptr, out_
         out = bn_backward_tile(dy_ptr, x_ptr, offs, ok, ch[None, :], ch_ok, stats_ptr, sums_ptr, C, inv_count,
                                RELU)
         if ADD:
-            out += tl.load(add_ptr + offs, mask=ok)
+            out += tl.load(add_ptr + offs, mask=ok).to(tl.float32)
         if ACCUMULATE:
-            out += tl.load(out_ptr + offs, mask=ok)
+            out += tl.load(out_ptr + offs, mask=ok).to(tl.float32)
     else:
         _, _, scale, shift = load_stats(stats_ptr, ch[None, :], ch_ok, C)
-        out = affine_relu(tl.load(x_ptr + offs, mask=ok), scale, shift, RELU)
-    tl.store(out_ptr + offs, out, mask=ok)
+        out = affine_relu(tl.load(x_ptr + offs, mask=ok).to(tl.float32), scale, shift, RELU)
+    storage.store(out_ptr + offs, out, ok)
 
 
 # --------------------------------------------------------------------------- launch helpers (also used by conv.py)
@@ -400,7 +402,7 @@ def normalize(x, stats, relu):
     ``relu``), by bn_apply_kernel."""
     c = x.shape[-1]
     m, (block_m, block_c) = x.size // c, _tiles(c)
-    y = empty(x.shape)
+    y = empty(x.shape, x.dtype)
     launch(bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x, x, stats, stats, 0.0, x, y,
            m, c, BACKWARD=False, RELU=relu, ADD=False, ACCUMULATE=False, BLOCK_M=block_m, BLOCK_C=block_c)
     return y
@@ -424,7 +426,7 @@ def input_gradient(dy, x, stats, sums, inv_count, relu, add=None, into=None):
     bn_apply_kernel."""
     c = x.shape[-1]
     m, (block_m, block_c) = x.size // c, _tiles(c)
-    dx = empty(x.shape) if into is None else into
+    dx = empty(x.shape, x.dtype) if into is None else into
     launch(bn_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x, dy, stats, sums, inv_count,
            x if add is None else add, dx, m, c, BACKWARD=True, RELU=relu, ADD=add is not None,
            ACCUMULATE=into is not None, BLOCK_M=block_m, BLOCK_C=block_c)
