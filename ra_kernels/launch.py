@@ -14,6 +14,8 @@ exists. It was checked against triton 3.6.0 (the GPU machines' version, with Num
   at import, for every jit function; here the backend changes at run time.
 * ``_fix_interpreter_scalar_index``: triton 3.6's interpreter calls ``int()`` on shape-(1,)
   arrays, which NumPy >= 2.4 refuses.
+* ``_fix_interpreter_bfloat16_dot``: triton 3.6's interpreter multiplies bfloat16 dot operands
+  as their raw 16-bit patterns.
 * ``_interpreter_lock``: the interpreter keeps global state during a launch.
 
 Kernels are written with :func:`kernel` (and :func:`device_function` for helpers they call)
@@ -217,6 +219,27 @@ def _fix_interpreter_scalar_index():
     interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
 
 
+@functools.lru_cache(maxsize=None)
+def _fix_interpreter_bfloat16_dot():
+    """triton 3.6's interpreter keeps bfloat16 as uint16 bit patterns and widens them where it
+    converts, but its ``create_dot`` widens only 8-bit floats: a dot of bfloat16 operands
+    multiplies the patterns as integers (values off by ~1e10). Widen bfloat16 operands to float32
+    first, as the tensor cores do (the products of bfloat16 values are exact in float32)."""
+    builder = interpreter.InterpreterBuilder
+    create_dot = builder.create_dot
+
+    def widened(operand):
+        if operand.dtype.scalar != triton.language.bfloat16:
+            return operand
+        data = (operand.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(data, triton.language.float32)
+
+    def create_dot_widening_bfloat16(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot_widening_bfloat16
+
+
 class Launch(NamedTuple):
     """One kernel launch as :func:`launch` made it: what a CUDA graph records."""
     kernel_fn: JITFunction
@@ -308,6 +331,7 @@ def _run(call: Launch):
         call.kernel_fn[call.grid](*call.args, num_warps=call.num_warps, enable_fp_fusion=True, **call.constexprs)
         return
     _fix_interpreter_scalar_index()
+    _fix_interpreter_bfloat16_dot()
     with _interpreter_lock, _interpreting():
         try:
             _interpreted(call.kernel_fn.fn)[call.grid](*call.args, **call.constexprs)

@@ -144,3 +144,14 @@ def test_last_program_reductions_publish_before_they_count(name, switches):
     last_store = max(i for i, e in enumerate(before) if e == "st.global")
     assert "bar.sync" in before[last_store + 1:], f"{name}: the partials' stores are not behind a barrier"
     assert after[0] == "bar.sync" and "ld.global.cg" in after, f"{name}: {after[:3]}"
+
+
+@pytest.mark.parametrize("name", ["conv2d_fwd_kernel", "conv2d_dgrad_kernel", "conv2d_wgrad_kernel"])
+def test_bfloat16_convs_multiply_on_bfloat16_tensor_cores(name):
+    # With bfloat16 activations both dot operands are bfloat16 (w rounded as it loads,
+    # kernels/storage.to_type_of): on sm_90 the products are wgmma on bf16, not TF32.
+    kernel_fn = next(k for k in KERNELS if k.__name__ == name)
+    spec = next(s for s in kernel_fn.aot_specs if "*bf16" in s.values())
+    ptx = aot.compile_kernel(kernel_fn, spec, 90, aligned=True).asm["ptx"]
+    mmas = set(re.findall(r"wgmma\.mma_async\.\S*?\.f32\.(\w+)\.(\w+)", ptx))
+    assert mmas == {("bf16", "bf16")}, mmas

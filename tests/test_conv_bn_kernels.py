@@ -34,6 +34,7 @@ from ra_kernels import functional as F
 from ra_kernels.kernels import batchnorm, conv
 
 IEEE_RTOL = 1e-5
+BF16_U, F32_U = 2.0 ** -8, 2.0 ** -24  # unit roundoffs: one rounding is off by at most u relative
 # Values near 100 with std 1: float32 holds their mean only to its spacing at 100,
 # 7.6e-6 of the std (seen: ~2e-5 after the tile sums), an offset every xhat carries
 # whatever the method; y passes it on and dgamma = sum(dy * xhat) collects it, so
@@ -148,6 +149,35 @@ def test_conv2d_forward_backward(triton_backend, rng, x_shape, w_shape, stride, 
     assert_close("dw", dw, dw_ref, IEEE_RTOL)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", [CONV_SHAPES[0], CONV_SHAPES[2]])
+def test_conv2d_in_bfloat16(triton_backend, rng, x_shape, w_shape, stride, padding):
+    """bfloat16 x and dy, float32 w (the master weights), rounded to bfloat16 as the kernels load it:
+    the products are those of bfloat16 operands, exact in float32, summed in float32. Against
+    float64 from the same operands (x, dy and w rounded to bfloat16), each element is off by the
+    float32 sums, at most K roundings of the running sum (K = the GEMM's reduction length) times
+    the sum of |products|, plus one rounding to bfloat16 for y and dx (BF16_U of the value); dw
+    is float32. A kernel that truncated w instead, or multiplied in float32, is off by ~2**-9 of
+    the sum of |products|, far above that."""
+    x = f32(rng, x_shape).astype(backend.BFLOAT16)
+    w = f32(rng, w_shape)
+    x64, w64 = x.astype(np.float64), w.astype(backend.BFLOAT16).astype(np.float64)
+    y, saved = conv.conv2d(backend.asarray(x), backend.asarray(w), stride, padding)
+    y_ref, saved_ref = ref.conv2d(x64, w64, stride, padding)
+    magnitude = ref.conv2d(np.abs(x64), np.abs(w64), stride, padding)[0]
+    k_fwd = w_shape[0] * w_shape[1] * w_shape[2]
+    _within_bound("y", y, y_ref, BF16_U * np.abs(y_ref) + k_fwd * F32_U * magnitude, backend.BFLOAT16)
+
+    dy = f32(rng, y_ref.shape).astype(backend.BFLOAT16)
+    dy64 = dy.astype(np.float64)
+    dx, dw = conv.conv2d_backward(backend.asarray(dy), saved)
+    dx_ref, dw_ref = ref.conv2d_backward(dy64, saved_ref)
+    dx_magnitude, dw_magnitude = ref.conv2d_backward(np.abs(dy64), (np.abs(x64), np.abs(w64), stride, padding))
+    k_dgrad = w_shape[0] * w_shape[1] * w_shape[3]
+    positions = y_ref.shape[0] * y_ref.shape[1] * y_ref.shape[2]
+    _within_bound("dx", dx, dx_ref, BF16_U * np.abs(dx_ref) + k_dgrad * F32_U * dx_magnitude, backend.BFLOAT16)
+    _within_bound("dw", dw, dw_ref, positions * F32_U * dw_magnitude, np.float32)
+
+
 # --------------------------------------------------------------------------- conv_bn_relu
 
 def _check_conv_bn_relu(rng, x_shape, w_shape, stride, padding, training, relu, rtol, band, x_offset=0.0,
@@ -257,17 +287,19 @@ def test_batch_norm(triton_backend, rng, shape, training, relu):
     _check_batch_norm(rng, f32(rng, shape, scale=2.0, offset=1.0), training, relu)
 
 
-BF16_U = 2.0 ** -8  # bfloat16's unit roundoff
+def _within_bound(name, actual, expected, bound, dtype):
+    """Each element of ``actual`` (stored as ``dtype``) within ``bound`` of float64 ``expected``."""
+    actual = backend.to_numpy(actual)
+    assert actual.dtype == dtype, f"{name}: stored as {actual.dtype}, not {np.dtype(dtype)}"
+    error = np.abs(actual.astype(np.float64) - expected)
+    assert (error <= bound).all(), f"{name}: error {error.max():.3g}, bound there {bound.flat[np.argmax(error)]:.3g}"
 
 
 def _within_bf16(name, actual, expected, rtol):
     """A bfloat16 result: the float32 computation's error (``rtol`` of the largest value, as for
     float32 storage) plus one rounding to bfloat16 (BF16_U of each value)."""
-    actual = backend.to_numpy(actual)
-    assert actual.dtype == backend.BFLOAT16, f"{name}: stored as {actual.dtype}, not bfloat16"
-    error = np.abs(actual.astype(np.float64) - expected)
-    bound = BF16_U * np.abs(expected) + rtol * np.abs(expected).max()
-    assert (error <= bound).all(), f"{name}: error {error.max():.3g}, bound there {bound.flat[np.argmax(error)]:.3g}"
+    _within_bound(name, actual, expected, BF16_U * np.abs(expected) + rtol * np.abs(expected).max(),
+                  backend.BFLOAT16)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])

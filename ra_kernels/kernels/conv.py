@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..backend import empty, get_precision
 from ..launch import device_function, kernel, launch
-from . import batchnorm as bn, elementwise
+from . import batchnorm as bn, elementwise, storage
 from .tiles import cdiv, next_power_of_2, out_size, positions
 
 # --------------------------------------------------------------------------- device functions
@@ -72,7 +72,7 @@ def _load_output_grad(dy_ptr, z_ptr, offs, ok, ch, ch_ok, stats_ptr, sums_ptr, C
     if BN_BACKWARD:
         return bn.bn_backward_tile(dy_ptr, z_ptr, offs, ok, ch, ch_ok, stats_ptr, sums_ptr, C, inv_count, RELU)
     else:
-        return tl.load(dy_ptr + offs, mask=ok, other=0.0)
+        return tl.load(dy_ptr + offs, mask=ok, other=0.0)  # in dy's storage type
 
 
 @device_function
@@ -80,7 +80,7 @@ def _activated(x, ok, stats_ptr, ch, ch_ok, C):
     """relu(x * scale + shift) with scale and shift of channels ``ch`` from a (4, C) stats buffer, 0 where
     not ``ok``: a batch-norm + ReLU applied by the conv that consumes its output, as it loads it."""
     _, _, scale, shift = bn.load_stats(stats_ptr, ch, ch_ok, C)
-    return tl.where(ok, bn.affine_relu(x, scale, shift, True), 0.0)
+    return tl.where(ok, bn.affine_relu(x.to(tl.float32), scale, shift, True), 0.0)
 
 
 @device_function
@@ -100,6 +100,8 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, pre_stat
     dy loads become dz (see ``_load_output_grad``). PRE_BN (forward only): A is im2col of
     relu(x * scale + shift), scale and shift per channel of x from pre_stats (4, SRC_C), applied
     as x loads (zero where a window hangs over the padding, as for the activation itself).
+    Both operands are taken in src's storage type (``storage.to_type_of``): bfloat16 storage
+    multiplies in bfloat16 (w, kept in float32, rounded as it loads), float32 in float32.
     """
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     cols_ok = cols < OUT_C
@@ -131,23 +133,23 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, pre_stat
                 a = _activated(a, ok, pre_stats_ptr, c[None, :], k_ok[None, :], SRC_C)
             w_offs = k[:, None] * OUT_C + cols[None, :]
         b = tl.load(w_ptr + w_offs, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(storage.to_type_of(a, src_ptr), storage.to_type_of(b, src_ptr), acc,
+                     input_precision=INPUT_PRECISION)
     return acc
 
 
 @device_function
 def _store_gradient(ptrs, ok, value, ACCUMULATE: tl.constexpr):
-    """Store a gradient tile, or add it into what is there (ACCUMULATE: a gradient buffer); returns
-    what was stored."""
+    """Store a gradient tile in the pointers' type, or add it into what is there (ACCUMULATE: a
+    gradient buffer); returns what was stored, as float32."""
     if ACCUMULATE:
-        value += tl.load(ptrs, mask=ok)
-    tl.store(ptrs, value, mask=ok)
-    return value
+        value += tl.load(ptrs, mask=ok).to(tl.float32)
+    return storage.store(ptrs, value, ok)
 
 
 # --------------------------------------------------------------------------- kernels
 
-_F32, _I32 = "*fp32", "i32"
+_F32, _BF16, _I32 = "*fp32", "*bf16", "i32"
 _SHAPE_TYPES = dict(H=_I32, W=_I32, C_in=_I32, OH=_I32, OW=_I32, C_out=_I32, M=_I32, K=_I32, KW=_I32,
                     stride=_I32, padding=_I32)
 _BN_BACKWARD_TYPES = dict(z_ptr=_F32, stats_ptr=_F32, sums_ptr=_F32, inv_count="fp32")
@@ -157,15 +159,22 @@ _TILE_CLASSES = [dict(BLOCK_M=128, BLOCK_N=16), dict(BLOCK_M=128, BLOCK_N=64), d
                  dict(BLOCK_M=64, BLOCK_N=32)]
 
 
-@kernel(aot=[dict(x_ptr=_F32, w_ptr=_F32, y_ptr=_F32, partials_ptr=_F32, gamma_ptr=_F32, beta_ptr=_F32,
+def _activations_in(spec, storage_type, *names):
+    """An AOT spec with the activation pointers ``names`` in ``storage_type`` (kernels/storage.py)."""
+    return {**spec, **{name: storage_type for name in names}}
+
+
+@kernel(aot=[dict(x_ptr=t, w_ptr=_F32, y_ptr=t, partials_ptr=_F32, gamma_ptr=_F32, beta_ptr=_F32,
                   running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32, momentum="fp32", eps="fp32",
-                  counters_ptr="*i32", pre_stats_ptr=_F32, skip_ptr=_F32, **_SHAPE_TYPES,
+                  counters_ptr="*i32", pre_stats_ptr=_F32, skip_ptr=t, **_SHAPE_TYPES,
                   EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_bn, ADD_SKIP=add_skip, INPUT_PRECISION=precision,
                   BLOCK_K=32, BLOCK_T=32, **tiles)
-             for (epilogue, relu, pre_bn, add_skip, precision), tiles in zip(
-                 [("store", False, True, True, "tf32"), ("stats", False, True, False, "tf32"),
-                  ("bn_eval", True, False, False, "ieee"), ("bn_eval", False, False, False, "tf32"),
-                  ("stats", False, False, False, "ieee"), ("store", False, False, False, "ieee")], _TILE_CLASSES * 2)])
+             for (epilogue, relu, pre_bn, add_skip, precision, t), tiles in zip(
+                 [("store", False, True, True, "tf32", _F32), ("stats", False, True, False, "tf32", _F32),
+                  ("bn_eval", True, False, False, "ieee", _F32), ("bn_eval", False, False, False, "tf32", _F32),
+                  ("stats", False, False, False, "ieee", _F32), ("store", False, False, False, "ieee", _F32),
+                  ("stats", False, True, False, "tf32", _BF16), ("store", False, True, True, "tf32", _BF16)],
+                 _TILE_CLASSES * 2)])
 def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
                       stats_ptr, momentum, eps, counters_ptr, pre_stats_ptr, skip_ptr,
                       H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
@@ -204,7 +213,7 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
         gamma = tl.load(gamma_ptr + cols, mask=cols_ok)
         beta = tl.load(beta_ptr + cols, mask=cols_ok)
         rstd, scale, shift = bn.bn_coefficients(mean, var, gamma, beta, eps)
-        tl.store(y_ptr + y_offs, bn.affine_relu(z, scale[None, :], shift[None, :], RELU), mask=ok)
+        storage.store(y_ptr + y_offs, bn.affine_relu(z, scale[None, :], shift[None, :], RELU), ok)
         first_row = cols < tl.where(pid_m == 0, C_out, 0)  # cols_ok in the first row of tiles, else none
         tl.store(stats_ptr + cols, mean, mask=first_row)
         tl.store(stats_ptr + C_out + cols, rstd, mask=first_row)
@@ -212,8 +221,8 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
         tl.store(stats_ptr + 3 * C_out + cols, shift, mask=first_row)
     else:
         if ADD_SKIP:
-            z += tl.load(skip_ptr + y_offs, mask=ok, other=0.0)
-        tl.store(y_ptr + y_offs, z, mask=ok)
+            z += tl.load(skip_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
+        z = storage.store(y_ptr + y_offs, z, ok)  # the statistics are those of z as stored
         if EPILOGUE == "stats":
             bn.reduce_statistics(z, m_ok, partials_ptr, counters_ptr, gamma_ptr, beta_ptr, running_mean_ptr,
                                  running_var_ptr, stats_ptr, cols, cols_ok, C_out, M, momentum, eps, BLOCK_M, BLOCK_T)
@@ -223,12 +232,14 @@ _INPUT_SUMS_TYPES = dict(in_z_ptr=_F32, in_stats_ptr=_F32, partials_ptr=_F32, in
                          dbeta_ptr=_F32, counters_ptr="*i32")
 
 
-@kernel(aot=[dict(dy_ptr=_F32, w_ptr=_F32, dx_ptr=_F32, **_BN_BACKWARD_TYPES, **_INPUT_SUMS_TYPES, **_SHAPE_TYPES,
-                  BN_BACKWARD=bn_backward, RELU=relu, INPUT_SUMS=input_sums, ADD_INTO=input_sums,
-                  ACCUMULATE=accumulate, INPUT_PRECISION=precision, BLOCK_K=32, BLOCK_T=32, **tiles)
-             for (bn_backward, relu, input_sums, accumulate, precision), tiles in zip(
-                 [(False, False, False, True, "tf32"), (True, True, True, False, "ieee"),
-                  (True, False, False, False, "tf32"), (False, False, True, False, "tf32")], _TILE_CLASSES)])
+@kernel(aot=[_activations_in(dict(dy_ptr=_F32, w_ptr=_F32, dx_ptr=_F32, **_BN_BACKWARD_TYPES, **_INPUT_SUMS_TYPES,
+                                   **_SHAPE_TYPES, BN_BACKWARD=bn_backward, RELU=relu, INPUT_SUMS=input_sums,
+                                   ADD_INTO=input_sums, ACCUMULATE=accumulate, INPUT_PRECISION=precision, BLOCK_K=32,
+                                   BLOCK_T=32, **tiles), t, "dy_ptr", "dx_ptr", "z_ptr", "in_z_ptr")
+             for (bn_backward, relu, input_sums, accumulate, precision, t), tiles in zip(
+                 [(False, False, False, True, "tf32", _F32), (True, True, True, False, "ieee", _F32),
+                  (True, False, False, False, "tf32", _F32), (False, False, True, False, "tf32", _F32),
+                  (True, True, True, False, "tf32", _BF16)], _TILE_CLASSES * 2)])
 def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
                         in_z_ptr, in_stats_ptr, partials_ptr, in_sums_ptr, dgamma_ptr, dbeta_ptr, counters_ptr,
                         H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
@@ -265,21 +276,22 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     dx = _store_gradient(dx_ptr + offs, ok, dx, ACCUMULATE)
     if INPUT_SUMS:
         mean, rstd, scale, shift = bn.load_stats(in_stats_ptr, cols[None, :], cols_ok[None, :], C_in)
-        g, xhat = bn.bn_backward_terms(dx, tl.load(in_z_ptr + offs, mask=ok, other=0.0), mean, rstd, scale, shift,
-                                       True)
+        in_z = tl.load(in_z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g, xhat = bn.bn_backward_terms(dx, in_z, mean, rstd, scale, shift, True)  # dx as stored
         bn.reduce_backward_sums(tl.where(ok, g, 0.0), xhat, partials_ptr, counters_ptr, in_sums_ptr, dgamma_ptr,
                                 dbeta_ptr, cols, cols_ok, C_in, ADD_INTO, BLOCK_T)
 
 
-@kernel(aot=[dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, partials_ptr=_F32, counters_ptr="*i32", pre_stats_ptr=_F32,
-                  **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
-                  positions_per_split=_I32, BN_BACKWARD=bn_backward, RELU=relu, PRE_BN=pre_bn,
-                  INPUT_PRECISION=precision, SPLIT=split, ACCUMULATE=accumulate, BLOCK_K=64, BLOCK_M=32,
-                  BLOCK_N=block_n)
-             for (bn_backward, relu, precision, block_n), (split, accumulate, pre_bn) in zip(
-                 [(False, False, "tf32", 16), (True, True, "ieee", 64), (True, False, "tf32", 128),
-                  (False, False, "ieee", 32)],
-                 [(True, True, True), (True, False, False), (False, True, True), (False, False, False)])])
+@kernel(aot=[_activations_in(dict(x_ptr=_F32, dy_ptr=_F32, dw_ptr=_F32, partials_ptr=_F32, counters_ptr="*i32",
+                                   pre_stats_ptr=_F32, **_BN_BACKWARD_TYPES, **_SHAPE_TYPES,
+                                   positions_per_split=_I32, BN_BACKWARD=bn_backward, RELU=relu, PRE_BN=pre_bn,
+                                   INPUT_PRECISION=precision, SPLIT=split, ACCUMULATE=accumulate, BLOCK_K=64,
+                                   BLOCK_M=32, BLOCK_N=block_n), t, "x_ptr", "dy_ptr", "z_ptr")
+             for (bn_backward, relu, precision, block_n, t), (split, accumulate, pre_bn) in zip(
+                 [(False, False, "tf32", 16, _F32), (True, True, "ieee", 64, _F32), (True, False, "tf32", 128, _F32),
+                  (False, False, "ieee", 32, _F32), (True, True, "tf32", 64, _BF16)],
+                 [(True, True, True), (True, False, False), (False, True, True), (False, False, False),
+                  (True, True, True)])])
 def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, partials_ptr, counters_ptr, pre_stats_ptr, z_ptr, stats_ptr, sums_ptr,
                         inv_count, H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding, positions_per_split,
                         BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, PRE_BN: tl.constexpr,
@@ -318,7 +330,9 @@ def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, partials_ptr, counters_ptr, pre_s
         g = _load_output_grad(dy_ptr, z_ptr, m[:, None] * C_out + cols[None, :], m_ok[:, None] & cols_ok[None, :],
                               cols[None, :], cols_ok[None, :], stats_ptr, sums_ptr, C_out, inv_count,
                               BN_BACKWARD=BN_BACKWARD, RELU=RELU)
-        acc = tl.dot(a_t, g, acc, input_precision=INPUT_PRECISION)
+        # both operands in x's storage type, as in the forward (``_conv_k_loop``)
+        acc = tl.dot(storage.to_type_of(a_t, x_ptr), storage.to_type_of(g, x_ptr), acc,
+                     input_precision=INPUT_PRECISION)
     dw_offs, dw_ok = k[:, None] * C_out + cols[None, :], k_ok[:, None] & cols_ok[None, :]
     if SPLIT:
         tl.store(partials_ptr + pid_s * K * C_out + dw_offs, acc, mask=dw_ok)
@@ -394,7 +408,7 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False, pre_stat
     m, k = s["n"] * s["OH"] * s["OW"], s["KH"] * s["KW"] * s["C_in"]
     block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_out"])
     grid = (cdiv(m, block_m), cdiv(s["C_out"], block_n))
-    y = empty((s["n"], s["OH"], s["OW"], s["C_out"]))
+    y = empty((s["n"], s["OH"], s["OW"], s["C_out"]), x.dtype)
     partials = empty((grid[0], 2, s["C_out"])) if epilogue == "stats" else x
     stats = empty((4, s["C_out"])) if epilogue != "store" else x
     gamma, beta, running_mean, running_var, momentum, eps = bn_args or (x, x, x, x, 0.0, 0.0)
@@ -430,7 +444,7 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True,
         m, k = s["n"] * s["H"] * s["W"], s["KH"] * s["KW"] * s["C_out"]
         block_m, block_n, block_k, warps = _gemm_tiles(m, s["C_in"])
         grid = (cdiv(m, block_m), cdiv(s["C_in"], block_n))
-        dx = empty(x.shape) if dx_into is None else dx_into
+        dx = empty(x.shape, x.dtype) if dx_into is None else dx_into
         input_sums = empty((2, s["C_in"])) if pre_stats is not None else None
         partials = empty((grid[0], 2, s["C_in"])) if pre_stats is not None else dx
         add_into = input_bn_into[0] is not None and input_bn_into[1] is not None

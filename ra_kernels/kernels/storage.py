@@ -30,9 +30,24 @@ def round_to_bfloat16(x):
 
 
 @device_function
+def to_type_of(value, ptr):
+    """``value`` in the element type of the pointer(s) ``ptr``: float32 as it is, bfloat16 rounded to
+    nearest even (from any float type). The conv kernels make their dot operands so: bfloat16
+    storage multiplies in bfloat16, float32 in float32 (TF32 or IEEE)."""
+    ty = ptr.dtype.element_ty
+    if value.dtype != ty:
+        if ty == tl.bfloat16:
+            value = round_to_bfloat16(value.to(tl.float32))
+        else:
+            value = value.to(ty)
+    return value
+
+
+@device_function
 def store(ptrs, value, mask):
-    """Store float32 ``value`` at ``ptrs`` in their element type: as it is into float32, rounded
-    to nearest even into bfloat16."""
-    if ptrs.dtype.element_ty == tl.bfloat16:
-        value = round_to_bfloat16(value)
-    tl.store(ptrs, value, mask=mask)
+    """Store float32 ``value`` at ``ptrs`` in their element type (see :func:`to_type_of`); returns
+    what was stored, as float32, for an epilogue that goes on from it (statistics of the stored
+    values, not of values no later kernel sees)."""
+    stored = to_type_of(value, ptrs)
+    tl.store(ptrs, stored, mask=mask)
+    return stored.to(tl.float32)
