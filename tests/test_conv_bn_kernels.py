@@ -209,6 +209,48 @@ def _check_conv_bn_relu(rng, x_shape, w_shape, stride, padding, training, relu, 
     assert_counters_released()
 
 
+def test_conv_bn_relu_in_bfloat16(triton_backend, rng):
+    """Training, bfloat16 x and dy. The kernels store z in bfloat16 and take the batch-norm
+    statistics of that stored z, so each stage is checked against float64 from the kernel's own
+    input to it: z against the conv of the same operands (float32 sums plus one bfloat16 rounding,
+    as test_conv2d_in_bfloat16), y and the statistics against batch norm of the stored z (one
+    bfloat16 rounding of y plus the float32 bound), dx and dw against the conv backward of
+    float64 dz: dz enters the products rounded to bfloat16 (<= BF16_U of each product's size,
+    the |dz| (*) |w| term) besides the float32 sums; dgamma and dbeta are float32 sums."""
+    x_shape, w_shape, stride, padding = (2, 9, 9, 20), (3, 3, 20, 16), 2, 1
+    x = f32(rng, x_shape).astype(backend.BFLOAT16)
+    w = f32(rng, w_shape)
+    gamma, beta, running_mean, running_var = bn_params(rng, w_shape[-1])
+    x64, w64 = x.astype(np.float64), w.astype(backend.BFLOAT16).astype(np.float64)
+    bn_args = (*f64(gamma, beta, running_mean, running_var), True, 0.1, 1e-5)  # before the kernels update them
+    args = on_backend(x, w, gamma, beta, running_mean, running_var)
+    y, new_mean, new_var, saved = conv.conv_bn_relu(*args, stride, padding, True, 0.1, 1e-5, True)
+    z = backend.to_numpy(saved[4]).astype(np.float64)  # kernels/conv.py saves (x, w, stride, padding, z, ...)
+    z_ref = ref.conv2d(x64, w64, stride, padding)[0]
+    k_fwd = w_shape[0] * w_shape[1] * w_shape[2]
+    _within_bound("z", saved[4], z_ref, BF16_U * np.abs(z_ref)
+                  + k_fwd * F32_U * ref.conv2d(np.abs(x64), np.abs(w64), stride, padding)[0], backend.BFLOAT16)
+    y_ref, mean_ref, var_ref, bn_saved = ref.batch_norm(z, *bn_args, relu=True)
+    _within_bf16("y", y, y_ref, IEEE_RTOL)
+    assert_close("running_mean", new_mean, mean_ref, IEEE_RTOL)
+    assert_close("running_var", new_var, var_ref, IEEE_RTOL)
+
+    dy = _kink_free_dy(rng, ref.batch_norm(z, *bn_args, relu=False)[0], IEEE_KINK_BAND).astype(backend.BFLOAT16)
+    dx, dw, dgamma, dbeta = conv.conv_bn_relu_backward(backend.asarray(dy), saved)
+    dz, dgamma_ref, dbeta_ref = ref.batch_norm_backward(dy.astype(np.float64), bn_saved)
+    dx_ref, dw_ref = ref.conv2d_backward(dz, (x64, w64, stride, padding))
+    dx_size, dw_size = ref.conv2d_backward(np.abs(dz), (np.abs(x64), np.abs(w64), stride, padding))
+    k_dgrad, positions = w_shape[0] * w_shape[1] * w_shape[3], z.shape[0] * z.shape[1] * z.shape[2]
+    dz_scale = IEEE_RTOL * np.abs(dz).max()  # dz itself: the float32 batch-norm backward's bound
+    _within_bound("dx", dx, dx_ref, BF16_U * np.abs(dx_ref) + (BF16_U + k_dgrad * F32_U) * dx_size
+                  + k_dgrad * dz_scale * np.abs(w64).max(), backend.BFLOAT16)
+    _within_bound("dw", dw, dw_ref, (BF16_U + positions * F32_U) * dw_size
+                  + positions * dz_scale * np.abs(x64).max(), np.float32)
+    assert_close("dgamma", dgamma, dgamma_ref, IEEE_RTOL)
+    assert_close("dbeta", dbeta, dbeta_ref, IEEE_RTOL)
+    assert_counters_released()
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", [
