@@ -105,6 +105,25 @@ def test_attention_mix(triton_backend, rng, shape, residual):
 
 
 @pytest.mark.parametrize("residual", [True, False])
+def test_attention_mix_in_bfloat16(triton_backend, rng, residual):
+    # bfloat16 m, t, dy (issue 14): computed in float32 as above, then one rounding to bfloat16 of
+    # each result, <= 2**-8 of it (bfloat16's unit roundoff) on top of the float32 bounds. Values
+    # below bfloat16's smallest normal (its exponent is float32's) match only absolutely, as above.
+    shape = (3, 7, 5, 67)
+    m = np.where(rng.random(shape) < 0.5, 3 * rng.standard_normal(shape), rng.uniform(-100, 100, shape))
+    m, t, dy = (a.astype(backend.BFLOAT16) for a in (m, rng.standard_normal(shape), rng.standard_normal(shape)))
+    y, saved = attention.attention_mix(backend.asarray(m), backend.asarray(t), residual=residual)
+    dm, dt = attention.attention_mix_backward(backend.asarray(dy), saved)
+    want_y, ref_saved = ref.attention_mix(m.astype(np.float64), t.astype(np.float64), residual=residual)
+    want_dm, want_dt = ref.attention_mix_backward(dy.astype(np.float64), ref_saved)
+    bf16_u = 2.0 ** -8
+    for name, got, want, atol in (("y", y, want_y, F32_TINY), ("dt", dt, want_dt, F32_TINY),
+                                  ("dm", dm, want_dm, ONE_MINUS_S_ATOL * np.abs(t.astype(np.float64) * dy) + F32_TINY)):
+        assert backend.to_numpy(got).dtype == backend.BFLOAT16, name
+        assert_close(got, want, rtol=RTOL + bf16_u, atol=atol, name=name)
+
+
+@pytest.mark.parametrize("residual", [True, False])
 def test_attention_mix_with_a_given_mask(triton_backend, rng, residual):
     # from_logits=False: the mask is used as it is (the channel / spatial attention ablations).
     shape = _random_nhwc_shape(rng)

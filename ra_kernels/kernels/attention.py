@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..backend import empty, empty_like
 from ..launch import device_function, kernel, launch
+from . import storage
 from .tiles import cdiv, channel_tile, FLAT_BLOCK, next_power_of_2
 
 CHANNEL_TILE_ELEMENTS = 2048   # channel attention: BLOCK_P * BLOCK_C, 16 float32 per thread
@@ -88,18 +89,19 @@ def _gate(s, OP: tl.constexpr):
 _MIX_VARIANTS = [("sigmoid", True)] + [(op, sig) for op in ("residual_mix", "naive_mix") for sig in (True, False)]
 
 
-@kernel(aot=[dict(x_ptr="*fp32", t_ptr="*fp32", y_ptr="*fp32", n="i32", OP=op, SIGMOID=sig, BLOCK_N=FLAT_BLOCK)
-             for op, sig in _MIX_VARIANTS])
+@kernel(aot=[dict(x_ptr=t, t_ptr=t, y_ptr=t, n="i32", OP=op, SIGMOID=sig, BLOCK_N=FLAT_BLOCK)
+             for op, sig in _MIX_VARIANTS for t in ("*fp32", "*bf16")])
 def sigmoid_mix_kernel(x_ptr, t_ptr, y_ptr, n, OP: tl.constexpr, SIGMOID: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     """y = sigmoid(x) (OP = "sigmoid", t unused) or y = gate(M) * t (the mixes), n elements.
 
     For the mixes x is the mask: M = sigmoid(x) in registers when SIGMOID, else M = x
-    (a mask the channel or spatial attention already computed); t is the trunk.
+    (a mask the channel or spatial attention already computed); t is the trunk. Arrays float32
+    or bfloat16, computed in float32 (kernels/storage.py).
     """
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = offs < n
-    x = tl.load(x_ptr + offs, mask=in_bounds)
+    x = tl.load(x_ptr + offs, mask=in_bounds).to(tl.float32)
     if SIGMOID:
         s, _ = _sigmoid_pair(x)
     else:
@@ -107,12 +109,12 @@ def sigmoid_mix_kernel(x_ptr, t_ptr, y_ptr, n, OP: tl.constexpr, SIGMOID: tl.con
     if OP == "sigmoid":
         y = s
     else:
-        y = _gate(s, OP) * tl.load(t_ptr + offs, mask=in_bounds)
-    tl.store(y_ptr + offs, y, mask=in_bounds)
+        y = _gate(s, OP) * tl.load(t_ptr + offs, mask=in_bounds).to(tl.float32)
+    storage.store(y_ptr + offs, y, in_bounds)
 
 
-@kernel(aot=[dict(dy_ptr="*fp32", x_ptr="*fp32", t_ptr="*fp32", dx_ptr="*fp32", dt_ptr="*fp32", n="i32",
-                  OP=op, SIGMOID=sig, BLOCK_N=FLAT_BLOCK) for op, sig in _MIX_VARIANTS])
+@kernel(aot=[dict(dy_ptr=t, x_ptr=t, t_ptr=t, dx_ptr=t, dt_ptr=t, n="i32", OP=op, SIGMOID=sig, BLOCK_N=FLAT_BLOCK)
+             for op, sig in _MIX_VARIANTS for t in ("*fp32", "*bf16")])
 def sigmoid_mix_backward_kernel(dy_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, OP: tl.constexpr,
                                 SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr):
     """Gradients of sigmoid_mix_kernel's OP, s recomputed from the saved x.
@@ -123,8 +125,8 @@ def sigmoid_mix_backward_kernel(dy_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, OP: tl.
     """
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = offs < n
-    x = tl.load(x_ptr + offs, mask=in_bounds)
-    dy = tl.load(dy_ptr + offs, mask=in_bounds)
+    x = tl.load(x_ptr + offs, mask=in_bounds).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=in_bounds).to(tl.float32)
     if SIGMOID:
         s, one_minus_s = _sigmoid_pair(x)
     else:
@@ -132,11 +134,11 @@ def sigmoid_mix_backward_kernel(dy_ptr, x_ptr, t_ptr, dx_ptr, dt_ptr, n, OP: tl.
     if OP == "sigmoid":
         ds = dy  # dL/ds
     else:
-        ds = dy * tl.load(t_ptr + offs, mask=in_bounds)
-        tl.store(dt_ptr + offs, dy * _gate(s, OP), mask=in_bounds)
+        ds = dy * tl.load(t_ptr + offs, mask=in_bounds).to(tl.float32)
+        storage.store(dt_ptr + offs, dy * _gate(s, OP), in_bounds)
     if SIGMOID:
         ds = ds * s * one_minus_s
-    tl.store(dx_ptr + offs, ds, mask=in_bounds)
+    storage.store(dx_ptr + offs, ds, in_bounds)
 
 
 def _flat_grid(a):
