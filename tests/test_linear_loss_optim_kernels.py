@@ -78,6 +78,27 @@ def test_linear_forward_backward(triton_backend, rng, n, n_in, n_out):
     _check_linear(*_linear_case(rng, n, n_in, n_out), input_eps=0.0)
 
 
+def test_linear_with_bfloat16_x(triton_backend, rng):
+    """bfloat16 x (global average pooling's output in bf16 training), float32 w, b and dy (the
+    logits stay float32 for the loss). The products with x take both operands in bfloat16: w
+    rounded as it loads in the forward, dy in the weight gradient, each exact in float32 then, so
+    against float64 from those rounded operands only the float32 sums remain (_product_bound).
+    dx = dy @ w^T multiplies float32 operands and is stored in x's type: one bfloat16 rounding more."""
+    x, w, b, dy = _linear_case(rng, 17, 33, 21)
+    x = x.astype(backend.BFLOAT16)
+    y, saved = linear_kernels.linear(*(backend.asarray(a) for a in (x, w, b)))
+    dx, dw, db = linear_kernels.linear_backward(backend.asarray(dy), saved)
+    assert (_host(y).dtype, _host(dx).dtype, _host(dw).dtype) == (np.float32, backend.BFLOAT16, np.float32)
+    x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
+    w_bf, dy_bf = (a.astype(backend.BFLOAT16).astype(np.float64) for a in (w, dy))
+    _assert_within(y, x64 @ w_bf + b64, _product_bound(x64, w_bf) + 2 * EPS * (np.abs(x64) @ np.abs(w_bf) + np.abs(b64)),
+                   "y")
+    want_dx = dy64 @ w64.T
+    _assert_within(dx, want_dx, 2.0 ** -8 * np.abs(want_dx) + _product_bound(dy64, w64.T), "dx")
+    _assert_within(dw, x64.T @ dy_bf, _product_bound(x64.T, dy_bf), "dw")
+    _assert_within(db, dy64.sum(0), (x.shape[0] + 1) * EPS * np.abs(dy64).sum(0), "db")
+
+
 @pytest.mark.parametrize("given", ["both", "dw", "db"])
 def test_linear_gradients_added_into_buffers(triton_backend, rng, given):
     """dw and db added into the optimizer's buffers (both in the wgrad kernel, one alone by an add)."""

@@ -1,7 +1,8 @@
 """The fully connected layer: one tiled matmul kernel for the forward and both weight products.
 
-Layouts: x (N, in), w (in, out), b (out,), y and dy (N, out); float32,
-C-contiguous, NumPy (interpret backend) or CuPy (cuda backend).
+Layouts: x (N, in), w (in, out), b (out,), y and dy (N, out); float32, C-contiguous, NumPy
+(interpret backend) or CuPy (cuda backend). x (and dx) may be bfloat16 (kernels/storage.py): the
+products then take both operands in bfloat16, while y, the logits, stay float32 for the loss.
 
 ``matmul_kernel`` computes C (M, N) = A (M, K) @ B (K, N) with A and B given by
 pointer and strides, so each of the three products is the same kernel:
@@ -34,11 +35,12 @@ BLOCK_N = 128 columns) and the wgrad reads dy four times (in = 256 is four
 BLOCK_M = 64 rows). Those re-reads are of dy, at most 25.6 kB, and hit L2.
 Offsets are int32: fine below 2**31 elements per operand.
 """
+import numpy as np
 import triton.language as tl
 
 from ..backend import empty, get_precision
 from ..launch import kernel, launch
-from . import elementwise
+from . import elementwise, storage
 from .tiles import cdiv, next_power_of_2
 
 # tl.dot needs every block dimension >= 16; the caps keep the float32
@@ -59,15 +61,16 @@ def _blocks(m, n, k):
 
 def _aot_specs():
     """The launches of the attention92 head at batch 64: out = 10 and 100 in TF32 (training, dw and
-    db added into the gradient buffers), out = 100 (the larger tiles) in IEEE too (the tests)."""
+    db added into the gradient buffers), out = 100 (the larger tiles) in IEEE too (the tests),
+    out = 10 with bfloat16 x (and so bfloat16 A of the forward and wgrad, and C of the dgrad)."""
     batch, n_in = 64, 256
     specs = []
-    for n_out in (10, 100):
-        for (m, n, k), epilogue in (((batch, n_out, n_in), "bias"),            # forward
-                                    ((batch, n_in, n_out), "none"),            # dgrad
-                                    ((n_in, n_out, batch), "b_column_sums")):  # wgrad + db
+    for n_out, x_type in ((10, "*fp32"), (100, "*fp32"), (10, "*bf16")):
+        for (m, n, k), epilogue, a, c in (((batch, n_out, n_in), "bias", x_type, "*fp32"),            # forward
+                                          ((batch, n_in, n_out), "none", "*fp32", x_type),            # dgrad
+                                          ((n_in, n_out, batch), "b_column_sums", x_type, "*fp32")):  # wgrad + db
             for precision in ("tf32", "ieee") if n_out == 100 else ("tf32",):
-                specs.append(dict(a_ptr="*fp32", b_ptr="*fp32", c_ptr="*fp32", vec_ptr="*fp32",
+                specs.append(dict(a_ptr=a, b_ptr="*fp32", c_ptr=c, vec_ptr="*fp32",
                                   M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32",
                                   stride_bk="i32", stride_bn="i32", EPILOGUE=epilogue, PRECISION=precision,
                                   ACCUMULATE=epilogue == "b_column_sums" and precision == "tf32",
@@ -102,15 +105,16 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, vec_ptr, M, N, K, stride_am, stride_ak, s
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_K]
         b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)   # [BLOCK_K, BLOCK_N]
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # both operands in A's storage type (kernels/storage.py): a bfloat16 x multiplies in bfloat16
+        acc = tl.dot(a, storage.to_type_of(b, a_ptr), acc, input_precision=PRECISION)
         if EPILOGUE == "b_column_sums":
-            col_sums += tl.sum(b, axis=0)
+            col_sums += tl.sum(b.to(tl.float32), axis=0)
     if EPILOGUE == "bias":
         acc += tl.load(vec_ptr + cols, mask=col_ok, other=0.0)[None, :]
     c_ptrs, c_ok = c_ptr + rows[:, None] * N + cols[None, :], row_ok[:, None] & col_ok[None, :]
     if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_ok)
-    tl.store(c_ptrs, acc, mask=c_ok)
+        acc += tl.load(c_ptrs, mask=c_ok).to(tl.float32)
+    storage.store(c_ptrs, acc, c_ok)
     if EPILOGUE == "b_column_sums":
         if pid_m == 0:  # every row of tiles computes the same sums; the first one stores them
             if ACCUMULATE:
@@ -118,14 +122,15 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, vec_ptr, M, N, K, stride_am, stride_ak, s
             tl.store(vec_ptr + cols, col_sums, mask=col_ok)
 
 
-def _matmul(a, a_strides, b, b_strides, m, n, k, epilogue="none", vec=None, into=None):
-    """C (m, n) = A @ B with A, B given by array and (row, column) strides in elements.
+def _matmul(a, a_strides, b, b_strides, m, n, k, epilogue="none", vec=None, into=None, dtype=np.float32):
+    """C (m, n) = A @ B with A, B given by array and (row, column) strides in elements; C of
+    ``dtype``.
 
     ``vec``: the bias for epilogue "bias", the output for the column sums of B
     for "b_column_sums". With ``into`` (an (m, n) array) C is added into it, and the column sums
     into vec, and ``into`` is returned.
     """
-    c = empty((m, n)) if into is None else into
+    c = empty((m, n), dtype) if into is None else into
     blocks = _blocks(m, n, k)
     grid = (cdiv(m, blocks["BLOCK_M"]), cdiv(n, blocks["BLOCK_N"]))
     launch(matmul_kernel, grid, a, b, c, c if vec is None else vec, m, n, k, *a_strides, *b_strides,
@@ -148,7 +153,7 @@ def linear_backward(dy, saved, dw_into=None, db_into=None):
     one given alone gets its gradient added by an elementwise kernel."""
     x, w = saved
     (n, n_in), n_out = x.shape, w.shape[1]
-    dx = _matmul(dy, (n_out, 1), w, (1, n_out), n, n_in, n_out)
+    dx = _matmul(dy, (n_out, 1), w, (1, n_out), n, n_in, n_out, dtype=x.dtype)
     if dw_into is not None and db_into is not None:
         dw = _matmul(x, (1, n_in), dy, (n_out, 1), n_in, n_out, n, "b_column_sums", db_into, into=dw_into)
         return dx, dw, db_into
