@@ -165,6 +165,35 @@ def test_channel_attention(triton_backend, rng, shape):
     assert np.all(backend.to_numpy(y)[0, 0, 0] == 0)
 
 
+def test_channel_and_spatial_attention_in_bfloat16(triton_backend, rng):
+    # bfloat16 x and dy (issue 14): computed in float32 as in the tests above, then one rounding of
+    # y and dx to bfloat16, <= 2**-8 of each value (bfloat16's unit roundoff) on top of their bounds.
+    shape, bf16_u = (2, 5, 7, 67), 2.0 ** -8
+    stats_shape = (shape[0], 1, 1, shape[3])
+    x = (rng.standard_normal(shape) * rng.uniform(0.5, 3, stats_shape)).astype(backend.BFLOAT16)
+    dy = rng.standard_normal(shape).astype(backend.BFLOAT16)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+
+    y, saved = attention.channel_attention(backend.asarray(x))
+    (dx,) = attention.channel_attention_backward(backend.asarray(dy), saved)
+    want_y, (y64, norm) = ref.channel_attention(x64)
+    (want_dx,) = ref.channel_attention_backward(dy64, (y64, norm))
+    terms = (np.abs(dy64) + np.abs(y64) * np.abs(dy64 * y64).sum(-1, keepdims=True)) / norm
+    assert_close(y, want_y, rtol=RTOL + bf16_u, name="channel y")
+    assert_close(dx, want_dx, rtol=bf16_u, atol=RTOL * terms, name="channel dx")
+
+    y, saved = attention.spatial_attention(backend.asarray(x))
+    (dx,) = attention.spatial_attention_backward(backend.asarray(dy), saved)
+    want_y, ref_saved = ref.spatial_attention(x64)
+    (want_dx,) = ref.spatial_attention_backward(dy64, ref_saved)
+    z, rstd, _ = ref_saved
+    terms = rstd * np.abs(dy64).max((1, 2), keepdims=True) * (1 + np.abs(z)) / 2
+    assert_close(y, want_y, rtol=bf16_u, atol=1e-6, name="spatial y")
+    assert_close(dx, want_dx, rtol=RTOL + bf16_u, atol=RTOL * terms, name="spatial dx")
+    for out in (y, dx):
+        assert backend.to_numpy(out).dtype == backend.BFLOAT16
+
+
 # --------------------------------------------------------------------------- spatial attention
 
 def _check_spatial(x, dy, y_atol, dx_rtol):

@@ -1,6 +1,7 @@
 """Attention activations: sigmoid, the attention mix (1 + sigmoid(m)) * t, channel (f2) and spatial (f3) attention.
 
-Arrays are float32, C-contiguous, NumPy (interpret backend) or CuPy (cuda
+Arrays are float32 or bfloat16 (activations; computed in float32, kernels/storage.py; the
+spatial statistics stay float32), C-contiguous, NumPy (interpret backend) or CuPy (cuda
 backend). sigmoid and attention_mix take any shape (flat 1-D sweep in
 ``BLOCK_N``-element tiles, as in ``elementwise.py``); channel and spatial
 attention take NHWC ``(N, H, W, C)`` and tile ``[BLOCK_P positions x BLOCK_C
@@ -200,9 +201,10 @@ def attention_mix_backward(dy, saved):
 
 # --------------------------------------------------------------------------- channel attention (f2)
 
-@kernel(aot=[dict(x_ptr="*fp32", dy_ptr="*fp32", out_ptr="*fp32", n_pos="i32", C="i32", eps="fp32",
+@kernel(aot=[dict(x_ptr=t, dy_ptr=t, out_ptr=t, n_pos="i32", C="i32", eps="fp32",
                   BACKWARD=backward, BLOCK_P=CHANNEL_TILE_ELEMENTS // block_c, BLOCK_C=block_c)
-             for backward in (False, True) for block_c in (64, 128, 256, 1024)])
+             for backward in (False, True)
+             for block_c, t in ((64, "*fp32"), (128, "*fp32"), (256, "*fp32"), (1024, "*fp32"), (64, "*bf16"))])
 def channel_attention_kernel(x_ptr, dy_ptr, out_ptr, n_pos, C, eps, BACKWARD: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """f2 over each row of x (n_pos, C) (NHWC with N, H, W flattened), BLOCK_C >= C.
@@ -218,18 +220,18 @@ def channel_attention_kernel(x_ptr, dy_ptr, out_ptr, n_pos, C, eps, BACKWARD: tl
     ch = tl.arange(0, BLOCK_C)
     mask = (pos < n_pos)[:, None] & (ch < C)[None, :]
     offs = pos[:, None] * C + ch[None, :]                     # [BLOCK_P, BLOCK_C]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)           # padding is 0: adds nothing to the sums
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # padding is 0: adds nothing to the sums
     largest = tl.max(_abs_of_numbers(x), axis=1)              # [BLOCK_P]
     inv_p = _inverse_scale(largest)
     scaled = x * inv_p[:, None]
     root = tl.sqrt_rn(tl.sum(scaled * scaled, axis=1) + eps * inv_p * inv_p)[:, None]
     y = tl.div_rn(scaled, root)
     if BACKWARD:
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = tl.div_rn((dy - y * tl.sum(dy * y, axis=1)[:, None]) * inv_p[:, None], root)
     else:
         out = y
-    tl.store(out_ptr + offs, out, mask=mask)
+    storage.store(out_ptr + offs, out, mask)
 
 
 def _channel_attention_run(x, dy, eps, backward):
@@ -277,15 +279,15 @@ def _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P: tl.constexpr):
 @device_function
 def _spatial_dz(dy_ptr, x_ptr, offs, mask, mean, rstd):
     """z = (x - mean) * rstd and dz = dy * s * (1 - s), s = sigmoid(z), on one tile; dz = 0 off the mask."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z = (x - mean[None, :]) * rstd[None, :]
     s, one_minus_s = _sigmoid_pair(z)
     return z, dy * s * one_minus_s
 
 
-@kernel(aot=[dict(x_ptr="*fp32", y_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", n_hw="i32", C="i32",
-                  eps="fp32", BLOCK_P=SPATIAL_BLOCK_P, BLOCK_C=SPATIAL_BLOCK_C)])
+@kernel(aot=[dict(x_ptr=t, y_ptr=t, mean_ptr="*fp32", rstd_ptr="*fp32", n_hw="i32", C="i32",
+                  eps="fp32", BLOCK_P=SPATIAL_BLOCK_P, BLOCK_C=SPATIAL_BLOCK_C) for t in ("*fp32", "*bf16")])
 def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = sigmoid((x - mean) * rstd) for x, y (N, n_hw, C); writes mean and rstd (N, C).
@@ -302,12 +304,12 @@ def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
     sample_base = sample * n_hw * C
     # The sums run over x - shift, shift = x at the sample's first position (a value within a
     # few std of the mean): their rounding then scales with the std, not with |mean|.
-    shift = tl.load(x_ptr + sample_base + ch, mask=ch_in, other=0.0)  # [BLOCK_C]
+    shift = tl.load(x_ptr + sample_base + ch, mask=ch_in, other=0.0).to(tl.float32)  # [BLOCK_C]
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)  # per-lane partial sums: short float32 chains
     far = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)  # per-lane max |x - shift|
     for hw_start in range(0, n_hw, BLOCK_P):
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
-        shifted = tl.where(mask, tl.load(x_ptr + offs, mask=mask) - shift[None, :], 0.0)
+        shifted = tl.where(mask, tl.load(x_ptr + offs, mask=mask).to(tl.float32) - shift[None, :], 0.0)
         acc += shifted
         far = tl.maximum(far, _abs_of_numbers(shifted))
     mean = shift + tl.div_rn(tl.sum(acc, axis=0), tl.cast(n_hw, tl.float32))  # [BLOCK_C]
@@ -316,7 +318,7 @@ def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for hw_start in range(0, n_hw, BLOCK_P):
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
-        deviation = tl.where(mask, tl.load(x_ptr + offs, mask=mask) - mean[None, :], 0.0) * inv_p[None, :]
+        deviation = tl.where(mask, tl.load(x_ptr + offs, mask=mask).to(tl.float32) - mean[None, :], 0.0) * inv_p[None, :]
         acc += deviation * deviation
     scaled_var = tl.div_rn(tl.sum(acc, axis=0), tl.cast(n_hw, tl.float32))
     rstd = inv_p * tl.div_rn(1.0, tl.sqrt_rn(scaled_var + eps * inv_p * inv_p))
@@ -324,12 +326,12 @@ def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
     tl.store(rstd_ptr + sample * C + ch, rstd, mask=ch_in)
     for hw_start in range(0, n_hw, BLOCK_P):
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
-        s, _ = _sigmoid_pair((tl.load(x_ptr + offs, mask=mask) - mean[None, :]) * rstd[None, :])
-        tl.store(y_ptr + offs, s, mask=mask)
+        s, _ = _sigmoid_pair((tl.load(x_ptr + offs, mask=mask).to(tl.float32) - mean[None, :]) * rstd[None, :])
+        storage.store(y_ptr + offs, s, mask)
 
 
-@kernel(aot=[dict(dy_ptr="*fp32", x_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", dx_ptr="*fp32",
-                  n_hw="i32", C="i32", BLOCK_P=SPATIAL_BLOCK_P, BLOCK_C=SPATIAL_BLOCK_C)])
+@kernel(aot=[dict(dy_ptr=t, x_ptr=t, mean_ptr="*fp32", rstd_ptr="*fp32", dx_ptr=t,
+                  n_hw="i32", C="i32", BLOCK_P=SPATIAL_BLOCK_P, BLOCK_C=SPATIAL_BLOCK_C) for t in ("*fp32", "*bf16")])
 def spatial_attention_backward_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, dx_ptr, n_hw, C,
                                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = rstd * (dz - mean(dz) - z * mean(dz * z)) for dy, x, dx (N, n_hw, C), means over n_hw.
@@ -357,7 +359,7 @@ def spatial_attention_backward_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, dx_ptr,
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
         z, dz = _spatial_dz(dy_ptr, x_ptr, offs, mask, mean, rstd)
         dx = rstd[None, :] * (dz - mean_dz[None, :] - z * mean_dz_z[None, :])
-        tl.store(dx_ptr + offs, dx, mask=mask)
+        storage.store(dx_ptr + offs, dx, mask)
 
 
 def _spatial_grid_and_blocks(x):
