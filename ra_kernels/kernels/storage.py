@@ -19,8 +19,8 @@ def round_to_bfloat16(x):
 
     On the bits: add 0x7FFF plus the lowest kept bit, then drop the low 16 bits. A carry out of
     the mantissa steps the exponent, and the largest finite values round to infinity, as IEEE
-    rounding does; infinities stay, and a NaN stays a NaN (its high mantissa bits are kept,
-    and the add cannot carry past them into the sign).
+    rounding does; infinities stay. A NaN is not rounded (the add could carry its all-ones
+    mantissa into the sign bit) but truncated with its quiet bit set, so it stays a NaN.
     """
     bits = x.to(tl.uint32, bitcast=True)
     rounded = bits + (0x7FFF + ((bits >> 16) & 1))
