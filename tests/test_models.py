@@ -162,9 +162,11 @@ def test_tiny_network_kernels_match_numpy_backend(triton_backend, rng, variant, 
     Both run in float32 (IEEE products), so both are measured against the numpy backend in
     float64 on the same instance: the kernels must be as accurate as float32 reference
     arithmetic is there, error <= 10 x the numpy float32 error + 1e-5 of the scale. A wrong
-    kernel or wiring gives errors of the order of the values themselves.
+    kernel or wiring gives errors of the order of the values themselves. The images are 16x16
+    (every layer and mask level still there, the deepest mask at 2x2): at 32x32 the interpreter
+    took about 100 s per variant, and the suite has to stay under 10 minutes on 2 cores.
 
-    Kinks: the tiny network has ~300k ReLU inputs, and the one nearest zero typically lies
+    Kinks (measured at 32x32, ~300k ReLU inputs; 16x16 has a quarter): the one nearest zero typically lies
     1e-6 (sometimes 1e-7) from it, within float32's rounding of a pre-activation. Measured
     over 40 batches per variant, float32 NumPy puts some ReLU input on the other side of zero
     than float64 in 30-60% of them, and the kernels do too (CI once: seed 2524011824, 3.3e-7
@@ -178,7 +180,7 @@ def test_tiny_network_kernels_match_numpy_backend(triton_backend, rng, variant, 
     """
     state = tiny(**variant).state_dict()
     for draw in range(5):
-        x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+        x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
         labels = rng.integers(0, 5, 2)
         kernels, kinks = _outputs(tiny(**variant).load_state_dict(state), x, labels, monkeypatch)
         with backend.use_backend("numpy"):
