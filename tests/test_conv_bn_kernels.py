@@ -31,7 +31,7 @@ import pytest
 import reference as ref
 from ra_kernels import backend
 from ra_kernels import functional as F
-from ra_kernels.kernels import batchnorm, conv
+from ra_kernels.kernels import batchnorm, conv, elementwise
 
 IEEE_RTOL = 1e-5
 BF16_U, F32_U = 2.0 ** -8, 2.0 ** -24  # unit roundoffs: one rounding is off by at most u relative
@@ -422,6 +422,61 @@ def _chain_inputs(rng, x_shape, w_shapes, strides, band, beta_offset=0.0, input_
             h = ref.conv_bn_relu(*args, relu=True)[0]
         if all(np.abs(pre).min() >= band * np.abs(pre).max() for pre in pre_activations):
             return x, params, layers
+
+
+def test_conv_chain_in_bfloat16_agrees_with_its_ops(triton_backend, rng):
+    """A whole pre-activation unit in bfloat16 (input batch norm, three convs, x added) against the
+    same unit op by op on the bfloat16 kernels each tested above: batch_norm, conv_bn_relu twice,
+    conv2d, add. The two paths round at the same points: an activation the chain makes as a conv
+    loads it is rounded to bfloat16 for the product as the op-by-op path rounds it for storage,
+    so z, the statistics and the ReLU masks agree bit for bit. They differ only where the chain
+    rounds once (x added in the conv's epilogue, dy added to the input batch norm's dx) and the
+    op-by-op path twice, <= BF16_U of the value, and in the float32 summation order of the batch
+    norms' backward sums, which may move a dz across a bfloat16 rounding boundary (another
+    BF16_U of a product's size, rarely). So each output within 2 BF16_U of its largest value
+    plus the float32 bound; a wrong statistic, mask or operand is off by far more."""
+    w_shapes, layers = [(1, 1, 12, 4), (3, 3, 4, 4), (1, 1, 4, 12)], ((1, 0), (1, 1), (1, 0))
+    x = f32(rng, (2, 5, 6, 12)).astype(backend.BFLOAT16)
+    params = []
+    for i, shape in enumerate(w_shapes + [(1, 1, 1, 12)]):
+        if i < 3:
+            params.append(f32(rng, shape))
+        if i != 2:
+            params += list(bn_params(rng, shape[-1]))
+    chain_args = on_backend(x, *[p.copy() for p in params])
+    y, _, saved = conv.conv_chain(*chain_args, layers=layers, input_bn=True, residual=True)
+
+    ops_args = on_backend(x, *[p.copy() for p in params])
+    xb, (w1, g1, b1, m1, v1, w2, g2, b2, m2, v2, w3, g0, b0, m0, v0) = ops_args[0], ops_args[1:]
+    a0, _, _, s0 = batchnorm.batch_norm(xb, g0, b0, m0, v0, True, 0.1, 1e-5, True)
+    a1, _, _, s1 = conv.conv_bn_relu(a0, w1, g1, b1, m1, v1, 1, 0, True, 0.1, 1e-5, True)
+    a2, _, _, s2 = conv.conv_bn_relu(a1, w2, g2, b2, m2, v2, 1, 1, True, 0.1, 1e-5, True)
+    z3, s3 = conv.conv2d(a2, w3, 1, 0)
+    y_ops, _ = elementwise.add(z3, xb)
+
+    def agree(name, got, want):
+        got, want = (backend.to_numpy(a).astype(np.float64) for a in (got, want))
+        bound = (2 * BF16_U + IEEE_RTOL) * np.abs(want).max()
+        assert np.abs(got - want).max() <= bound, f"{name}: {np.abs(got - want).max():.3g} > {bound:.3g}"
+
+    agree("y", y, y_ops)
+    for j in (0, 1, 2):  # running statistics: chain_args and ops_args hold them at the same places
+        agree(f"running_mean {j}", chain_args[5 * j + 4], ops_args[5 * j + 4])
+        agree(f"running_var {j}", chain_args[5 * j + 5], ops_args[5 * j + 5])
+
+    dy = backend.asarray(f32(rng, y.shape).astype(backend.BFLOAT16))
+    dx, *grads, _ = conv.conv_chain_backward(dy, saved)
+    dz3, dw3 = conv.conv2d_backward(dy, s3)
+    da1, dw2, dg2, db2 = conv.conv_bn_relu_backward(dz3, s2)
+    da0, dw1, dg1, db1 = conv.conv_bn_relu_backward(da1, s1)
+    dx0, dg0, db0 = batchnorm.batch_norm_backward(da0, s0)
+    dx_ops, _ = elementwise.add(dx0, dy)
+    agree("dx", dx, dx_ops)
+    for name, j, want in (("dw1", 0, dw1), ("dgamma1", 1, dg1), ("dbeta1", 2, db1), ("dw2", 5, dw2),
+                          ("dgamma2", 6, dg2), ("dbeta2", 7, db2), ("dw3", 10, dw3), ("dgamma0", 11, dg0),
+                          ("dbeta0", 12, db0)):
+        agree(name, grads[j], want)
+    assert_counters_released()
 
 
 @pytest.mark.parametrize("into", [False, True], ids=["new", "into_buffers"])
