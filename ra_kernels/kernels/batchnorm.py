@@ -204,8 +204,8 @@ def finalize_sums(partials_ptr, sums_ptr, dgamma_ptr, dbeta_ptr, ch, ch_ok, C, T
     tl.store(sums_ptr + ch, first, mask=ch_ok)
     tl.store(sums_ptr + C + ch, second, mask=ch_ok)
     if ADD_INTO:
-        tl.store(dbeta_ptr + ch, tl.load(dbeta_ptr + ch, mask=ch_ok) + first, mask=ch_ok)
-        tl.store(dgamma_ptr + ch, tl.load(dgamma_ptr + ch, mask=ch_ok) + second, mask=ch_ok)
+        storage.store_or_add(dbeta_ptr + ch, first, ch_ok, True)
+        storage.store_or_add(dgamma_ptr + ch, second, ch_ok, True)
 
 
 @device_function
@@ -328,12 +328,10 @@ def bn_apply_kernel(x_ptr, dy_ptr, stats_ptr, sums_ptr, inv_count, add_ptr, out_
                                RELU)
         if ADD:
             out += tl.load(add_ptr + offs, mask=ok).to(tl.float32)
-        if ACCUMULATE:
-            out += tl.load(out_ptr + offs, mask=ok).to(tl.float32)
     else:
         _, _, scale, shift = load_stats(stats_ptr, ch[None, :], ch_ok, C)
         out = affine_relu(tl.load(x_ptr + offs, mask=ok).to(tl.float32), scale, shift, RELU)
-    storage.store(out_ptr + offs, out, ok)
+    storage.store_or_add(out_ptr + offs, out, ok, ACCUMULATE)
 
 
 # --------------------------------------------------------------------------- launch helpers (also used by conv.py)

@@ -138,15 +138,6 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, pre_stat
     return acc
 
 
-@device_function
-def _store_gradient(ptrs, ok, value, ACCUMULATE: tl.constexpr):
-    """Store a gradient tile in the pointers' type, or add it into what is there (ACCUMULATE: a
-    gradient buffer); returns what was stored, as float32."""
-    if ACCUMULATE:
-        value += tl.load(ptrs, mask=ok).to(tl.float32)
-    return storage.store(ptrs, value, ok)
-
-
 # --------------------------------------------------------------------------- kernels
 
 _F32, _BF16, _I32 = "*fp32", "*bf16", "i32"
@@ -273,7 +264,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     cols_ok = cols < C_in
     ok = (m < M)[:, None] & cols_ok[None, :]
     offs = m[:, None] * C_in + cols[None, :]
-    dx = _store_gradient(dx_ptr + offs, ok, dx, ACCUMULATE)
+    dx = storage.store_or_add(dx_ptr + offs, dx, ok, ACCUMULATE)
     if INPUT_SUMS:
         mean, rstd, scale, shift = bn.load_stats(in_stats_ptr, cols[None, :], cols_ok[None, :], C_in)
         in_z = tl.load(in_z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -341,9 +332,9 @@ def conv2d_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, partials_ptr, counters_ptr, pre_s
             total = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
             for s in range(0, splits):
                 total += tl.load(partials_ptr + s * K * C_out + dw_offs, mask=dw_ok, other=0.0, cache_modifier=".cg")
-            _store_gradient(dw_ptr + dw_offs, dw_ok, total, ACCUMULATE)
+            storage.store_or_add(dw_ptr + dw_offs, total, dw_ok, ACCUMULATE)
     else:
-        _store_gradient(dw_ptr + dw_offs, dw_ok, acc, ACCUMULATE)
+        storage.store_or_add(dw_ptr + dw_offs, acc, dw_ok, ACCUMULATE)
 
 
 # --------------------------------------------------------------------------- tile tables

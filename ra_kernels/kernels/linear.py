@@ -112,14 +112,10 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, vec_ptr, M, N, K, stride_am, stride_ak, s
     if EPILOGUE == "bias":
         acc += tl.load(vec_ptr + cols, mask=col_ok, other=0.0)[None, :]
     c_ptrs, c_ok = c_ptr + rows[:, None] * N + cols[None, :], row_ok[:, None] & col_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_ok).to(tl.float32)
-    storage.store(c_ptrs, acc, c_ok)
+    storage.store_or_add(c_ptrs, acc, c_ok, ACCUMULATE)
     if EPILOGUE == "b_column_sums":
         if pid_m == 0:  # every row of tiles computes the same sums; the first one stores them
-            if ACCUMULATE:
-                col_sums += tl.load(vec_ptr + cols, mask=col_ok)
-            tl.store(vec_ptr + cols, col_sums, mask=col_ok)
+            storage.store_or_add(vec_ptr + cols, col_sums, col_ok, ACCUMULATE)
 
 
 def _matmul(a, a_strides, b, b_strides, m, n, k, epilogue="none", vec=None, into=None, dtype=np.float32):

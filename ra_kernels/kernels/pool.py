@@ -112,10 +112,7 @@ def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in
             mask = tile_mask & ok[:, None]
             hit = tl.load(argmax_ptr + win, mask=mask, other=-1) == (kh * KSIZE + kw)[:, None]
             acc += tl.load(dy_ptr + win, mask=mask & hit, other=0.0).to(tl.float32)
-    dx_offs = pos[:, None] * C + chan[None, :]
-    if ACCUMULATE:
-        acc += tl.load(dx_ptr + dx_offs, mask=tile_mask).to(tl.float32)
-    storage.store(dx_ptr + dx_offs, acc, tile_mask)
+    storage.store_or_add(dx_ptr + pos[:, None] * C + chan[None, :], acc, tile_mask, ACCUMULATE)
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):

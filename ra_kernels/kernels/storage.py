@@ -51,3 +51,12 @@ def store(ptrs, value, mask):
     stored = to_type_of(value, ptrs)
     tl.store(ptrs, stored, mask=mask)
     return stored.to(tl.float32)
+
+
+@device_function
+def store_or_add(ptrs, value, mask, ACCUMULATE: tl.constexpr):
+    """:func:`store`, or with ACCUMULATE add ``value`` into what ``ptrs`` hold first (a gradient
+    buffer, or the gradient of a tensor's other consumer); returns what was stored, as float32."""
+    if ACCUMULATE:
+        value += tl.load(ptrs, mask=mask).to(tl.float32)
+    return store(ptrs, value, mask)
