@@ -375,29 +375,14 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, resi
                              f"the last None; layer {i} has {'none' if bn is None else 'one'}")
         args.append(w)
         if not last:
-            if not isinstance(bn, (list, tuple)) or len(bn) != 4:
-                raise ValueError(f"{op}: layer {i} bn must be (gamma, beta, running_mean, running_var), got {bn!r}")
-            _check_channel_params(op, cout, dtype, gamma=bn[0], beta=bn[1], running_mean=bn[2], running_var=bn[3])
-            if shape[0] * shape[1] * shape[2] < 2:
-                raise ValueError(f"{op}: layer {i}'s batch norm needs more than 1 value per channel to normalise by "
-                                 f"their variance, got {shape[0] * shape[1] * shape[2]}")
-            args += [bn[0], bn[1], _data(bn[2]), _data(bn[3])]
+            args += _chain_norm(op, f"layer {i} bn", f"layer {i}'s", bn, shape, dtype)
         shapes.append((stride, padding))
         channels = cout
     if input_bn is not None:
-        if not isinstance(input_bn, (list, tuple)) or len(input_bn) != 4:
-            raise ValueError(f"{op}: input_bn must be (gamma, beta, running_mean, running_var), got {input_bn!r}")
-        x_shape = _data(x).shape
-        _check_channel_params(op, x_shape[3], dtype, gamma=input_bn[0], beta=input_bn[1],
-                              running_mean=input_bn[2], running_var=input_bn[3])
-        if x_shape[0] * x_shape[1] * x_shape[2] < 2:
-            raise ValueError(f"{op}: the input's batch norm needs more than 1 value per channel to normalise by "
-                             f"their variance, got {x_shape[0] * x_shape[1] * x_shape[2]}")
-        args += [input_bn[0], input_bn[1], _data(input_bn[2]), _data(input_bn[3])]
+        args += _chain_norm(op, "input_bn", "the input's", input_bn, _data(x).shape, dtype)
     momentum = _check_float(op, "momentum", momentum, 0.0, 1.0)
     eps = _check_float(op, "eps", eps, 0.0, float("inf"), low_open=True)
-    if not isinstance(residual, (bool, np.bool_)):
-        raise ValueError(f"{op}: residual must be True or False, got {residual!r}")
+    residual = _check_flag(op, "residual", residual)
     if residual and skip is not None:
         raise ValueError(f"{op}: give skip or residual (which adds x itself), not both")
     if residual and tuple(_data(x).shape) != shape:
@@ -408,7 +393,19 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, resi
         if tuple(_data(skip).shape) != shape:
             raise ValueError(f"{op}: skip must have the output's shape {shape}, got {tuple(_data(skip).shape)}")
     return _ConvChain.apply(*args, skip, layers=tuple(shapes), momentum=momentum, eps=eps,
-                            input_bn=input_bn is not None, residual=bool(residual))
+                            input_bn=input_bn is not None, residual=residual)
+
+
+def _chain_norm(op, name, whose, bn, shape, dtype):
+    """The four arrays of one of conv_chain's batch norms, ``bn`` = (gamma, beta, running_mean,
+    running_var), checked against the NHWC ``shape`` it normalises."""
+    if not isinstance(bn, (list, tuple)) or len(bn) != 4:
+        raise ValueError(f"{op}: {name} must be (gamma, beta, running_mean, running_var), got {bn!r}")
+    _check_channel_params(op, shape[3], dtype, gamma=bn[0], beta=bn[1], running_mean=bn[2], running_var=bn[3])
+    if shape[0] * shape[1] * shape[2] < 2:
+        raise ValueError(f"{op}: {whose} batch norm needs more than 1 value per channel to normalise by their "
+                         f"variance, got {shape[0] * shape[1] * shape[2]}")
+    return [bn[0], bn[1], _data(bn[2]), _data(bn[3])]
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):

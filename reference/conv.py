@@ -109,7 +109,7 @@ def conv_chain_backward(dy, saved, need_dx=True, into=None, dx_into=None):
     saved, input_saved, has_skip, residual = saved
     dskip, dout = (dy if has_skip else None), dy
     n = len(saved)
-    n_params = 5 * n - 4 + (4 if input_saved else 0)
+    n_params = 5 * n - 4 + (4 if input_saved is not None else 0)
     into = into or (None,) * n_params
     grads = [None] * n_params
     for i in reversed(range(n)):
