@@ -27,9 +27,9 @@ import ml_dtypes
 import numpy as np
 
 BACKENDS = ("cuda", "interpret", "numpy")
-PRECISIONS = ("tf32", "ieee")
-#: bfloat16 storage (activations, later): ml_dtypes' NumPy type, which Triton reads as bf16 and
-#: CuPy 14 accepts too. Kernels compute in float32 (kernels/storage.py).
+PRECISIONS = ("tf32", "ieee", "bf16")
+#: bfloat16 storage of activations (precision "bf16"): ml_dtypes' NumPy type, which Triton reads as
+#: bf16 and CuPy 14 accepts too. Kernels compute in float32 (kernels/storage.py).
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 _selected = {"backend": None, "precision": "tf32", "poison": False}
@@ -143,20 +143,34 @@ def xp():
 # --------------------------------------------------------------------------- precision
 
 def get_precision() -> str:
-    """Input precision of float32 matrix products in kernels: 'tf32' (default) or 'ieee'."""
+    """The precision ops run at: 'tf32' (default), 'ieee' or 'bf16' (see :func:`set_precision`)."""
     return _selected["precision"]
 
 
 def set_precision(precision: str) -> str:
-    """Select 'tf32' or 'ieee' float32 matrix products; returns the previous setting.
+    """Select the precision of the kernels; returns the previous setting.
 
-    Accumulation is float32 either way. The numpy backend always computes in the
-    arrays' own precision and ignores this setting.
+    * ``"tf32"``: float32 storage, float32 matrix products with TF32 inputs (the default).
+    * ``"ieee"``: float32 storage, float32 matrix products in full float32.
+    * ``"bf16"``: activations and their gradients stored as bfloat16, matrix products with
+      bfloat16 inputs; parameters, their gradients, batch-norm statistics, logits, the loss and
+      the optimizer stay float32 (docs/design.md §8). The cuda and interpret backends only.
+
+    Accumulation is float32 always. The numpy backend computes in the arrays' own precision
+    (float32 or float64) and ignores "tf32"; "bf16" is refused there, by the first op that
+    would store a bfloat16 activation.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     previous, _selected["precision"] = _selected["precision"], precision
     return previous
+
+
+def dot_precision() -> str:
+    """tl.dot's ``input_precision`` for float32 operands under the current precision: "ieee" or
+    "tf32". Under "bf16" the operands are bfloat16 and this setting does not apply to them; the
+    few float32 products left (none in the network) take TF32."""
+    return "ieee" if _selected["precision"] == "ieee" else "tf32"
 
 
 @contextlib.contextmanager

@@ -6,8 +6,9 @@ interpret backends it runs the Triton kernels of ``ra_kernels.kernels``. The
 backend is fixed per call at forward time, and backward follows it.
 
 Arguments are Tensors or raw arrays of the current backend (a raw array is a
-constant: it gets no gradient). Activations are NHWC float32 C-contiguous; the
-numpy backend also takes float64, for gradient checks. Bad input raises a
+constant: it gets no gradient). Activations are NHWC C-contiguous, float32 or (precision
+"bf16", cuda and interpret only) bfloat16; parameters and statistics are float32; the numpy
+backend also takes float64 throughout, for gradient checks (the rule: ``_check_array``). Bad input raises a
 ValueError or TypeError naming the op, the argument, what it got and what it
 expected, before anything runs. That includes an empty array (a zero-size
 dimension: batch 0, H or W 0, no channels), refused alike on every backend, since
@@ -25,7 +26,7 @@ import reference as ref
 
 from . import autograd
 from .autograd import Function, Tensor
-from .backend import check_array, choose, empty_like, get_backend
+from .backend import BFLOAT16, check_array, choose, empty_like, get_backend, get_precision
 from .kernels import attention as attention_kernels
 from .kernels import batchnorm as batchnorm_kernels
 from .kernels import conv as conv_kernels
@@ -43,22 +44,42 @@ def _data(a):
     return a.data if isinstance(a, Tensor) else a
 
 
-_FLOAT32, _FLOATS_ON_NUMPY = (np.dtype(np.float32),), (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
-def _check_array(op, name, a, ndim=None, layout=None, dtype=None):
+def _activation_types():
+    """The types activations may be stored as on the current backend."""
+    return (_FLOAT32, _FLOAT64) if get_backend() == "numpy" else (_FLOAT32, BFLOAT16)
+
+
+def _names(dtypes):
+    return " or ".join(d.name for d in dtypes)
+
+
+def _bfloat16_hint(dtype):
+    return ("; bfloat16 (precision 'bf16') runs on the cuda and interpret backends"
+            if get_backend() == "numpy" and dtype == BFLOAT16 else "")
+
+
+def _check_array(op, name, a, ndim=None, layout=None, dtype=None, activation=True):
     """Check one array argument; return its float dtype.
 
-    ``dtype``: the dtype the op's other float arguments already have, if any.
+    The storage rule (docs/design.md §8): on the cuda and interpret backends activations
+    (``activation``) are float32 or bfloat16, and everything else (parameters, batch-norm
+    statistics, logits) float32; the numpy backend takes float32 or float64 throughout.
+    ``dtype``: the dtype of the op's activations, when already known: another activation must
+    have it, and a non-activation must have its parameter type (float32 beside bfloat16).
     """
     a = check_array(op, name, _data(a), also=" or a Tensor")
-    backend = get_backend()
-    allowed = _FLOATS_ON_NUMPY if backend == "numpy" else _FLOAT32
+    allowed = _activation_types() if activation or get_backend() == "numpy" else (_FLOAT32,)
     if a.dtype not in allowed:  # dtype equality, not dtype.name: the name is built at each call
-        raise TypeError(f"{op}: {name} must be {' or '.join(d.name for d in allowed)} on the {backend} backend, "
-                        f"got {a.dtype.name}")
-    if dtype is not None and a.dtype != dtype:
-        raise TypeError(f"{op}: {name} is {a.dtype.name} but the other inputs are {dtype.name}")
+        raise TypeError(f"{op}: {name} must be {_names(allowed)} on the {get_backend()} backend, "
+                        f"got {a.dtype.name}{_bfloat16_hint(a.dtype)}")
+    if dtype is not None:
+        expected = _FLOAT32 if not activation and dtype == BFLOAT16 else dtype
+        if a.dtype != expected:
+            raise TypeError(f"{op}: {name} is {a.dtype.name} but must be {expected.name}, since the "
+                            f"{'other inputs are' if activation else 'activations are'} {dtype.name}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D {layout or ''}, got shape {tuple(a.shape)}")
     if a.size == 0:
@@ -107,7 +128,7 @@ def _check_nhwc(op, x):
 
 def _check_channel_params(op, c, dtype, **params):
     for name, p in params.items():
-        _check_array(op, name, p, 1, "(C,)", dtype)
+        _check_array(op, name, p, 1, "(C,)", dtype, activation=False)
         if _data(p).shape[0] != c:
             raise ValueError(f"{op}: {name} has {_data(p).shape[0]} channels, x has {c}")
 
@@ -234,6 +255,7 @@ _AttentionMix = _op("attention_mix", attention_kernels)
 _ChannelAttention = _op("channel_attention", attention_kernels)
 _SpatialAttention = _op("spatial_attention", attention_kernels)
 _Add = _op("add", elementwise)
+_Cast = _op("cast", elementwise)
 _Relu = _op("relu", elementwise)
 _GlobalAvgPool = _op("global_avg_pool", pool_kernels)
 _Linear = _op("linear", linear_kernels, grads_into={"dw_into": 1, "db_into": 2})
@@ -279,7 +301,7 @@ def conv2d(x, w, stride=1, padding=0):
 def _check_conv(op, x, w, stride, padding):
     """(dtype, stride, padding, output positions N * OH * OW) of a checked convolution."""
     dtype = _check_nhwc(op, x)
-    _check_array(op, "w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype)
+    _check_array(op, "w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype, activation=False)
     stride, padding = _check_int(op, "stride", stride, 1), _check_int(op, "padding", padding, 0)
     (_, h, wd, c), (kh, kw, cin, _) = _data(x).shape, _data(w).shape
     if cin != c:
@@ -361,7 +383,7 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, resi
         if not isinstance(layer, (list, tuple)) or len(layer) != 4:
             raise ValueError(f"{op}: layer {i} must be (w, stride, padding, bn), got {layer!r}")
         w, stride, padding, bn = layer
-        _check_array(op, f"layer {i} w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype)
+        _check_array(op, f"layer {i} w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype, activation=False)
         stride, padding = _check_int(op, f"layer {i} stride", stride, 1), _check_int(op, f"layer {i} padding", padding, 0)
         kh, kw, cin, cout = _data(w).shape
         if cin != channels:
@@ -480,6 +502,23 @@ def add(a, b):
     return _Add.apply(a, b)
 
 
+def cast(x, dtype):
+    """x stored as ``dtype``, an activation type of the backend (float32 or bfloat16 on cuda and
+    interpret, float32 or float64 on numpy); x itself when it has that type already. The gradient
+    comes back in x's type. Models cast their input with :func:`to_precision`."""
+    from_dtype, dtype = _check_array("cast", "x", x), np.dtype(dtype)
+    if dtype not in _activation_types():
+        raise TypeError(f"cast: the {get_backend()} backend stores activations as {_names(_activation_types())}, "
+                        f"not {dtype.name}{_bfloat16_hint(dtype)}")
+    return x if dtype == from_dtype else _Cast.apply(x, dtype)
+
+
+def to_precision(x):
+    """A network's input in the activation storage of the current precision: x cast to bfloat16
+    under "bf16" (every activation computed from it is then bfloat16), x itself otherwise."""
+    return cast(x, BFLOAT16) if get_precision() == "bf16" else x
+
+
 def relu(x):
     """max(x, 0); the gradient is 0 where x <= 0."""
     _check_array("relu", "x", x)
@@ -495,8 +534,8 @@ def global_avg_pool(x):
 def linear(x, w, b):
     """``x @ w + b``: x (N, in), w (in, out), b (out,) -> (N, out)."""
     dtype = _check_array("linear", "x", x, 2, "(N, in)")
-    _check_array("linear", "w", w, 2, "(in, out)", dtype)
-    _check_array("linear", "b", b, 1, "(out,)", dtype)
+    _check_array("linear", "w", w, 2, "(in, out)", dtype, activation=False)
+    _check_array("linear", "b", b, 1, "(out,)", dtype, activation=False)
     (_, n_in), (w_in, n_out), (b_out,) = _data(x).shape, _data(w).shape, _data(b).shape
     if w_in != n_in or b_out != n_out:
         raise ValueError(f"linear: x {tuple(_data(x).shape)}, w {tuple(_data(w).shape)} and "
@@ -510,7 +549,7 @@ def cross_entropy(logits, labels):
     Label values are checked on host arrays; on the cuda backend that check
     would read labels back mid-step, so it is left to the kernel.
     """
-    _check_array("cross_entropy", "logits", logits, 2, "(N, classes)")
+    _check_array("cross_entropy", "logits", logits, 2, "(N, classes)", activation=False)
     labels = check_array("cross_entropy", "labels", _data(labels), also=" or a Tensor")
     if labels.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: labels must be an integer array, got {labels.dtype.name}")

@@ -180,7 +180,7 @@ class ResidualAttentionNet(Module):
         self.classifier = Linear(cin, num_classes, rng=rng)
 
     def forward(self, x):
-        x = self.tail(self.stage3(self.stage2(self.stage1(self.stem(x)))))
+        x = self.tail(self.stage3(self.stage2(self.stage1(self.stem(F.to_precision(x))))))
         return self.classifier(F.global_avg_pool(self.head(x)))
 
     def attention_modules(self):
@@ -199,7 +199,7 @@ class ResidualAttentionNet(Module):
         try:
             with no_grad():
                 self(x)
-            return {name.rstrip("."): to_numpy(m.mask) for name, m in modules}
+            return {name.rstrip("."): to_numpy(m.mask).astype(np.float32) for name, m in modules}
         finally:
             for _, m in modules:
                 m.keep_mask, m.mask = False, None

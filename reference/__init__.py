@@ -15,8 +15,8 @@ from .augment import augment
 from .attention import (attention_mix, attention_mix_backward, channel_attention, channel_attention_backward,
                         spatial_attention, spatial_attention_backward)
 from .conv import conv2d, conv2d_backward, conv_bn_relu, conv_bn_relu_backward, conv_chain, conv_chain_backward
-from .elementwise import (add, add_backward, add_into, copy, fill, relu, relu_backward, sigmoid,
-                          sigmoid_backward)
+from .elementwise import (add, add_backward, add_into, cast, cast_backward, copy, fill, relu, relu_backward,
+                          sigmoid, sigmoid_backward)
 from .linear import linear, linear_backward
 from .loss import cross_entropy, cross_entropy_backward
 from .metrics import accumulate_metrics
@@ -36,7 +36,7 @@ __all__ = [
     "attention_mix", "attention_mix_backward",
     "channel_attention", "channel_attention_backward",
     "spatial_attention", "spatial_attention_backward",
-    "add", "add_backward", "fill", "copy", "add_into",
+    "add", "add_backward", "cast", "cast_backward", "fill", "copy", "add_into",
     "relu", "relu_backward",
     "global_avg_pool", "global_avg_pool_backward",
     "linear", "linear_backward",

@@ -1,4 +1,4 @@
-"""Elementwise ops: sigmoid, relu, add (any shape); fill, copy and add in place."""
+"""Elementwise ops: sigmoid, relu, add, cast (any shape); fill, copy and add in place."""
 import numpy as np
 
 
@@ -41,6 +41,17 @@ def add(a, b):
 def add_backward(dy, saved):
     """(da, db) = (dy, dy)."""
     return dy, dy
+
+
+def cast(x, dtype):
+    """x converted to ``dtype`` (rounded to nearest); the backward converts dy back to x's dtype."""
+    return x.astype(dtype), (x.dtype,)
+
+
+def cast_backward(dy, saved):
+    """dx = dy in the input's dtype."""
+    (dtype,) = saved
+    return (dy.astype(dtype),)
 
 
 def fill(out, value):

@@ -125,3 +125,26 @@ def test_ops_in_bfloat16(triton_backend, rng, op, out_type):
     bound = BF16_U * np.abs(exact) if out_type == "bfloat16" else 2.0 ** -24 * np.abs(exact)
     assert (np.abs(got - exact) <= bound).all(), np.abs(got - exact).max()
     np.testing.assert_array_equal(_host(out), exact.astype(np.float32).astype(out.dtype))
+
+
+def test_cast_rounds_to_nearest_even_and_its_gradient_comes_back_in_the_input_type(triton_backend, rng):
+    # F.cast (the network's input under precision "bf16"): forward bit for bit ml_dtypes' rounding of
+    # the float32 values; backward the bfloat16 gradient widened to float32, which is exact.
+    x = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(backend.BFLOAT16)
+    t = Tensor(backend.asarray(x), requires_grad=True)
+    y = F.cast(t, backend.BFLOAT16)
+    np.testing.assert_array_equal(_host(y.data).view(np.uint16), x.astype(backend.BFLOAT16).view(np.uint16))
+    y.backward(backend.asarray(dy))
+    assert t.grad.dtype == np.float32
+    np.testing.assert_array_equal(_host(t.grad), dy.astype(np.float32))
+    back = F.cast(y.data, np.float32).data  # and back: bfloat16 values are float32 values
+    np.testing.assert_array_equal(_host(back), x.astype(backend.BFLOAT16).astype(np.float32))
+
+
+def test_reference_cast_is_numpys_conversion(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    y, saved = ref.cast(x, np.float64)
+    assert y.dtype == np.float64 and np.array_equal(y, x)
+    (dx,) = ref.cast_backward(np.full((3, 4), 1 / 3), saved)
+    assert dx.dtype == np.float32 and np.array_equal(dx, np.full((3, 4), 1 / 3, np.float32))

@@ -24,7 +24,8 @@ class Small(Module):
         self.classifier = Linear(8, 3, rng=rng)
 
     def forward(self, x):
-        return self.classifier(F.global_avg_pool(self.head(self.attention(self.unit(self.stem(x))))))
+        x = self.stem(F.to_precision(x))
+        return self.classifier(F.global_avg_pool(self.head(self.attention(self.unit(x)))))
 
 
 def _trainer(seed, capture, warmup=1):
@@ -57,17 +58,19 @@ def _train(seed, capture, batches, lrs, patch=None):
     return _state(model, optimizer, step), outputs, step
 
 
-def test_captured_training_steps_equal_eager_ones_bit_for_bit(triton_backend, rng):
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_captured_training_steps_equal_eager_ones_bit_for_bit(triton_backend, rng, precision):
     """Warm-up, capture, replays with new batches and a new learning rate: every parameter,
     velocity, running statistic, the metrics and each step's logits and loss as eager (on cuda a
-    real CUDA graph: the same kernels in the same order)."""
+    real CUDA graph: the same kernels in the same order), in float32 and with bfloat16 activations."""
     seed = int(rng.integers(1 << 30))
     batches, lrs = _batches(rng, [4, 4, 4, 4]), [0.1, 0.1, 0.05, 0.05]
-    eager, eager_outputs, _ = _train(seed, False, batches, lrs)
-    captured, captured_outputs, step = _train(seed, True, batches, lrs)
+    with backend.use_precision(precision):
+        eager, eager_outputs, _ = _train(seed, False, batches, lrs)
+        captured, captured_outputs, step = _train(seed, True, batches, lrs)
     shapes, state = step._run.signatures()[0]
     assert step.captured and len(step._run.signatures()) == 1 and shapes == (((4, 4, 4, 3), "<f4"), ((4,), "<i8"))
-    assert state == (True, backend.get_precision(), 0.9, 1e-4, True)  # mode, precision, SGD's launch scalars
+    assert state == (True, precision, 0.9, 1e-4, True)  # mode, precision, SGD's launch scalars
     for name in eager:
         np.testing.assert_array_equal(captured[name], eager[name], err_msg=name)
     for (a_logits, a_loss), (b_logits, b_loss) in zip(captured_outputs, eager_outputs):

@@ -65,7 +65,8 @@ def bn_params(c):
     (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(3), momentum=1.5), ValueError, r"batch_norm: momentum must be in \[0, 1\]"),
     # dtypes
     (lambda: F.relu(np.arange(6).reshape(2, 3)), TypeError, r"relu: x must be float32 or float64 on the numpy backend, got int64"),
-    (lambda: F.add(f32(2, 3), f32(2, 3).astype(np.float64)), TypeError, r"add: b is float64 but the other inputs are float32"),
+    (lambda: F.add(f32(2, 3), f32(2, 3).astype(np.float64)), TypeError,
+     r"add: b is float64 but must be float32, since the other inputs are float32"),
     (lambda: F.cross_entropy(f32(4, 10), f32(4)), TypeError, r"cross_entropy: labels must be an integer array, got float32"),
     (lambda: F.sigmoid([1.0, 2.0]), TypeError, r"sigmoid: x must be a NumPy or CuPy array or a Tensor, got list"),
     # layout
@@ -80,8 +81,49 @@ def test_bad_input_on_numpy_backend(call, error, message):
 
 def test_float64_is_refused_by_triton_backends(triton_backend):
     x = backend.asarray(f32(2, 3).astype(np.float64))
-    with pytest.raises(TypeError, match=f"relu: x must be float32 on the {triton_backend} backend, got float64"):
+    with pytest.raises(TypeError, match=f"relu: x must be float32 or bfloat16 on the {triton_backend} backend, "
+                                        f"got float64"):
         F.relu(x)
+
+
+def test_bfloat16_activations_take_float32_parameters(triton_backend):
+    """The storage rule of precision "bf16": activations bfloat16, everything else float32."""
+    def bf16(*shape):
+        return backend.asarray(f32(*shape).astype(backend.BFLOAT16))
+
+    x, w = bf16(2, 4, 4, 3), backend.asarray(f32(3, 3, 3, 4))
+    with pytest.raises(TypeError, match=f"conv2d: w must be float32 on the {triton_backend} backend, got bfloat16"):
+        F.conv2d(x, bf16(3, 3, 3, 4))
+    gamma, beta, mean, var = (backend.asarray(a) for a in bn_params(4))
+    with pytest.raises(TypeError, match="conv_bn_relu: gamma must be float32 .* got bfloat16"):
+        F.conv_bn_relu(x, w, bf16(4), beta, mean, var, padding=1)
+    with pytest.raises(TypeError, match="add: b is float32 but must be bfloat16, since the other inputs are bfloat16"):
+        F.add(bf16(2, 3), backend.asarray(f32(2, 3)))
+    with pytest.raises(TypeError, match=f"cross_entropy: logits must be float32 on the {triton_backend} backend, "
+                                        f"got bfloat16"):
+        F.cross_entropy(bf16(2, 3), backend.asarray(np.zeros(2, np.int64)))
+    with pytest.raises(TypeError, match=f"cast: the {triton_backend} backend stores activations as float32 or "
+                                        f"bfloat16, not float16"):
+        F.cast(x, np.float16)
+    assert F.conv_bn_relu(x, w, gamma, beta, mean, var, padding=1).dtype == backend.BFLOAT16
+
+
+def test_parameters_take_the_type_of_float64_activations_on_numpy():
+    with pytest.raises(TypeError, match="conv2d: w is float32 but must be float64, since the activations are float64"):
+        F.conv2d(f32(1, 4, 4, 3).astype(np.float64), f32(3, 3, 3, 4))
+
+
+def test_bfloat16_on_the_numpy_backend_names_the_backends_that_take_it():
+    hint = r"bfloat16 \(precision 'bf16'\) runs on the cuda and interpret backends"
+    with pytest.raises(TypeError, match=r"relu: x must be float32 or float64 on the numpy backend, got bfloat16; " + hint):
+        F.relu(f32(2, 3).astype(backend.BFLOAT16))
+    with pytest.raises(TypeError, match=r"cast: the numpy backend stores activations as float32 or float64, "
+                                        r"not bfloat16; " + hint):
+        F.cast(f32(2, 3), backend.BFLOAT16)
+    with backend.use_precision("bf16"), pytest.raises(TypeError, match=hint):
+        F.to_precision(f32(2, 3))
+    x = f32(2, 3)
+    assert F.to_precision(x) is x and F.cast(x, np.float32) is x  # float32 stays as it is: no copy
 
 
 def test_tensor_arguments_are_checked_too():

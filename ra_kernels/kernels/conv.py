@@ -32,13 +32,13 @@ conv_bn_relu (batch norm over the conv output z, then ReLU), kernels per call:
   conv2d_fwd: the eval forward stores only y (inference keeps its single
   kernel) and recovering xhat from y would divide by gamma.
 
-Precision: tl.dot takes ``backend.get_precision()`` ("tf32" by default, "ieee"
+Precision: tl.dot takes ``backend.dot_precision()`` ("tf32" by default, "ieee"
 on request) as a constexpr; accumulation is float32. Offsets are int32: fine
 below 2**31 elements per array (the largest here, 128x32x32x256, is 3.4e7).
 """
 import triton.language as tl
 
-from ..backend import empty, get_precision
+from ..backend import dot_precision, empty
 from ..launch import device_function, kernel, launch
 from . import batchnorm as bn, elementwise, storage
 from .tiles import cdiv, next_power_of_2, out_size, positions
@@ -407,7 +407,7 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False, pre_stat
            bn.arrival_counters(grid[1]), x if pre_stats is None else pre_stats, x if skip is None else skip,
            s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"], stride, padding,
            num_warps=warps, EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_stats is not None, ADD_SKIP=skip is not None,
-           INPUT_PRECISION=get_precision(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+           INPUT_PRECISION=dot_precision(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
            BLOCK_T=bn.FINALIZE_BLOCK_T)
     return y if epilogue == "store" else (y, stats)
 
@@ -426,7 +426,7 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True,
     s = _shape_args(x, w, stride, padding)
     bn_backward = bn_args is not None
     z, stats, sums, inv_count = bn_args if bn_backward else (dy, dy, dy, 0.0)
-    precision = get_precision()
+    precision = dot_precision()
     shapes = (s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"])
 
     # dgrad: M = N*H*W input positions, K = KH*KW*C_out

@@ -1,4 +1,4 @@
-"""Elementwise kernels: add, relu and relu's backward; and the array arithmetic of the autograd
+"""Elementwise kernels: add, relu and relu's backward, cast; and the array arithmetic of the autograd
 engine and the optimizer (fill, copy, add in place), so that a training step is kernels only.
 
 Arrays of any shape, float32 or bfloat16 (each array its own: computed in float32, stored as
@@ -12,7 +12,7 @@ activation, 128x32x32x256, is 3.4e7).
 """
 import triton.language as tl
 
-from ..backend import empty_like
+from ..backend import empty, empty_like
 from ..launch import kernel, launch
 from . import storage
 from .tiles import FLAT_BLOCK
@@ -20,8 +20,13 @@ from .tiles import FLAT_BLOCK
 _OPS = ("add", "relu", "relu_backward", "copy", "fill")
 
 
-@kernel(aot=[dict(a_ptr=f"*{t}", b_ptr=f"*{t}", out_ptr=f"*{t}", value="fp32", n="i32", OP=op, BLOCK_N=FLAT_BLOCK)
-             for op in _OPS for t in ("fp32", "bf16")])
+# Every op in both storage types, and the copies between them (cast: the network's input under
+# precision "bf16", and its gradient).
+_TYPES = [(t, t) for t in ("fp32", "bf16")] + [("fp32", "bf16"), ("bf16", "fp32")]
+
+
+@kernel(aot=[dict(a_ptr=f"*{a}", b_ptr=f"*{a}", out_ptr=f"*{out}", value="fp32", n="i32", OP=op, BLOCK_N=FLAT_BLOCK)
+             for op in _OPS for a, out in _TYPES if a == out or op == "copy"])
 def elementwise_kernel(a_ptr, b_ptr, out_ptr, value, n, OP: tl.constexpr, BLOCK_N: tl.constexpr):
     """out = OP(a, b) over n elements (out may be a or b: each element is read before it is written).
 
@@ -73,6 +78,17 @@ def fill(out, value):
 def copy(a):
     """A new array equal to a."""
     return _run("copy", a, a)
+
+
+def cast(x, dtype):
+    """x converted to ``dtype`` (float32 or bfloat16, rounded to nearest even); saves x's dtype."""
+    return _run("copy", x, x, empty(x.shape, dtype)), (x.dtype,)
+
+
+def cast_backward(dy, saved):
+    """dx = dy in the input's dtype."""
+    (dtype,) = saved
+    return (_run("copy", dy, dy, empty(dy.shape, dtype)),)
 
 
 def add_into(into, g):

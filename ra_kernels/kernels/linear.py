@@ -38,7 +38,7 @@ Offsets are int32: fine below 2**31 elements per operand.
 import numpy as np
 import triton.language as tl
 
-from ..backend import empty, get_precision
+from ..backend import dot_precision, empty
 from ..launch import kernel, launch
 from . import elementwise, storage
 from .tiles import cdiv, next_power_of_2
@@ -130,7 +130,7 @@ def _matmul(a, a_strides, b, b_strides, m, n, k, epilogue="none", vec=None, into
     blocks = _blocks(m, n, k)
     grid = (cdiv(m, blocks["BLOCK_M"]), cdiv(n, blocks["BLOCK_N"]))
     launch(matmul_kernel, grid, a, b, c, c if vec is None else vec, m, n, k, *a_strides, *b_strides,
-           EPILOGUE=epilogue, PRECISION=get_precision(), ACCUMULATE=into is not None, **blocks)
+           EPILOGUE=epilogue, PRECISION=dot_precision(), ACCUMULATE=into is not None, **blocks)
     return c
 
 
