@@ -124,6 +124,20 @@ def test_eval_only_reproduces_the_last_epoch(finished_run, tiny_data, capsys):
     assert f"test accuracy {test_accuracy:.2%}  test loss {test_loss:.4f}  ({TEST_IMAGES} images" in printed
 
 
+def test_bfloat16_needs_a_kernel_backend_and_a_resumed_run_keeps_its_precision(finished_run, tiny_data, tmp_path,
+                                                                               capsys):
+    assert cifar.main(_argv(tiny_data, tmp_path / "bf16", "--precision", "bf16")) == cifar.EXIT_USAGE
+    assert "--precision bf16 runs on the cuda and interpret backends" in capsys.readouterr().err
+    assert not (tmp_path / "bf16" / "last.npz").exists()
+    out, _ = finished_run
+    assert cifar.main(_argv(tiny_data, out, "--resume", "--precision", "bf16")) == cifar.EXIT_USAGE
+    assert "--precision 'bf16' (the run has 'tf32')" in capsys.readouterr().err
+    # Where it runs, the option selects the precision of the backend's ops (the network in bfloat16
+    # is tested in test_models.py: here a run on the interpreter would take minutes).
+    with backend.use_backend("interpret"), backend.use_precision("tf32"):
+        assert cifar_common.select_precision("bf16") == "bf16" == backend.get_precision()
+
+
 @needs_matplotlib
 def test_masks_writes_one_png_per_image(finished_run, tiny_data, tmp_path, capsys):
     out, _ = finished_run
@@ -404,7 +418,7 @@ def test_help_explains_every_option():
         assert action.option_strings[-1] in text
     for issue_option in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size", "--lr", "--schedule",
                          "--momentum", "--nesterov", "--weight-decay", "--backend", "--seed", "--out", "--resume",
-                         "--eval-only", "--limit-train", "--limit-test", "--noisy-labels"):
+                         "--eval-only", "--limit-train", "--limit-test", "--noisy-labels", "--precision"):
         assert issue_option in text
     assert "attention56" in text and "attention452" in text and "cifar100" in text
     assert "LAST epoch" in text  # what to report: not best.npz's test accuracy

@@ -38,6 +38,8 @@ and correct predictions into a small device array, read once per
 ``--log-every`` steps (docs/design.md §6); that read also guards against
 divergence. On cuda each training and evaluation step is one CUDA graph after
 two eager warm-up steps (ra_kernels/steps.py; ``--no-cuda-graph`` turns that off).
+``--precision bf16`` stores the activations as bfloat16, with float32 parameters, statistics,
+loss and SGD (docs/design.md §8); a resumed run keeps its precision.
 
 Exit codes: 0 done; 1 the loss became NaN or Inf; 2 bad usage, or data or a
 checkpoint that cannot be read; 130 stopped by Ctrl-C.
@@ -63,8 +65,8 @@ from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES, SGD
 from ra_kernels.steps import EvalStep, TrainStep
 from ra_kernels import npzfile
 from train.checkpoint import data_of, model_from_checkpoint, read_checkpoint, write_checkpoint
-from train.common import (BACKEND_HELP, DEFAULT_DATA_DIR, UsageError, epoch_batches, load_dataset,
-                          prepare_output_dir, select_backend)
+from train.common import (BACKEND_HELP, DEFAULT_DATA_DIR, PRECISION_HELP, UsageError, epoch_batches, load_dataset,
+                          prepare_output_dir, select_backend, select_precision)
 
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                    "lr", "seconds", "images_per_second")
@@ -74,7 +76,7 @@ RESUME_MAY_CHANGE = ("data_dir", "no_download", "backend", "log_every", "no_cuda
 
 # The options --eval-only takes: everything else describes a run to train.
 EVAL_ONLY_OPTIONS = ("eval_only", "data_dir", "no_download", "dataset", "limit_test", "batch_size", "backend",
-                     "no_cuda_graph")
+                     "precision", "no_cuda_graph")
 
 EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -201,6 +203,7 @@ def build_parser():
 
     run = parser.add_argument_group("run")
     run.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto", help=BACKEND_HELP)
+    run.add_argument("--precision", choices=backend.PRECISIONS, default="tf32", help=PRECISION_HELP)
     run.add_argument("--no-cuda-graph", action="store_true",
                      help="on cuda, launch every kernel of every step from Python; by default each training "
                           "and evaluation step is captured as one CUDA graph after two eager steps and replayed "
@@ -245,6 +248,8 @@ def _resumed_args(args, explicit, saved):
     """The checkpoint's arguments, with those of RESUME_MAY_CHANGE given on the command line
     (``explicit``) taken from there, and --out and --resume."""
     may_change = RESUME_MAY_CHANGE + ("out", "resume")
+    # A checkpoint from before an option existed ran at that option's default (--precision tf32).
+    saved = {**_as_json(vars(build_parser().parse_args([]))), **saved}
     conflicts = [f"{_flag(dest)} {_as_json(value)!r} (the run has {saved.get(dest)!r})"
                  for dest, value in explicit.items()
                  if dest not in may_change and _as_json(value) != saved.get(dest)]
@@ -378,6 +383,7 @@ class Run:
     def __init__(self, args, checkpoint=None):
         self.args, self.out = args, Path(args.out)
         self.backend = select_backend(args.backend)
+        select_precision(args.precision)
         data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
         self.num_classes = len(data.class_names)
         train_images, train_labels = data.train_images[:args.limit_train], data.train_labels[:args.limit_train]
@@ -626,6 +632,7 @@ def evaluate_checkpoint(args, explicit) -> int:
     path = Path(args.eval_only)
     checkpoint = read_checkpoint(path)
     select_backend(args.backend)
+    select_precision(args.precision)
     model = model_from_checkpoint(checkpoint, path)
     dataset, data_dir = data_of(checkpoint, *(getattr(args, dest) if dest in explicit else None
                                                for dest in ("dataset", "data_dir")))
@@ -639,7 +646,7 @@ def evaluate_checkpoint(args, explicit) -> int:
         loss, accuracy = evaluate(EvalStep(model, new_totals(), False if args.no_cuda_graph else None), loader)
     print(f"{path}: {describe_checkpoint(checkpoint)}")
     print(f"test accuracy {accuracy:.2%}  test loss {loss:.4f}  ({len(labels)} images of {dataset}, backend "
-          f"{backend.get_backend()})")
+          f"{backend.get_backend()}, precision {backend.get_precision()})")
     return 0
 
 

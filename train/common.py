@@ -20,6 +20,23 @@ BACKEND_HELP = ("auto: $RA_BACKEND when it is set, else cuda when CuPy sees a GP
                 "(slow) (default: %(default)s)")
 
 
+PRECISION_HELP = ("tf32: float32 storage, matrix products with TF32 inputs; ieee: float32 throughout; bf16: "
+                  "activations and their gradients stored as bfloat16 and multiplied on bfloat16 tensor "
+                  "cores, with parameters, their gradients, batch-norm statistics, the loss and SGD in float32 "
+                  "(cuda and interpret backends). Every precision accumulates in float32. The numpy backend "
+                  "computes in float32 whatever tf32 or ieee says (default: %(default)s)")
+
+
+def select_precision(name):
+    """Make ``name`` (one of backend.PRECISIONS) the precision of the current backend's ops;
+    UsageError where that backend cannot run it."""
+    if name == "bf16" and backend.get_backend() == "numpy":
+        raise UsageError("--precision bf16 runs on the cuda and interpret backends: the numpy backend stores "
+                         "float32 (give --precision tf32, or another --backend)")
+    backend.set_precision(name)
+    return name
+
+
 def select_backend(name):
     """Make ``name`` ('auto', the rule of backend.default_backend, or a backend) the current
     backend; return the backend's name."""
