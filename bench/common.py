@@ -72,16 +72,21 @@ def build_model(name: str, dry_run: bool, seed: int = 0):
     return models.MODELS[name](num_classes=NUM_CLASSES, seed=seed, **(DRY_RUN_MODEL if dry_run else {}))
 
 
+#: Precisions of a whole training step (bench.step); bench.kernels compares single ops in TOLERANCES'.
+STEP_PRECISIONS = backend.PRECISIONS
+
+
 @contextlib.contextmanager
 def precision(name: str, torch=None):
-    """Float32 matrix products as TF32 ("tf32") or IEEE float32 ("ieee") on both sides: our
-    kernels (``backend.use_precision``) and, when given, PyTorch's cuBLAS and cuDNN."""
-    if name not in TOLERANCES:
-        raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(TOLERANCES)}")
+    """One of backend.PRECISIONS on both sides: our kernels (``backend.use_precision``) and, when
+    given, PyTorch's cuBLAS and cuDNN: float32 products as TF32 for "tf32" and "bf16" (what autocast
+    leaves in float32), IEEE for "ieee". PyTorch's autocast itself is the caller's (bench.step)."""
+    if name not in backend.PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(backend.PRECISIONS)}")
     flags = None
     if torch is not None:
         flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name != "ieee"
     try:
         with backend.use_precision(name):
             yield
@@ -242,6 +247,31 @@ def time_ms(fn, clock, warmup: int = 5, budget_ms: float = 100.0, min_reps: int 
     times = np.array([clock.elapsed_ms(s, e) for s, e in events])
     q25, median, q75 = np.percentile(times, [25, 50, 75])
     return Timing(float(median), float(q25), float(q75), reps)
+
+
+def our_step_bytes(step) -> int:
+    """Peak device memory of one call of ``step`` (our eager step) beyond what exists before it:
+    after a warm call (kernels compiled, anything made on first use made), a call draws from a
+    fresh CuPy pool, which grows only when no freed block fits, so its size afterwards is the
+    step's peak (to the pool's rounding)."""
+    step()
+    cupy = backend.xp()
+    pool = cupy.cuda.MemoryPool()
+    with cupy.cuda.using_allocator(pool.malloc):
+        step()
+    cupy.cuda.get_current_stream().synchronize()
+    return pool.total_bytes()
+
+
+def torch_step_bytes(torch, step) -> int:
+    """Peak device memory of one call of PyTorch's ``step`` beyond what was allocated before it."""
+    step()  # warm: cuDNN's autotuner and lazily made optimizer state allocate on the first call
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def graph_time_ms(fn, clock, calls: int = 20, replays: int = 10, warmup: int = 3) -> Timing:

@@ -92,6 +92,9 @@ STAGE_NAMES = [s.name for s in STAGES]
 #: Model configurations (model, batch) of the step stage.
 STEP_CONFIGS = {"full": [("attention56", 64), ("attention56", 128), ("attention92", 64), ("attention92", 128)],
                 "quick": [("attention56", 64)]}
+#: Precisions the step stage times (bf16 against TF32 in the full run; the quick run's minutes go to
+#: correctness).
+STEP_PRECISIONS = {"full": ("tf32", "bf16"), "quick": ("tf32",)}
 #: The kernels stage: attention92's layers at this batch, TF32; --quick takes the first few of a family.
 KERNEL_MODEL, KERNEL_BATCH, QUICK_LAYERS = "attention92", 64, 3
 #: Cuda tests of --quick, and the files the sanitizer runs.
@@ -281,7 +284,8 @@ def stage_step(args) -> dict:
     from . import step as bench_step
     session = _session(args)
     configs = ([("attention56", common.DRY_RUN_BATCH)] if args.dry_run else STEP_CONFIGS[_mode(args)])
-    options = SimpleNamespace(no_compile=not args.compile, precision="tf32", budget_ms=args.step_budget_ms)
+    precisions = ("tf32",) if args.dry_run else STEP_PRECISIONS[_mode(args)]
+    options = SimpleNamespace(no_compile=not args.compile, precisions=precisions, budget_ms=args.step_budget_ms)
     deadline, rows, skipped = _deadline(args), [], []
     for name, batch in configs:
         if rows and time.monotonic() > deadline:
@@ -289,14 +293,13 @@ def stage_step(args) -> dict:
             continue
         rows.append(bench_step.run_config(name, batch, options, session))
         print(f"  {name} b{batch}: agreement ok", flush=True)
-    report = bench_step.table(rows, session.dry_run)
+    report = bench_step.report(rows, precisions, session.dry_run)
     if not args.compile:
         report += "\n\ntorch.compile: skipped (minutes of compilation per model; --compile includes it)."
     parts, differ = [], []
     for row in rows:
-        t = row["times"]
-        if row["identical"] is False:
-            differ.append(f"{row['model']} b{row['batch']}")
+        t = row["times"].get("tf32", {})
+        differ += [f"{row['model']} b{row['batch']} {p}" for p, same in row["identical"].items() if not same]
         if "ours captured" in t:
             images = {side: row["batch"] / (timing.median * 1e-3) for side, timing in t.items()}
             parts.append(f"{row['model'].removeprefix('attention')} b{row['batch']} "
@@ -414,13 +417,15 @@ def warm(args) -> dict:
 
 def warm_jobs(args) -> list:
     """The compile jobs of the chosen stages: each model configuration of the step (the training
-    stage's is attention56 at 64) in each precision (the step is checked in IEEE and timed in TF32),
+    stage's is attention56 at 64) in each precision (the step is checked in IEEE and timed in
+    STEP_PRECISIONS),
     and the kernels stage's layers; batch 64 first. One configuration in both precisions was one
     process in the first H200 run, the last to finish: over 95 s (2026-11-30)."""
     kernels = ["kernels"] if "kernels" in args.stages else []
     if args.dry_run or not {"train", "step"} & set(args.stages):
         return kernels
-    configs = [f"{m}:{b}:{p}" for m, b in STEP_CONFIGS[_mode(args)] for p in ("tf32", "ieee")]
+    precisions = ("ieee",) + STEP_PRECISIONS[_mode(args)]
+    configs = [f"{m}:{b}:{p}" for m, b in STEP_CONFIGS[_mode(args)] for p in precisions]
     return [c for c in configs if ":64:" in c] + kernels + [c for c in configs if ":64:" not in c]
 
 

@@ -18,11 +18,17 @@ and running statistic after the update, each group against a float64 truth (the 
 in float64; in a dry run, our numpy backend), within ten times the error of a trusted float32
 yardstick (PyTorch eager; in a dry run, our numpy backend) on the same instance (see
 ``YARDSTICK_FACTOR``). Then each side's step is timed (``common.time_ms``: CUDA events, warm-up,
-median) under ``--precision`` (TF32 by default, as training runs) and reported as images/s; a
-ratio is another side's time over our captured step's (above 1, ours is faster). The compiled
-network compiles during its warm-up (minutes), once per precision. On the GPU, our captured and
-eager steps also run ``IDENTITY_STEPS`` steps from the same weights on the same batches: they must
-end with the same bits (the command fails otherwise).
+median) in each of ``--precisions`` and reported as images/s; a ratio is another side's time over
+our captured step's in the same precision (above 1, ours is faster). TF32 (as training runs by
+default): float32 storage, TF32 products on both sides. bf16: ours with ``precision="bf16"``
+(bfloat16 activations, docs/design.md §8), PyTorch under ``torch.autocast(dtype=torch.bfloat16)``
+(its standard mixed precision: float32 weights, bfloat16 convolutions and products). The compiled
+network compiles during its warm-up (minutes), once per precision. Each side's step memory is
+measured too: the device memory a step takes beyond what exists before it (parameters, gradients,
+the optimizer's state, the batch), at its peak. On the GPU, our captured and eager steps also run
+``IDENTITY_STEPS`` steps from the same weights on the same batches, in each precision: they must
+end with the same bits (the command fails otherwise). Last, a table puts each side's bf16 step
+beside its TF32 step: speed-up and memory.
 
 --dry-run: a tiny version of attention56 (the same depth, widths 8/16/32, 8x8 images, batch 4;
 ``--models`` for others) on the interpret backend, its step taken with batch norm on the running
@@ -33,6 +39,7 @@ minutes); the table is printed with "dry run: no timing" instead of images/s. No
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -124,11 +131,12 @@ def captured_equals_eager(fresh, batches) -> bool:
 
 class TorchTrainer:
     """The PyTorch twin of our model (``torch_model.from_ours``), optionally compiled or in float64,
-    with its SGD (fused in float32)."""
+    with its SGD (fused in float32); with ``bf16``, forward and loss under autocast to bfloat16."""
 
-    def __init__(self, torch, model, device: str, compiled=False, training=True, float64=False):
+    def __init__(self, torch, model, device: str, compiled=False, training=True, float64=False, bf16=False):
         from . import torch_model
         self.torch, self.torch_model, self.float64 = torch, torch_model, float64
+        self.autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
         self.net = torch_model.from_ours(model, device).train(training)
         if float64:
             self.net.double()
@@ -143,8 +151,9 @@ class TorchTrainer:
 
     def step(self, x, labels):
         self.optimizer.zero_grad()
-        logits = self.forward(x)
-        loss = self.torch.nn.functional.cross_entropy(logits, labels)
+        with self.autocast:
+            logits = self.forward(x)
+            loss = self.torch.nn.functional.cross_entropy(logits, labels)
         loss.backward()
         self.optimizer.step()
         return logits, loss
@@ -237,31 +246,39 @@ def run_config(name: str, batch: int, args, session) -> dict:
                 x_ours, labels_ours)
         errors = check(f"{name} batch {batch}", sides, truth, yardstick)
 
-    times, identical = {}, None
+    times, memory, identical = {}, {}, {}
     if not session.dry_run:
-        with common.precision(args.precision, session.torch):
-            batches = [(backend.asarray(session.rng.standard_normal(x.shape).astype(np.float32)),
-                        backend.asarray(session.rng.integers(0, NUM_CLASSES, batch).astype(np.int64)))
-                       for _ in range(IDENTITY_STEPS)]
-            identical = captured_equals_eager(fresh, batches)
-            for side, capture in (("ours captured", True), ("ours eager", False)):
-                trainer = OurTrainer(fresh(), capture=capture)
-                times[side] = common.time_ms(lambda: trainer.step(x_ours, labels_ours), session.our_clock,
-                                             warmup=3, budget_ms=args.budget_ms, min_reps=10, max_reps=100)
-                del trainer
-            for variant, compiled in variants.items():
-                trainer = TorchTrainer(session.torch, fresh(), device, compiled)
-                inputs = trainer.inputs(x_ours, labels_ours)
-                times[variant] = common.time_ms(lambda: trainer.step(*inputs), session.torch_clock,
-                                                warmup=3, budget_ms=args.budget_ms, min_reps=10, max_reps=100)
-                del trainer
+        batches = [(backend.asarray(session.rng.standard_normal(x.shape).astype(np.float32)),
+                    backend.asarray(session.rng.integers(0, NUM_CLASSES, batch).astype(np.int64)))
+                   for _ in range(IDENTITY_STEPS)]
+        for precision in args.precisions:
+            times[precision], memory[precision] = {}, {}
+            with common.precision(precision, session.torch):
+                identical[precision] = captured_equals_eager(fresh, batches)
+                for side, capture in (("ours captured", True), ("ours eager", False)):
+                    trainer = OurTrainer(fresh(), capture=capture)
+                    step = functools.partial(trainer.step, x_ours, labels_ours)
+                    if not capture:
+                        memory[precision][side] = common.our_step_bytes(step)
+                    times[precision][side] = common.time_ms(step, session.our_clock, warmup=3,
+                                                            budget_ms=args.budget_ms, min_reps=10, max_reps=100)
+                    del trainer, step
+                for variant, compiled in variants.items():
+                    trainer = TorchTrainer(session.torch, fresh(), device, compiled, bf16=precision == "bf16")
+                    step = functools.partial(trainer.step, *trainer.inputs(x_ours, labels_ours))
+                    if not compiled:
+                        memory[precision][variant] = common.torch_step_bytes(session.torch, step)
+                    times[precision][variant] = common.time_ms(step, session.torch_clock, warmup=3,
+                                                               budget_ms=args.budget_ms, min_reps=10, max_reps=100)
+                    del trainer, step
     return {"model": name, "batch": batch, "errors": errors, "yardstick": yardstick, "times": times,
-            "variants": list(variants), "identical": identical}
+            "memory": memory, "variants": list(variants), "identical": identical}
 
 
-def table(rows: list, dry_run: bool) -> str:
-    """Images/s per side, each other side's time over our captured step's, whether captured and eager
-    steps agree bit for bit, and each side's largest error against float64."""
+def table(rows: list, dry_run: bool, precision: str = "tf32") -> str:
+    """Images/s per side in ``precision``, each other side's time over our captured step's, whether
+    captured and eager steps agree bit for bit, and each side's largest error against float64 (the
+    agreement check, in IEEE float32)."""
     others = ["ours eager"] + rows[0]["variants"]
     sides = ["ours captured"] + others
     header = (["model", "batch"] + [f"{side} img/s" for side in sides] + [f"{v} / ours captured" for v in others]
@@ -269,13 +286,41 @@ def table(rows: list, dry_run: bool) -> str:
                                         for side in rows[0]["errors"]])
     body = []
     for row in rows:
-        t = row["times"]
+        t = row["times"].get(precision, {})
         rates = ["-" if side not in t else f"{row['batch'] / (t[side].median * 1e-3):,.0f}" for side in sides]
         ratios = ["-" if v not in t else f"{t[v].median / t['ours captured'].median:.2f}" for v in others]
-        same = {None: "-", True: "yes", False: "NO"}[row["identical"]]
+        same = {None: "-", True: "yes", False: "NO"}[row["identical"].get(precision)]
         body.append([row["model"] + (" (tiny)" if dry_run else ""), row["batch"]] + rates + ratios + [same]
                     + [f"{e:.1e}" for e in row["errors"].values()])
     return common.markdown_table(header, body)
+
+
+def precision_table(rows: list) -> str:
+    """Per side: its bf16 step's speed-up over its own TF32 step, and the step memory (MiB) of both."""
+    sides = ["ours captured", "ours eager"] + rows[0]["variants"]
+    header, body = ["model", "batch", "side", "bf16 / TF32 speed-up", "memory TF32 MiB", "memory bf16 MiB",
+                    "bf16 / TF32 memory"], []
+    for row in rows:
+        t, m = row["times"], row["memory"]
+        for side in sides:
+            speed_up = t["tf32"][side].median / t["bf16"][side].median
+            mib = [m[p].get(side) for p in ("tf32", "bf16")]
+            body.append([row["model"], row["batch"], side, f"{speed_up:.2f}"]
+                        + ["-" if b is None else f"{b / 2**20:,.0f}" for b in mib]
+                        + ["-" if None in mib else f"{mib[1] / mib[0]:.2f}"])
+    return common.markdown_table(header, body)
+
+
+def report(rows: list, precisions, dry_run: bool) -> str:
+    """The tables of a run: one per precision, then bf16 beside TF32 when both were timed."""
+    parts = [f"### Training step, images/s, {p.upper()}"
+             + (f" ({common.NO_TIMING}; batch norm on running statistics)" if dry_run else "")
+             + "\n\n" + table(rows, dry_run, p) for p in (["ieee"] if dry_run else precisions)]
+    if not dry_run and {"tf32", "bf16"} <= set(precisions):
+        parts.append("### bf16 against TF32, each side against itself (step memory: peak device memory of "
+                     "one eager step beyond parameters, gradients, optimizer state and batch)\n\n"
+                     + precision_table(rows))
+    return "\n\n".join(parts)
 
 
 def parse_args(argv=None):
@@ -285,9 +330,10 @@ def parse_args(argv=None):
                         help="models to train (default: attention56 attention92; attention56 in a dry run, "
                              "where the interpreter takes about 10 s per step of its tiny version)")
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 128], help="batch sizes (default: 64 128)")
-    parser.add_argument("--precision", default="tf32", choices=list(common.TOLERANCES),
-                        help="float32 matrix products during timing, both sides (default: tf32; the agreement "
-                             "check always runs in ieee)")
+    parser.add_argument("--precisions", nargs="+", default=["tf32", "bf16"], choices=common.STEP_PRECISIONS,
+                        help="precisions to time, both sides: tf32 (float32, TF32 products), ieee (float32 "
+                             "throughout), bf16 (ours: bfloat16 activations; PyTorch: autocast to bfloat16) "
+                             "(default: tf32 bf16; the agreement check always runs in ieee)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--budget-ms", type=float, default=3000.0,
                         help="device time per timed side; 10 to 100 steps (default: 3000)")
@@ -313,17 +359,15 @@ def main(argv=None) -> int:
         for batch in batches:
             rows.append(run_config(name, batch, args, session))
             print(f"  {name} b{batch}: agreement ok", file=sys.stderr)
-    caption = (f"### Training step, images/s, {args.precision.upper()}"
-               + (f" ({common.NO_TIMING}; batch norm on running statistics)" if session.dry_run else ""))
-    report = caption + "\n\n" + table(rows, session.dry_run)
-    print(report)
+    text = report(rows, args.precisions, session.dry_run)
+    print(text)
     if not session.dry_run:
         env = common.environment(session.torch, args.command)
         common.append_results(args.out / "RESULTS.md", f"## bench.step, {env['date']}\n\n"
                               f"{common.describe_environment(env)}\n\nMedian of 10 to 100 steps after 3 warm-up "
-                              f"steps; ratio = PyTorch time / ours.\n\n{report}")
+                              f"steps; ratio = PyTorch time / ours.\n\n{text}")
         print(f"\nappended to {args.out / 'RESULTS.md'}")
-    differ = [f"{row['model']} b{row['batch']}" for row in rows if row["identical"] is False]
+    differ = [f"{row['model']} b{row['batch']} {p}" for row in rows for p, same in row["identical"].items() if not same]
     if differ:
         print(f"captured and eager steps ended with different parameters after {IDENTITY_STEPS} steps: "
               f"{', '.join(differ)}", file=sys.stderr)

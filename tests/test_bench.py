@@ -6,6 +6,7 @@ checked where torch is importable (a CPU build is enough); those tests skip clea
 """
 import contextlib
 import json
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,6 +63,44 @@ def test_step_dry_run_agrees_and_times_nothing(rng, capsys):
     assert cells["captured = eager"] == "-"                                 # checked on the GPU only
     assert float(cells["err ours"]) < 1e-4 and "err numpy float32 (yardstick)" in cells
     assert common.NO_TIMING in out and RESULTS.read_text() == before
+
+
+def test_step_report_puts_bf16_beside_tf32():
+    """The GPU run's tables from made-up timings (the numbers are the test's, not measurements):
+    images/s and ratios per precision, then each side's bf16 speed-up and memory."""
+    def ms(median):
+        return common.Timing(median, median, median, 10)
+
+    times = {"tf32": {"ours captured": ms(40.0), "ours eager": ms(80.0), "PyTorch eager": ms(60.0)},
+             "bf16": {"ours captured": ms(25.0), "ours eager": ms(64.0), "PyTorch eager": ms(30.0)}}
+    memory = {"tf32": {"ours eager": 800 * 2**20, "PyTorch eager": 1000 * 2**20},
+              "bf16": {"ours eager": 400 * 2**20, "PyTorch eager": 700 * 2**20}}
+    row = {"model": "attention56", "batch": 64, "errors": {"ours": 1e-3}, "yardstick": "PyTorch eager",
+           "times": times, "memory": memory, "variants": ["PyTorch eager"], "identical": {"tf32": True, "bf16": True}}
+    text = re.sub(" +", " ", bench_step.report([row], ["tf32", "bf16"], dry_run=False))  # without the padding
+    assert "images/s, TF32" in text and "images/s, BF16" in text
+    assert "| attention56 | 64 | 1,600 | 800 | 1,067 | 2.00 | 1.50 | yes |" in text       # 64 / 40 ms, ...
+    assert "| attention56 | 64 | 2,560 | 1,000 | 2,133 | 2.56 | 1.20 | yes |" in text     # 64 / 25 ms, ...
+    assert "| attention56 | 64 | ours captured | 1.60 | - | - | - |" in text               # 40 / 25 ms
+    assert "| attention56 | 64 | ours eager | 1.25 | 800 | 400 | 0.50 |" in text
+    assert "| attention56 | 64 | PyTorch eager | 2.00 | 1,000 | 700 | 0.70 |" in text
+
+
+def test_step_times_pytorch_under_bfloat16_autocast(rng):
+    """The PyTorch side of a bf16 timing: forward and loss under autocast, the SGD in float32
+    (on the CPU here; the GPU run does the same on cuda)."""
+    torch = pytest.importorskip("torch")
+    model = common.build_model("attention56", dry_run=True, seed=int(rng.integers(1 << 30)))
+    x = rng.standard_normal((2, common.DRY_RUN_IMAGE, common.DRY_RUN_IMAGE, 3)).astype(np.float32)
+    labels = rng.integers(0, common.NUM_CLASSES, 2).astype(np.int64)
+    losses = {}
+    for bf16 in (False, True):
+        trainer = bench_step.TorchTrainer(torch, model, "cpu", bf16=bf16)
+        logits, loss = trainer.step(*trainer.inputs(x, labels))
+        assert logits.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainer.net.parameters())
+        losses[bf16] = float(loss)
+    assert losses[True] != losses[False] and abs(losses[True] - losses[False]) < 0.05 * losses[False]
 
 
 def test_step_check_holds_each_side_to_the_yardstick(rng):
