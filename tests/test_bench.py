@@ -314,7 +314,7 @@ def test_gpu_check_dry_run_runs_every_stage(rng, tmp_path, capsys):
         assert f"| {stage} " in table, stage
     assert "FAILED" not in table and "skipped: not enough" not in table
     assert {p.name for p in tmp_path.iterdir()} == {"gpu_check.log", "summary.md", "tests.xml",
-                                                    "train_metrics.csv", "kernels.json"}
+                                                    "train_metrics_tf32.csv", "kernels.json"}
     assert gpu_check._junit_results(tmp_path / "tests.xml")["counts"]["passed"] > 0
     records = json.loads((tmp_path / "kernels.json").read_text())["results"]
     assert {r["family"] for r in records} == set(bench_kernels.FAMILIES) and not any(r["times_ms"] for r in records)
