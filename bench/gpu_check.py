@@ -256,7 +256,8 @@ def _train_once(args, data_dir: Path, precision: str, limit: float):
     """One training run of the stage's recipe at ``precision``: its metrics rows, or a line saying
     why there are none."""
     run_dir = args.work / f"train-{precision}"
-    command = [sys.executable, "-m", "train.cifar"] + train_command(args, data_dir, run_dir) + ["--precision", precision]
+    command = ([sys.executable, "-m", "train.cifar"] + train_command(args, data_dir, run_dir)
+               + ["--precision", precision])
     returncode = _run_interruptible(command, limit)  # Ctrl-C: train.cifar checkpoints
     if returncode is None:
         return f"{precision}: training did not finish within the stage's time limit"

@@ -8,9 +8,9 @@ backend is fixed per call at forward time, and backward follows it.
 Arguments are Tensors or raw arrays of the current backend (a raw array is a
 constant: it gets no gradient). Activations are NHWC C-contiguous, float32 or (precision
 "bf16", cuda and interpret only) bfloat16; parameters and statistics are float32; the numpy
-backend also takes float64 throughout, for gradient checks (the rule: ``_check_array``). Bad input raises a
-ValueError or TypeError naming the op, the argument, what it got and what it
-expected, before anything runs. That includes an empty array (a zero-size
+backend also takes float64 throughout, for gradient checks (the rule: ``_check_array``).
+Bad input raises a ValueError or TypeError naming the op, the argument, what it got and what
+it expected, before anything runs. That includes an empty array (a zero-size
 dimension: batch 0, H or W 0, no channels), refused alike on every backend, since
 the statistics and means of these ops have no value over nothing. Scalar options
 may be Python or NumPy numbers; they reach the kernels as Python numbers.
