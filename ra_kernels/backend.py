@@ -31,6 +31,9 @@ PRECISIONS = ("tf32", "ieee", "bf16")
 #: bfloat16 storage of activations (precision "bf16"): ml_dtypes' NumPy type, which Triton reads as
 #: bf16 and CuPy 14 accepts too. Kernels compute in float32 (kernels/storage.py).
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+#: bfloat16's unit roundoff: 8 significant bits, so one rounding to nearest is off by at most
+#: 2**-8 of the value (the tests' bounds are built from it).
+BFLOAT16_ROUNDOFF = 2.0 ** -8
 
 _selected = {"backend": None, "precision": "tf32", "poison": False}
 

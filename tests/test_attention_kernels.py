@@ -116,7 +116,7 @@ def test_attention_mix_in_bfloat16(triton_backend, rng, residual):
     dm, dt = attention.attention_mix_backward(backend.asarray(dy), saved)
     want_y, ref_saved = ref.attention_mix(m.astype(np.float64), t.astype(np.float64), residual=residual)
     want_dm, want_dt = ref.attention_mix_backward(dy.astype(np.float64), ref_saved)
-    bf16_u = 2.0 ** -8
+    bf16_u = backend.BFLOAT16_ROUNDOFF
     for name, got, want, atol in (("y", y, want_y, F32_TINY), ("dt", dt, want_dt, F32_TINY),
                                   ("dm", dm, want_dm, ONE_MINUS_S_ATOL * np.abs(t.astype(np.float64) * dy) + F32_TINY)):
         assert backend.to_numpy(got).dtype == backend.BFLOAT16, name
@@ -168,7 +168,7 @@ def test_channel_attention(triton_backend, rng, shape):
 def test_channel_and_spatial_attention_in_bfloat16(triton_backend, rng):
     # bfloat16 x and dy (issue 14): computed in float32 as in the tests above, then one rounding of
     # y and dx to bfloat16, <= 2**-8 of each value (bfloat16's unit roundoff) on top of their bounds.
-    shape, bf16_u = (2, 5, 7, 67), 2.0 ** -8
+    shape, bf16_u = (2, 5, 7, 67), backend.BFLOAT16_ROUNDOFF
     stats_shape = (shape[0], 1, 1, shape[3])
     x = (rng.standard_normal(shape) * rng.uniform(0.5, 3, stats_shape)).astype(backend.BFLOAT16)
     dy = rng.standard_normal(shape).astype(backend.BFLOAT16)

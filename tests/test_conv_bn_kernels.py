@@ -34,7 +34,7 @@ from ra_kernels import functional as F
 from ra_kernels.kernels import batchnorm, conv, elementwise
 
 IEEE_RTOL = 1e-5
-BF16_U, F32_U = 2.0 ** -8, 2.0 ** -24  # unit roundoffs: one rounding is off by at most u relative
+BF16_U, F32_U = backend.BFLOAT16_ROUNDOFF, 2.0 ** -24  # unit roundoffs: one rounding is off by <= u relative
 # Values near 100 with std 1: float32 holds their mean only to its spacing at 100,
 # 7.6e-6 of the std (seen: ~2e-5 after the tile sums), an offset every xhat carries
 # whatever the method; y passes it on and dgamma = sum(dy * xhat) collects it, so

@@ -84,7 +84,7 @@ def test_relu_keeps_nan_and_infinities(triton_backend):
 
 # --------------------------------------------------------------------------- bfloat16 storage (issue 14)
 
-BF16_U = 2.0 ** -8  # bfloat16's unit roundoff: 8 significant bits, so one rounding is off by <= 2**-8
+BF16_U = backend.BFLOAT16_ROUNDOFF
 
 
 def test_stores_round_to_nearest_even_into_bfloat16(triton_backend, rng):

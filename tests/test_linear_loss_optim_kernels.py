@@ -94,7 +94,7 @@ def test_linear_with_bfloat16_x(triton_backend, rng):
     _assert_within(y, x64 @ w_bf + b64, _product_bound(x64, w_bf) + 2 * EPS * (np.abs(x64) @ np.abs(w_bf) + np.abs(b64)),
                    "y")
     want_dx = dy64 @ w64.T
-    _assert_within(dx, want_dx, 2.0 ** -8 * np.abs(want_dx) + _product_bound(dy64, w64.T), "dx")
+    _assert_within(dx, want_dx, backend.BFLOAT16_ROUNDOFF * np.abs(want_dx) + _product_bound(dy64, w64.T), "dx")
     _assert_within(dw, x64.T @ dy_bf, _product_bound(x64.T, dy_bf), "dw")
     _assert_within(db, dy64.sum(0), (x.shape[0] + 1) * EPS * np.abs(dy64).sum(0), "db")
 

@@ -215,7 +215,7 @@ def test_tiny_network_kernels_match_numpy_backend(triton_backend, rng, variant, 
                                         f"(numpy float32 error {numpy_error:.3e}, scale {scale:.3e})")
 
 
-BF16_U = 2.0 ** -8  # bfloat16's unit roundoff: one rounding is off by at most 2**-8 relative
+BF16_U = backend.BFLOAT16_ROUNDOFF
 
 
 def _truncating_bfloat16(x):

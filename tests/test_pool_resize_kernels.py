@@ -188,7 +188,7 @@ def test_ops_through_functional(triton_backend, rng):
 
 # --------------------------------------------------------------------------- bfloat16 storage (issue 14)
 
-BF16_U, F32_U = 2.0 ** -8, 2.0 ** -24  # unit roundoffs: one rounding is off by at most u relative
+BF16_U, F32_U = backend.BFLOAT16_ROUNDOFF, 2.0 ** -24  # unit roundoffs: one rounding is off by <= u relative
 
 
 def _bf16(a):
