@@ -133,8 +133,8 @@ def _check_channel_params(op, c, dtype, **params):
             raise ValueError(f"{op}: {name} has {_data(p).shape[0]} channels, x has {c}")
 
 
-def _out_size(op, size, kernel, stride, padding):
-    out = out_size(size, kernel, stride, padding)
+def _out_size(op, size, kernel, stride, padding, ceil_mode=False):
+    out = out_size(size, kernel, stride, padding, ceil_mode)
     if out < 1:
         raise ValueError(f"{op}: input size {size} with kernel {kernel}, stride {stride}, "
                          f"padding {padding} gives an empty output")
@@ -430,8 +430,10 @@ def _chain_norm(op, name, whose, bn, shape, dtype):
     return [bn[0], bn[1], _data(bn[2]), _data(bn[3])]
 
 
-def max_pool2d(x, kernel_size=3, stride=2, padding=1):
-    """Max over each window of NHWC x; padding counts as -inf; gradient to the first maximum."""
+def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
+    """Max over each window of NHWC x; padding counts as -inf; gradient to the first maximum.
+    ``ceil_mode``: the output size rounds up, as Caffe's pooling (the ImageNet stem) and PyTorch's
+    ceil_mode; the last windows then reach past the input, which counts as -inf too."""
     _check_nhwc("max_pool2d", x)
     kernel_size = _check_int("max_pool2d", "kernel_size", kernel_size, 1)
     stride = _check_int("max_pool2d", "stride", stride, 1)
@@ -439,10 +441,11 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     if 2 * padding > kernel_size:
         raise ValueError(f"max_pool2d: padding {padding} must be at most kernel_size // 2 "
                          f"({kernel_size // 2}), or some windows would hold only padding")
+    ceil_mode = _check_flag("max_pool2d", "ceil_mode", ceil_mode)
     _, h, w, _ = _data(x).shape
-    _out_size("max_pool2d", h, kernel_size, stride, padding)
-    _out_size("max_pool2d", w, kernel_size, stride, padding)
-    return _MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding)
+    _out_size("max_pool2d", h, kernel_size, stride, padding, ceil_mode)
+    _out_size("max_pool2d", w, kernel_size, stride, padding, ceil_mode)
+    return _MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
 
 
 def upsample_bilinear(x, size, skip=None):

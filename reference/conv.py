@@ -41,8 +41,8 @@ def conv2d_backward(dy, saved, need_dx=True, dw_into=None, dx_into=None):
         return None, dw
     # One (N*OH*OW, Cout) @ (Cout, Cin) product per tap: faster than one product into a
     # KH*KW-times larger buffer, and lighter on memory.
-    dx = fold_windows(lambda i, j: (dy2d @ w[i, j].T).reshape(n, oh, ow, cin), (kh, kw), x.shape, stride, padding,
-                      dy.dtype)
+    dx = fold_windows(lambda i, j: (dy2d @ w[i, j].T).reshape(n, oh, ow, cin), (kh, kw), x.shape, (oh, ow), stride,
+                      padding, dy.dtype)
     return elementwise.gradient_into(dx, dx_into), dw
 
 

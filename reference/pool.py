@@ -5,18 +5,20 @@ from ._windows import fold_windows, windows
 from .elementwise import gradient_into
 
 
-def max_pool2d(x, kernel_size=3, stride=2, padding=1):
+def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
     """Max over each kernel_size^2 window of x (N, H, W, C) -> (N, OH, OW, C), padding counting as -inf.
 
     OH = (H + 2*padding - kernel_size) // stride + 1, like F.max_pool2d(x.permute(0, 3, 1, 2),
-    kernel_size, stride, padding) with ceil_mode=False. saved holds the argmax as the
+    kernel_size, stride, padding, ceil_mode); with ``ceil_mode`` the division rounds up (Caffe's
+    pooling: the last windows run past the input, what lies beyond counting as -inf too; see
+    _windows.out_size). saved holds the argmax as the
     row-major tap index within the window; ties go to the first maximum. A NaN is the
     maximum of its window, as in PyTorch: y is NaN and the gradient goes to the first NaN.
     """
     if not 0 <= padding <= kernel_size // 2:
         # As in PyTorch: larger padding would allow windows made only of padding.
         raise ValueError(f"max_pool2d: padding must be in [0, kernel_size // 2], got {padding} for {kernel_size}")
-    taps = windows(x, (kernel_size, kernel_size), stride, padding, pad_value=-np.inf)
+    taps = windows(x, (kernel_size, kernel_size), stride, padding, pad_value=-np.inf, ceil_mode=ceil_mode)
     y = taps.max(axis=(3, 4))
     argmax = np.zeros(y.shape, np.int8 if kernel_size * kernel_size <= 128 else np.int32)
     # Taps in reverse row-major order, so the first maximum is the last written. (np.argmax
@@ -33,7 +35,7 @@ def max_pool2d_backward(dy, saved, dx_into=None):
     With ``dx_into`` dx is added into it, which is returned."""
     argmax, x_shape, kernel_size, stride, padding = saved
     dx = fold_windows(lambda i, j: np.where(argmax == i * kernel_size + j, dy, 0), (kernel_size, kernel_size),
-                      x_shape, stride, padding, dy.dtype)
+                      x_shape, dy.shape[1:3], stride, padding, dy.dtype)
     return (gradient_into(dx, dx_into),)
 
 

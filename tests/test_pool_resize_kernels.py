@@ -40,8 +40,9 @@ def _signed_integers(rng, shape):
 
 # --------------------------------------------------------------------------- max pooling
 
-# (kernel_size, stride, padding): the network's; tiling; overlapping; gaps between windows.
-POOL_GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (2, 3, 0)]
+# (kernel_size, stride, padding, ceil_mode): the network's; tiling; overlapping; gaps between
+# windows; the ImageNet stem's (Caffe's ceil mode: on 7x9 the last windows reach past the input).
+POOL_GEOMETRIES = [(3, 2, 1, False), (2, 2, 0, False), (3, 1, 1, False), (2, 3, 0, False), (3, 2, 0, True)]
 POOL_SHAPES = [(1, 7, 9, 67), (2, 7, 9, 3)]
 
 
@@ -49,15 +50,16 @@ POOL_SHAPES = [(1, 7, 9, 67), (2, 7, 9, 3)]
 @pytest.mark.parametrize("shape", POOL_SHAPES)
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES)
 def test_max_pool2d(triton_backend, rng, geometry, shape, values):
-    kernel_size, stride, padding = geometry
+    kernel_size, stride, padding, ceil_mode = geometry
     if values == "ties":
         # Windows full of equal values: the gradient must go to the first maximum in row-major
         # order. All negative, so a window over the padding only gets it right if padding is -inf.
         x = rng.integers(-3, 0, shape).astype(np.float32)
     else:
         x = rng.standard_normal(shape).astype(np.float32)
-    y, saved = _run(pool.max_pool2d, x, kernel_size=kernel_size, stride=stride, padding=padding)
-    want_y, want_saved = _ref(ref.max_pool2d, x, kernel_size=kernel_size, stride=stride, padding=padding)
+    geometry = dict(kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
+    y, saved = _run(pool.max_pool2d, x, **geometry)
+    want_y, want_saved = _ref(ref.max_pool2d, x, **geometry)
     # A max only selects values: exact.
     np.testing.assert_array_equal(_host(y), want_y)
     argmax, want_argmax = _host(saved[0]), want_saved[0]

@@ -462,13 +462,17 @@ def naive_max_pool(x, dy, kernel_size, stride, padding):
     ((2, 8, 6, 3), 2, 2, 0),
     ((1, 5, 6, 2), 3, 1, 1),
     ((1, 7, 7, 2), 2, 2, 1),
+    ((2, 8, 7, 2), 3, 2, 0),
 ])
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
 @pytest.mark.parametrize("values", ["distinct", "ties"])
-def test_max_pool_matches_naive_loop(x_shape, kernel_size, stride, padding, values, seed):
+def test_max_pool_matches_naive_loop(x_shape, kernel_size, stride, padding, ceil_mode, values, seed):
     rng = np.random.default_rng(seed)
     # Small integers tie often, which checks the first-maximum rule; distinct values check plain routing.
+    # The naive loop takes the output size from dy and skips taps outside the input, so in ceil mode
+    # it checks the windows that run past the input.
     x = distinct(rng, x_shape) if values == "distinct" else rng.integers(0, 3, x_shape).astype(np.float64)
-    y, saved = ref.max_pool2d(x, kernel_size, stride, padding)
+    y, saved = ref.max_pool2d(x, kernel_size, stride, padding, ceil_mode)
     dy = rng.standard_normal(y.shape)
     expected_y, expected_dx = naive_max_pool(x, dy, kernel_size, stride, padding)
     np.testing.assert_array_equal(y, expected_y)
@@ -493,6 +497,22 @@ def test_max_pool_constant_windows_route_to_first_element(kernel_size, stride, p
     np.testing.assert_array_equal(y, 0.5)
     np.testing.assert_array_equal(saved[0], expected_argmax)  # the argmax as a row-major tap index
     np.testing.assert_allclose(dx, expected_dx, rtol=EXACT_RTOL, atol=EXACT_RTOL, err_msg=f"seed={seed}")
+
+
+def test_max_pool_ceil_mode_sizes_are_pytorchs_and_caffes():
+    """Output sizes in ceil mode: PyTorch's (where it is installed) over a range of sizes and
+    geometries, and the ImageNet stem's, 112 -> 56 with 3x3/2 and no padding (Caffe's ceil((112 - 3)
+    / 2) + 1; floor mode would give 55)."""
+    assert ref.max_pool2d(np.zeros((1, 112, 112, 1)), 3, 2, 0, ceil_mode=True)[0].shape == (1, 56, 56, 1)
+    assert ref.max_pool2d(np.zeros((1, 112, 112, 1)), 3, 2, 0)[0].shape == (1, 55, 55, 1)
+    torch = pytest.importorskip("torch")
+    for size, kernel_size, stride, padding in product(range(3, 12), (2, 3), (1, 2, 3), (0, 1)):
+        if 2 * padding > kernel_size:
+            continue
+        ours = ref.max_pool2d(np.zeros((1, size, size, 1)), kernel_size, stride, padding, ceil_mode=True)[0].shape[1]
+        theirs = torch.nn.functional.max_pool2d(torch.zeros(1, 1, size, size), kernel_size, stride, padding,
+                                                ceil_mode=True).shape[2]
+        assert ours == theirs, (size, kernel_size, stride, padding)
 
 
 def test_max_pool_padding_is_minus_infinity():

@@ -62,6 +62,7 @@ def bn_params(c):
     (lambda: F.conv2d(f32(1, 8, 8, 3), f32(3, 3, 3, 4), stride=0), ValueError, r"conv2d: stride must be an integer >= 1"),
     (lambda: F.conv2d(f32(1, 2, 2, 3), f32(3, 3, 3, 4)), ValueError, r"conv2d: input size 2 with kernel 3, stride 1, padding 0 gives an empty output"),
     (lambda: F.max_pool2d(f32(1, 8, 8, 3), kernel_size=3, padding=2), ValueError, r"max_pool2d: padding 2 must be at most"),
+    (lambda: F.max_pool2d(f32(1, 8, 8, 3), ceil_mode=1), ValueError, r"max_pool2d: ceil_mode must be True or False"),
     (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(3), momentum=1.5), ValueError, r"batch_norm: momentum must be in \[0, 1\]"),
     # dtypes
     (lambda: F.relu(np.arange(6).reshape(2, 3)), TypeError, r"relu: x must be float32 or float64 on the numpy backend, got int64"),

@@ -28,7 +28,9 @@ def _argmax_dtype(kernel_size):
 
 # (KSIZE, STRIDE, PAD, argmax type): the network's 3x3/s2/p1 and the tests' others (overlapping,
 # tiling, gapped windows, and 12x12 windows, whose 144 taps need an int32 argmax).
-_MAX_POOL_AOT = [(3, 2, 1, "*i8"), (2, 2, 0, "*i8"), (3, 1, 1, "*i8"), (2, 3, 0, "*i8"), (12, 1, 6, "*i32")]
+# (3, 2, 0): the ImageNet networks' stem pooling, in ceil mode (which only changes OH and OW).
+_MAX_POOL_AOT = [(3, 2, 1, "*i8"), (2, 2, 0, "*i8"), (3, 1, 1, "*i8"), (2, 3, 0, "*i8"), (12, 1, 6, "*i32"),
+                 (3, 2, 0, "*i8")]
 
 
 @kernel(aot=[dict(x_ptr=f"*{t}", y_ptr=f"*{t}", argmax_ptr=idx, H="i32", W="i32", C="i32",
@@ -115,18 +117,20 @@ def max_pool2d_backward_kernel(dy_ptr, argmax_ptr, dx_ptr, H, W, C, OH, OW, n_in
     storage.store_or_add(dx_ptr + pos[:, None] * C + chan[None, :], acc, tile_mask, ACCUMULATE)
 
 
-def max_pool2d(x, kernel_size=3, stride=2, padding=1):
+def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
     """Max over each kernel_size^2 window of x (N, H, W, C) -> (y (N, OH, OW, C), saved).
 
-    OH = (H + 2*padding - kernel_size) // stride + 1 (likewise OW); padding counts as
-    -inf. saved holds the argmax (N, OH, OW, C), int8 (int32 above 128 taps), the
+    OH = (H + 2*padding - kernel_size) // stride + 1 (likewise OW), rounded up with
+    ``ceil_mode`` (tiles.out_size); padding, and what the last windows reach past it in ceil
+    mode, counts as -inf (the kernels bound every tap by H and W, and the backward every window
+    by OH and OW, so ceil mode is only the output's size). saved holds the argmax (N, OH, OW, C), int8 (int32 above 128 taps), the
     row-major tap index of the first maximum in its window. One call reads x about
     (kernel_size/stride)^2 times through the cache but from DRAM once, and writes
     y and the argmax: 4*N*H*W*C + 5*N*OH*OW*C bytes (3x3/s2/p1 on 64x32x32x64:
     16.8 MB + 5.2 MB).
     """
     n, h, w, c = x.shape
-    oh, ow = out_size(h, kernel_size, stride, padding), out_size(w, kernel_size, stride, padding)
+    oh, ow = (out_size(size, kernel_size, stride, padding, ceil_mode) for size in (h, w))
     y = empty((n, oh, ow, c), x.dtype)
     argmax = empty((n, oh, ow, c), _argmax_dtype(kernel_size))
     block_p, block_c = nhwc_tile(c)

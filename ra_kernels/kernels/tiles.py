@@ -33,9 +33,15 @@ def next_power_of_2(n):
     return 1 << (n - 1).bit_length()
 
 
-def out_size(size, kernel_size, stride, padding):
-    """Output length of a convolution or pooling window along one axis (floor mode)."""
-    return (size + 2 * padding - kernel_size) // stride + 1
+def out_size(size, kernel_size, stride, padding, ceil_mode=False):
+    """Output length of a convolution or pooling window along one axis: floor mode, or with
+    ``ceil_mode`` (pooling, as Caffe and PyTorch) the division rounded up, less one if the last
+    window would start past the input and its left padding."""
+    span = size + 2 * padding - kernel_size
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + padding else out
 
 
 def channel_tile(c, elements, max_block_c=None):
