@@ -1,6 +1,7 @@
-"""The Residual Attention Network family for CIFAR (32x32 NHWC input).
+"""The Residual Attention Network family: for CIFAR (32x32 NHWC input), and the paper's ImageNet
+networks (ImageNetAttentionNet, 224x224, as the official prototxts have them).
 
-conv3x3 3 -> stem; per stage s = 1, 2, 3 at 32x32, 16x16, 8x8: a residual unit
+CIFAR: conv3x3 3 -> stem; per stage s = 1, 2, 3 at 32x32, 16x16, 8x8: a residual unit
 into ``widths[s]`` (stride 2 from stage 2 on) and ``modules_per_stage``
 attention modules whose mask branch pools ``(3, 2, 1)[s]`` times; three more
 units; BN-ReLU, global average pool, linear. Depth 36m + 20 for m modules per
@@ -89,11 +90,13 @@ class AttentionModule(Module):
 
     The output is ``(1 + M) * T`` (attention residual learning) or ``M * T``, with
     M = sigmoid(mask) ("mixed"), the paper's f2 ("channel") or f3 ("spatial").
-    Set ``keep_mask`` to keep M of the last forward in ``mask`` (an array).
+    Set ``keep_mask`` to keep M of the last forward in ``mask`` (an array). The mask's max-pools
+    are 3x3/2 with padding 1; with ``caffe_pooling`` (the official ImageNet prototxts) without
+    padding, in ceil mode: the same sizes on even maps (56 -> 28), windows shifted by one.
     """
 
     def __init__(self, channels, depth, p=1, t=2, r=1, residual_attention=True, attention="mixed",
-                 rng=None):
+                 rng=None, caffe_pooling=False):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"AttentionModule: attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -104,6 +107,7 @@ class AttentionModule(Module):
             return Sequential(*[ResidualUnit(channels, channels, rng=rng) for _ in range(n)])
 
         self.depth, self.residual_attention, self.attention = depth, residual_attention, attention
+        self.pooling = dict(padding=0, ceil_mode=True) if caffe_pooling else dict(padding=1)
         self.keep_mask, self.mask = False, None
         self.pre, self.trunk, self.post = units(p), units(t), units(p)
         self.down = Sequential(*[units(r) for _ in range(depth)])
@@ -119,7 +123,7 @@ class AttentionModule(Module):
         trunk = self.trunk(x)
         mask, skips = x, []
         for level in range(self.depth):
-            mask = self.down[level](F.max_pool2d(mask))
+            mask = self.down[level](F.max_pool2d(mask, 3, 2, **self.pooling))
             if level < self.depth - 1:
                 skips.append(self.skips[level](mask))
         mask = self.bottom(mask)
@@ -143,45 +147,30 @@ class AttentionModule(Module):
 # --------------------------------------------------------------------------- the network
 
 
-class ResidualAttentionNet(Module):
-    """Residual Attention Network: NHWC float32 images (N, 32, 32, 3) -> logits (N, num_classes).
+class _AttentionNetwork(Module):
+    """What the CIFAR and ImageNet networks share: ``entry`` (the stem), three stages
+    (``stage1``..``stage3``: a residual unit, then attention modules), ``tail`` units, a BN-ReLU
+    ``head``, global average pooling and a ``classifier``; the mask readout and the summary."""
 
-    ``residual_attention``: (1 + M) * T (ARL) or M * T (the paper's naive NAL).
-    ``attention``: "mixed" (sigmoid), "channel" (f2) or "spatial" (f3).
-    Weights are drawn from ``seed``: He normal (fan-out) for convs, BN gamma 1
-    and beta 0, PyTorch's default for the classifier.
-    """
+    #: The side of the images the network is made for (what summary() runs).
+    IMAGE_SIZE = 32
 
-    def __init__(self, modules_per_stage=1, p=1, t=2, r=1, stem=16, widths=(64, 128, 256),
-                 num_classes=10, residual_attention=True, attention="mixed", seed=0):
-        super().__init__()
-        if attention not in ATTENTIONS:
-            raise ValueError(f"ResidualAttentionNet: attention must be one of {ATTENTIONS}, got {attention!r}")
-        if len(widths) != 3:
-            raise ValueError(f"ResidualAttentionNet: widths must name 3 stages, got {widths!r}")
-        if num_classes < 2:
-            raise ValueError(f"ResidualAttentionNet: num_classes must be >= 2, got {num_classes}")
-        rng = np.random.default_rng(seed)
-        # The architecture, saved with the weights (nn.Module.architecture); the seed only draws them.
-        # Python numbers, not NumPy's, so that it is JSON in the saved file.
-        self.config = dict(modules_per_stage=int(modules_per_stage), p=int(p), t=int(t), r=int(r), stem=int(stem),
-                           widths=tuple(int(w) for w in widths), num_classes=int(num_classes),
-                           residual_attention=bool(residual_attention), attention=str(attention))
-        self.stem = Conv2d(3, stem, 3, 1, 1, rng=rng)
-        cin = stem
-        for s, (width, depth) in enumerate(zip(widths, MASK_DEPTHS)):
-            stage = [ResidualUnit(cin, width, stride=1 if s == 0 else 2, rng=rng)]
-            stage += [AttentionModule(width, depth, p, t, r, residual_attention, attention, rng=rng)
-                      for _ in range(modules_per_stage)]
-            setattr(self, f"stage{s + 1}", Sequential(*stage))
-            cin = width
-        self.tail = Sequential(*[ResidualUnit(cin, cin, rng=rng) for _ in range(3)])
-        self.head = BatchNorm2d(cin, relu=True)
-        self.classifier = Linear(cin, num_classes, rng=rng)
+    def entry(self, x):
+        return self.stem(x)
 
     def forward(self, x):
-        x = self.tail(self.stage3(self.stage2(self.stage1(self.stem(F.to_precision(x))))))
+        x = self.tail(self.stage3(self.stage2(self.stage1(self.entry(F.to_precision(x))))))
         return self.classifier(F.global_avg_pool(self.head(x)))
+
+    def _build_stages(self, cin, widths, modules_per_stage, rng, first_stride=1, **module_options):
+        """stage1..stage3: per stage a unit into its width (stride ``first_stride``, then 2) and its
+        attention modules, mask depths MASK_DEPTHS; returns the last width."""
+        for s, (width, depth, count) in enumerate(zip(widths, MASK_DEPTHS, modules_per_stage)):
+            stage = [ResidualUnit(cin, width, stride=first_stride if s == 0 else 2, rng=rng)]
+            stage += [AttentionModule(width, depth, rng=rng, **module_options) for _ in range(count)]
+            setattr(self, f"stage{s + 1}", Sequential(*stage))
+            cin = width
+        return cin
 
     def attention_modules(self):
         """(name, AttentionModule) in forward order."""
@@ -206,13 +195,13 @@ class ResidualAttentionNet(Module):
 
     def summary(self) -> str:
         """A table of every conv and linear layer in forward order: output shape, parameters and
-        multiply-adds per image, from one forward pass of a single 32x32 image."""
+        multiply-adds per image, from one forward pass of a single IMAGE_SIZE x IMAGE_SIZE image."""
         names = {id(m): name.rstrip(".") for name, m in self.named_modules()}
         was_training = self.training
         self.eval()  # in training mode the pass would update the running statistics
         try:
             with record_calls() as calls, no_grad():
-                self(asarray(np.zeros((1, 32, 32, 3), np.float32)))
+                self(asarray(np.zeros((1, self.IMAGE_SIZE, self.IMAGE_SIZE, 3), np.float32)))
         finally:
             self.train(was_training)
         header = f"{'layer':<46} {'type':<9} {'output':>12} {'params':>10} {'mult-adds':>14}"
@@ -236,6 +225,95 @@ class ResidualAttentionNet(Module):
         rows += ["-" * len(header),
                  f"{'total (every parameter, BN included)':<69} {n_params:>10,} {total_macs:>14,}"]
         return "\n".join(rows)
+
+
+class ResidualAttentionNet(_AttentionNetwork):
+    """Residual Attention Network: NHWC float32 images (N, 32, 32, 3) -> logits (N, num_classes).
+
+    ``residual_attention``: (1 + M) * T (ARL) or M * T (the paper's naive NAL).
+    ``attention``: "mixed" (sigmoid), "channel" (f2) or "spatial" (f3).
+    Weights are drawn from ``seed``: He normal (fan-out) for convs, BN gamma 1
+    and beta 0, PyTorch's default for the classifier.
+    """
+
+    def __init__(self, modules_per_stage=1, p=1, t=2, r=1, stem=16, widths=(64, 128, 256),
+                 num_classes=10, residual_attention=True, attention="mixed", seed=0):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"ResidualAttentionNet: attention must be one of {ATTENTIONS}, got {attention!r}")
+        if len(widths) != 3:
+            raise ValueError(f"ResidualAttentionNet: widths must name 3 stages, got {widths!r}")
+        if num_classes < 2:
+            raise ValueError(f"ResidualAttentionNet: num_classes must be >= 2, got {num_classes}")
+        rng = np.random.default_rng(seed)
+        # The architecture, saved with the weights (nn.Module.architecture); the seed only draws them.
+        # Python numbers, not NumPy's, so that it is JSON in the saved file.
+        self.config = dict(modules_per_stage=int(modules_per_stage), p=int(p), t=int(t), r=int(r), stem=int(stem),
+                           widths=tuple(int(w) for w in widths), num_classes=int(num_classes),
+                           residual_attention=bool(residual_attention), attention=str(attention))
+        self.stem = Conv2d(3, stem, 3, 1, 1, rng=rng)
+        cin = self._build_stages(stem, widths, (modules_per_stage,) * 3, rng, p=p, t=t, r=r,
+                                 residual_attention=residual_attention, attention=attention)
+        self.tail = Sequential(*[ResidualUnit(cin, cin, rng=rng) for _ in range(3)])
+        self.head = BatchNorm2d(cin, relu=True)
+        self.classifier = Linear(cin, num_classes, rng=rng)
+
+
+#: The ImageNet networks' stage widths and their tail's (docs/design.md §9).
+IMAGENET_WIDTHS, IMAGENET_TAIL = (256, 512, 1024), 2048
+
+
+class ImageNetAttentionNet(_AttentionNetwork):
+    """The paper's ImageNet network as the official prototxts lay it out: NHWC float32 images
+    (N, S, S, 3), S a multiple of 32 (224 in training) -> logits (N, num_classes).
+
+    conv7x7/2 (3 -> 64) + BN-ReLU, max-pool 3x3/2 without padding in ceil mode (Caffe's: 112 ->
+    56); a unit to 256 and ``modules_per_stage[0]`` attention modules at S/4 (mask depth 3),
+    a unit to 512 at stride 2 and ``modules_per_stage[1]`` modules (depth 2), a unit to 1024 at
+    stride 2 and ``modules_per_stage[2]`` modules (depth 1); three units at 2048, the first at
+    stride 2; BN-ReLU, global average pooling, the classifier. Units are the pre-activation
+    bottlenecks of ResidualUnit (stride on the 3x3, projections from the pre-activated input, no
+    conv biases), modules p, t, r = 1, 2, 1 with Caffe's mask pooling. Mask sizes follow the
+    input. Attention-56: modules (1, 1, 1); Attention-92: (1, 2, 3). Weights as for
+    ResidualAttentionNet, from ``seed``.
+    """
+
+    IMAGE_SIZE = 224
+
+    def __init__(self, modules_per_stage=(1, 1, 1), num_classes=1000, residual_attention=True, attention="mixed",
+                 seed=0):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"ImageNetAttentionNet: attention must be one of {ATTENTIONS}, got {attention!r}")
+        if len(modules_per_stage) != 3 or min(modules_per_stage) < 1:
+            raise ValueError(f"ImageNetAttentionNet: modules_per_stage must give 3 counts >= 1, "
+                             f"got {modules_per_stage!r}")
+        if num_classes < 2:
+            raise ValueError(f"ImageNetAttentionNet: num_classes must be >= 2, got {num_classes}")
+        rng = np.random.default_rng(seed)
+        self.config = dict(modules_per_stage=tuple(int(m) for m in modules_per_stage), num_classes=int(num_classes),
+                           residual_attention=bool(residual_attention), attention=str(attention))
+        self.stem = ConvBnRelu(3, 64, 7, 2, 3, rng=rng)
+        cin = self._build_stages(64, IMAGENET_WIDTHS, modules_per_stage, rng, residual_attention=residual_attention,
+                                 attention=attention, caffe_pooling=True)
+        self.tail = Sequential(ResidualUnit(cin, IMAGENET_TAIL, stride=2, rng=rng),
+                               *[ResidualUnit(IMAGENET_TAIL, IMAGENET_TAIL, rng=rng) for _ in range(2)])
+        self.head = BatchNorm2d(IMAGENET_TAIL, relu=True)
+        self.classifier = Linear(IMAGENET_TAIL, num_classes, rng=rng)
+
+    def entry(self, x):
+        return F.max_pool2d(self.stem(x), 3, 2, 0, ceil_mode=True)
+
+
+def imagenet_attention56(num_classes=1000, **kwargs):
+    return ImageNetAttentionNet((1, 1, 1), num_classes=num_classes, **kwargs)
+
+
+def imagenet_attention92(num_classes=1000, **kwargs):
+    return ImageNetAttentionNet((1, 2, 3), num_classes=num_classes, **kwargs)
+
+
+IMAGENET_MODELS = {"attention56": imagenet_attention56, "attention92": imagenet_attention92}
 
 
 def _constructor(modules_per_stage, p=1, t=2, r=1):

@@ -108,7 +108,9 @@ def _kink_free_dy(rng, preactivation, band):
 # the last spans two 128-channel tiles), 1x1 stride 2, 3x3 stride 2 on an odd input
 # (K = 180 straddles taps inside a K block), enough positions (512) for the weight
 # gradient to split its reduction over four programs (summed by the last), and the
-# widest layer class (Cin = 1024: a K loop of 32 blocks; Cout = 1000: eight channel tiles).
+# widest layer class (Cin = 1024: a K loop of 32 blocks; Cout = 1000: eight channel tiles); the
+# ImageNet stem (7x7 stride 2 padding 3 on 3 channels: K = 147, taps past every border) and a
+# 2048-channel 1x1 conv on a 7x7 map (the ImageNet tail: K = 2048, 64 blocks).
 CONV_SHAPES = [
     ((2, 7, 9, 3), (3, 3, 3, 20), 1, 1),
     ((1, 8, 7, 16), (1, 1, 16, 24), 2, 0),
@@ -116,6 +118,8 @@ CONV_SHAPES = [
     ((2, 16, 16, 24), (1, 1, 24, 40), 1, 0),
     ((1, 5, 6, 8), (3, 3, 8, 130), 1, 1),
     ((1, 3, 2, 1024), (1, 1, 1024, 1000), 1, 0),
+    ((2, 13, 11, 3), (7, 7, 3, 16), 2, 3),
+    ((1, 7, 7, 2048), (1, 1, 2048, 24), 1, 0),
 ]
 
 

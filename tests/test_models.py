@@ -306,11 +306,69 @@ def test_a_biased_bfloat16_rounding_fails_the_network_check(rng, monkeypatch):
     assert error > 2 * BF16_FACTOR * max(yardstick, BF16_U), errors
 
 
-def test_whole_loss_against_finite_differences(rng):
+# --------------------------------------------------------------------------- the ImageNet networks
+
+#: Counted from the official prototxts (fwang91/residual-attention-network, imagenet_model/
+#: Attention-{56,92}-deploy.prototxt), layer by layer, and by hand per block (docs/design.md §9):
+#: conv weights (no conv has a bias) + classifier weights and bias + batch norm's scale and shift,
+#: and the conv and classifier multiply-adds of one 224x224 image.
+PROTOTXT_COUNTS = {"attention56": (29_689_024 + 2_048_000 + 1_000 + 72_704, 6_270_836_736),
+                   "attention92": (50_283_712 + 2_048_000 + 1_000 + 133_632, 10_533_789_696)}
+
+
+@pytest.mark.parametrize("name", list(models.IMAGENET_MODELS))
+def test_imagenet_networks_have_the_prototxts_counts(name):
+    """Parameters and multiply-adds as summary() prints them (one 224x224 forward on the numpy
+    backend), equal to the prototxt's: the same layers, shapes and strides (a stride on the first
+    1x1 of a transition unit, or floor-mode pooling, would change the multiply-adds; a conv bias
+    the parameters)."""
+    with backend.use_backend("numpy"):
+        model = models.IMAGENET_MODELS[name]()
+        table = model.summary()
+    params, macs = PROTOTXT_COUNTS[name]
+    total = table.splitlines()[-1].split()
+    assert (int(total[-2].replace(",", "")), int(total[-1].replace(",", ""))) == (params, macs), table
+    stem_row = next(line for line in table.splitlines() if line.startswith("stem "))
+    assert "conv7x7" in stem_row and "112x112x64" in stem_row
+    print(table.splitlines()[-1])
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_imagenet_network_pools_as_caffe_and_its_masks_follow_the_input(rng, monkeypatch, size):
+    """Every max-pool of Attention-56 (the stem's and the masks' 6) is Caffe's 3x3/2 without
+    padding in ceil mode, and the masks have their stage's size for any multiple of 32: S/4, S/8
+    and S/16 at 256, 512 and 1024 channels, values in (0, 1)."""
+    pools, max_pool2d = [], F.max_pool2d
+
+    def recorded(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
+        pools.append((kernel_size, stride, padding, ceil_mode, tuple(x.shape[1:3])))
+        return max_pool2d(x, kernel_size, stride, padding, ceil_mode)
+
+    monkeypatch.setattr(F, "max_pool2d", recorded)
+    with backend.use_backend("numpy"):
+        masks = models.imagenet_attention56(num_classes=7, seed=int(rng.integers(1 << 30))).attention_masks(
+            rng.standard_normal((2, size, size, 3)).astype(np.float32))
+    assert [p[:4] for p in pools] == [(3, 2, 0, True)] * 7
+    s = size // 2  # the stem conv's output, then the stem pool's input, then each mask level's
+    assert [p[4] for p in pools] == [(s, s), (s // 2, s // 2), (s // 4, s // 4), (s // 8, s // 8),
+                                     (s // 4, s // 4), (s // 8, s // 8), (s // 8, s // 8)]
+    shapes = [m.shape for m in masks.values()]
+    assert shapes == [(2, size // 4, size // 4, 256), (2, size // 8, size // 8, 512), (2, size // 16, size // 16, 1024)]
+    assert all(((m > 0) & (m < 1)).all() for m in masks.values())
+
+
+def _imagenet_small(seed):
+    return models.imagenet_attention56(num_classes=5, seed=seed)
+
+
+@pytest.mark.parametrize("network, image", [(tiny, 32), (_imagenet_small, 64)], ids=["cifar-tiny", "imagenet56"])
+def test_whole_loss_against_finite_differences(rng, network, image):
     """float64 on the numpy backend: backward against central differences of the loss,
-    for a random sample of parameters of every layer type."""
-    model = tiny(seed=int(rng.integers(1 << 30))).astype(np.float64)
-    x = rng.standard_normal((2, 32, 32, 3))
+    for a random sample of parameters of every layer type; the CIFAR tiny network and the whole
+    ImageNet Attention-56 at 64x64 (31.8M parameters, its 7x7 stem, ceil-mode pools and
+    2048-channel tail; 0.15 s a forward)."""
+    model = network(seed=int(rng.integers(1 << 30))).astype(np.float64)
+    x = rng.standard_normal((2, image, image, 3))
     labels = rng.integers(0, 5, 2)
     running = [b.copy() for _, b in model.named_buffers()]
 
