@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     # triton: 3.6 is what the GPU machines have; CI and CPU machines take the newest 3.x.
     install_requires=["numpy>=1.26,<3", "scipy>=1.11,<2", "triton>=3.6,<4", "tqdm>=4.60,<5", "matplotlib>=3.8,<4",
-                      "ml_dtypes>=0.4,<1"],
+                      "ml_dtypes>=0.4,<1", "Pillow>=10,<14"],
     extras_require={
         "cuda12": ["cupy-cuda12x>=13,<15"],
         "cuda13": ["cupy-cuda13x>=14,<15"],

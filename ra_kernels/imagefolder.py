@@ -1,0 +1,135 @@
+"""ImageNet-style folders, scanned and checked; images decoded with Pillow and cropped the standard ways.
+
+Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>``, one folder per class,
+the same class folders in both splits (ImageNet's validation set sorted into class folders,
+as most copies have it). Images are files ending in .JPEG, .jpg, .jpeg or .png (any case).
+Classes are numbered in sorted folder-name order, images within a class in sorted name order,
+so that a scan of the same folder always gives the same labels.
+
+Crops (host side, uint8 RGB, before the device normalises per channel): training takes
+:func:`random_resized_crop_box` (a random area fraction and aspect ratio, as Inception and
+every ImageNet recipe since) resized to 224x224, flipped at random by the loader; evaluation
+takes :func:`validation_view` (the shorter side resized to 256, the central 224x224).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+
+#: The endings of image files (compared in lower case).
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+class CorruptImage(ValueError):
+    """An image file that Pillow cannot decode whole (truncated, damaged, or not what its name says)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderSplit:
+    """One split of a folder: class names (sorted), image paths and their int64 labels."""
+    root: Path
+    class_names: tuple
+    paths: tuple
+    labels: np.ndarray
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def scan_split(folder, class_names=None) -> ImageFolderSplit:
+    """The images of ``folder``/<class>/*; ValueError naming the problem when the folder is missing,
+    holds no class folders, a class folder holds no image, a file is not an image, or (given the
+    training split's ``class_names``) the class folders are not the same."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder (expected <root>/train and <root>/val, one folder per class)")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{folder}: no class folders in it (expected {folder}/<class>/<image>.JPEG)")
+    if class_names is not None and tuple(classes) != tuple(class_names):
+        missing, extra = sorted(set(class_names) - set(classes)), sorted(set(classes) - set(class_names))
+        raise ValueError(f"{folder}: its class folders differ from the training split's: "
+                         f"{_listed('missing', missing)}{'; ' if missing and extra else ''}{_listed('extra', extra)}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if not p.name.startswith("."))
+        for path in files:
+            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"{path}: not an image file (a class folder holds only .JPEG, .jpg, .jpeg or .png "
+                                 f"files); move it out of {folder}")
+        if not files:
+            raise ValueError(f"{folder / name}: an empty class folder (every class needs at least one image)")
+        paths += files
+        labels += [label] * len(files)
+    return ImageFolderSplit(folder, tuple(classes), tuple(paths), np.array(labels, np.int64))
+
+
+def _listed(what, names, shown=5):
+    if not names:
+        return ""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{what} {', '.join(names[:shown])}{more}"
+
+
+def scan_imagenet(root):
+    """(train, val) splits of ``root``, checked against each other (the same class folders)."""
+    train = scan_split(Path(root) / "train")
+    return train, scan_split(Path(root) / "val", train.class_names)
+
+
+def decode_rgb(path):
+    """The image at ``path`` as a Pillow RGB image, whatever its mode (grayscale, CMYK, palette,
+    alpha are converted); CorruptImage naming the file when it cannot be decoded whole."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes now: a truncated file fails here, not at a later crop
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:  # SyntaxError: Pillow's "broken PNG"
+        raise CorruptImage(f"{path}: cannot decode the image ({error})") from None
+
+
+def random_resized_crop_box(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """(top, left, crop_height, crop_width) of a random crop of a height x width image: an area
+    fraction uniform in ``scale`` and an aspect ratio (width / height) log-uniform in ``ratio``,
+    tried ``attempts`` times until the crop fits; else the largest central crop whose aspect is
+    within ``ratio``. Draws from the NumPy generator ``rng``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_resized(image, box, size):
+    """The ``box`` = (top, left, height, width) of a Pillow image, resized bilinearly to size x size:
+    uint8 (size, size, 3)."""
+    from PIL import Image
+    top, left, h, w = box
+    return np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)), np.uint8)
+
+
+def validation_view(image, resize=256, size=224):
+    """The evaluation view of a Pillow image: its shorter side resized to ``resize`` (bilinear),
+    then the central size x size: uint8 (size, size, 3)."""
+    from PIL import Image
+    width, height = image.size
+    factor = resize / min(width, height)
+    new_w, new_h = max(size, round(width * factor)), max(size, round(height * factor))
+    resized = image.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), np.uint8)
