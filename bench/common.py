@@ -72,17 +72,11 @@ def build_model(name: str, dry_run: bool, seed: int = 0):
     return models.MODELS[name](num_classes=NUM_CLASSES, seed=seed, **(DRY_RUN_MODEL if dry_run else {}))
 
 
-#: Precisions of a whole training step (bench.step); bench.kernels compares single ops in TOLERANCES'.
-STEP_PRECISIONS = backend.PRECISIONS
-
-
 @contextlib.contextmanager
 def precision(name: str, torch=None):
     """One of backend.PRECISIONS on both sides: our kernels (``backend.use_precision``) and, when
     given, PyTorch's cuBLAS and cuDNN: float32 products as TF32 for "tf32" and "bf16" (what autocast
     leaves in float32), IEEE for "ieee". PyTorch's autocast itself is the caller's (bench.step)."""
-    if name not in backend.PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(backend.PRECISIONS)}")
     flags = None
     if torch is not None:
         flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

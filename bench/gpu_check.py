@@ -410,7 +410,7 @@ def stage_sanitize(args) -> dict:
 
 def warm(args) -> dict:
     """Compile (by running once) the Triton specialisations of one job: "MODEL:BATCH:PRECISION" (a
-    training step; in TF32 an eval-mode forward too, as the training stage evaluates) or "kernels"
+    training step; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage evaluates) or "kernels"
     (every layer of the kernels stage, forward and backward, TF32)."""
     from ra_kernels import backend
     from ra_kernels.autograd import Tensor, no_grad
@@ -433,7 +433,7 @@ def warm(args) -> dict:
         model = common.build_model(name, args.dry_run)
         with backend.use_precision(precision):
             OurTrainer(model).step(x, labels)
-            if precision == "tf32":
+            if precision in TRAIN_PRECISIONS:  # the training stage evaluates in these
                 with no_grad():
                     model.eval()(Tensor(x))
     backend.to_numpy(backend.empty((1,)))  # waits for the device
@@ -443,13 +443,14 @@ def warm(args) -> dict:
 def warm_jobs(args) -> list:
     """The compile jobs of the chosen stages: each model configuration of the step (the training
     stage's is attention56 at 64) in each precision (the step is checked in IEEE and timed in
-    STEP_PRECISIONS),
-    and the kernels stage's layers; batch 64 first. One configuration in both precisions was one
+    STEP_PRECISIONS; the training stage trains in TRAIN_PRECISIONS), and the kernels stage's layers;
+    batch 64 first. One configuration in both precisions was one
     process in the first H200 run, the last to finish: over 95 s (2026-11-30)."""
     kernels = ["kernels"] if "kernels" in args.stages else []
     if args.dry_run or not {"train", "step"} & set(args.stages):
         return kernels
-    precisions = ("ieee",) + STEP_PRECISIONS[_mode(args)]
+    trains = "train" in args.stages and _mode(args) != "quick"  # the quick run skips the training stage
+    precisions = ("ieee",) + tuple(sorted(set(STEP_PRECISIONS[_mode(args)]) | set(TRAIN_PRECISIONS if trains else ())))
     configs = [f"{m}:{b}:{p}" for m, b in STEP_CONFIGS[_mode(args)] for p in precisions]
     return [c for c in configs if ":64:" in c] + kernels + [c for c in configs if ":64:" not in c]
 

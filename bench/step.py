@@ -275,7 +275,7 @@ def run_config(name: str, batch: int, args, session) -> dict:
             "memory": memory, "variants": list(variants), "identical": identical}
 
 
-def table(rows: list, dry_run: bool, precision: str = "tf32") -> str:
+def table(rows: list, dry_run: bool, precision: str) -> str:
     """Images/s per side in ``precision``, each other side's time over our captured step's, whether
     captured and eager steps agree bit for bit, and each side's largest error against float64 (the
     agreement check, in IEEE float32)."""
@@ -330,7 +330,7 @@ def parse_args(argv=None):
                         help="models to train (default: attention56 attention92; attention56 in a dry run, "
                              "where the interpreter takes about 10 s per step of its tiny version)")
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 128], help="batch sizes (default: 64 128)")
-    parser.add_argument("--precisions", nargs="+", default=["tf32", "bf16"], choices=common.STEP_PRECISIONS,
+    parser.add_argument("--precisions", nargs="+", default=["tf32", "bf16"], choices=backend.PRECISIONS,
                         help="precisions to time, both sides: tf32 (float32, TF32 products), ieee (float32 "
                              "throughout), bf16 (ours: bfloat16 activations; PyTorch: autocast to bfloat16) "
                              "(default: tf32 bf16; the agreement check always runs in ieee)")

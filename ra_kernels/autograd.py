@@ -151,7 +151,6 @@ class Tensor:
         owned = set()
         for node in _reverse_topological(self.node):
             out_grads = pending.pop(id(node))
-            owned.difference_update((id(node), i) for i in range(len(out_grads)))
             for out_ref, g in zip(node.outputs, out_grads):
                 out = out_ref()
                 if out is not None and out.retains_grad and g is not None:

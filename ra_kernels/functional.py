@@ -226,9 +226,9 @@ class _ConvChain(_Op):
 
     @classmethod
     def backward(cls, ctx, dy):
-        into = ctx.grad_into[1:-1] if ctx.grad_into else None
-        dx_into = ctx.grad_into[0] if ctx.grad_into else None
-        return tuple(ctx.op_backward(dy, ctx.op_saved, need_dx=ctx.needs_input_grad[0], into=into, dx_into=dx_into))
+        dx_into, *into = ctx.grad_into or (None,)
+        return tuple(ctx.op_backward(dy, ctx.op_saved, need_dx=ctx.needs_input_grad[0], into=into[:-1] or None,
+                                     dx_into=dx_into))
 
 
 class _UpsampleBilinear(_Op):

@@ -6,10 +6,10 @@ as most copies have it). Images are files ending in .JPEG, .jpg, .jpeg or .png (
 Classes are numbered in sorted folder-name order, images within a class in sorted name order,
 so that a scan of the same folder always gives the same labels.
 
-Crops (host side, uint8 RGB, before the device normalises per channel): training takes
-:func:`random_resized_crop_box` (a random area fraction and aspect ratio, as Inception and
-every ImageNet recipe since) resized to 224x224, flipped at random by the loader; evaluation
-takes :func:`validation_view` (the shorter side resized to 256, the central 224x224).
+Crops (host side, uint8 RGB): training takes :func:`random_resized_crop_box` (a random area
+fraction and aspect ratio, as Inception and every ImageNet recipe since) resized to 224x224;
+evaluation takes :func:`validation_view` (the shorter side resized to 256, the central 224x224).
+Flips and the per-channel normalisation belong to the loader, which is still to come.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ from .backend import asarray, to_numpy
 from .nn import BatchNorm2d, Conv2d, ConvBnRelu, Linear, Module, Sequential, record_calls
 
 MASK_DEPTHS = (3, 2, 1)  # max-pool levels of the mask branch per stage: 32->4, 16->4, 8->4
+#: Caffe's max-pooling in the official ImageNet prototxts (3x3/2): no padding, the output size
+#: rounded up (112 -> 56).
+CAFFE_POOLING = dict(kernel_size=3, stride=2, padding=0, ceil_mode=True)
 
 
 # --------------------------------------------------------------------------- the paper's blocks
@@ -30,14 +33,12 @@ def _branch(x, *layers, skip=None, residual=False):
         convs = layers[1:] if input_bn is not None else layers
         norms = {(layer.bn.momentum, layer.bn.eps) for layer in convs[:-1]}
         if input_bn is not None:
-            if not input_bn.relu:
-                raise ValueError("a conv chain's input batch norm is followed by a ReLU; this one has relu=False")
             norms.add((input_bn.momentum, input_bn.eps))
         if len(norms) != 1:
             raise ValueError(f"a conv chain's batch norms must share momentum and eps, got {sorted(norms)}")
         (momentum, eps), = norms
         return F.conv_chain(x, [layer.chain_layer() for layer in convs], momentum, eps, skip=skip,
-                            input_bn=None if input_bn is None else input_bn.statistics(), residual=residual)
+                            input_bn=None if input_bn is None else input_bn.chain_input(), residual=residual)
     y = x
     for layer in layers:
         y = layer(y)
@@ -107,7 +108,7 @@ class AttentionModule(Module):
             return Sequential(*[ResidualUnit(channels, channels, rng=rng) for _ in range(n)])
 
         self.depth, self.residual_attention, self.attention = depth, residual_attention, attention
-        self.pooling = dict(padding=0, ceil_mode=True) if caffe_pooling else dict(padding=1)
+        self.pooling = CAFFE_POOLING if caffe_pooling else dict(kernel_size=3, stride=2, padding=1)
         self.keep_mask, self.mask = False, None
         self.pre, self.trunk, self.post = units(p), units(t), units(p)
         self.down = Sequential(*[units(r) for _ in range(depth)])
@@ -123,7 +124,7 @@ class AttentionModule(Module):
         trunk = self.trunk(x)
         mask, skips = x, []
         for level in range(self.depth):
-            mask = self.down[level](F.max_pool2d(mask, 3, 2, **self.pooling))
+            mask = self.down[level](F.max_pool2d(mask, **self.pooling))
             if level < self.depth - 1:
                 skips.append(self.skips[level](mask))
         mask = self.bottom(mask)
@@ -155,6 +156,16 @@ class _AttentionNetwork(Module):
     #: The side of the images the network is made for (what summary() runs).
     IMAGE_SIZE = 32
 
+    def __init__(self, attention, num_classes, seed):
+        """Checks what both networks take; makes ``self.rng``, which draws the weights from ``seed``."""
+        super().__init__()
+        name = type(self).__name__
+        if attention not in ATTENTIONS:
+            raise ValueError(f"{name}: attention must be one of {ATTENTIONS}, got {attention!r}")
+        if num_classes < 2:
+            raise ValueError(f"{name}: num_classes must be >= 2, got {num_classes}")
+        self.rng = np.random.default_rng(seed)
+
     def entry(self, x):
         return self.stem(x)
 
@@ -162,15 +173,22 @@ class _AttentionNetwork(Module):
         x = self.tail(self.stage3(self.stage2(self.stage1(self.entry(F.to_precision(x))))))
         return self.classifier(F.global_avg_pool(self.head(x)))
 
-    def _build_stages(self, cin, widths, modules_per_stage, rng, first_stride=1, **module_options):
-        """stage1..stage3: per stage a unit into its width (stride ``first_stride``, then 2) and its
-        attention modules, mask depths MASK_DEPTHS; returns the last width."""
+    def _build_stages(self, cin, widths, modules_per_stage, **module_options):
+        """stage1..stage3: per stage a unit into its width (stride 1, then 2) and its attention
+        modules, mask depths MASK_DEPTHS; returns the last width."""
         for s, (width, depth, count) in enumerate(zip(widths, MASK_DEPTHS, modules_per_stage)):
-            stage = [ResidualUnit(cin, width, stride=first_stride if s == 0 else 2, rng=rng)]
-            stage += [AttentionModule(width, depth, rng=rng, **module_options) for _ in range(count)]
+            stage = [ResidualUnit(cin, width, stride=1 if s == 0 else 2, rng=self.rng)]
+            stage += [AttentionModule(width, depth, rng=self.rng, **module_options) for _ in range(count)]
             setattr(self, f"stage{s + 1}", Sequential(*stage))
             cin = width
         return cin
+
+    def _build_top(self, tail, num_classes):
+        """The ``tail`` units (a list), then the BN-ReLU head and the classifier of their width."""
+        self.tail = Sequential(*tail)
+        width = tail[-1].expand.weight.shape[-1]
+        self.head = BatchNorm2d(width, relu=True)
+        self.classifier = Linear(width, num_classes, rng=self.rng)
 
     def attention_modules(self):
         """(name, AttentionModule) in forward order."""
@@ -238,25 +256,18 @@ class ResidualAttentionNet(_AttentionNetwork):
 
     def __init__(self, modules_per_stage=1, p=1, t=2, r=1, stem=16, widths=(64, 128, 256),
                  num_classes=10, residual_attention=True, attention="mixed", seed=0):
-        super().__init__()
-        if attention not in ATTENTIONS:
-            raise ValueError(f"ResidualAttentionNet: attention must be one of {ATTENTIONS}, got {attention!r}")
+        super().__init__(attention, num_classes, seed)
         if len(widths) != 3:
             raise ValueError(f"ResidualAttentionNet: widths must name 3 stages, got {widths!r}")
-        if num_classes < 2:
-            raise ValueError(f"ResidualAttentionNet: num_classes must be >= 2, got {num_classes}")
-        rng = np.random.default_rng(seed)
         # The architecture, saved with the weights (nn.Module.architecture); the seed only draws them.
         # Python numbers, not NumPy's, so that it is JSON in the saved file.
         self.config = dict(modules_per_stage=int(modules_per_stage), p=int(p), t=int(t), r=int(r), stem=int(stem),
                            widths=tuple(int(w) for w in widths), num_classes=int(num_classes),
                            residual_attention=bool(residual_attention), attention=str(attention))
-        self.stem = Conv2d(3, stem, 3, 1, 1, rng=rng)
-        cin = self._build_stages(stem, widths, (modules_per_stage,) * 3, rng, p=p, t=t, r=r,
+        self.stem = Conv2d(3, stem, 3, 1, 1, rng=self.rng)
+        cin = self._build_stages(stem, widths, (modules_per_stage,) * 3, p=p, t=t, r=r,
                                  residual_attention=residual_attention, attention=attention)
-        self.tail = Sequential(*[ResidualUnit(cin, cin, rng=rng) for _ in range(3)])
-        self.head = BatchNorm2d(cin, relu=True)
-        self.classifier = Linear(cin, num_classes, rng=rng)
+        self._build_top([ResidualUnit(cin, cin, rng=self.rng) for _ in range(3)], num_classes)
 
 
 #: The ImageNet networks' stage widths and their tail's (docs/design.md §9).
@@ -282,27 +293,20 @@ class ImageNetAttentionNet(_AttentionNetwork):
 
     def __init__(self, modules_per_stage=(1, 1, 1), num_classes=1000, residual_attention=True, attention="mixed",
                  seed=0):
-        super().__init__()
-        if attention not in ATTENTIONS:
-            raise ValueError(f"ImageNetAttentionNet: attention must be one of {ATTENTIONS}, got {attention!r}")
+        super().__init__(attention, num_classes, seed)
         if len(modules_per_stage) != 3 or min(modules_per_stage) < 1:
             raise ValueError(f"ImageNetAttentionNet: modules_per_stage must give 3 counts >= 1, "
                              f"got {modules_per_stage!r}")
-        if num_classes < 2:
-            raise ValueError(f"ImageNetAttentionNet: num_classes must be >= 2, got {num_classes}")
-        rng = np.random.default_rng(seed)
         self.config = dict(modules_per_stage=tuple(int(m) for m in modules_per_stage), num_classes=int(num_classes),
                            residual_attention=bool(residual_attention), attention=str(attention))
-        self.stem = ConvBnRelu(3, 64, 7, 2, 3, rng=rng)
-        cin = self._build_stages(64, IMAGENET_WIDTHS, modules_per_stage, rng, residual_attention=residual_attention,
+        self.stem = ConvBnRelu(3, 64, 7, 2, 3, rng=self.rng)
+        cin = self._build_stages(64, IMAGENET_WIDTHS, modules_per_stage, residual_attention=residual_attention,
                                  attention=attention, caffe_pooling=True)
-        self.tail = Sequential(ResidualUnit(cin, IMAGENET_TAIL, stride=2, rng=rng),
-                               *[ResidualUnit(IMAGENET_TAIL, IMAGENET_TAIL, rng=rng) for _ in range(2)])
-        self.head = BatchNorm2d(IMAGENET_TAIL, relu=True)
-        self.classifier = Linear(IMAGENET_TAIL, num_classes, rng=rng)
+        self._build_top([ResidualUnit(cin, IMAGENET_TAIL, stride=2, rng=self.rng)]
+                        + [ResidualUnit(IMAGENET_TAIL, IMAGENET_TAIL, rng=self.rng) for _ in range(2)], num_classes)
 
     def entry(self, x):
-        return F.max_pool2d(self.stem(x), 3, 2, 0, ceil_mode=True)
+        return F.max_pool2d(self.stem(x), **CAFFE_POOLING)
 
 
 def imagenet_attention56(num_classes=1000, **kwargs):

@@ -268,6 +268,13 @@ class BatchNorm2d(Module):
         """The four per-channel arrays F.batch_norm takes, in order."""
         return self.gamma, self.beta, self.running_mean, self.running_var
 
+    def chain_input(self):
+        """This batch norm as ``F.conv_chain``'s ``input_bn`` (which always applies the ReLU)."""
+        if not self.relu:
+            raise ValueError("BatchNorm2d.chain_input: F.conv_chain applies a ReLU after its input batch norm; "
+                             "this one has relu=False")
+        return self.statistics()
+
     def forward(self, x):
         return F.batch_norm(x, *self.statistics(), training=self.training, momentum=self.momentum,
                             eps=self.eps, relu=self.relu)

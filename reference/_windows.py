@@ -14,6 +14,12 @@ def out_size(size, kernel, stride, padding, ceil_mode=False):
     return out - 1 if (out - 1) * stride >= size + padding else out
 
 
+def _padded_size(size, kernel, stride, padding, out):
+    """Length of the padded axis that ``out`` windows read: the input with its padding, longer in
+    ceil mode when the last window reaches past it."""
+    return max(size + 2 * padding, (out - 1) * stride + kernel)
+
+
 def windows(x, kernel_hw, stride, padding, pad_value=0.0, ceil_mode=False):
     """Every window of NHWC x, padded by `padding` with `pad_value`, as a view (N, OH, OW, KH, KW, C).
 
@@ -22,8 +28,8 @@ def windows(x, kernel_hw, stride, padding, pad_value=0.0, ceil_mode=False):
     materialised; the windows are a strided view of it.
     """
     # What the last window needs beyond the padding (ceil mode only), along H and along W.
-    extra_h, extra_w = (max((out_size(size, k, stride, padding, ceil_mode) - 1) * stride + k - size - 2 * padding, 0)
-                        for size, k in zip(x.shape[1:3], kernel_hw))
+    extra_h, extra_w = (_padded_size(size, k, stride, padding, out_size(size, k, stride, padding, ceil_mode))
+                        - size - 2 * padding for size, k in zip(x.shape[1:3], kernel_hw))
     if padding or extra_h or extra_w:
         x = np.pad(x, ((0, 0), (padding, padding + extra_h), (padding, padding + extra_w), (0, 0)),
                    constant_values=pad_value)
@@ -41,8 +47,8 @@ def fold_windows(tap_values, kernel_hw, input_shape, out_hw, stride, padding, dt
     n, h, w, c = input_shape
     kh, kw = kernel_hw
     oh, ow = out_hw
-    padded = np.zeros((n, max(h + 2 * padding, (oh - 1) * stride + kh),
-                       max(w + 2 * padding, (ow - 1) * stride + kw), c), dtype)
+    padded = np.zeros((n, _padded_size(h, kh, stride, padding, oh), _padded_size(w, kw, stride, padding, ow), c),
+                      dtype)
     for i in range(kh):
         for j in range(kw):
             values = tap_values(i, j)

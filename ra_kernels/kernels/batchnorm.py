@@ -451,8 +451,7 @@ def parameter_gradients(sums, dgamma_into, dbeta_into):
     given (the sums went into them), else the sums' rows (an into given alone gets them added here)."""
     if dgamma_into is not None and dbeta_into is not None:
         return dgamma_into, dbeta_into
-    return tuple(g if into is None else elementwise.add_into(into, g)
-                 for g, into in ((sums[1], dgamma_into), (sums[0], dbeta_into)))
+    return elementwise.gradient_into(sums[1], dgamma_into), elementwise.gradient_into(sums[0], dbeta_into)
 
 
 def inverse_count(m, training):

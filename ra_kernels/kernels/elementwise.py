@@ -87,13 +87,18 @@ def cast(x, dtype):
 
 def cast_backward(dy, saved):
     """dx = dy in the input's dtype."""
-    (dtype,) = saved
-    return (_run("copy", dy, dy, empty(dy.shape, dtype)),)
+    return (cast(dy, *saved)[0],)
 
 
 def add_into(into, g):
     """into += g, in place; returns into."""
     return _run("add", into, g, into)
+
+
+def gradient_into(g, into):
+    """A backward's gradient g, added into ``into`` when one is given (then ``into`` is returned),
+    as reference.gradient_into: for a parameter's buffer that its kernel could not add into."""
+    return g if into is None else add_into(into, g)
 
 
 def relu(x):

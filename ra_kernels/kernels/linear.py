@@ -155,4 +155,4 @@ def linear_backward(dy, saved, dw_into=None, db_into=None):
         return dx, dw, db_into
     db = empty((n_out,))
     dw = _matmul(x, (1, n_in), dy, (n_out, 1), n_in, n_out, n, "b_column_sums", db)
-    return (dx, *(g if into is None else elementwise.add_into(into, g) for g, into in ((dw, dw_into), (db, db_into))))
+    return dx, elementwise.gradient_into(dw, dw_into), elementwise.gradient_into(db, db_into)
