@@ -14,8 +14,8 @@ exists. It was checked against triton 3.6.0 (the GPU machines' version, with Num
   at import, for every jit function; here the backend changes at run time.
 * ``_fix_interpreter_scalar_index``: triton 3.6's interpreter calls ``int()`` on shape-(1,)
   arrays, which NumPy >= 2.4 refuses.
-* ``_fix_interpreter_bfloat16_dot``: triton 3.6's interpreter multiplies bfloat16 dot operands
-  as their raw 16-bit patterns.
+* ``_fix_interpreter_bfloat16``: triton 3.6's interpreter truncates float32 to bfloat16 (compiled
+  code rounds to nearest even) and multiplies bfloat16 dot operands as their raw 16-bit patterns.
 * ``_interpreter_lock``: the interpreter keeps global state during a launch.
 
 Kernels are written with :func:`kernel` (and :func:`device_function` for helpers they call)
@@ -35,7 +35,7 @@ from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from .backend import get_backend, is_cupy_array, xp
+from .backend import BFLOAT16, get_backend, is_cupy_array, xp
 
 
 # --------------------------------------------------------------------------- Triton adapters
@@ -220,23 +220,34 @@ def _fix_interpreter_scalar_index():
 
 
 @functools.lru_cache(maxsize=None)
-def _fix_interpreter_bfloat16_dot():
-    """triton 3.6's interpreter keeps bfloat16 as uint16 bit patterns and widens them where it
-    converts, but its ``create_dot`` widens only 8-bit floats: a dot of bfloat16 operands
-    multiplies the patterns as integers (values off by ~1e10). Widen bfloat16 operands to float32
-    first, as the tensor cores do (the products of bfloat16 values are exact in float32)."""
-    builder = interpreter.InterpreterBuilder
-    create_dot = builder.create_dot
+def _fix_interpreter_bfloat16():
+    """triton 3.6's interpreter keeps bfloat16 as uint16 bit patterns and gets two things wrong.
 
-    def widened(operand):
-        if operand.dtype.scalar != triton.language.bfloat16:
-            return operand
-        data = (operand.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(data, triton.language.float32)
+    * float32 -> bfloat16 (``x.to(tl.bfloat16)``) truncates: its fp_trunc drops the low 16 bits
+      (and its own round-to-nearest path rounds ties up and loses the carry), where compiled code
+      rounds to nearest, ties to even (``cvt.rn.bf16.f32``). Here it rounds as ml_dtypes does,
+      which gives cvt.rn's bits, infinities included, and a NaN for a NaN.
+    * ``create_dot`` widens only 8-bit floats: a dot of bfloat16 operands multiplies the patterns
+      as integers (values off by ~1e10). The operands are widened to float32 first, as the tensor
+      cores do (the products of bfloat16 values are exact in float32).
+    """
+    builder = interpreter.InterpreterBuilder
+    cast_impl, create_dot = builder.cast_impl, builder.create_dot
+    bfloat16, float32 = triton.language.bfloat16, triton.language.float32
+
+    def cast_rounding_to_nearest(self, src, dst_type):
+        if src.dtype.scalar == float32 and dst_type.scalar == bfloat16:
+            with np.errstate(over="ignore", invalid="ignore"):  # to infinity, and NaN, as cvt.rn
+                return interpreter.TensorHandle(src.data.astype(BFLOAT16).view(np.uint16), bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    def widened(builder_self, operand):
+        return builder_self.cast_impl(operand, float32) if operand.dtype.scalar == bfloat16 else operand
 
     def create_dot_widening_bfloat16(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+        return create_dot(self, widened(self, a), widened(self, b), d, input_precision, max_num_imprecise_acc)
 
+    builder.cast_impl = cast_rounding_to_nearest
     builder.create_dot = create_dot_widening_bfloat16
 
 
@@ -331,7 +342,7 @@ def _run(call: Launch):
         call.kernel_fn[call.grid](*call.args, num_warps=call.num_warps, enable_fp_fusion=True, **call.constexprs)
         return
     _fix_interpreter_scalar_index()
-    _fix_interpreter_bfloat16_dot()
+    _fix_interpreter_bfloat16()
     with _interpreter_lock, _interpreting():
         try:
             _interpreted(call.kernel_fn.fn)[call.grid](*call.args, **call.constexprs)

@@ -92,7 +92,7 @@ def test_stores_round_to_nearest_even_into_bfloat16(triton_backend, rng):
     # edges: stored into bfloat16, the bits are those of ml_dtypes' round to nearest, ties to even
     # (= cvt.rn.bf16.f32). triton 3.6's interpreter truncates a plain .to(tl.bfloat16), which gets
     # 1.6699 (between 1.6640625 and 1.671875, nearer the latter) and the tie 1.66796875 (to the even
-    # 1.671875) wrong: kernels/storage.py rounds in integer arithmetic instead.
+    # 1.671875) wrong: launch._fix_interpreter_bfloat16 mends it.
     edges = np.array([1.6699, -1.6699, 1.66796875, 1.00390625, 3.3961775e38, 3.4028235e38, -3.4028235e38,
                       np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-45, np.nan], np.float32)
     x = np.concatenate([rng.integers(0, 2 ** 32, 4093, dtype=np.uint64).astype(np.uint32).view(np.float32), edges])
