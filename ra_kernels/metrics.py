@@ -1,7 +1,8 @@
 """Training metrics kept on the device: each step adds its batch's loss and correct predictions
-into a (3,) float32 ``totals`` array of the backend (slots: :data:`TOTALS`), which a training
+into a (4,) float32 ``totals`` array of the backend (slots: :data:`TOTALS`), which a training
 loop reads back once per logging interval (docs/design.md §6). Mean loss = totals[0] /
-totals[2], accuracy = totals[1] / totals[2]; float32 counts are exact up to 2**24 examples.
+totals[2], accuracy = totals[1] / totals[2], top-5 accuracy = totals[3] / totals[2]; float32
+counts are exact up to 2**24 examples.
 
 The NumPy version is ``reference.accumulate_metrics``, the Triton one
 ``kernels/metrics.py``; both give the same bits.
@@ -13,7 +14,7 @@ import reference
 from .backend import check_array, choose, get_backend
 from .kernels import metrics as metrics_kernels
 
-TOTALS = reference.metrics.TOTALS
+TOTALS, TOP_K = reference.metrics.TOTALS, reference.metrics.TOP_K
 
 
 def _check(logits, labels, loss, totals):
@@ -41,7 +42,9 @@ def accumulate_metrics(logits, labels, loss, totals):
     """Add one batch into ``totals`` in place; returns ``totals``.
 
     logits (N, K) float32 C-contiguous (float64 too on the numpy backend); labels (N,)
-    integers; loss: the batch's mean loss, a 0-d (or 1-element) array; totals (3,) float32.
+    integers; loss: the batch's mean loss, a 0-d (or 1-element) array; totals (4,) float32.
+    Correct: the label is the argmax of its row (the first maximum; the first NaN if any), or
+    among the TOP_K first in that order (``reference.metrics.label_ranks``).
     All arrays of the current backend. Nothing is read back to the host.
     """
     _check(logits, labels, loss, totals)
