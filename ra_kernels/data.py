@@ -409,45 +409,46 @@ def _check_augment_args(images, crop_offsets, flips, mean, std, pad):
 
 # --------------------------------------------------------------------------- batches
 
-class BatchLoader:
-    """Mini-batches of one split, one epoch per :meth:`epoch` call, prepared ahead by a background thread.
+class EpochLoader:
+    """What every loader shares: epochs of mini-batches in a seeded order, prepared ahead by a
+    background thread, finished on the device by :func:`augment`. Subclasses say where the
+    images of a batch come from (:meth:`_crops`) and how much padding ``pad`` their offsets
+    refer to: :class:`BatchLoader` (in-memory arrays: CIFAR) and
+    ``ra_kernels.imagefolder.ImageFolderLoader`` (decoded JPEGs: ImageNet).
 
-    images: uint8 (N, H, W, C) NumPy array (host memory), labels: integer (N,);
-    mean, std: (C,) for the normalisation. train=True: each epoch visits the
-    images in a permutation drawn from (seed, epoch), and batch k of an epoch is
-    cropped and flipped with draws from (seed, epoch, k); train=False: the images
-    in order, no crop or flip. drop_last (default: train) drops the last partial
-    batch. prefetch: how many prepared batches may wait for the caller (the
-    thread prepares one more meanwhile).
+    count: images in the split; channels: of each image; labels: integer (N,); mean, std: (C,)
+    for the normalisation. train=True: each epoch visits the images in a permutation drawn from
+    (seed, epoch), and batch k of an epoch is cropped and flipped with draws from (seed, epoch,
+    k); train=False: the images in order, centred, no flip. drop_last (default: train) drops the
+    last partial batch. prefetch: how many prepared batches may wait for the caller (the thread
+    prepares one more meanwhile).
     """
+    #: Zero padding around each image before the crop at the batch's offsets (see augment).
+    pad = 0
 
-    def __init__(self, images, labels, batch_size, mean, std, train, seed, drop_last=None, prefetch=2):
-        if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4):
-            got = (f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray)
-                   else type(images).__name__)
-            raise TypeError(f"BatchLoader: images must be a uint8 (N, H, W, C) NumPy array, got {got}")
+    def __init__(self, count, channels, labels, batch_size, mean, std, train, seed, drop_last=None, prefetch=2):
+        name = type(self).__name__
         labels = np.asarray(labels)
-        if labels.shape != images.shape[:1] or (labels.size and labels.dtype.kind not in "iu"):
-            raise ValueError(f"BatchLoader: labels must be integers of shape ({len(images)},), "
+        if labels.shape != (count,) or (labels.size and labels.dtype.kind not in "iu"):
+            raise ValueError(f"{name}: labels must be integers of shape ({count},), "
                              f"got {labels.dtype} {labels.shape}")
-        _check_int("BatchLoader", "batch_size", batch_size, 1)
-        _check_int("BatchLoader", "seed", seed, 0)
-        _check_int("BatchLoader", "prefetch", prefetch, 1)
-        self.images, self.labels = np.ascontiguousarray(images), labels.astype(np.int64)
+        _check_int(name, "batch_size", batch_size, 1)
+        _check_int(name, "seed", seed, 0)
+        _check_int(name, "prefetch", prefetch, 1)
+        self.count, self.labels = count, labels.astype(np.int64)
         self.mean, self.std = (np.asarray(a, dtype=np.float32) for a in (mean, std))
-        channels = images.shape[-1]
         if self.mean.shape != (channels,) or self.std.shape != (channels,) or not (self.std > 0).all():
-            raise ValueError(f"BatchLoader: mean and std must have shape ({channels},), std positive, "
+            raise ValueError(f"{name}: mean and std must have shape ({channels},), std positive, "
                              f"got {self.mean} and {self.std}")
         self.batch_size, self.train, self.seed, self.prefetch = batch_size, bool(train), seed, prefetch
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         if len(self) == 0:
-            raise ValueError(f"BatchLoader: {len(images)} images make no batch of {batch_size}"
+            raise ValueError(f"{name}: {count} images make no batch of {batch_size}"
                              f"{' with drop_last' if self.drop_last else ''}")
 
     def __len__(self):
         """Batches per epoch."""
-        full, partial = divmod(len(self.images), self.batch_size)
+        full, partial = divmod(self.count, self.batch_size)
         return full + (partial > 0 and not self.drop_last)
 
     def epoch(self, epoch_index: int, start_batch: int = 0):
@@ -474,8 +475,8 @@ class BatchLoader:
         return self._batches(epoch_index, start_batch)
 
     def _batches(self, epoch_index, start_batch):
-        order = (np.random.default_rng([self.seed, _ORDER_STREAM, epoch_index]).permutation(len(self.images))
-                 if self.train else np.arange(len(self.images)))
+        order = (np.random.default_rng([self.seed, _ORDER_STREAM, epoch_index]).permutation(self.count)
+                 if self.train else np.arange(self.count))
         mean, std = backend.asarray(self.mean), backend.asarray(self.std)
 
         def prepare(batch_index):
@@ -489,20 +490,43 @@ class BatchLoader:
         """Batch ``batch_index`` on the host: NumPy (images uint8 (B, H, W, C), labels int64 (B,),
         crop offsets int32 (B, 2), flips int8 (B,))."""
         indices = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
-        size = len(indices)
-        if self.train:
-            rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch_index, batch_index])
-            offsets = rng.integers(0, 2 * PAD + 1, size=(size, 2), dtype=np.int32)
-            flips = rng.integers(0, 2, size=size, dtype=np.int8)
-        else:
-            offsets, flips = np.full((size, 2), PAD, np.int32), np.zeros(size, np.int8)
-        return self.images[indices], self.labels[indices], offsets, flips
+        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch_index, batch_index]) if self.train else None
+        images, offsets = self._crops(indices, rng)
+        flips = (rng.integers(0, 2, size=len(indices), dtype=np.int8) if self.train
+                 else np.zeros(len(indices), np.int8))
+        return images, self.labels[indices], offsets, flips
 
-    @staticmethod
-    def _stage(batch, mean, std):
+    def _crops(self, indices, rng):
+        """(images uint8 (B, H, W, C), crop offsets int32 (B, 2)) of the images ``indices``: random
+        crops drawn from the NumPy generator ``rng`` in training, the evaluation view when ``rng``
+        is None."""
+        raise NotImplementedError
+
+    def _stage(self, batch, mean, std):
         """(x, y) on the backend from a host batch: images and labels transferred, x augmented."""
         images, labels, offsets, flips = batch
-        return augment(backend.asarray(images), offsets, flips, mean, std), backend.asarray(labels)
+        return augment(backend.asarray(images), offsets, flips, mean, std, self.pad), backend.asarray(labels)
+
+
+class BatchLoader(EpochLoader):
+    """Mini-batches of images held in memory (CIFAR): images uint8 (N, H, W, C) NumPy array, the
+    rest as for :class:`EpochLoader`. Training crops are random offsets into the image padded by
+    PAD; evaluation takes the centre, the image itself."""
+    pad = PAD
+
+    def __init__(self, images, labels, batch_size, mean, std, train, seed, drop_last=None, prefetch=2):
+        if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4):
+            got = (f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray)
+                   else type(images).__name__)
+            raise TypeError(f"BatchLoader: images must be a uint8 (N, H, W, C) NumPy array, got {got}")
+        super().__init__(len(images), images.shape[-1], labels, batch_size, mean, std, train, seed, drop_last,
+                         prefetch)
+        self.images = np.ascontiguousarray(images)
+
+    def _crops(self, indices, rng):
+        offsets = (rng.integers(0, 2 * PAD + 1, size=(len(indices), 2), dtype=np.int32) if rng is not None
+                   else np.full((len(indices), 2), PAD, np.int32))
+        return self.images[indices], offsets
 
 
 def _launch_context():

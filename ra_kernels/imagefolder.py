@@ -9,15 +9,34 @@ so that a scan of the same folder always gives the same labels.
 Crops (host side, uint8 RGB): training takes :func:`random_resized_crop_box` (a random area
 fraction and aspect ratio, as Inception and every ImageNet recipe since) resized to 224x224;
 evaluation takes :func:`validation_view` (the shorter side resized to 256, the central 224x224).
-Flips and the per-channel normalisation belong to the loader, which is still to come.
+:class:`ImageFolderLoader` decodes and crops a batch in worker threads (Pillow releases the GIL
+while it decodes and resizes), inside the loader's prefetching thread; the flips and the
+per-channel normalisation run on the device, in the augmentation kernel CIFAR uses (no padding).
+
+A file that cannot be decoded (truncated, damaged, not what its name says) does not stop a run
+of days: the loader warns once, naming it, and takes in its place the next decodable image of
+the same class (in name order, wrapping), with the same random crop, so that the label stays
+right and the batch stays a function of the seed and the position. A class whose every image is
+corrupt is an error.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .data import EpochLoader
+
+#: ImageNet's per-channel mean and standard deviation of RGB in [0, 1], the values every
+#: ImageNet model since AlexNet's ports normalises with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: The endings of image files (compared in lower case).
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -25,6 +44,10 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 class CorruptImage(ValueError):
     """An image file that Pillow cannot decode whole (truncated, damaged, or not what its name says)."""
+
+
+class CorruptImageWarning(UserWarning):
+    """A corrupt image was replaced by another of its class (ImageFolderLoader)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,3 +156,70 @@ def validation_view(image, resize=256, size=224):
     resized = image.resize((new_w, new_h), Image.BILINEAR)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(resized.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def evaluation_resize(size):
+    """The shorter side an evaluation image is resized to before its central size x size crop:
+    256 for 224, in the same proportion for other sizes."""
+    return round(size * 256 / 224)
+
+
+class ImageFolderLoader(EpochLoader):
+    """Mini-batches of an ImageFolderSplit at ``size`` x ``size`` (224: the paper's).
+
+    Training: per image a random resized crop (:func:`random_resized_crop_box`, from a generator
+    seeded by the batch's draws), then on the device a random flip and the normalisation.
+    Evaluation: :func:`validation_view` (resize to :func:`evaluation_resize`, central crop).
+    ``workers`` threads decode a batch (default: one per core, at most 16). mean, std: (3,) for
+    the normalisation, in [0, 1] units (default: ImageNet's). Batches as for
+    ``ra_kernels.data.EpochLoader``; corrupt files as the module says.
+    """
+
+    def __init__(self, split: ImageFolderSplit, size, batch_size, train, seed, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, workers=None, drop_last=None, prefetch=2):
+        super().__init__(len(split), 3, split.labels, batch_size, mean, std, train, seed, drop_last, prefetch)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"ImageFolderLoader: size must be a positive integer, got {size!r}")
+        self.split, self.size = split, size
+        self.workers = workers or min(16, os.cpu_count() or 1)
+        self._pool = None
+        self._corrupt, self._lock = set(), threading.Lock()
+        # The images of each class, in order: where a corrupt one's stand-in is looked for.
+        self._class_members = {label: np.flatnonzero(split.labels == label) for label in np.unique(split.labels)}
+
+    def _crops(self, indices, rng):
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="ImageFolderLoader")
+        seeds = rng.integers(0, 2 ** 63, size=len(indices)) if rng is not None else [None] * len(indices)
+        images = np.stack(list(self._pool.map(self._crop, indices, seeds)))
+        return images, np.zeros((len(indices), 2), np.int32)
+
+    def _crop(self, index, seed):
+        """The view of image ``index`` (a crop drawn from ``seed``, or the evaluation view when
+        None): uint8 (size, size, 3)."""
+        image = self._decode(index)
+        if seed is None:
+            return validation_view(image, evaluation_resize(self.size), self.size)
+        box = random_resized_crop_box(image.height, image.width, np.random.default_rng(seed))
+        return crop_resized(image, box, self.size)
+
+    def _decode(self, index):
+        """Image ``index`` decoded, or, when it is corrupt, the next decodable image of its class."""
+        members = self._class_members[self.split.labels[index]]
+        start = int(np.searchsorted(members, index))
+        for candidate in np.roll(members, -start):
+            if candidate in self._corrupt:
+                continue
+            try:
+                image = decode_rgb(self.split.paths[candidate])
+            except CorruptImage as error:
+                with self._lock:
+                    first = candidate not in self._corrupt
+                    self._corrupt.add(candidate)
+                if first:
+                    warnings.warn(f"{error}; another image of its class stands in for it", CorruptImageWarning,
+                                  stacklevel=2)
+                continue
+            return image
+        raise CorruptImage(f"{self.split.root / self.split.class_names[self.split.labels[index]]}: every image "
+                           f"of the class is corrupt")

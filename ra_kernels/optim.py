@@ -31,9 +31,12 @@ from .backend import check_array, choose, to_numpy, xp
 from .kernels import elementwise
 from .kernels import optim as optim_kernels
 
-# The paper's CIFAR recipe: LR divided by 10 at 64k and 96k of 160k iterations.
+# The paper's CIFAR recipe: LR divided by 10 at 64k and 96k of 160k iterations; its ImageNet
+# recipe: at 200k, 400k and 500k of 530k.
 PAPER_ITERATIONS = 160_000
 PAPER_MILESTONES = (64_000, 96_000)
+IMAGENET_ITERATIONS = 530_000
+IMAGENET_MILESTONES = (200_000, 400_000, 500_000)
 
 
 class SGD:
@@ -162,12 +165,13 @@ def _check_iteration(name, iteration):
         raise ValueError(f"{name}: iteration must be >= 0, got {iteration}")
 
 
-def paper_schedule(base_lr, total_iterations):
-    """The paper's step schedule: iteration -> base_lr, divided by 10 at 64k and again at 96k
-    of 160k iterations, the milestones scaled to ``total_iterations`` (40% and 60% of it,
-    rounded down). From a milestone on, the lower rate applies; past the end, the last one."""
+def paper_schedule(base_lr, total_iterations, iterations=PAPER_ITERATIONS, milestones=PAPER_MILESTONES):
+    """The paper's step schedule: iteration -> base_lr, divided by 10 at each of ``milestones`` of
+    ``iterations`` (by default the CIFAR recipe's 64k and 96k of 160k; ImageNet's are
+    IMAGENET_MILESTONES of IMAGENET_ITERATIONS), scaled to ``total_iterations`` (for CIFAR 40% and
+    60% of it, rounded down). From a milestone on, the lower rate applies; past the end, the last one."""
     total = _check_schedule("paper_schedule", base_lr, total_iterations)
-    milestones = [total * m // PAPER_ITERATIONS for m in PAPER_MILESTONES]
+    milestones = [total * m // iterations for m in milestones]
 
     def lr(iteration):
         _check_iteration("paper_schedule", iteration)

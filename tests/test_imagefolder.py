@@ -151,3 +151,71 @@ def test_crops_resize_to_the_network_input():
     blue = imagefolder.crop_resized(image, (0, 0, 8, 50), 224)
     assert red.shape == blue.shape == (224, 224, 3)
     assert (red == [255, 0, 0]).all() and (blue == [0, 0, 255]).all()
+
+
+# --------------------------------------------------------------------------- the loader
+
+def _normalised(view, mean=imagefolder.IMAGENET_MEAN, std=imagefolder.IMAGENET_STD):
+    """(view / 255 - mean) / std, each operation rounded to float32 (augment's definition)."""
+    pixels = view.astype(np.float32) / np.float32(255)
+    return (pixels - np.float32(mean)) / np.float32(std)
+
+
+def _epoch(loader, epoch=0, start=0):
+    return [(np.asarray(x), np.asarray(y)) for x, y in loader.epoch(epoch, start)]
+
+
+def test_evaluation_batches_are_the_normalised_validation_views(folder):
+    _, val = imagefolder.scan_imagenet(folder)
+    loader = imagefolder.ImageFolderLoader(val, 32, batch_size=4, train=False, seed=0, workers=3)
+    batches = _epoch(loader)
+    assert [len(y) for _, y in batches] == [4, 2]  # evaluation keeps the last partial batch
+    x, y = (np.concatenate(parts) for parts in zip(*batches))
+    assert x.dtype == np.float32 and x.shape == (len(val), 32, 32, 3)
+    assert (y == val.labels).all()
+    for i, path in enumerate(val.paths):
+        want = _normalised(imagefolder.validation_view(imagefolder.decode_rgb(path), 37, 32))
+        assert np.array_equal(x[i], want), path
+
+
+def test_training_batches_are_a_function_of_seed_and_position(folder, rng):
+    train, _ = imagefolder.scan_imagenet(folder)
+    seed = int(rng.integers(1 << 30))
+
+    def loader(seed, workers):
+        return imagefolder.ImageFolderLoader(train, 32, batch_size=5, train=True, seed=seed, workers=workers)
+    first = _epoch(loader(seed, 4), epoch=1)
+    assert len(first) == len(train) // 5  # training drops the partial batch
+    again = _epoch(loader(seed, 1), epoch=1, start=1)  # one worker, resumed at batch 1: the same bits
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first[1:], again))
+    other_epoch, other_seed = _epoch(loader(seed, 4), epoch=2), _epoch(loader(seed + 1, 4), epoch=1)
+    assert not np.array_equal(first[0][0], other_epoch[0][0]) and not np.array_equal(first[0][0], other_seed[0][0])
+    labels = np.concatenate([y for _, y in first])
+    assert sorted(labels.tolist()) != labels.tolist() or len(set(labels)) == 1  # shuffled
+    x = np.concatenate([x for x, _ in first])
+    low, high = _normalised(np.uint8([0, 255]).repeat(3).reshape(2, 1, 3)).reshape(2, 3)
+    assert x.shape == (len(labels), 32, 32, 3) and (x >= low).all() and (x <= high).all()
+
+
+def test_a_corrupt_image_is_replaced_by_the_next_of_its_class_with_a_warning(folder):
+    _, val = imagefolder.scan_imagenet(folder)
+    broken = val.paths[2]  # the first image of class 1, whose stand-in is val.paths[3]
+    broken.write_bytes(broken.read_bytes()[:200])
+    loader = imagefolder.ImageFolderLoader(val, 32, batch_size=6, train=False, seed=0, workers=2)
+    with pytest.warns(imagefolder.CorruptImageWarning, match=f"{broken.name}: cannot decode") as caught:
+        (x, y), = _epoch(loader)
+        _epoch(loader)  # warned once per file, not per epoch
+    assert len(caught) == 1
+    assert (y == val.labels).all() and np.array_equal(x[2], x[3]) and not np.array_equal(x[1], x[3])
+    val.paths[3].write_bytes(b"not a picture at all")
+    with pytest.raises(imagefolder.CorruptImage, match=f"{CLASSES[1]}: every image of the class is corrupt"), \
+            pytest.warns(imagefolder.CorruptImageWarning, match=val.paths[3].name):
+        _epoch(loader)
+
+
+def test_loader_arguments_are_checked(folder):
+    train, _ = imagefolder.scan_imagenet(folder)
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        imagefolder.ImageFolderLoader(train, 0, batch_size=2, train=True, seed=0)
+    with pytest.raises(ValueError, match="12 images make no batch of 13"):
+        imagefolder.ImageFolderLoader(train, 32, batch_size=13, train=True, seed=0)
