@@ -17,5 +17,6 @@ setup(
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
         "bench": ["torch>=2.6,<3"],  # the cuDNN baseline; never imported by the library
     },
-    entry_points={"console_scripts": ["ra-train = train.cifar:main", "ra-masks = train.masks:main"]},
+    entry_points={"console_scripts": ["ra-train = train.cifar:main", "ra-train-imagenet = train.imagenet:main",
+                                          "ra-masks = train.masks:main"]},
 )

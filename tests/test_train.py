@@ -29,7 +29,7 @@ from ra_kernels.models import ResidualAttentionNet
 from ra_kernels.optim import SGD
 
 pytest.importorskip("tqdm", reason="train.cifar draws its progress bar with tqdm")
-from train import cifar, masks  # noqa: E402
+from train import cifar, masks, run  # noqa: E402
 from train import common as cifar_common  # noqa: E402
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -94,11 +94,12 @@ def _meta(path):
 def test_outputs_of_a_run(finished_run):
     out, printed = finished_run
     lines = (out / "metrics.csv").read_text().splitlines()
-    assert lines[0].split(",") == list(cifar.METRICS_COLUMNS)
-    rows = [dict(zip(cifar.METRICS_COLUMNS, map(float, line.split(",")))) for line in lines[1:]]
+    assert lines[0].split(",") == list(run.METRICS_COLUMNS)
+    rows = [dict(zip(run.METRICS_COLUMNS, map(float, line.split(",")))) for line in lines[1:]]
     assert [(r["epoch"], r["iteration"]) for r in rows] == [(1, STEPS_PER_EPOCH), (2, 2 * STEPS_PER_EPOCH)]
     for r in rows:
-        assert 0 <= r["train_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        for split in ("train", "test"):  # top-5 of 10 classes counts at least the top-1 hits
+            assert 0 <= r[f"{split}_accuracy"] <= r[f"{split}_top5_accuracy"] <= 1
         assert np.isfinite(r["train_loss"]) and np.isfinite(r["test_loss"])
         assert r["images_per_second"] > 0 and r["lr"] > 0
     # The paper schedule over 10 iterations divides at 4 and 6: the last step of each epoch runs at lr/10, lr/100.
@@ -114,23 +115,25 @@ def test_outputs_of_a_run(finished_run):
 
 def test_eval_only_reproduces_the_last_epoch(finished_run, tiny_data, capsys):
     out, _ = finished_run
-    last_row = (out / "metrics.csv").read_text().splitlines()[-1].split(",")
-    test_loss, test_accuracy = float(last_row[4]), float(last_row[5])
+    last_row = dict(zip(run.METRICS_COLUMNS, (out / "metrics.csv").read_text().splitlines()[-1].split(",")))
+    test_loss, test_accuracy, test_top5 = (float(last_row[f"test_{name}"]) for name in ("loss", "accuracy",
+                                                                                          "top5_accuracy"))
     assert cifar.main(["--eval-only", str(out / "last.npz"), "--data-dir", str(tiny_data),
                        "--batch-size", str(BATCH), "--backend", "numpy"]) == 0
     printed = capsys.readouterr().out
     assert "end of epoch 2 of a 2-epoch run (iteration 10)" in printed
     # Same weights, same test batches, same backend: the same numbers as printed at the epoch's end.
-    assert f"test accuracy {test_accuracy:.2%}  test loss {test_loss:.4f}  ({TEST_IMAGES} images" in printed
+    assert (f"test accuracy {test_accuracy:.2%}  top-5 {test_top5:.2%}  test loss {test_loss:.4f}  "
+            f"({TEST_IMAGES} images") in printed
 
 
 def test_bfloat16_needs_a_kernel_backend_and_a_resumed_run_keeps_its_precision(finished_run, tiny_data, tmp_path,
                                                                                capsys):
-    assert cifar.main(_argv(tiny_data, tmp_path / "bf16", "--precision", "bf16")) == cifar.EXIT_USAGE
+    assert cifar.main(_argv(tiny_data, tmp_path / "bf16", "--precision", "bf16")) == run.EXIT_USAGE
     assert "--precision bf16 runs on the cuda and interpret backends" in capsys.readouterr().err
     assert not (tmp_path / "bf16" / "last.npz").exists()
     out, _ = finished_run
-    assert cifar.main(_argv(tiny_data, out, "--resume", "--precision", "bf16")) == cifar.EXIT_USAGE
+    assert cifar.main(_argv(tiny_data, out, "--resume", "--precision", "bf16")) == run.EXIT_USAGE
     assert "--precision 'bf16' (the run has 'tf32')" in capsys.readouterr().err
     # Where it runs, the option selects the precision of the backend's ops (the network in bfloat16
     # is tested in test_models.py: here a run on the interpreter would take minutes).
@@ -171,11 +174,11 @@ def test_interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one(finished_r
     # numpy backend: every operation repeats exactly, so an exact resume gives the same bits.
     out = tmp_path / "interrupted"
     argv = _argv(tiny_data, out)
-    assert cifar.main(argv, after_step=_interrupt_at(3)) == cifar.EXIT_INTERRUPTED  # mid-epoch 1
+    assert cifar.main(argv, after_step=_interrupt_at(3)) == run.EXIT_INTERRUPTED  # mid-epoch 1
     assert "--resume" in capsys.readouterr().err
     meta = _meta(out / "last.npz")
     assert (meta["epoch"], meta["batch"], meta["iteration"]) == (0, 3, 3)
-    assert cifar.main(argv + ["--resume"], after_step=_interrupt_at(7)) == cifar.EXIT_INTERRUPTED  # mid-epoch 2
+    assert cifar.main(argv + ["--resume"], after_step=_interrupt_at(7)) == run.EXIT_INTERRUPTED  # mid-epoch 2
     # Resuming needs only --out: the rest comes from the checkpoint (the data too).
     assert cifar.main(["--out", str(out), "--resume"]) == 0
     want, got = _checkpoint_arrays(finished_run[0] / "last.npz"), _checkpoint_arrays(out / "last.npz")
@@ -189,11 +192,27 @@ def test_interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one(finished_r
                {k: v for k, v in row_want.items() if k not in timing}
 
 
+def test_a_checkpoint_from_before_top5_resumes_with_the_count_unknown(finished_run, tiny_data, tmp_path, capsys):
+    """Checkpoints written before top-5 was counted hold (3,) training totals: resumed mid-epoch,
+    the epoch's top-5 accuracy is unknown (NaN), everything else as before."""
+    out = tmp_path / "old"
+    assert cifar.main(_argv(tiny_data, out), after_step=_interrupt_at(STEPS_PER_EPOCH + 2)) == run.EXIT_INTERRUPTED
+    meta, arrays = run.npzfile.read(out / "last.npz")
+    arrays["train_totals"] = arrays["train_totals"][:3]
+    run.npzfile.write(out / "last.npz", arrays, meta)
+    assert cifar.main(["--out", str(out), "--resume"]) == 0
+    lines = (out / "metrics.csv").read_text().splitlines()[1:]
+    rows = [dict(zip(run.METRICS_COLUMNS, line.split(","))) for line in lines]
+    want = (finished_run[0] / "metrics.csv").read_text().splitlines()[2].split(",")
+    assert rows[1]["train_top5_accuracy"] == "nan" and float(rows[0]["train_top5_accuracy"]) >= 0
+    assert rows[1]["train_loss"] == want[run.METRICS_COLUMNS.index("train_loss")]
+
+
 def test_a_resumed_run_keeps_its_settings(finished_run, tiny_data, capsys):
     out, _ = finished_run
-    assert cifar.main(_argv(tiny_data, out, "--lr", "0.5", "--resume")) == cifar.EXIT_USAGE
+    assert cifar.main(_argv(tiny_data, out, "--lr", "0.5", "--resume")) == run.EXIT_USAGE
     assert "--lr 0.5 (the run has 0.1)" in capsys.readouterr().err
-    assert cifar.main(_argv(tiny_data, out)) == cifar.EXIT_USAGE  # no --resume: would overwrite the run
+    assert cifar.main(_argv(tiny_data, out)) == run.EXIT_USAGE  # no --resume: would overwrite the run
     assert "already holds a run" in capsys.readouterr().err
 
 
@@ -206,7 +225,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
         if run.position["iteration"] == STEPS_PER_EPOCH + 2:  # in epoch 2, after epoch 1's checkpoint
             run.model.stem.weight.data[0, 0, 0, 0] = np.nan
 
-    assert cifar.main(_argv(tiny_data, out), after_step=poison_a_weight) == cifar.EXIT_DIVERGED
+    assert cifar.main(_argv(tiny_data, out), after_step=poison_a_weight) == run.EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "training diverged: the training loss became nan in epoch 2" in err
     assert f"last good checkpoint is {out / 'last.npz'} (end of epoch 1" in err
@@ -218,7 +237,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
 
 def test_divergence_before_any_checkpoint_says_so(tiny_data, tmp_path, capsys):
     out = tmp_path / "huge_lr"
-    assert cifar.main(_argv(tiny_data, out, "--lr", "1e30", "--epochs", "1")) == cifar.EXIT_DIVERGED
+    assert cifar.main(_argv(tiny_data, out, "--lr", "1e30", "--epochs", "1")) == run.EXIT_DIVERGED
     assert "the last good checkpoint is none yet" in capsys.readouterr().err
     assert not (out / "last.npz").exists()
 
@@ -248,13 +267,13 @@ def test_corrupt_checkpoints_are_clear_errors(finished_run, tiny_data, tmp_path,
     for path, message in ((truncated, "truncated or corrupt"), (flipped, "truncated or corrupt"),
                           (other, "without the meta record of ra_kernels"), (pickled, "not an .npz file at all"),
                           (tmp_path / "missing.npz", "does not exist")):
-        assert cifar.main(["--eval-only", str(path), "--data-dir", str(tiny_data)]) == cifar.EXIT_USAGE
+        assert cifar.main(["--eval-only", str(path), "--data-dir", str(tiny_data)]) == run.EXIT_USAGE
         err = capsys.readouterr().err
         assert "ra-train: error:" in err and message in err and str(path) in err and "allow_pickle" not in err
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copyfile(truncated, resumed / "last.npz")
-    assert cifar.main(_argv(tiny_data, resumed, "--resume")) == cifar.EXIT_USAGE
+    assert cifar.main(_argv(tiny_data, resumed, "--resume")) == run.EXIT_USAGE
     err = capsys.readouterr().err
     assert "cannot read" in err and "truncated or corrupt" in err and str(resumed / "last.npz") in err
 
@@ -264,13 +283,13 @@ def test_corrupt_data_file_is_a_clear_error(tiny_data, tmp_path, capsys):
     shutil.copytree(tiny_data, data_dir)
     damaged = data_dir / "cifar-10-batches-py" / "data_batch_3"
     damaged.write_bytes(damaged.read_bytes()[:1000])
-    assert cifar.main(_argv(data_dir, tmp_path / "out")) == cifar.EXIT_USAGE
+    assert cifar.main(_argv(data_dir, tmp_path / "out")) == run.EXIT_USAGE
     err = capsys.readouterr().err
     assert "cannot load cifar10" in err and str(damaged) in err and "corrupt or truncated" in err
 
 
 def test_too_few_images_for_a_batch(tiny_data, tmp_path, capsys):
-    assert cifar.main(_argv(tiny_data, tmp_path / "out", "--limit-train", "5")) == cifar.EXIT_USAGE
+    assert cifar.main(_argv(tiny_data, tmp_path / "out", "--limit-train", "5")) == run.EXIT_USAGE
     assert "5 training images make no full batch of 8" in capsys.readouterr().err
 
 
@@ -279,16 +298,16 @@ class Killed(BaseException):
 
 
 def test_a_crash_between_last_and_best_is_repaired_on_resume(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
-    out, real_copy = tmp_path / "crashed", cifar.npzfile.copy
+    out, real_copy = tmp_path / "crashed", run.npzfile.copy
 
     def killed_copy(source, destination):
         raise Killed
 
-    monkeypatch.setattr(cifar.npzfile, "copy", killed_copy)
+    monkeypatch.setattr(run.npzfile, "copy", killed_copy)
     with pytest.raises(Killed):  # dies at the end of epoch 1, after last.npz, before best.npz
         cifar.main(_argv(tiny_data, out))
     assert _meta(out / "last.npz")["best"]["epoch"] == 1 and not (out / "best.npz").exists()
-    monkeypatch.setattr(cifar.npzfile, "copy", real_copy)
+    monkeypatch.setattr(run.npzfile, "copy", real_copy)
     assert cifar.main(["--out", str(out), "--resume"]) == 0
     printed = capsys.readouterr().out
     assert f"repaired {out / 'best.npz'}" in printed
@@ -301,7 +320,7 @@ def test_a_crash_between_last_and_best_is_repaired_on_resume(finished_run, tiny_
 
 def test_a_best_npz_that_cannot_be_rebuilt_is_reported(finished_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "removed"
-    assert cifar.main(_argv(tiny_data, out), after_step=_interrupt_at(7)) == cifar.EXIT_INTERRUPTED
+    assert cifar.main(_argv(tiny_data, out), after_step=_interrupt_at(7)) == run.EXIT_INTERRUPTED
     (out / "best.npz").unlink()
     assert cifar.main(["--out", str(out), "--resume"]) == 0
     captured = capsys.readouterr()
@@ -319,7 +338,7 @@ def test_output_folder_is_checked_before_anything_runs(tmp_path, monkeypatch, ca
     a_file.write_text("")
     read_only = tmp_path / "read-only"
     for out, message in ((a_file, "is a file, not a directory"), (a_file / "run", "cannot write files there")):
-        assert cifar.main(_argv(missing_data, out)) == cifar.EXIT_USAGE
+        assert cifar.main(_argv(missing_data, out)) == run.EXIT_USAGE
         assert f"--out {out}" in (err := capsys.readouterr().err) and message in err, err
         assert masks.main([str(a_file), "--out", str(out)]) == 2
         assert f"--out {out}" in (err := capsys.readouterr().err) and message in err, err
@@ -330,7 +349,7 @@ def test_output_folder_is_checked_before_anything_runs(tmp_path, monkeypatch, ca
         raise PermissionError(13, "Permission denied", str(dir))
 
     monkeypatch.setattr(cifar_common.tempfile, "NamedTemporaryFile", refuse)
-    assert cifar.main(_argv(missing_data, read_only)) == cifar.EXIT_USAGE
+    assert cifar.main(_argv(missing_data, read_only)) == run.EXIT_USAGE
     assert f"--out {read_only}: cannot write files there" in (err := capsys.readouterr().err) and \
         "Permission denied" in err
     assert masks.main([str(a_file), "--out", str(read_only)]) == 2
@@ -340,14 +359,14 @@ def test_output_folder_is_checked_before_anything_runs(tmp_path, monkeypatch, ca
 def test_data_dir_that_is_a_file(tmp_path, capsys):
     a_file = tmp_path / "cifar.tar"
     a_file.write_text("")
-    assert cifar.main(_argv(a_file, tmp_path / "out")) == cifar.EXIT_USAGE
+    assert cifar.main(_argv(a_file, tmp_path / "out")) == run.EXIT_USAGE
     err = capsys.readouterr().err
     assert f"{a_file} is a file, not a directory" in err and "download" not in err
 
 
 def test_eval_only_refuses_options_it_would_ignore(finished_run, tiny_data, capsys):
     last = finished_run[0] / "last.npz"
-    assert cifar.main(["--eval-only", str(last), "--model", "attention92", "--lr", "0.5"]) == cifar.EXIT_USAGE
+    assert cifar.main(["--eval-only", str(last), "--model", "attention92", "--lr", "0.5"]) == run.EXIT_USAGE
     err = capsys.readouterr().err
     assert "--model, --lr cannot be given with it" in err and "--limit-test" in err
 
@@ -371,7 +390,7 @@ def test_weights_files_and_checkpoints_are_one_format(finished_run, tiny_data, t
     out = tmp_path / "resumed-from-weights"
     out.mkdir()
     shutil.copyfile(weights, out / "last.npz")
-    assert cifar.main(["--out", str(out), "--resume"]) == cifar.EXIT_USAGE
+    assert cifar.main(["--out", str(out), "--resume"]) == run.EXIT_USAGE
     assert "holds weights only, not a training checkpoint" in capsys.readouterr().err
 
 
@@ -390,7 +409,7 @@ def test_backend_auto_follows_ra_backend(tiny_data, tmp_path, monkeypatch, capsy
     monkeypatch.setitem(backend._selected, "backend", None)
     monkeypatch.setenv("RA_BACKEND", "bogus")
     argv = [a for a in _argv(tiny_data, tmp_path / "out") if a not in ("--backend", "numpy")]
-    assert cifar.main(argv) == cifar.EXIT_USAGE
+    assert cifar.main(argv) == run.EXIT_USAGE
     assert "RA_BACKEND='bogus': unknown backend 'bogus'" in capsys.readouterr().err
     monkeypatch.setenv("RA_BACKEND", "interpret")
     assert cifar_common.select_backend("auto") == "interpret" == backend.get_backend()
@@ -401,7 +420,7 @@ def test_the_run_length_is_estimated(finished_run):
     # Read at the first reading of the metrics, the epoch's end here: STEPS_PER_EPOCH steps remain.
     estimate = [line for line in printed.splitlines() if "an epoch trains in about" in line]
     assert len(estimate) == 1 and f"the {STEPS_PER_EPOCH} steps left take about" in estimate[0]
-    assert [cifar.format_duration(s) for s in (45, 150, 7200 * 1.7, 86400 * 6.2)] == \
+    assert [run.format_duration(s) for s in (45, 150, 7200 * 1.7, 86400 * 6.2)] == \
         ["45 s", "2 min", "3.4 h", "6.2 days"]
 
 

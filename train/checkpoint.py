@@ -64,12 +64,13 @@ def data_of(checkpoint: Checkpoint, dataset=None, data_dir=None):
     return dataset, data_dir or saved.get("data_dir", DEFAULT_DATA_DIR)
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, path) -> ResidualAttentionNet:
-    """The network a checkpoint or weights file describes, built on the current backend, with its weights."""
+def model_from_checkpoint(checkpoint: Checkpoint, path, network=ResidualAttentionNet):
+    """The ``network`` (a class) a checkpoint or weights file describes, built on the current backend,
+    with its weights; UsageError when the file holds another class."""
     architecture = checkpoint.meta["model"]
-    if architecture["class"] != ResidualAttentionNet.__name__ or architecture["config"] is None:
-        raise UsageError(f"{path} holds the weights of a {architecture['class']}, not of a ResidualAttentionNet")
-    model = ResidualAttentionNet(**architecture["config"])
+    if architecture["class"] != network.__name__ or architecture["config"] is None:
+        raise UsageError(f"{path} holds the weights of a {architecture['class']}, not of a {network.__name__}")
+    model = network(**architecture["config"])
     try:
         model.load_state_dict(checkpoint.model_state)
     except (KeyError, ValueError, TypeError) as error:

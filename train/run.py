@@ -1,0 +1,639 @@
+"""What the training commands share: one run's loop, its files, its resume and its entry point.
+
+``train.cifar`` and ``train.imagenet`` each describe their task (a :class:`Task`: options, data,
+network, schedule); :func:`main` parses a command line and trains, resumes or evaluates. The
+files of a run, its checkpoint's record and its exit codes are the same for both (the
+commands' docstrings describe them).
+"""
+import argparse
+import csv
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ra_kernels import backend, npzfile
+from ra_kernels.metrics import TOTALS
+from ra_kernels.models import ATTENTIONS
+from ra_kernels.optim import SCHEDULES, SGD
+from ra_kernels.steps import EvalStep, TrainStep
+from train.checkpoint import read_checkpoint, write_checkpoint
+from train.common import (BACKEND_HELP, PRECISION_HELP, UsageError, epoch_batches, prepare_output_dir, select_backend,
+                          select_precision)
+
+METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "train_top5_accuracy", "test_loss",
+                   "test_accuracy", "test_top5_accuracy", "lr", "seconds", "images_per_second")
+
+EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+#: The start of every training command's --help epilog: its files and exit codes.
+EPILOG = """\
+outputs in --out DIR:
+  metrics.csv  one row per epoch: epoch, iteration, train_loss, train_accuracy,
+               train_top5_accuracy, test_loss, test_accuracy, test_top5_accuracy, lr,
+               seconds (of the run so far), images_per_second (training)
+  curves.png   loss, accuracy (top-1 and top-5) and learning rate per epoch
+  last.npz     checkpoint at every epoch end and where Ctrl-C stopped (--resume continues it)
+  best.npz     checkpoint of the epoch with the best test accuracy, for convenience: it is
+               picked on the test set, so its accuracy is optimistic. The accuracy to report
+               is the LAST epoch's, which the run prints at the end.
+
+Ctrl-C stops after the current step, writes last.npz and exits with code 130; run the same
+command with --resume to continue exactly where it stopped. A NaN or Inf loss (checked
+every --log-every steps and at each epoch end) stops the run with code 1 and leaves the
+last good checkpoint in place. Bad options, unreadable data or checkpoints: code 2.
+
+"""
+
+
+class Diverged(Exception):
+    """The loss became NaN or Inf."""
+
+
+class Task:
+    """What a training command says about its task; :func:`main` and :class:`Run` do the rest.
+
+    Attributes: ``name`` (the command's name in messages, "ra-train"), ``module`` ("train.cifar"),
+    ``resume_may_change`` (the options a resumed run may change besides --out and --resume:
+    where the data is and how the run is watched, nothing that changes what it computes) and
+    ``eval_only_options`` (those --eval-only takes, itself first).
+    """
+    name = module = None
+    resume_may_change = eval_only_options = ()
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        raise NotImplementedError
+
+    def default_out(self, args) -> str:
+        """--out when not given."""
+        raise NotImplementedError
+
+    def dataset(self, args) -> str:
+        """The data's name in words, for the run's first line."""
+        raise NotImplementedError
+
+    def training_data(self, args):
+        """(training loader, test loader, number of classes) for a run; UsageError when the data
+        cannot be read."""
+        raise NotImplementedError
+
+    def default_epochs(self, batches_per_epoch) -> int:
+        """Epochs when --epochs is not given: the paper's iterations."""
+        raise NotImplementedError
+
+    def schedule(self, args, total_iterations):
+        """iteration -> learning rate (ra_kernels.optim)."""
+        raise NotImplementedError
+
+    def build_model(self, args, num_classes):
+        raise NotImplementedError
+
+    def evaluation(self, args, explicit, checkpoint, path):
+        """--eval-only: (model with the checkpoint's weights, test loader, what was evaluated in
+        words) on the current backend."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- command line
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
+def add_attention_options(group):
+    """--attention and --naive-attention, the paper's ablation switches, into an option group."""
+    group.add_argument("--attention", choices=ATTENTIONS, default="mixed",
+                       help="mask activation: mixed (sigmoid), channel (L2 norm over channels) or spatial "
+                            "(sigmoid of standardised maps), the paper's ablation (default: %(default)s)")
+    group.add_argument("--naive-attention", action="store_true",
+                       help="output M * T (the paper's naive attention learning) instead of (1 + M) * T "
+                            "(attention residual learning)")
+
+
+def add_training_options(parser, task, batch_size, epochs_help, paper_schedule_help, out_default):
+    """The option groups every training command has: "optimisation" (the paper's SGD, at
+    ``batch_size`` by default) and "run" (backend, precision, files, resume, evaluation)."""
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=_positive_int, metavar="N", help=epochs_help)
+    optim.add_argument("--batch-size", type=_positive_int, default=batch_size, metavar="N",
+                       help="images per step, training and evaluation (default: %(default)s, the paper's); "
+                            "training drops the last incomplete batch of an epoch")
+    optim.add_argument("--lr", type=_non_negative_float, default=0.1, metavar="LR",
+                       help="initial learning rate (default: %(default)s)")
+    optim.add_argument("--schedule", choices=list(SCHEDULES), default="paper",
+                       help=f"paper: {paper_schedule_help}; cosine: cosine decay from --lr to 0 "
+                            f"(default: %(default)s)")
+    optim.add_argument("--momentum", type=_non_negative_float, default=0.9, metavar="M",
+                       help="SGD momentum (default: %(default)s)")
+    optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                       help="Nesterov momentum (default: on)")
+    optim.add_argument("--weight-decay", type=_non_negative_float, default=1e-4, metavar="WD",
+                       help="L2 penalty added to the gradients (default: %(default)s)")
+    optim.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+                       help="seeds the initial weights, the data order and augmentation (and the label noise); "
+                            "the same seed on the same backend repeats a run (default: %(default)s)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto", help=BACKEND_HELP)
+    run.add_argument("--precision", choices=backend.PRECISIONS, default="tf32", help=PRECISION_HELP)
+    run.add_argument("--no-cuda-graph", action="store_true",
+                     help="on cuda, launch every kernel of every step from Python; by default each training "
+                          "and evaluation step is captured as one CUDA graph after two eager steps and replayed "
+                          "(the same kernels in the same order: the same results, without the host's launch "
+                          "cost). Other backends are always eager")
+    run.add_argument("--out", metavar="DIR",
+                     help=f"directory for metrics.csv, curves.png, last.npz and best.npz (default: {out_default})")
+    run.add_argument("--resume", action="store_true",
+                     help=f"continue the run in --out from its last.npz, exactly where it stopped; it keeps "
+                          f"its settings (only {_flags(task.resume_may_change)} may change)")
+    run.add_argument("--eval-only", metavar="CHECKPOINT",
+                     help=f"print the test accuracy (top-1 and top-5) and loss of CHECKPOINT (a last.npz or "
+                          f"best.npz, or weights written by Module.save) and exit, on any backend; only "
+                          f"{_flags(task.eval_only_options[1:])} may be given with it")
+    run.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
+                     help="read the training loss and accuracy back from the device every N steps, for the "
+                          "progress bar and the divergence check (default: %(default)s)")
+
+
+def _flags(dests):
+    """"--a, --b and --c" of argparse destinations."""
+    flags = [_flag(dest) for dest in dests]
+    return ", ".join(flags[:-1]) + " and " + flags[-1] if len(flags) > 1 else "".join(flags)
+
+
+def _explicit_options(task, argv):
+    """The destinations of the options given on the command line, with their values."""
+    parser, unset = task.build_parser(), object()
+    # argparse fills in a default only where the namespace has no value yet.
+    given = parser.parse_args(argv, argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))}))
+    return {dest: value for dest, value in vars(given).items() if value is not unset}
+
+
+def _flag(dest):
+    """The command-line option of an argparse destination: "data_dir" -> "--data-dir"."""
+    return "--" + dest.replace("_", "-")
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))
+
+
+def _resumed_args(task, args, explicit, saved):
+    """The checkpoint's arguments, with those of ``task.resume_may_change`` given on the command line
+    (``explicit``) taken from there, and --out and --resume."""
+    may_change = task.resume_may_change + ("out", "resume")
+    # A checkpoint from before an option existed ran at that option's default (--precision tf32).
+    saved = {**_as_json(vars(task.build_parser().parse_args([]))), **saved}
+    conflicts = [f"{_flag(dest)} {_as_json(value)!r} (the run has {saved.get(dest)!r})"
+                 for dest, value in explicit.items()
+                 if dest not in may_change and _as_json(value) != saved.get(dest)]
+    if conflicts:
+        raise UsageError("a resumed run keeps the settings it started with; these differ: " + "; ".join(conflicts)
+                         + ". Only " + ", ".join(map(_flag, task.resume_may_change))
+                         + " may change (start a new run in another --out to change the rest)")
+    resumed = argparse.Namespace(**dict(saved, out=args.out, resume=True))
+    for dest in task.resume_may_change:
+        if dest in explicit:
+            setattr(resumed, dest, explicit[dest])
+    return resumed
+
+
+# --------------------------------------------------------------------------- pieces of a run
+
+def describe_position(position, batches_per_epoch):
+    """Where a run stands, in words: "end of epoch 3" or "epoch 4, after batch 120 of 781"."""
+    if position["batch"] == 0:
+        return f"end of epoch {position['epoch']}"
+    return f"epoch {position['epoch'] + 1}, after batch {position['batch']} of {batches_per_epoch}"
+
+
+def new_totals():
+    """A zeroed metrics accumulator on the current backend (see ra_kernels.metrics)."""
+    return backend.xp().zeros(len(TOTALS), dtype=np.float32)
+
+
+def mean_metrics(totals):
+    """(mean loss, accuracy, top-5 accuracy) from a totals array: one read from the device."""
+    loss_sum, correct, count, correct_top5 = (float(v) for v in backend.to_numpy(totals))
+    return loss_sum / count, correct / count, correct_top5 / count
+
+
+def evaluate(step, loader, stop=None):
+    """(mean loss, accuracy, top-5 accuracy) over ``loader`` by ``step``, an EvalStep whose totals are zeroed first and
+    read once at the end; None when ``stop.requested`` turned true on the way."""
+    step.totals.fill(0)
+    with epoch_batches(loader, 0) as batches:
+        for x, y in tqdm(batches, total=len(loader), desc="test", unit="batch", leave=False, dynamic_ncols=True):
+            step(x, y)
+            if stop is not None and stop.requested:
+                return None
+    return mean_metrics(step.totals)
+
+
+def format_duration(seconds):
+    """A duration in words at a useful precision: "45 s", "12 min", "3.4 h", "6.2 days"."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}" if unit in ("days", "h") else f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+class StopOnInterrupt:
+    """Inside the block, Ctrl-C (SIGINT) sets ``requested`` instead of raising, so that the loop
+    stops between steps, where model and optimizer are whole and can be saved; a second Ctrl-C
+    raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after this step to write a checkpoint (Ctrl-C again quits at once, "
+                   "without one)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def write_metrics_csv(history, path):
+    with npzfile.atomic_open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_curves(history, path):
+    """curves.png: loss and accuracy (top-1 solid, top-5 dashed; training and test) and the learning
+    rate, per epoch. Rows from before top-5 was recorded have none."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    for split in ("train", "test"):
+        loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], marker=".", label=split)
+        line, = acc_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], marker=".", label=split)
+        acc_ax.plot(epochs, [100 * row.get(f"{split}_top5_accuracy", math.nan) for row in history], marker=".",
+                    linestyle="--", color=line.get_color(), label=f"{split} top-5")
+    lr_ax.plot(epochs, [row["lr"] for row in history], marker=".")
+    lr_ax.set_yscale("log")
+    for ax, title in ((loss_ax, "cross-entropy loss"), (acc_ax, "accuracy (%)"), (lr_ax, "learning rate")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    loss_ax.legend()
+    acc_ax.legend()
+    fig.tight_layout()
+    with npzfile.atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the run
+
+class Run:
+    """One training run: data, model, optimizer, schedule, position, and the files in ``out``.
+
+    Position: the next step is batch ``batch`` of epoch ``epoch`` (0-based), after
+    ``iteration`` steps in all; ``batch == batches_per_epoch`` means the epoch's
+    training is done and its evaluation is not.
+    """
+
+    def __init__(self, task, args, checkpoint=None):
+        self.task, self.args, self.out = task, args, Path(args.out)
+        self.backend = select_backend(args.backend)
+        select_precision(args.precision)
+        self.train_loader, self.test_loader, self.num_classes = task.training_data(args)
+        self.batches_per_epoch = len(self.train_loader)
+        if args.epochs is None:  # fixed now, so that the checkpoint (and a resumed run) has the number
+            args.epochs = task.default_epochs(self.batches_per_epoch)
+        self.schedule = task.schedule(args, args.epochs * self.batches_per_epoch)
+        self.model = task.build_model(args, self.num_classes)
+        self.optimizer = SGD(self.model.parameters(), args.lr, args.momentum, args.weight_decay, args.nesterov)
+        self.lr = None  # the value last written into the optimizer
+        self.train_totals = new_totals()
+        capture = False if args.no_cuda_graph else None  # None: captured on cuda
+        self.train_step = TrainStep(self.model, self.optimizer, self.train_totals, capture)
+        self.eval_step = EvalStep(self.model, new_totals(), capture)
+        self.position = dict(epoch=0, batch=0, iteration=0, seconds=0.0, epoch_images=0,
+                             epoch_train_seconds=0.0)
+        self.history, self.best = [], None
+        self.last_good = "none yet: it diverged before the first checkpoint"
+        # The run's length is estimated at the first reading of the metrics; on a GPU that interval
+        # includes compiling the kernels, so the second reading estimates it again.
+        self._estimates_left = 2 if self.backend == "cuda" else 1
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self._session_start, self._seconds_before = time.perf_counter(), self.position["seconds"]
+
+    def _restore(self, checkpoint):
+        meta = checkpoint.meta
+        if meta["batches_per_epoch"] != self.batches_per_epoch:
+            raise UsageError(f"the training set changed since the checkpoint: {self.batches_per_epoch} batches "
+                             f"per epoch now, {meta['batches_per_epoch']} then (same --data-dir contents?)")
+        self.model.load_state_dict(checkpoint.model_state)
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        totals = checkpoint.train_totals
+        if totals.shape == (len(TOTALS) - 1,):  # from before top-5 was counted: unknown for this epoch
+            totals = np.append(totals, np.float32(np.nan))
+        self.train_totals[...] = backend.asarray(totals)
+        self.position = {key: meta[key] for key in self.position}
+        self.history, self.best = meta["history"], meta["best"]
+        self.last_good = self._checkpoint_description()
+        self._repair_best()
+        for name in ("last.npz", "best.npz", "metrics.csv", "curves.png"):  # left by a kill mid-write
+            (self.out / (name + ".tmp")).unlink(missing_ok=True)
+
+    def _best_file_record(self):
+        """The ``best`` record of best.npz itself (the epoch whose end it holds), or None when there is
+        no readable best.npz. Only the meta record is read: the arrays are CRC-checked when loaded."""
+        try:
+            return read_checkpoint(self.out / "best.npz", meta_only=True).meta["best"]
+        except UsageError:
+            return None
+
+    def _repair_best(self):
+        """Make best.npz hold the epoch the checkpoint names best. Epoch ends write last.npz, then copy
+        it to best.npz when the epoch is the best so far, so the one file a crash can leave behind is
+        a best.npz older than last.npz's record, and then last.npz itself is the best checkpoint."""
+        if self.best is None or self._best_file_record() == self.best:
+            return
+        if (self.position["epoch"], self.position["batch"]) != (self.best["epoch"], 0):
+            print(f"warning: {self.out / 'best.npz'} does not hold epoch {self.best['epoch']}, the best so far, and "
+                  f"cannot be rebuilt (was it removed or replaced?); it is written again when an epoch does better",
+                  file=sys.stderr)
+            return
+        npzfile.copy(self.out / "last.npz", self.out / "best.npz")
+        print(f"repaired {self.out / 'best.npz'}: an interrupted epoch end had left it out of date; it holds "
+              f"epoch {self.best['epoch']} again")
+
+    # ----------------------------------------------------------------- helpers
+
+    def _seconds(self):
+        return self._seconds_before + time.perf_counter() - self._session_start
+
+    def _checkpoint_description(self):
+        where = describe_position(self.position, self.batches_per_epoch)
+        return f"{self.out / 'last.npz'} ({where}, iteration {self.position['iteration']})"
+
+    def _checked_train_metrics(self):
+        """(loss, accuracy, top-5 accuracy) of the epoch's training so far (one device read); Diverged
+        if the loss is not finite."""
+        loss, accuracy, top5 = mean_metrics(self.train_totals)
+        if not math.isfinite(loss):
+            p = self.position
+            raise Diverged(f"the training loss became {loss} in epoch {p['epoch'] + 1}, by iteration "
+                           f"{p['iteration']} (learning rate {self.schedule(max(p['iteration'] - 1, 0)):g})")
+        return loss, accuracy, top5
+
+    def save(self):
+        self.position["seconds"] = self._seconds()
+        meta = dict(self.position, args=vars(self.args), num_classes=self.num_classes,
+                    batches_per_epoch=self.batches_per_epoch, history=self.history, best=self.best)
+        write_checkpoint(self.out / "last.npz", self.model, self.optimizer, self.train_totals, meta)
+        self.last_good = self._checkpoint_description()
+
+    # ----------------------------------------------------------------- training
+
+    def train(self, after_step=None) -> int:
+        """Train to the last epoch; returns the exit code. ``after_step(run)`` is called after
+        every step (for tools and tests: they may inspect the run, or interrupt it)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        print(f"{self.args.model} ({self.optimizer.flat_params.size:,} parameters) on {self.task.dataset(self.args)}: "
+              f"{self.batches_per_epoch} steps per epoch, {self.args.epochs} epochs, backend {self.backend}, "
+              f"output in {self.out}")
+        if self.position["iteration"] > 0:
+            print(f"resuming from {self.last_good}")
+        try:
+            # NumPy's floating-point warnings are silenced: a diverging run would print them at
+            # every op, while the loss check reports the divergence once, clearly.
+            with StopOnInterrupt() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                while self.position["epoch"] < self.args.epochs:
+                    if self.position["batch"] < self.batches_per_epoch and not self._train_epoch(stop, after_step):
+                        return self._interrupted()
+                    test = evaluate(self.eval_step, self.test_loader, stop)
+                    if test is None:
+                        return self._interrupted()
+                    self._end_epoch(*test)
+        except Diverged as error:
+            print(f"{self.task.name}: training diverged: {error}. The parameters are no longer usable and were not "
+                  f"saved; the last good checkpoint is {self.last_good}. Try a lower --lr.", file=sys.stderr)
+            return EXIT_DIVERGED
+        self._report()
+        return 0
+
+    def _train_epoch(self, stop, after_step):
+        """Run the epoch's remaining steps; False when Ctrl-C stopped it."""
+        p, args = self.position, self.args
+        if p["batch"] == 0:
+            self.train_totals.fill(0)
+            p["epoch_images"], p["epoch_train_seconds"] = 0, 0.0
+        bar = tqdm(total=self.batches_per_epoch, initial=p["batch"], desc=f"epoch {p['epoch'] + 1}/{args.epochs}",
+                   unit="batch", dynamic_ncols=True)
+        started = interval_start = time.perf_counter()
+        interval_images = 0
+        try:
+            with epoch_batches(self.train_loader, p["epoch"], p["batch"]) as batches:
+                for x, y in batches:
+                    self._step(x, y)
+                    p["batch"] += 1
+                    p["iteration"] += 1
+                    p["epoch_images"] += x.shape[0]
+                    interval_images += x.shape[0]
+                    bar.update()
+                    if after_step is not None:
+                        after_step(self)
+                    if p["batch"] % args.log_every == 0 or p["batch"] == self.batches_per_epoch or stop.requested:
+                        loss, accuracy, _ = self._checked_train_metrics()  # waits for the device
+                        now = time.perf_counter()
+                        images_per_second = interval_images / (now - interval_start)
+                        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1%}", lr=f"{self.lr:.3g}",
+                                        img_s=f"{images_per_second:.1f}")
+                        if self._estimates_left:
+                            tqdm.write(self._estimate(images_per_second))
+                            self._estimates_left -= 1
+                        interval_start, interval_images = now, 0
+                    if stop.requested:
+                        return False
+        finally:
+            bar.close()
+            p["epoch_train_seconds"] += time.perf_counter() - started
+        return True
+
+    def _estimate(self, images_per_second):
+        """The run's remaining length at ``images_per_second``, in words (training steps only)."""
+        steps_left = self.args.epochs * self.batches_per_epoch - self.position["iteration"]
+        epoch = self.batches_per_epoch * self.args.batch_size / images_per_second
+        return (f"at {images_per_second:.1f} images/s an epoch trains in about {format_duration(epoch)}; the "
+                f"{steps_left:,} steps left take about "
+                f"{format_duration(steps_left * self.args.batch_size / images_per_second)}, plus the evaluations"
+                + (" (this first interval includes compiling the kernels: estimated again at the next reading)"
+                   if self._estimates_left == 2 else ""))
+
+    def _step(self, x, y):
+        """One SGD step on the batch (x, y); its loss and correct predictions go into train_totals."""
+        lr = self.schedule(self.position["iteration"])
+        if lr != self.lr:
+            self.optimizer.set_lr(lr)
+            self.lr = lr
+        self.train_step(x, y)
+
+    def _end_epoch(self, test_loss, test_accuracy, test_top5):
+        p = self.position
+        train_loss, train_accuracy, train_top5 = self._checked_train_metrics()
+        if not math.isfinite(test_loss):
+            raise Diverged(f"the test loss became {test_loss} after epoch {p['epoch'] + 1}")
+        row = dict(epoch=p["epoch"] + 1, iteration=p["iteration"], train_loss=train_loss,
+                   train_accuracy=train_accuracy, train_top5_accuracy=train_top5, test_loss=test_loss,
+                   test_accuracy=test_accuracy, test_top5_accuracy=test_top5,
+                   lr=self.schedule(p["iteration"] - 1), seconds=round(self._seconds(), 3),
+                   images_per_second=p["epoch_images"] / max(p["epoch_train_seconds"], 1e-9))
+        self.history.append(row)
+        improved = self.best is None or test_accuracy > self.best["test_accuracy"]
+        if improved:
+            self.best = dict(epoch=row["epoch"], test_accuracy=test_accuracy, test_loss=test_loss)
+        p["epoch"], p["batch"] = p["epoch"] + 1, 0
+        self.save()
+        if improved:  # after last.npz, which names this epoch best: a crash between the two is repaired on resume
+            npzfile.copy(self.out / "last.npz", self.out / "best.npz")
+        write_metrics_csv(self.history, self.out / "metrics.csv")
+        try:
+            plot_curves(self.history, self.out / "curves.png")
+        except ImportError:
+            tqdm.write("matplotlib is not installed: curves.png not written (pip install matplotlib)")
+        tqdm.write(f"epoch {row['epoch']}/{self.args.epochs}: train loss {train_loss:.4f} acc {train_accuracy:.2%}"
+                   f" | test loss {test_loss:.4f} acc {test_accuracy:.2%} top-5 {test_top5:.2%} | lr {row['lr']:.3g} | "
+                   f"{row['images_per_second']:.1f} img/s")
+
+    def _interrupted(self):
+        if self.position["batch"] > 0:  # steps were taken this epoch: a diverged state is not worth saving
+            self._checked_train_metrics()
+        self.save()
+        print(f"{self.task.name}: interrupted; checkpoint written to {self.last_good}. Continue with:\n"
+              f"  python -m {self.task.module} --out {self.out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+    def _report(self):
+        if not self.history:
+            return
+        last = self.history[-1]
+        print(f"final test accuracy (last epoch, {last['epoch']}): {last['test_accuracy']:.2%}, "
+              f"test loss {last['test_loss']:.4f}")
+        best = self._best_file_record()  # what the file holds, whatever happened to the run
+        if best is None:
+            print("best.npz is missing or unreadable", file=sys.stderr)
+            return
+        print(f"best.npz holds epoch {best['epoch']} (test accuracy {best['test_accuracy']:.2%}); it was "
+              f"picked on the test set, so report the last epoch's accuracy, not that one")
+
+
+# --------------------------------------------------------------------------- entry points
+
+def describe_checkpoint(task, checkpoint):
+    """What a file holds, in words: where its run stood, or that it is weights only."""
+    meta = checkpoint.meta
+    if not checkpoint.is_training:
+        return f"weights of a {meta['model']['class']} ({meta['model']['config']['attention']} attention)"
+    saved = meta["args"]
+    return (f"{saved['model']} on {task.dataset(argparse.Namespace(**saved))}, "
+            f"{describe_position(meta, meta['batches_per_epoch'])} of a {saved['epochs']}-epoch run "
+            f"(iteration {meta['iteration']})")
+
+
+def evaluate_checkpoint(task, args, explicit) -> int:
+    """--eval-only: the test accuracy and loss of a checkpoint or weights file, on the current backend."""
+    path = Path(args.eval_only)
+    checkpoint = read_checkpoint(path)
+    select_backend(args.backend)
+    select_precision(args.precision)
+    model, loader, what = task.evaluation(args, explicit, checkpoint, path)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        loss, accuracy, top5 = evaluate(EvalStep(model, new_totals(), False if args.no_cuda_graph else None), loader)
+    print(f"{path}: {describe_checkpoint(task, checkpoint)}")
+    print(f"test accuracy {accuracy:.2%}  top-5 {top5:.2%}  test loss {loss:.4f}  ({what}, backend "
+          f"{backend.get_backend()}, precision {backend.get_precision()})")
+    return 0
+
+
+def main(task, argv=None, after_step=None) -> int:
+    """Parse ``argv`` (default sys.argv[1:]) with the task's parser, train or evaluate; returns the
+    exit code.
+
+    ``after_step``: see :meth:`Run.train`.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = task.build_parser()
+    args = parser.parse_args(argv)
+    if args.nesterov and args.momentum == 0:
+        parser.error("Nesterov momentum needs --momentum > 0; add --no-nesterov for plain SGD")
+    explicit = _explicit_options(task, argv)
+    try:
+        if args.eval_only is not None:
+            ignored = [_flag(dest) for dest in explicit if dest not in task.eval_only_options]
+            if ignored:
+                raise UsageError(f"--eval-only takes the network from the checkpoint and evaluates it; "
+                                 f"{', '.join(ignored)} cannot be given with it (only "
+                                 f"{', '.join(map(_flag, task.eval_only_options[1:]))})")
+            return evaluate_checkpoint(task, args, explicit)
+        args.out = args.out or task.default_out(args)
+        last = Path(args.out) / "last.npz"
+        checkpoint = None
+        if args.resume:
+            if not last.exists():
+                raise UsageError(f"--resume: {last} does not exist, so there is nothing to resume")
+            checkpoint = read_checkpoint(last)
+            if not checkpoint.is_training:
+                raise UsageError(f"--resume: {last} holds weights only, not a training checkpoint")
+            args = _resumed_args(task, args, explicit, checkpoint.meta["args"])
+        elif last.exists():
+            raise UsageError(f"{args.out} already holds a run ({last}): add --resume to continue it, or "
+                             f"choose another --out")
+        prepare_output_dir(args.out)
+        return Run(task, args, checkpoint).train(after_step)
+    except UsageError as error:
+        print(f"{task.name}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{task.name}: stopped by Ctrl-C where no checkpoint could be written; nothing was saved since the "
+              "last one", file=sys.stderr)
+        return EXIT_INTERRUPTED
