@@ -31,6 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: The benchmarks' models: CIFAR-10 images (32x32) and classes.
 IMAGE_SIZE, NUM_CLASSES = 32, 10
+#: The whole-step benchmark's ImageNet networks, by name: 224x224 images, 1,000 classes. They
+#: have no dry-run version (their widths are the prototxt's; tests/test_bench.py holds them against
+#: the PyTorch twin on the CPU).
+IMAGENET_MODELS = {"imagenet56": models.imagenet_attention56, "imagenet92": models.imagenet_attention92}
+IMAGENET_IMAGE_SIZE, IMAGENET_CLASSES = 224, 1000
 #: --dry-run: the named models at these widths (their depth unchanged), on 8x8 images, at batch 4,
 #: so that the interpreter gets through them in seconds; 4 values per channel reach the batch
 #: norms of the 1x1 mask levels (2 would make batch norm's input gradient zero in exact arithmetic).
@@ -65,11 +70,23 @@ def import_torch(required: bool):
 
 
 def build_model(name: str, dry_run: bool, seed: int = 0):
-    """Our model ``name`` (a key of ``ra_kernels.models.MODELS``) for CIFAR-10 on the current
-    backend, in its tiny dry-run version when ``dry_run``."""
+    """Our model ``name`` on the current backend: a key of ``ra_kernels.models.MODELS`` for CIFAR-10
+    (in its tiny dry-run version when ``dry_run``), or of IMAGENET_MODELS (not in a dry run)."""
+    if name in IMAGENET_MODELS:
+        if dry_run:
+            raise ValueError(f"{name} has no dry-run version: its full widths would take the interpreter "
+                             f"minutes (the CIFAR models' tiny versions check the step's plumbing)")
+        return IMAGENET_MODELS[name](num_classes=IMAGENET_CLASSES, seed=seed)
     if name not in models.MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(models.MODELS)}")
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join([*models.MODELS, *IMAGENET_MODELS])}")
     return models.MODELS[name](num_classes=NUM_CLASSES, seed=seed, **(DRY_RUN_MODEL if dry_run else {}))
+
+
+def model_input(name: str, dry_run: bool):
+    """(image side, number of classes) of the benchmarks' model ``name``."""
+    if name in IMAGENET_MODELS:
+        return IMAGENET_IMAGE_SIZE, IMAGENET_CLASSES
+    return (DRY_RUN_IMAGE if dry_run else IMAGE_SIZE), NUM_CLASSES
 
 
 @contextlib.contextmanager

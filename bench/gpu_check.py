@@ -1,6 +1,6 @@
 """One command that proves and measures everything on a lent GPU, within a fixed device budget.
 
-    python -m bench.gpu_check --out $OUT            # a cold H200: about 6 minutes
+    python -m bench.gpu_check --out $OUT            # a cold H200: about 8 minutes
     python -m bench.gpu_check --quick --out $OUT    # the rerun after a fix: under 4 minutes
     python -m bench.gpu_check --dry-run             # any CPU: every stage's plumbing, nothing timed
 
@@ -20,10 +20,13 @@ machine returns no more):
    PyTorch under autocast), after the agreement check.
 5. kernels: ``bench.kernels`` on attention92's layer shapes at batch 64, TF32, every family:
    device time by CUDA-graph replay on both sides, launch-inclusive time beside it.
-6. sanitize: compute-sanitizer memcheck (or racecheck) over the cuda tests of some kernel
+6. imagenet (full run only): the ImageNet Attention-56 training step at 224x224, batch 64, TF32,
+   ours against the PyTorch twin eager (``bench.step``, after its agreement check); the
+   ImageNet loader's images/s decoding JPEGs at 500x375 with 1 and 16 threads (``bench.loader``).
+7. sanitize: compute-sanitizer memcheck (or racecheck) over the cuda tests of some kernel
    families (SANITIZED_TESTS), in whatever time is left (full run only).
 
-While the tests run, worker processes compile the Triton specialisations that stages 3 to 5
+While the tests run, worker processes compile the Triton specialisations that stages 3 to 6
 need (TRITON's on-disk cache is shared), so that the later stages find them compiled.
 
 --quick keeps the env stage, the cuda tests of conv/BN, attention, the captured step, the backend and
@@ -91,6 +94,7 @@ STAGES = (Stage("env", "environment and ceilings", 60, 45, 20),
           Stage("train", "training, cuda vs numpy", 180, 0, 40),
           Stage("step", "whole step vs PyTorch eager", 90, 50, 30),
           Stage("kernels", "kernels vs cuDNN, device time", 120, 40, 30),
+          Stage("imagenet", "ImageNet step and loader", 90, 0, 40),
           Stage("sanitize", "compute-sanitizer", 120, 0, 0))
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -100,6 +104,10 @@ STEP_CONFIGS = {"full": [("attention56", 64), ("attention56", 128), ("attention9
 #: Precisions the step stage times (bf16 against TF32 in the full run; the quick run's minutes go to
 #: correctness).
 STEP_PRECISIONS = {"full": ("tf32", "bf16"), "quick": ("tf32",)}
+#: The imagenet stage: the step configuration (model, batch) and its precision; the loader's JPEGs,
+#: batch and thread counts.
+IMAGENET_STEP, IMAGENET_PRECISION = ("imagenet56", 64), "tf32"
+LOADER_IMAGES, LOADER_BATCH, LOADER_WORKERS = 1536, 256, (1, 16)
 #: The kernels stage: attention92's layers at this batch, TF32; --quick takes the first few of a family.
 KERNEL_MODEL, KERNEL_BATCH, QUICK_LAYERS = "attention92", 64, 3
 #: Cuda tests of --quick, and the files the sanitizer runs.
@@ -337,6 +345,28 @@ def stage_step(args) -> dict:
     return dict(ok=not differ, line=line, report=report)
 
 
+def stage_imagenet(args) -> dict:
+    from . import loader as bench_loader
+    from . import step as bench_step
+    session = _session(args)
+    if args.dry_run:  # the ImageNet networks have no tiny version; the loader's plumbing runs
+        loaded = bench_loader.measure(32, 8, [1, 2], True, args.seed, args.data)
+        return dict(ok=True, line=f"loader: {loaded['line']}; step: no dry-run version", report=loaded["line"])
+    loaded = bench_loader.measure(LOADER_IMAGES, LOADER_BATCH, list(LOADER_WORKERS), False, args.seed, args.data)
+    print(f"  loader: {loaded['line']}", flush=True)
+    options = SimpleNamespace(no_compile=True, precisions=(IMAGENET_PRECISION,), budget_ms=args.step_budget_ms)
+    row = bench_step.run_config(*IMAGENET_STEP, options, session)
+    t = row["times"][IMAGENET_PRECISION]
+    images = {side: row["batch"] / (timing.median * 1e-3) for side, timing in t.items()}
+    same = row["identical"][IMAGENET_PRECISION]
+    line = (f"{IMAGENET_STEP[0]} b{IMAGENET_STEP[1]} at 224x224, {IMAGENET_PRECISION}: ours captured / eager "
+            f"{images['ours captured']:,.0f} / {images['ours eager']:,.0f} vs PyTorch eager "
+            f"{images['PyTorch eager']:,.0f} img/s" + ("" if same else "; CAPTURED AND EAGER STEPS DIFFER")
+            + f"; loader {', '.join(f'{w} threads {r:,.0f}' for w, r in loaded['rates'].items())} images/s")
+    return dict(ok=same, line=line, report=bench_step.report([row], (IMAGENET_PRECISION,), False)
+                + f"\n\nLoader: {loaded['line']}.")
+
+
 def _kernel_layers(args) -> list:
     """The kernels stage's layers of --families: all of them; the first QUICK_LAYERS of each family
     with --quick; the first one with --dry-run."""
@@ -427,13 +457,13 @@ def warm(args) -> dict:
                 side.forward_backward() if side.family.differentiable else side.forward()
     else:
         name, batch, precision = args.warm.split(":")
-        image = common.DRY_RUN_IMAGE if args.dry_run else common.IMAGE_SIZE
+        image, classes = common.model_input(name, args.dry_run)
         x = backend.asarray(rng.standard_normal((int(batch), image, image, 3)).astype(np.float32))
-        labels = backend.asarray(rng.integers(0, common.NUM_CLASSES, int(batch)).astype(np.int64))
+        labels = backend.asarray(rng.integers(0, classes, int(batch)).astype(np.int64))
         model = common.build_model(name, args.dry_run)
         with backend.use_precision(precision):
             OurTrainer(model).step(x, labels)
-            if precision in TRAIN_PRECISIONS:  # the training stage evaluates in these
+            if precision in TRAIN_PRECISIONS and name == "attention56":  # the training stage evaluates these
                 with no_grad():
                     model.eval()(Tensor(x))
     backend.to_numpy(backend.empty((1,)))  # waits for the device
@@ -452,11 +482,13 @@ def warm_jobs(args) -> list:
     trains = "train" in args.stages and _mode(args) != "quick"  # the quick run skips the training stage
     precisions = ("ieee",) + tuple(sorted(set(STEP_PRECISIONS[_mode(args)]) | set(TRAIN_PRECISIONS if trains else ())))
     configs = [f"{m}:{b}:{p}" for m, b in STEP_CONFIGS[_mode(args)] for p in precisions]
-    return [c for c in configs if ":64:" in c] + kernels + [c for c in configs if ":64:" not in c]
+    imagenet = ([f"{IMAGENET_STEP[0]}:{IMAGENET_STEP[1]}:{p}" for p in ("ieee", IMAGENET_PRECISION)]
+                if "imagenet" in args.stages and _mode(args) == "full" else [])
+    return [c for c in configs if ":64:" in c] + kernels + [c for c in configs if ":64:" not in c] + imagenet
 
 
 STAGE_FUNCTIONS = {"env": stage_env, "tests": stage_tests, "train": stage_train, "step": stage_step,
-                   "kernels": stage_kernels, "sanitize": stage_sanitize}
+                   "kernels": stage_kernels, "imagenet": stage_imagenet, "sanitize": stage_sanitize}
 
 
 def run_child(args) -> int:
@@ -553,7 +585,7 @@ def run_all(args) -> int:
             f"full log {log.path}")
     results, warmers = {}, []
     for index, stage in enumerate(plan):
-        if stage.name in ("train", "step", "kernels") and warmers:
+        if stage.name in ("train", "step", "kernels", "imagenet") and warmers:
             _join_warmers(warmers, deadline - sum(s.needs_s for s in plan[index:]), log, args)
             warmers = []
         later = sum(s.needs_s for s in plan[index + 1:])
@@ -568,7 +600,7 @@ def run_all(args) -> int:
                 f"({r['seconds']:.0f} s) {r['line']}")
         for detail in r.get("details", [])[:MAX_TEST_FAILURES]:
             log.say(f"      {detail}")
-        if stage.name == "env" and not args.no_warm and {"train", "step", "kernels"} & set(args.stages):
+        if stage.name == "env" and not args.no_warm and {"train", "step", "kernels", "imagenet"} & set(args.stages):
             # The ceilings are measured: the compile jobs may now share the machine with the tests.
             warmers = [(i, job,
                         _start(_child_command(args, "--warm", job, "--result", str(args.work / f"warm-{i}.json")),
@@ -620,7 +652,7 @@ def parse_args(argv=None):
     parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, default=STAGE_NAMES,
                         help="stages to run, in their fixed order (default: all)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="seconds for the whole run; later stages shrink or are skipped to fit (default: 420, "
+                        help="seconds for the whole run; later stages shrink or are skipped to fit (default: 500, "
                              "--quick 220, --dry-run 900)")
     parser.add_argument("--data", type=Path, default=None,
                         help="the CIFAR-10 subset for the training stage (default: data/cifar10-subset, then "
@@ -656,7 +688,7 @@ def parse_args(argv=None):
     if missing:
         parser.error(f"--tests: no such file under {REPO}: {', '.join(missing)}")
     if args.budget_s is None:
-        args.budget_s = 900.0 if args.dry_run else 220.0 if args.quick else 420.0
+        args.budget_s = 900.0 if args.dry_run else 220.0 if args.quick else 500.0
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little")
     args.out = (args.out or REPO / "runs" / f"gpu_check-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()

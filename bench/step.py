@@ -1,6 +1,7 @@
 """Images/s of a whole training step, ours against the same network in PyTorch, eager and compiled.
 
     python -m bench.step                 # GPU: attention56 and attention92 at batch 64 and 128
+    python -m bench.step --models imagenet56 --batches 64   # GPU: the ImageNet Attention-56 at 224x224
     python -m bench.step --dry-run       # CPU: interpret backend, tiny models, agreement only
 
 A training step is what the training loop does per batch: zero the gradients, forward, softmax
@@ -52,7 +53,7 @@ from ra_kernels.optim import SGD
 from ra_kernels.steps import TrainStep
 
 from . import common
-from .common import DRY_RUN_BATCH, DRY_RUN_IMAGE, IMAGE_SIZE, NUM_CLASSES, build_model
+from .common import DRY_RUN_BATCH, IMAGENET_MODELS, build_model, model_input
 
 #: The paper's CIFAR recipe.
 SGD_ARGUMENTS = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
@@ -208,9 +209,9 @@ def check(what: str, sides: dict, truth: dict, yardstick: str) -> dict:
 def run_config(name: str, batch: int, args, session) -> dict:
     """Agreement, then (unless a dry run) images/s of each side, for one model and batch."""
     seed = int(session.rng.integers(1 << 31))
-    image = DRY_RUN_IMAGE if session.dry_run else IMAGE_SIZE
+    image, classes = model_input(name, session.dry_run)
     x = session.rng.standard_normal((batch, image, image, 3)).astype(np.float32)
-    labels = session.rng.integers(0, NUM_CLASSES, batch).astype(np.int64)
+    labels = session.rng.integers(0, classes, batch).astype(np.int64)
     model = build_model(name, session.dry_run, seed)
     initial = model.state_dict()
 
@@ -249,7 +250,7 @@ def run_config(name: str, batch: int, args, session) -> dict:
     times, memory, identical = {}, {}, {}
     if not session.dry_run:
         batches = [(backend.asarray(session.rng.standard_normal(x.shape).astype(np.float32)),
-                    backend.asarray(session.rng.integers(0, NUM_CLASSES, batch).astype(np.int64)))
+                    backend.asarray(session.rng.integers(0, classes, batch).astype(np.int64)))
                    for _ in range(IDENTITY_STEPS)]
         for precision in args.precisions:
             times[precision], memory[precision] = {}, {}
@@ -326,9 +327,11 @@ def report(rows: list, precisions, dry_run: bool) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(models.MODELS),
-                        help="models to train (default: attention56 attention92; attention56 in a dry run, "
-                             "where the interpreter takes about 10 s per step of its tiny version)")
+    parser.add_argument("--models", nargs="+", choices=[*models.MODELS, *IMAGENET_MODELS],
+                        help="models to train: the CIFAR networks at 32x32, or imagenet56 and imagenet92, the "
+                             "ImageNet networks at 224x224 with 1,000 classes (not in a dry run) (default: "
+                             "attention56 attention92; attention56 in a dry run, where the interpreter takes "
+                             "about 10 s per step of its tiny version)")
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 128], help="batch sizes (default: 64 128)")
     parser.add_argument("--precisions", nargs="+", default=["tf32", "bf16"], choices=backend.PRECISIONS,
                         help="precisions to time, both sides: tf32 (float32, TF32 products), ieee (float32 "
@@ -345,6 +348,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.command = "python -m bench.step " + " ".join(sys.argv[1:] if argv is None else argv)
     args.models = args.models or (["attention56"] if args.dry_run else ["attention56", "attention92"])
+    if args.dry_run and set(args.models) & set(IMAGENET_MODELS):
+        parser.error("--dry-run takes the CIFAR models only: the ImageNet networks have no tiny version")
     if any(b < 2 for b in args.batches):
         parser.error(f"--batches must be at least 2 (batch norm in training), got {args.batches}")
     return args

@@ -9,7 +9,8 @@ NHWC), OIHW conv weights and (out, in) linear weights. The network takes NCHW fl
 (N, 3, H, W), best channels_last, and returns logits (N, classes).
 
 Semantics, as ours (docs/design.md §3 and ra_kernels/models.py): pre-activation bottleneck units with a 1x1
-projection of the pre-activated input when the shape changes; max-pool 3/2/1; bilinear
+projection of the pre-activated input when the shape changes; max-pool 3/2/1 (the ImageNet
+network's: 3/2/0 in ceil mode, Caffe's, in its stem and masks); bilinear
 upsampling with aligned corners plus the skip; batch norm with momentum 0.1 and eps 1e-5
 (biased variance to normalise, unbiased for the running estimate); the mask as sigmoid
 ("mixed"), x / sqrt(sum_c x^2 + 1e-12) ("channel") or sigmoid of the per-sample, per-channel
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ra_kernels.models import MASK_DEPTHS
+from ra_kernels.models import CAFFE_POOLING, IMAGENET_TAIL, IMAGENET_WIDTHS, MASK_DEPTHS
 
 # --------------------------------------------------------------------------- layouts
 
@@ -121,13 +122,15 @@ def upsample(x, size):
 class AttentionModule(nn.Module):
     """The attention module, as ra_kernels.models.AttentionModule."""
 
-    def __init__(self, channels, depth, p=1, t=2, r=1, residual_attention=True, attention="mixed"):
+    def __init__(self, channels, depth, p=1, t=2, r=1, residual_attention=True, attention="mixed",
+                 caffe_pooling=False):
         super().__init__()
 
         def units(n):
             return nn.Sequential(*[ResidualUnit(channels, channels) for _ in range(n)])
 
         self.depth, self.residual_attention, self.attention = depth, residual_attention, attention
+        self.pooling = CAFFE_POOLING if caffe_pooling else dict(kernel_size=3, stride=2, padding=1)
         self.pre, self.trunk, self.post = units(p), units(t), units(p)
         self.down = nn.Sequential(*[units(r) for _ in range(depth)])
         self.skips = nn.Sequential(*[units(1) for _ in range(depth - 1)])
@@ -141,7 +144,7 @@ class AttentionModule(nn.Module):
         trunk = self.trunk(x)
         mask, skips = x, []
         for level in range(self.depth):
-            mask = self.down[level](F.max_pool2d(mask, 3, 2, 1))
+            mask = self.down[level](F.max_pool2d(mask, **self.pooling))
             if level < self.depth - 1:
                 skips.append(self.skips[level](mask))
         mask = self.bottom(mask)
@@ -184,6 +187,37 @@ class ResidualAttentionNet(nn.Module):
         return self.classifier(self.head(x).mean((2, 3)))
 
 
+class ImageNetAttentionNet(nn.Module):
+    """ra_kernels.models.ImageNetAttentionNet in PyTorch: NCHW images -> logits (N, num_classes).
+
+    Takes the keyword arguments of its ``config``; the weights come from :func:`load_our_state`.
+    """
+
+    def __init__(self, modules_per_stage=(1, 1, 1), num_classes=1000, residual_attention=True, attention="mixed"):
+        super().__init__()
+        self.stem = ConvBnRelu(3, 64, 7, 2, 3)
+        cin = 64
+        for s, (width, depth, count) in enumerate(zip(IMAGENET_WIDTHS, MASK_DEPTHS, modules_per_stage)):
+            stage = [ResidualUnit(cin, width, stride=1 if s == 0 else 2)]
+            stage += [AttentionModule(width, depth, residual_attention=residual_attention, attention=attention,
+                                      caffe_pooling=True) for _ in range(count)]
+            setattr(self, f"stage{s + 1}", nn.Sequential(*stage))
+            cin = width
+        self.tail = nn.Sequential(ResidualUnit(cin, IMAGENET_TAIL, stride=2),
+                                  *[ResidualUnit(IMAGENET_TAIL, IMAGENET_TAIL) for _ in range(2)])
+        self.head = BatchNorm2d(IMAGENET_TAIL, relu=True)
+        self.classifier = nn.Linear(IMAGENET_TAIL, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.stem(x), **CAFFE_POOLING)
+        x = self.tail(self.stage3(self.stage2(self.stage1(x))))
+        return self.classifier(self.head(x).mean((2, 3)))
+
+
+#: The twin of each of our network classes, by class name.
+TWINS = {"ResidualAttentionNet": ResidualAttentionNet, "ImageNetAttentionNet": ImageNetAttentionNet}
+
+
 # --------------------------------------------------------------------------- weights both ways
 
 def _tensors(net):
@@ -214,12 +248,14 @@ def load_our_state(net: nn.Module, state: dict) -> nn.Module:
     return net
 
 
-def from_ours(model, device="cpu") -> ResidualAttentionNet:
-    """The PyTorch twin of our ResidualAttentionNet ``model``: same configuration, same weights and
-    running statistics, the same dtype, on ``device``, channels_last, in ``model``'s mode."""
+def from_ours(model, device="cpu") -> nn.Module:
+    """The PyTorch twin of our ResidualAttentionNet or ImageNetAttentionNet ``model``: same
+    configuration, same weights and running statistics, the same dtype, on ``device``,
+    channels_last, in ``model``'s mode."""
     state = model.state_dict()
     dtype = torch.from_numpy(np.empty(0, next(iter(state.values())).dtype)).dtype
-    net = ResidualAttentionNet(**model.config).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    net = TWINS[type(model).__name__](**model.config).to(device=device, dtype=dtype,
+                                                         memory_format=torch.channels_last)
     return load_our_state(net, state).train(model.training)
 
 

@@ -318,7 +318,29 @@ def test_gpu_check_dry_run_runs_every_stage(rng, tmp_path, capsys):
     assert gpu_check._junit_results(tmp_path / "tests.xml")["counts"]["passed"] > 0
     records = json.loads((tmp_path / "kernels.json").read_text())["results"]
     assert {r["family"] for r in records} == set(bench_kernels.FAMILIES) and not any(r["times_ms"] for r in records)
-    assert "### step" in (tmp_path / "summary.md").read_text() and RESULTS.read_text() == before
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### step" in summary and "### imagenet" in summary and "JPEGs at 120x90" in summary
+    assert RESULTS.read_text() == before
+
+
+def test_gpu_check_plans_the_imagenet_step_in_the_full_run_only():
+    from bench import gpu_check
+
+    full, quick = gpu_check.parse_args([]), gpu_check.parse_args(["--quick"])
+    assert "imagenet56:64:tf32" in gpu_check.warm_jobs(full) and "imagenet56:64:ieee" in gpu_check.warm_jobs(full)
+    assert not any(job.startswith("imagenet") for job in gpu_check.warm_jobs(quick))
+    assert next(s for s in gpu_check.STAGES if s.name == "imagenet").quick_limit_s == 0
+
+
+def test_the_imagenet_networks_are_benchmarked_at_their_size_and_never_in_a_dry_run():
+    from bench import step as bench_step
+
+    assert common.model_input("imagenet56", False) == (224, 1000)
+    assert common.model_input("attention56", True) == (common.DRY_RUN_IMAGE, common.NUM_CLASSES)
+    with pytest.raises(ValueError, match="imagenet92 has no dry-run version"):
+        common.build_model("imagenet92", dry_run=True)
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--dry-run", "--models", "imagenet56"])
 
 
 def test_gpu_check_reads_failures_and_their_seeds(tmp_path):
@@ -352,18 +374,31 @@ def torch():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(residual_attention=False), dict(attention="channel"),
-                                     dict(attention="spatial")], ids=["ARL", "NAL", "channel", "spatial"])
-def test_torch_model_gives_our_logits_gradients_and_statistics(torch, rng, variant):
+def _tiny_cifar(variant, seed):
+    return models.ResidualAttentionNet(**TINY, **variant, seed=seed), 16
+
+
+def _imagenet56(variant, seed):
+    return models.imagenet_attention56(num_classes=5, **variant, seed=seed), 64
+
+
+@pytest.mark.parametrize("network, variant", [(_tiny_cifar, dict()), (_tiny_cifar, dict(residual_attention=False)),
+                                              (_tiny_cifar, dict(attention="channel")),
+                                              (_tiny_cifar, dict(attention="spatial")), (_imagenet56, dict())],
+                         ids=["ARL", "NAL", "channel", "spatial", "imagenet56"])
+def test_torch_model_gives_our_logits_gradients_and_statistics(torch, rng, network, variant):
     """float64 on both sides (our numpy backend, PyTorch on the CPU), training mode, same weights and
     batch. The two differ only in summation order, so they agree to ~1e-13 of each array's scale
     (measured: at most 4e-11 on a gradient of the naive variant, which shrinks signals that batch
-    norm scales back up); 1e-9 leaves room and still catches any difference in the computation."""
+    norm scales back up); 1e-9 leaves room and still catches any difference in the computation.
+    The whole ImageNet Attention-56 at 64x64 too: its 7x7 stem, Caffe's ceil-mode pools, 2048
+    channels."""
     from bench import torch_model
 
-    model = models.ResidualAttentionNet(**TINY, **variant, seed=int(rng.integers(1 << 30))).astype(np.float64)
+    model, image = network(variant, int(rng.integers(1 << 30)))
+    model = model.astype(np.float64)
     net = torch_model.from_ours(model)
-    x, labels = rng.standard_normal((3, 16, 16, 3)), rng.integers(0, 5, 3)
+    x, labels = rng.standard_normal((3, image, image, 3)), rng.integers(0, 5, 3)
     logits = model(Tensor(x))
     loss = F.cross_entropy(logits, labels)
     loss.backward()
@@ -396,3 +431,13 @@ def test_torch_model_refuses_a_state_that_does_not_fit(torch):
         torch_model.load_our_state(net, dict(state, **{"classifier.weight": np.zeros((32, 6), np.float32)}))
     assert torch.equal(torch_model.load_our_state(net, state).stem.weight,
                        torch.from_numpy(state["stem.weight"]).permute(3, 2, 0, 1))
+
+
+def test_loader_benchmark_dry_run_decodes_and_writes_nothing(capsys):
+    from bench import loader as bench_loader
+
+    before = RESULTS.read_text()
+    assert bench_loader.main(["--dry-run", "--backend", "numpy", "--workers", "1", "2"]) == 0
+    line = capsys.readouterr().out
+    assert "32 JPEGs at 120x90" in line and "1 thread " in line and "2 threads " in line
+    assert "not a benchmark" in line and RESULTS.read_text() == before
