@@ -41,7 +41,8 @@ def source_images(count, rng, data_dir=None):
     if found is not None:
         from ra_kernels.data import load_cifar
         images = load_cifar("cifar10", found, download=False).train_images
-        return images[rng.permutation(len(images))[:count] % len(images)], f"CIFAR-10 photographs from {found}"
+        # The subset's images in a random order, repeated when more are asked for than it holds.
+        return images[np.resize(rng.permutation(len(images)), count)], f"CIFAR-10 photographs from {found}"
     fields = rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)  # resized up: smooth colour fields
     return fields, "smooth random fields (no CIFAR-10 subset found)"
 

@@ -467,10 +467,11 @@ class EpochLoader:
         is abandoned (break, an exception, KeyboardInterrupt). Keep the backend
         unchanged while iterating.
         """
-        _check_int("BatchLoader.epoch", "epoch_index", epoch_index, 0)
-        _check_int("BatchLoader.epoch", "start_batch", start_batch, 0)
+        where = f"{type(self).__name__}.epoch"
+        _check_int(where, "epoch_index", epoch_index, 0)
+        _check_int(where, "start_batch", start_batch, 0)
         if start_batch > len(self):
-            raise ValueError(f"BatchLoader.epoch: start_batch {start_batch} is past the {len(self)} batches "
+            raise ValueError(f"{where}: start_batch {start_batch} is past the {len(self)} batches "
                              f"of an epoch")
         return self._batches(epoch_index, start_batch)
 
@@ -560,7 +561,7 @@ class _Prefetcher:
         self._produce, self._indices, self._context = produce, indices, context
         self._results = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="BatchLoader-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="EpochLoader-prefetch", daemon=True)
 
     def __enter__(self):
         self._thread.start()

@@ -43,7 +43,7 @@ class _Step:
 class TrainStep(_Step):
     """One SGD step per call: zero the gradients, forward, mean cross-entropy, backward, the
     optimizer's update, and the batch's loss and correct predictions added into ``totals``
-    (a (3,) float32 array of the backend, which the caller may zero or read between calls).
+    (a (4,) float32 array of the backend, ra_kernels/metrics.py, which the caller may zero or read between calls).
 
     ``capture``: None for :func:`default_capture`. ``warmup``: eager steps per batch shape before
     the capture. The learning rate is the optimizer's device array, read by every replay, so

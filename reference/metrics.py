@@ -11,7 +11,7 @@ def label_ranks(logits, labels):
     """The rank of each row's label among its logits (0: the prediction): how many columns come
     before it when a row is ordered NaN first, then by value from the largest, ties and NaNs in
     column order. Rank 0 is exactly ``np.argmax`` (the first maximum; the first NaN when there is
-    one). A label outside [0, classes) ranks ``classes``, never correct. int64 (N,)."""
+    one). A label outside [0, classes) ranks above any k, never correct. int64 (N,)."""
     n_rows, n_classes = logits.shape
     valid = (labels >= 0) & (labels < n_classes)
     label_col = np.where(valid, labels, 0).astype(np.int64)[:, None]
@@ -20,7 +20,7 @@ def label_ranks(logits, labels):
     earlier = cols < label_col
     x_nan, own_nan = np.isnan(logits), np.isnan(own)
     before = np.where(x_nan, ~own_nan | earlier, ~own_nan & ((logits > own) | ((logits == own) & earlier)))
-    return np.where(valid, before.sum(axis=1), n_classes)
+    return np.where(valid, before.sum(axis=1), np.iinfo(np.int64).max)
 
 
 def accumulate_metrics(logits, labels, loss, totals):

@@ -573,7 +573,7 @@ def test_batches_equal_on_every_backend(triton_backend, rng):
 
 
 def _prefetch_threads():
-    return [t for t in threading.enumerate() if t.name == "BatchLoader-prefetch"]
+    return [t for t in threading.enumerate() if t.name == "EpochLoader-prefetch"]
 
 
 class _Stop(Exception):

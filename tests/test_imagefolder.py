@@ -205,7 +205,7 @@ def test_a_corrupt_image_is_replaced_by_the_next_of_its_class_with_a_warning(fol
     with pytest.warns(imagefolder.CorruptImageWarning, match=f"{broken.name}: cannot decode") as caught:
         (x, y), = _epoch(loader)
         _epoch(loader)  # warned once per file, not per epoch
-    assert len(caught) == 1
+    assert len(caught) == 1 and loader.corrupt == [broken]
     assert (y == val.labels).all() and np.array_equal(x[2], x[3]) and not np.array_equal(x[1], x[3])
     val.paths[3].write_bytes(b"not a picture at all")
     with pytest.raises(imagefolder.CorruptImage, match=f"{CLASSES[1]}: every image of the class is corrupt"), \
@@ -213,8 +213,23 @@ def test_a_corrupt_image_is_replaced_by_the_next_of_its_class_with_a_warning(fol
         _epoch(loader)
 
 
+def test_a_file_that_cannot_be_read_is_an_error_not_a_stand_in(folder):
+    """A read failure may pass (a network disk, a moved file): replacing the image would make the
+    batches depend on it, so it stops the iteration, naming the file, and nothing is remembered."""
+    _, val = imagefolder.scan_imagenet(folder)
+    moved = val.paths[4].rename(val.paths[4].with_suffix(".moved"))
+    loader = imagefolder.ImageFolderLoader(val, 32, batch_size=6, train=False, seed=0, workers=2)
+    with pytest.raises(FileNotFoundError, match=val.paths[4].name):
+        _epoch(loader)
+    moved.rename(val.paths[4])
+    (x, _), = _epoch(loader)
+    assert loader.corrupt == [] and not np.array_equal(x[4], x[5])
+
+
 def test_loader_arguments_are_checked(folder):
     train, _ = imagefolder.scan_imagenet(folder)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        imagefolder.ImageFolderLoader(train, 32, batch_size=2, train=True, seed=0, workers=0)
     with pytest.raises(ValueError, match="size must be a positive integer"):
         imagefolder.ImageFolderLoader(train, 0, batch_size=2, train=True, seed=0)
     with pytest.raises(ValueError, match="12 images make no batch of 13"):

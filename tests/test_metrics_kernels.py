@@ -101,6 +101,12 @@ def test_top5_ranks_ties_nan_and_invalid_labels(triton_backend):
     labels = np.array([5, 1, 8, 3, 0, 2, 4, 7, 9, -1])
     got = _run([(logits, labels, 1.0)], np.zeros(len(TOTALS), np.float32))
     assert got.tolist() == [10.0, 1.0, 10.0, 5.0]
+    # Fewer classes than five: every valid label counts, no invalid one. int64 labels that wrap to
+    # a valid class as int32 are invalid all the same.
+    few = np.float32([[1, 2, 3], [3, 2, 1], [0, 0, 0], [5, 5, 5], [1, 1, 1]])
+    labels = np.array([0, 0, -1, 3, 2**32 + 1], np.int64)
+    got = _run([(few, labels, 1.0)], np.zeros(len(TOTALS), np.float32))
+    assert got.tolist() == [5.0, 1.0, 5.0, 2.0]
 
 
 def test_bad_arguments():

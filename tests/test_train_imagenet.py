@@ -126,3 +126,31 @@ def test_help_explains_every_option_and_the_defaults_are_the_papers():
     lr = imagenet.TASK.schedule(args, 530_000)
     assert [lr(i) for i in (0, 199_999, 200_000, 400_000, 500_000, 529_999)] == \
            pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001, 0.0001])
+
+
+def test_data_that_fails_mid_run_is_checkpointed_and_resumes(folder, tmp_path, capsys):
+    """Training files that vanish after the first epoch: the run writes last.npz, names the file and
+    exits 2; with the files back, --resume finishes it. A resume on other classes is refused."""
+    out, aside = tmp_path / "run", tmp_path / "aside"
+
+    def take_the_training_files_away(state):
+        if state.position["iteration"] == 1:  # epoch 1's two batches are prefetched by now
+            (folder / "train").rename(aside)
+    try:
+        code = imagenet.main(_argv(folder, out, "--epochs", "2"), after_step=take_the_training_files_away)
+    finally:
+        aside.rename(folder / "train")
+    err = capsys.readouterr().err
+    assert code == run.EXIT_USAGE and "reading the data failed" in err and ".JPEG" in err
+    assert "checkpoint written to" in err and "end of epoch 1" in err
+    renamed = tmp_path / "renamed"
+    for split in ("train", "val"):
+        for c, name in enumerate(CLASSES):
+            (renamed / split / (name if c else "n00000001")).mkdir(parents=True)
+            for image in (folder / split / name).iterdir():
+                (renamed / split / (name if c else "n00000001") / image.name).write_bytes(image.read_bytes())
+    assert imagenet.main(["--out", str(out), "--resume", "--data-dir", str(renamed)]) == run.EXIT_USAGE
+    assert "the classes changed since the checkpoint (3 then, 3 now; missing n01440764; new n00000001)" in \
+        capsys.readouterr().err
+    assert imagenet.main(["--out", str(out), "--resume"]) == 0
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3

@@ -1,9 +1,9 @@
 """Training checkpoints in the file format of ra_kernels/npzfile.py, which weights share.
 
 A checkpoint holds ``model/<name>``, ``optimizer/<key>`` (SGD.state_dict()),
-``train_totals`` ((3,) float32: the training metrics of the epoch in progress, see
-ra_kernels.metrics) and a ``meta`` record of kind "training checkpoint" (train/cifar.py
-says what it adds). The commands that only need a network (``--eval-only``,
+``train_totals`` ((4,) float32: the training metrics of the epoch in progress, see
+ra_kernels.metrics; (3,) before top-5 was counted) and a ``meta`` record of kind "training
+checkpoint" (train/cifar.py says what train/run.py adds). The commands that only need a network (``--eval-only``,
 ``train.masks``) also take a weights file written by ``Module.save``.
 """
 from dataclasses import dataclass
@@ -69,7 +69,8 @@ def model_from_checkpoint(checkpoint: Checkpoint, path, network=ResidualAttentio
     with its weights; UsageError when the file holds another class."""
     architecture = checkpoint.meta["model"]
     if architecture["class"] != network.__name__ or architecture["config"] is None:
-        raise UsageError(f"{path} holds the weights of a {architecture['class']}, not of a {network.__name__}")
+        raise UsageError(f"{path} holds the weights of a network of class {architecture['class']}, not "
+                         f"{network.__name__}")
     model = network(**architecture["config"])
     try:
         model.load_state_dict(checkpoint.model_state)

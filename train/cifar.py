@@ -88,7 +88,7 @@ class Cifar(run.Task):
                                    seed=args.seed)
         test_loader = BatchLoader(test_images, test_labels, args.batch_size, data.mean, data.std, train=False,
                                   seed=args.seed)
-        return train_loader, test_loader, num_classes
+        return train_loader, test_loader, data.class_names
 
     def default_epochs(self, batches_per_epoch):
         return math.ceil(PAPER_ITERATIONS / batches_per_epoch)

@@ -69,11 +69,28 @@ def load_dataset(name, data_dir, download):
         raise UsageError(f"cannot load {name} from {data_dir}: {error}") from None
 
 
+class DataError(Exception):
+    """Reading the data failed in the middle of a run (a file that cannot be read or decoded)."""
+
+
 @contextlib.contextmanager
 def epoch_batches(loader, epoch, start_batch=0):
-    """The loader's batches for one epoch, its generator closed however the loop ends."""
+    """The loader's batches for one epoch, its generator closed however the loop ends. An error
+    raised by the loader (OSError, ValueError) comes out as DataError, so that a run can tell it
+    from an error of its own steps."""
     generator = loader.epoch(epoch, start_batch)
+
+    def batches():
+        while True:
+            try:
+                batch = next(generator)
+            except StopIteration:
+                return
+            except (OSError, ValueError) as error:
+                raise DataError(str(error)) from error
+            yield batch
+
     try:
-        yield generator
+        yield batches()
     finally:
         generator.close()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ra_kernels.imagefolder import CorruptImage, ImageFolderLoader, scan_imagenet
+from ra_kernels.imagefolder import ImageFolderLoader, scan_imagenet, scan_split
 from ra_kernels.models import IMAGENET_MODELS, ImageNetAttentionNet
 from ra_kernels.optim import IMAGENET_ITERATIONS, IMAGENET_MILESTONES, SCHEDULES, paper_schedule
 from train import run
@@ -47,16 +47,17 @@ def _image_size(text):
 
 
 def _subset(count, limit):
-    """The indices of ``limit`` of ``count`` images, spread over every class (the first ``limit``
-    of a fixed permutation, in order), or all of them; the same for every run and seed."""
+    """The indices of ``limit`` of ``count`` images, a random sample drawn across the classes (the
+    first ``limit`` of a fixed permutation, in order; a small sample may miss some classes), or all
+    of them; the same for every run and seed."""
     if limit is None or limit >= count:
         return np.arange(count)
     return np.sort(np.random.default_rng(0).permutation(count)[:limit])
 
 
-def _scan(data_dir):
+def _scanned(scan, data_dir):
     try:
-        return scan_imagenet(data_dir)
+        return scan(data_dir)
     except (ValueError, OSError) as error:
         raise UsageError(f"--data-dir {data_dir}: {error}") from None
 
@@ -86,14 +87,14 @@ class ImageNet(run.Task):
                                  workers=args.workers)
 
     def training_data(self, args):
-        train, val = _scan(args.data_dir)
+        train, val = _scanned(scan_imagenet, args.data_dir)
         train, val = _limited(train, args.limit_train), _limited(val, args.limit_test)
         if len(train) < args.batch_size:
             raise UsageError(f"{len(train)} training images make no full batch of {args.batch_size}: "
                              f"lower --batch-size or raise --limit-train")
         print(f"{args.data_dir}: {len(train.class_names)} classes, {len(train):,} training and {len(val):,} "
               f"validation images")
-        return self._loader(args, train, True), self._loader(args, val, False), len(train.class_names)
+        return self._loader(args, train, True), self._loader(args, val, False), train.class_names
 
     def default_epochs(self, batches_per_epoch):
         return math.ceil(IMAGENET_ITERATIONS / batches_per_epoch)
@@ -113,10 +114,13 @@ class ImageNet(run.Task):
         if "image_size" not in explicit:
             args.image_size = saved.get("image_size", args.image_size)
         model = model_from_checkpoint(checkpoint, path, ImageNetAttentionNet)
-        _, val = _scan(data_dir)
-        if len(val.class_names) != model.config["num_classes"]:
-            raise UsageError(f"{path} classifies {model.config['num_classes']} classes, {data_dir} has "
-                             f"{len(val.class_names)}")
+        val = _scanned(lambda root: scan_split(Path(root) / "val"), data_dir)  # the training split is not needed
+        trained_on = checkpoint.meta.get("class_names")
+        if len(val.class_names) != model.config["num_classes"] or trained_on not in (None, list(val.class_names)):
+            raise UsageError(f"{path} classifies {model.config['num_classes']} classes"
+                             + ("" if trained_on is None else f" ({trained_on[0]} ... {trained_on[-1]})")
+                             + f", {data_dir}/val has {len(val.class_names)} ({val.class_names[0]} ... "
+                               f"{val.class_names[-1]}): not the classes it was trained on")
         val = _limited(val, args.limit_test)
         return model, self._loader(args, val, False), (f"{len(val)} validation images of {data_dir} at "
                                                        f"{args.image_size}x{args.image_size}")
@@ -175,11 +179,7 @@ def main(argv=None, after_step=None) -> int:
 
     ``after_step``: see :meth:`train.run.Run.train`.
     """
-    try:
-        return run.main(TASK, argv, after_step)
-    except CorruptImage as error:  # every image of a class: the folder needs mending, not the run
-        print(f"{TASK.name}: error: {error}", file=sys.stderr)
-        return run.EXIT_USAGE
+    return run.main(TASK, argv, after_step)
 
 
 if __name__ == "__main__":

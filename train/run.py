@@ -24,8 +24,8 @@ from ra_kernels.models import ATTENTIONS
 from ra_kernels.optim import SCHEDULES, SGD
 from ra_kernels.steps import EvalStep, TrainStep
 from train.checkpoint import read_checkpoint, write_checkpoint
-from train.common import (BACKEND_HELP, PRECISION_HELP, UsageError, epoch_batches, prepare_output_dir, select_backend,
-                          select_precision)
+from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, prepare_output_dir,
+                          select_backend, select_precision)
 
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "train_top5_accuracy", "test_loss",
                    "test_accuracy", "test_top5_accuracy", "lr", "seconds", "images_per_second")
@@ -47,7 +47,8 @@ outputs in --out DIR:
 Ctrl-C stops after the current step, writes last.npz and exits with code 130; run the same
 command with --resume to continue exactly where it stopped. A NaN or Inf loss (checked
 every --log-every steps and at each epoch end) stops the run with code 1 and leaves the
-last good checkpoint in place. Bad options, unreadable data or checkpoints: code 2.
+last good checkpoint in place. Bad options, unreadable data or checkpoints: code 2 (data that
+fails in the middle of a run: last.npz is written first, and --resume continues).
 
 """
 
@@ -79,8 +80,8 @@ class Task:
         raise NotImplementedError
 
     def training_data(self, args):
-        """(training loader, test loader, number of classes) for a run; UsageError when the data
-        cannot be read."""
+        """(training loader, test loader, class names) for a run; UsageError when the data cannot
+        be read."""
         raise NotImplementedError
 
     def default_epochs(self, batches_per_epoch) -> int:
@@ -343,7 +344,8 @@ class Run:
         self.task, self.args, self.out = task, args, Path(args.out)
         self.backend = select_backend(args.backend)
         select_precision(args.precision)
-        self.train_loader, self.test_loader, self.num_classes = task.training_data(args)
+        self.train_loader, self.test_loader, self.class_names = task.training_data(args)
+        self.num_classes = len(self.class_names)
         self.batches_per_epoch = len(self.train_loader)
         if args.epochs is None:  # fixed now, so that the checkpoint (and a resumed run) has the number
             args.epochs = task.default_epochs(self.batches_per_epoch)
@@ -368,6 +370,13 @@ class Run:
 
     def _restore(self, checkpoint):
         meta = checkpoint.meta
+        then = meta.get("class_names")  # checkpoints from before it was recorded have none
+        if then is not None and list(then) != list(self.class_names):
+            missing, extra = sorted(set(then) - set(self.class_names)), sorted(set(self.class_names) - set(then))
+            raise UsageError(f"the classes changed since the checkpoint ({len(then)} then, {len(self.class_names)} "
+                             f"now" + (f"; missing {', '.join(missing[:5])}" if missing else "")
+                             + (f"; new {', '.join(extra[:5])}" if extra else "")
+                             + "): resume on the data the run was trained on")
         if meta["batches_per_epoch"] != self.batches_per_epoch:
             raise UsageError(f"the training set changed since the checkpoint: {self.batches_per_epoch} batches "
                              f"per epoch now, {meta['batches_per_epoch']} then (same --data-dir contents?)")
@@ -429,7 +438,8 @@ class Run:
     def save(self):
         self.position["seconds"] = self._seconds()
         meta = dict(self.position, args=vars(self.args), num_classes=self.num_classes,
-                    batches_per_epoch=self.batches_per_epoch, history=self.history, best=self.best)
+                    class_names=list(self.class_names), batches_per_epoch=self.batches_per_epoch,
+                    history=self.history, best=self.best)
         write_checkpoint(self.out / "last.npz", self.model, self.optimizer, self.train_totals, meta)
         self.last_good = self._checkpoint_description()
 
@@ -445,16 +455,19 @@ class Run:
         if self.position["iteration"] > 0:
             print(f"resuming from {self.last_good}")
         try:
-            # NumPy's floating-point warnings are silenced: a diverging run would print them at
-            # every op, while the loss check reports the divergence once, clearly.
-            with StopOnInterrupt() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                while self.position["epoch"] < self.args.epochs:
-                    if self.position["batch"] < self.batches_per_epoch and not self._train_epoch(stop, after_step):
-                        return self._interrupted()
-                    test = evaluate(self.eval_step, self.test_loader, stop)
-                    if test is None:
-                        return self._interrupted()
-                    self._end_epoch(*test)
+            try:
+                # NumPy's floating-point warnings are silenced: a diverging run would print them at
+                # every op, while the loss check reports the divergence once, clearly.
+                with StopOnInterrupt() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    while self.position["epoch"] < self.args.epochs:
+                        if self.position["batch"] < self.batches_per_epoch and not self._train_epoch(stop, after_step):
+                            return self._interrupted()
+                        test = evaluate(self.eval_step, self.test_loader, stop)
+                        if test is None:
+                            return self._interrupted()
+                        self._end_epoch(*test)
+            except DataError as error:  # raised between steps: the model and optimizer are whole
+                return self._interrupted(f"reading the data failed ({error}); mend it", EXIT_USAGE)
         except Diverged as error:
             print(f"{self.task.name}: training diverged: {error}. The parameters are no longer usable and were not "
                   f"saved; the last good checkpoint is {self.last_good}. Try a lower --lr.", file=sys.stderr)
@@ -545,13 +558,14 @@ class Run:
                    f" | test loss {test_loss:.4f} acc {test_accuracy:.2%} top-5 {test_top5:.2%} | lr {row['lr']:.3g} | "
                    f"{row['images_per_second']:.1f} img/s")
 
-    def _interrupted(self):
+    def _interrupted(self, why="interrupted", code=EXIT_INTERRUPTED):
+        """Write last.npz where the run stands, say ``why`` and how to resume; return ``code``."""
         if self.position["batch"] > 0:  # steps were taken this epoch: a diverged state is not worth saving
             self._checked_train_metrics()
         self.save()
-        print(f"{self.task.name}: interrupted; checkpoint written to {self.last_good}. Continue with:\n"
+        print(f"{self.task.name}: {why}; checkpoint written to {self.last_good}. Continue with:\n"
               f"  python -m {self.task.module} --out {self.out} --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return code
 
     def _report(self):
         if not self.history:
@@ -592,6 +606,10 @@ def evaluate_checkpoint(task, args, explicit) -> int:
     print(f"{path}: {describe_checkpoint(task, checkpoint)}")
     print(f"test accuracy {accuracy:.2%}  top-5 {top5:.2%}  test loss {loss:.4f}  ({what}, backend "
           f"{backend.get_backend()}, precision {backend.get_precision()})")
+    corrupt = getattr(loader, "corrupt", [])
+    if corrupt:
+        print(f"warning: {len(corrupt)} of those images could not be decoded and were replaced by others of their "
+              f"class (named above): these figures are of an altered set", file=sys.stderr)
     return 0
 
 

@@ -50,8 +50,11 @@ def metrics_kernel(logits_ptr, labels_ptr, loss_ptr, totals_ptr, n_rows, n_class
     correct_top_k = tl.zeros((BLOCK_R,), tl.int32)
     for r0 in range(0, n_rows, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        label = tl.load(labels_ptr + rows, mask=rows < n_rows, other=-1).to(tl.int32)
-        valid = (rows < n_rows) & (label >= 0) & (label < n_classes)  # an invalid label is never correct
+        stored = tl.load(labels_ptr + rows, mask=rows < n_rows, other=-1)
+        # The range is checked in the labels' own type (int64 labels would wrap into range as int32);
+        # an invalid label is never correct.
+        valid = (rows < n_rows) & (stored >= 0) & (stored < n_classes)
+        label = tl.where(valid, stored, 0).to(tl.int32)
         own = tl.load(logits_ptr + rows * n_classes + label, mask=valid, other=0.0)
         own_nan = own != own
         rank = tl.zeros((BLOCK_R,), tl.int32)
