@@ -422,11 +422,18 @@ class EpochLoader:
     k); train=False: the images in order, centred, no flip. drop_last (default: train) drops the
     last partial batch. prefetch: how many prepared batches may wait for the caller (the thread
     prepares one more meanwhile).
+
+    shard = (rank, ranks): this process's part of a data-parallel job (ra_kernels/distributed.py).
+    In training, batch k of an epoch is the rank-th slice of ``batch_size`` images of a global
+    batch of ``ranks * batch_size``, drawn (order, crops, flips) exactly as one process with
+    that batch size would draw it: the ranks' batches together are that process's batch. In
+    evaluation each rank takes every ranks-th image from its rank on, in batches of batch_size.
     """
     #: Zero padding around each image before the crop at the batch's offsets (see augment).
     pad = 0
 
-    def __init__(self, count, channels, labels, batch_size, mean, std, train, seed, drop_last=None, prefetch=2):
+    def __init__(self, count, channels, labels, batch_size, mean, std, train, seed, drop_last=None, prefetch=2,
+                 shard=(0, 1)):
         name = type(self).__name__
         labels = np.asarray(labels)
         if labels.shape != (count,) or (labels.size and labels.dtype.kind not in "iu"):
@@ -442,13 +449,22 @@ class EpochLoader:
                              f"got {self.mean} and {self.std}")
         self.batch_size, self.train, self.seed, self.prefetch = batch_size, bool(train), seed, prefetch
         self.drop_last = self.train if drop_last is None else bool(drop_last)
+        self.rank, self.ranks = shard
+        if not (isinstance(self.ranks, int) and self.ranks >= 1 and 0 <= self.rank < self.ranks):
+            raise ValueError(f"{name}: shard must be (rank, ranks) with 0 <= rank < ranks, got {shard!r}")
+        if self.train and self.ranks > 1 and not self.drop_last:
+            raise ValueError(f"{name}: training on {self.ranks} ranks drops the last partial batch (drop_last)")
         if len(self) == 0:
             raise ValueError(f"{name}: {count} images make no batch of {batch_size}"
                              f"{' with drop_last' if self.drop_last else ''}")
 
     def __len__(self):
-        """Batches per epoch."""
-        full, partial = divmod(self.count, self.batch_size)
+        """Batches per epoch (this rank's)."""
+        if self.train:
+            images, per_batch = self.count, self.batch_size * self.ranks
+        else:
+            images, per_batch = len(range(self.rank, self.count, self.ranks)), self.batch_size
+        full, partial = divmod(images, per_batch)
         return full + (partial > 0 and not self.drop_last)
 
     def epoch(self, epoch_index: int, start_batch: int = 0):
@@ -477,7 +493,7 @@ class EpochLoader:
 
     def _batches(self, epoch_index, start_batch):
         order = (np.random.default_rng([self.seed, _ORDER_STREAM, epoch_index]).permutation(self.count)
-                 if self.train else np.arange(self.count))
+                 if self.train else np.arange(self.rank, self.count, self.ranks))
         mean, std = backend.asarray(self.mean), backend.asarray(self.std)
 
         def prepare(batch_index):
@@ -488,19 +504,31 @@ class EpochLoader:
             yield from prepared
 
     def _host_batch(self, order, epoch_index, batch_index):
-        """Batch ``batch_index`` on the host: NumPy (images uint8 (B, H, W, C), labels int64 (B,),
-        crop offsets int32 (B, 2), flips int8 (B,))."""
-        indices = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
-        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch_index, batch_index]) if self.train else None
-        images, offsets = self._crops(indices, rng)
-        flips = (rng.integers(0, 2, size=len(indices), dtype=np.int8) if self.train
-                 else np.zeros(len(indices), np.int8))
-        return images, self.labels[indices], offsets, flips
+        """This rank's part of batch ``batch_index`` on the host: NumPy (images uint8 (B, H, W, C),
+        labels int64 (B,), crop offsets int32 (B, 2), flips int8 (B,))."""
+        if not self.train:
+            indices = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
+            images, offsets = self._crops(indices, None)
+            return images, self.labels[indices], offsets, np.zeros(len(indices), np.int8)
+        span = self.batch_size * self.ranks
+        indices = order[batch_index * span:(batch_index + 1) * span]
+        # Every rank draws for the whole global batch, then takes its slice: the same draws as one
+        # process with the global batch.
+        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch_index, batch_index])
+        draws = self._draws(len(indices), rng)
+        flips = rng.integers(0, 2, size=len(indices), dtype=np.int8)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        images, offsets = self._crops(indices[mine], draws[mine])
+        return images, self.labels[indices[mine]], offsets, flips[mine]
 
-    def _crops(self, indices, rng):
-        """(images uint8 (B, H, W, C), crop offsets int32 (B, 2)) of the images ``indices``: random
-        crops drawn from the NumPy generator ``rng`` in training, the evaluation view when ``rng``
-        is None."""
+    def _draws(self, count, rng):
+        """The random choices of ``count`` training crops, drawn from the NumPy generator ``rng``:
+        an array with one entry (or row) per image."""
+        raise NotImplementedError
+
+    def _crops(self, indices, draws):
+        """(images uint8 (B, H, W, C), crop offsets int32 (B, 2)) of the images ``indices``: the
+        training crops ``draws`` (from :meth:`_draws`), or the evaluation view when None."""
         raise NotImplementedError
 
     def _stage(self, batch, mean, std):
@@ -515,18 +543,21 @@ class BatchLoader(EpochLoader):
     PAD; evaluation takes the centre, the image itself."""
     pad = PAD
 
-    def __init__(self, images, labels, batch_size, mean, std, train, seed, drop_last=None, prefetch=2):
+    def __init__(self, images, labels, batch_size, mean, std, train, seed, drop_last=None, prefetch=2,
+                 shard=(0, 1)):
         if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4):
             got = (f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray)
                    else type(images).__name__)
             raise TypeError(f"BatchLoader: images must be a uint8 (N, H, W, C) NumPy array, got {got}")
         super().__init__(len(images), images.shape[-1], labels, batch_size, mean, std, train, seed, drop_last,
-                         prefetch)
+                         prefetch, shard)
         self.images = np.ascontiguousarray(images)
 
-    def _crops(self, indices, rng):
-        offsets = (rng.integers(0, 2 * PAD + 1, size=(len(indices), 2), dtype=np.int32) if rng is not None
-                   else np.full((len(indices), 2), PAD, np.int32))
+    def _draws(self, count, rng):
+        return rng.integers(0, 2 * PAD + 1, size=(count, 2), dtype=np.int32)  # crop offsets
+
+    def _crops(self, indices, draws):
+        offsets = draws if draws is not None else np.full((len(indices), 2), PAD, np.int32)
         return self.images[indices], offsets
 
 

@@ -186,8 +186,9 @@ class ImageFolderLoader(EpochLoader):
     """
 
     def __init__(self, split: ImageFolderSplit, size, batch_size, train, seed, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, workers=None, drop_last=None, prefetch=2):
-        super().__init__(len(split), 3, split.labels, batch_size, mean, std, train, seed, drop_last, prefetch)
+                 std=IMAGENET_STD, workers=None, drop_last=None, prefetch=2, shard=(0, 1)):
+        super().__init__(len(split), 3, split.labels, batch_size, mean, std, train, seed, drop_last, prefetch,
+                         shard)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"ImageFolderLoader: size must be a positive integer, got {size!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -211,8 +212,11 @@ class ImageFolderLoader(EpochLoader):
             self._pool = pool
             yield from super()._batches(epoch_index, start_batch)
 
-    def _crops(self, indices, rng):
-        seeds = rng.integers(0, 2 ** 63, size=len(indices)) if rng is not None else [None] * len(indices)
+    def _draws(self, count, rng):
+        return rng.integers(0, 2 ** 63, size=count)  # each image's crop generator's seed
+
+    def _crops(self, indices, draws):
+        seeds = draws if draws is not None else [None] * len(indices)
         images = np.stack(list(self._pool.map(self._crop, indices, seeds)))
         return images, np.zeros((len(indices), 2), np.int32)
 

@@ -190,4 +190,19 @@ def cosine_schedule(base_lr, total_iterations):
     return lr
 
 
+def linear_scaling(schedule, factor, warmup_iterations):
+    """``schedule`` (iteration -> learning rate) for a batch ``factor`` times larger: the rate
+    multiplied by ``factor`` (Goyal et al. 2017, "the linear scaling rule"), reached by a linear
+    ramp from the unscaled rate over the first ``warmup_iterations`` (their gradual warm-up: the
+    early steps, where the weights change fastest, would diverge at the full rate)."""
+    if factor < 1 or warmup_iterations < 0:
+        raise ValueError(f"linear_scaling: factor must be >= 1 and warmup_iterations >= 0, got {factor}, "
+                         f"{warmup_iterations}")
+
+    def lr(iteration):
+        ramp = 1.0 if iteration >= warmup_iterations else iteration / warmup_iterations
+        return schedule(iteration) * (1 + (factor - 1) * ramp)
+    return lr
+
+
 SCHEDULES = {"paper": paper_schedule, "cosine": cosine_schedule}

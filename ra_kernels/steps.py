@@ -50,10 +50,15 @@ class TrainStep(_Step):
     ``optimizer.set_lr`` between steps takes effect. A change of the model's mode, the precision
     or the optimizer's momentum, weight decay or Nesterov switch gets a graph of its own; changes
     below the model's top (one layer frozen after the capture) need a new TrainStep.
+
+    ``exchange``: called between the backward pass and the update, in data-parallel training
+    ``distributed.DataParallel.exchange`` (the gradients and statistics averaged over the ranks;
+    on cuda NCCL's all-reduce, which a capture records). Host-side collectives (MPI) cannot be
+    captured: with them, ``capture`` must be off.
     """
 
-    def __init__(self, model, optimizer, totals, capture=None, warmup=2):
-        self.model, self.optimizer, self.totals = model, optimizer, totals
+    def __init__(self, model, optimizer, totals, capture=None, warmup=2, exchange=None):
+        self.model, self.optimizer, self.totals, self.exchange = model, optimizer, totals, exchange
         super().__init__(self._step, capture, warmup, self._state)
 
     def _state(self):
@@ -65,6 +70,8 @@ class TrainStep(_Step):
         logits = self.model(x)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
+        if self.exchange is not None:
+            self.exchange()
         self.optimizer.step()
         accumulate_metrics(logits.data, labels, loss.data, self.totals)
         return logits.data, loss.data

@@ -628,3 +628,24 @@ def test_epoch_rejects_bad_arguments(rng):
         loader.epoch(0, start_batch=3)
     with pytest.raises(ValueError, match="epoch_index must be an integer >= 0"):
         loader.epoch(-1)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sharded_batches_are_the_one_process_batch_in_slices(rng, ranks):
+    """Data parallelism: in training, rank r's batch k is the r-th slice of what one process with
+    the global batch draws (images, crops, flips); in evaluation the ranks split the images, each
+    taking every ranks-th from its rank on, together all of them once."""
+    images, labels = _indexed_images(rng, 29)
+    whole = _epoch(_loader(images, labels, batch_size=4 * ranks), 2, start_batch=1)
+    parts = [_epoch(_loader(images, labels, shard=(r, ranks)), 2, start_batch=1) for r in range(ranks)]
+    assert all(len(part) == len(whole) == 29 // (4 * ranks) - 1 for part in parts)
+    for k, (x, y) in enumerate(whole):
+        _assert_same_batches([(x, y)], [(np.concatenate([part[k][0] for part in parts]),
+                                         np.concatenate([part[k][1] for part in parts]))])
+    seen = [np.concatenate([y for _, y in _epoch(_loader(images, labels, train=False, shard=(r, ranks)), 0)])
+            for r in range(ranks)]
+    assert [s.tolist() for s in seen] == [list(range(r, 29, ranks)) for r in range(ranks)]
+    with pytest.raises(ValueError, match="shard must be"):
+        _loader(images, labels, shard=(ranks, ranks))
+    with pytest.raises(ValueError, match="drops the last partial batch"):
+        _loader(images, labels, shard=(0, ranks), drop_last=False)
