@@ -14,7 +14,10 @@ setup(
     extras_require={
         "cuda12": ["cupy-cuda12x>=13,<15"],
         "cuda13": ["cupy-cuda13x>=14,<15"],
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # Data-parallel training (mpirun): mpi4py, and MPICH's own wheel for an MPI library and mpiexec
+        # where the system has none (an existing MPI serves as well: then install mpi4py alone).
+        "mpi": ["mpi4py>=4,<5", "mpich>=4.2,<6"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "mpi4py>=4,<5", "mpich>=4.2,<6"],
         "bench": ["torch>=2.6,<3"],  # the cuDNN baseline; never imported by the library
     },
     entry_points={"console_scripts": ["ra-train = train.cifar:main", "ra-train-imagenet = train.imagenet:main",

@@ -61,7 +61,8 @@ from train.run import _fraction, _positive_int
 
 class Cifar(run.Task):
     name, module = "ra-train", "train.cifar"
-    resume_may_change = ("data_dir", "no_download", "backend", "log_every", "no_cuda_graph")
+    resume_may_change = ("data_dir", "no_download", "backend", "log_every", "no_cuda_graph",
+                         "collective_timeout")
     eval_only_options = ("eval_only", "data_dir", "no_download", "dataset", "limit_test", "batch_size", "backend",
                          "precision", "no_cuda_graph")
 
@@ -74,20 +75,18 @@ class Cifar(run.Task):
     def dataset(self, args):
         return args.dataset
 
-    def training_data(self, args):
+    def training_data(self, args, shard):
         data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
         num_classes = len(data.class_names)
         train_images, train_labels = data.train_images[:args.limit_train], data.train_labels[:args.limit_train]
         test_images, test_labels = data.test_images[:args.limit_test], data.test_labels[:args.limit_test]
         if args.noisy_labels:
             train_labels = corrupt_labels(train_labels, args.noisy_labels, num_classes, args.seed)
-        if len(train_labels) < args.batch_size:
-            raise UsageError(f"{len(train_labels)} training images make no full batch of {args.batch_size}: "
-                             f"lower --batch-size or raise --limit-train")
+        run.check_enough_images(len(train_labels), args.batch_size, shard)
         train_loader = BatchLoader(train_images, train_labels, args.batch_size, data.mean, data.std, train=True,
-                                   seed=args.seed)
+                                   seed=args.seed, shard=shard)
         test_loader = BatchLoader(test_images, test_labels, args.batch_size, data.mean, data.std, train=False,
-                                  seed=args.seed)
+                                  seed=args.seed, shard=shard)
         return train_loader, test_loader, data.class_names
 
     def default_epochs(self, batches_per_epoch):

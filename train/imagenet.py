@@ -69,7 +69,8 @@ def _limited(split, limit):
 
 class ImageNet(run.Task):
     name, module = "ra-train-imagenet", "train.imagenet"
-    resume_may_change = ("data_dir", "workers", "backend", "log_every", "no_cuda_graph")
+    resume_may_change = ("data_dir", "workers", "backend", "log_every", "no_cuda_graph",
+                         "collective_timeout")
     eval_only_options = ("eval_only", "data_dir", "limit_test", "image_size", "batch_size", "workers", "backend",
                          "precision", "no_cuda_graph")
 
@@ -82,19 +83,18 @@ class ImageNet(run.Task):
     def dataset(self, args):
         return f"{args.data_dir} at {args.image_size}x{args.image_size}"
 
-    def _loader(self, args, split, train):
+    def _loader(self, args, split, train, shard=(0, 1)):
         return ImageFolderLoader(split, args.image_size, args.batch_size, train=train, seed=args.seed,
-                                 workers=args.workers)
+                                 workers=args.workers, shard=shard)
 
-    def training_data(self, args):
+    def training_data(self, args, shard):
         train, val = _scanned(scan_imagenet, args.data_dir)
         train, val = _limited(train, args.limit_train), _limited(val, args.limit_test)
-        if len(train) < args.batch_size:
-            raise UsageError(f"{len(train)} training images make no full batch of {args.batch_size}: "
-                             f"lower --batch-size or raise --limit-train")
-        print(f"{args.data_dir}: {len(train.class_names)} classes, {len(train):,} training and {len(val):,} "
-              f"validation images")
-        return self._loader(args, train, True), self._loader(args, val, False), train.class_names
+        run.check_enough_images(len(train), args.batch_size, shard)
+        if shard[0] == 0:
+            print(f"{args.data_dir}: {len(train.class_names)} classes, {len(train):,} training and {len(val):,} "
+                  f"validation images")
+        return self._loader(args, train, True, shard), self._loader(args, val, False, shard), train.class_names
 
     def default_epochs(self, batches_per_epoch):
         return math.ceil(IMAGENET_ITERATIONS / batches_per_epoch)

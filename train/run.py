@@ -6,6 +6,7 @@ files of a run, its checkpoint's record and its exit codes are the same for both
 commands' docstrings describe them).
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -18,10 +19,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ra_kernels import backend, npzfile
+from ra_kernels import backend, distributed, npzfile
+from ra_kernels.distributed import DataParallel
 from ra_kernels.metrics import TOTALS
 from ra_kernels.models import ATTENTIONS
-from ra_kernels.optim import SCHEDULES, SGD
+from ra_kernels.optim import SCHEDULES, SGD, linear_scaling
 from ra_kernels.steps import EvalStep, TrainStep
 from train.checkpoint import read_checkpoint, write_checkpoint
 from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, prepare_output_dir,
@@ -30,7 +32,10 @@ from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, e
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "train_top5_accuracy", "test_loss",
                    "test_accuracy", "test_top5_accuracy", "lr", "seconds", "images_per_second")
 
-EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_DIVERGED, EXIT_USAGE, EXIT_PEER_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+#: Data-parallel runs: the epochs over which the learning rate ramps up to its scaled value.
+WARMUP_EPOCHS = 5
 
 #: The start of every training command's --help epilog: its files and exit codes.
 EPILOG = """\
@@ -48,7 +53,8 @@ Ctrl-C stops after the current step, writes last.npz and exits with code 130; ru
 command with --resume to continue exactly where it stopped. A NaN or Inf loss (checked
 every --log-every steps and at each epoch end) stops the run with code 1 and leaves the
 last good checkpoint in place. Bad options, unreadable data or checkpoints: code 2 (data that
-fails in the middle of a run: last.npz is written first, and --resume continues).
+fails in the middle of a run: last.npz is written first, and --resume continues). Under mpirun,
+a rank that fails or hangs stops every rank: code 3 after --collective-timeout seconds.
 
 """
 
@@ -79,9 +85,9 @@ class Task:
         """The data's name in words, for the run's first line."""
         raise NotImplementedError
 
-    def training_data(self, args):
-        """(training loader, test loader, class names) for a run; UsageError when the data cannot
-        be read."""
+    def training_data(self, args, shard):
+        """(training loader, test loader, class names) for a run, the loaders of this process's
+        ``shard`` = (rank, ranks) (data.EpochLoader); UsageError when the data cannot be read."""
         raise NotImplementedError
 
     def default_epochs(self, batches_per_epoch) -> int:
@@ -114,6 +120,13 @@ def _non_negative_int(text):
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
@@ -181,6 +194,10 @@ def add_training_options(parser, task, batch_size, epochs_help, paper_schedule_h
                      help=f"print the test accuracy (top-1 and top-5) and loss of CHECKPOINT (a last.npz or "
                           f"best.npz, or weights written by Module.save) and exit, on any backend; only "
                           f"{_flags(task.eval_only_options[1:])} may be given with it")
+    run.add_argument("--collective-timeout", type=_positive_float, default=600.0, metavar="S",
+                     help="under mpirun: stop every rank when this one completes no step for S seconds (another "
+                          "rank failed or hangs); longer than the slowest step, evaluation or checkpoint write "
+                          "(default: %(default)s)")
     run.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
                      help="read the training loss and accuracy back from the device every N steps, for the "
                           "progress bar and the divergence check (default: %(default)s)")
@@ -231,6 +248,15 @@ def _resumed_args(task, args, explicit, saved):
 
 # --------------------------------------------------------------------------- pieces of a run
 
+def check_enough_images(count, batch_size, shard):
+    """UsageError unless ``count`` training images make one global batch (ranks x ``batch_size``)."""
+    ranks = shard[1]
+    if count < batch_size * ranks:
+        batch = f"{batch_size}" if ranks == 1 else f"{ranks} x {batch_size} (one --batch-size per process)"
+        raise UsageError(f"{count} training images make no full batch of {batch}: lower --batch-size or raise "
+                         f"--limit-train")
+
+
 def describe_position(position, batches_per_epoch):
     """Where a run stands, in words: "end of epoch 3" or "epoch 4, after batch 120 of 781"."""
     if position["batch"] == 0:
@@ -243,22 +269,32 @@ def new_totals():
     return backend.xp().zeros(len(TOTALS), dtype=np.float32)
 
 
-def mean_metrics(totals):
-    """(mean loss, accuracy, top-5 accuracy) from a totals array: one read from the device."""
-    loss_sum, correct, count, correct_top5 = (float(v) for v in backend.to_numpy(totals))
+def mean_metrics(totals, world=None):
+    """(mean loss, accuracy, top-5 accuracy) from a totals array: one read from the device, summed
+    over the ranks of ``world`` (a distributed.World) when given."""
+    values = backend.to_numpy(totals)
+    if world is not None:
+        values = world.sum_host(values)
+    loss_sum, correct, count, correct_top5 = (float(v) for v in values)
     return loss_sum / count, correct / count, correct_top5 / count
 
 
-def evaluate(step, loader, stop=None):
-    """(mean loss, accuracy, top-5 accuracy) over ``loader`` by ``step``, an EvalStep whose totals are zeroed first and
-    read once at the end; None when ``stop.requested`` turned true on the way."""
+def evaluate(step, loader, stop=None, world=None, after_step=None):
+    """(mean loss, accuracy, top-5 accuracy) over ``loader`` by ``step``, an EvalStep whose totals are
+    zeroed first and read once at the end (summed over ``world``'s ranks, each of which evaluates
+    its shard); None when ``stop.requested`` turned true on the way. ``after_step()`` after each
+    batch. The progress bar is shown on rank 0 only."""
     step.totals.fill(0)
+    quiet = world is not None and world.rank != 0
     with epoch_batches(loader, 0) as batches:
-        for x, y in tqdm(batches, total=len(loader), desc="test", unit="batch", leave=False, dynamic_ncols=True):
+        for x, y in tqdm(batches, total=len(loader), desc="test", unit="batch", leave=False, dynamic_ncols=True,
+                         disable=quiet):
             step(x, y)
+            if after_step is not None:
+                after_step()
             if stop is not None and stop.requested:
                 return None
-    return mean_metrics(step.totals)
+    return mean_metrics(step.totals, world)
 
 
 def format_duration(seconds):
@@ -338,24 +374,43 @@ class Run:
     Position: the next step is batch ``batch`` of epoch ``epoch`` (0-based), after
     ``iteration`` steps in all; ``batch == batches_per_epoch`` means the epoch's
     training is done and its evaluation is not.
+
+    Data parallel (started by mpirun; ra_kernels/distributed.py): every rank runs this loop on its
+    shard of each batch, with the gradients and running statistics averaged in each step, so
+    every rank holds the same model. Decisions are taken together: the metrics are summed over
+    the ranks at each reading (so a divergence is seen by all), and a Ctrl-C stops every rank
+    after the same step. Only rank 0 writes files and prints. The learning rate follows the
+    linear scaling rule for the global batch (ranks x --batch-size), with a warm-up of
+    WARMUP_EPOCHS epochs; the number of epochs is the one-process run's.
     """
 
     def __init__(self, task, args, checkpoint=None):
         self.task, self.args, self.out = task, args, Path(args.out)
+        self.world = distributed.world()
+        self.leader = self.world.rank == 0
         self.backend = select_backend(args.backend)
+        self.world.select_device()
         select_precision(args.precision)
-        self.train_loader, self.test_loader, self.class_names = task.training_data(args)
+        self.train_loader, self.test_loader, self.class_names = task.training_data(
+            args, (self.world.rank, self.world.size))
         self.num_classes = len(self.class_names)
         self.batches_per_epoch = len(self.train_loader)
         if args.epochs is None:  # fixed now, so that the checkpoint (and a resumed run) has the number
-            args.epochs = task.default_epochs(self.batches_per_epoch)
-        self.schedule = task.schedule(args, args.epochs * self.batches_per_epoch)
+            args.epochs = task.default_epochs(self.train_loader.count // args.batch_size)
+        total = args.epochs * self.batches_per_epoch
+        self.schedule = task.schedule(args, total)
+        if self.world.distributed:
+            self.schedule = linear_scaling(self.schedule, self.world.size,
+                                           min(total, WARMUP_EPOCHS * self.batches_per_epoch))
         self.model = task.build_model(args, self.num_classes)
         self.optimizer = SGD(self.model.parameters(), args.lr, args.momentum, args.weight_decay, args.nesterov)
         self.lr = None  # the value last written into the optimizer
+        self._beat = None  # the watchdog's, in a data-parallel run
         self.train_totals = new_totals()
         capture = False if args.no_cuda_graph else None  # None: captured on cuda
-        self.train_step = TrainStep(self.model, self.optimizer, self.train_totals, capture)
+        exchange = (DataParallel(self.model, self.optimizer, self.world).exchange if self.world.distributed
+                    else None)
+        self.train_step = TrainStep(self.model, self.optimizer, self.train_totals, capture, exchange=exchange)
         self.eval_step = EvalStep(self.model, new_totals(), capture)
         self.position = dict(epoch=0, batch=0, iteration=0, seconds=0.0, epoch_images=0,
                              epoch_train_seconds=0.0)
@@ -370,6 +425,12 @@ class Run:
 
     def _restore(self, checkpoint):
         meta = checkpoint.meta
+        ranks = meta.get("world_size", 1)
+        if ranks != self.world.size:
+            raise UsageError(f"the run was trained by {ranks} process{'es' if ranks > 1 else ''} and this is "
+                             f"{self.world.size}: resume it as it ran ("
+                             + (f"mpirun -n {ranks} python -m {self.task.module} ..." if ranks > 1
+                                else f"python -m {self.task.module} ..., without mpirun") + ")")
         then = meta.get("class_names")  # checkpoints from before it was recorded have none
         if then is not None and list(then) != list(self.class_names):
             missing, extra = sorted(set(then) - set(self.class_names)), sorted(set(self.class_names) - set(then))
@@ -383,15 +444,18 @@ class Run:
         self.model.load_state_dict(checkpoint.model_state)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         totals = checkpoint.train_totals
+        if totals.ndim == 2:  # one row per rank
+            totals = totals[self.world.rank]
         if totals.shape == (len(TOTALS) - 1,):  # from before top-5 was counted: unknown for this epoch
             totals = np.append(totals, np.float32(np.nan))
         self.train_totals[...] = backend.asarray(totals)
         self.position = {key: meta[key] for key in self.position}
         self.history, self.best = meta["history"], meta["best"]
         self.last_good = self._checkpoint_description()
-        self._repair_best()
-        for name in ("last.npz", "best.npz", "metrics.csv", "curves.png"):  # left by a kill mid-write
-            (self.out / (name + ".tmp")).unlink(missing_ok=True)
+        if self.leader:
+            self._repair_best()
+            for name in ("last.npz", "best.npz", "metrics.csv", "curves.png"):  # left by a kill mid-write
+                (self.out / (name + ".tmp")).unlink(missing_ok=True)
 
     def _best_file_record(self):
         """The ``best`` record of best.npz itself (the epoch whose end it holds), or None when there is
@@ -418,6 +482,16 @@ class Run:
 
     # ----------------------------------------------------------------- helpers
 
+    def _print(self, *args, **kwargs):
+        """print, on rank 0 only."""
+        if self.leader:
+            print(*args, **kwargs)
+
+    def _write(self, text):
+        """tqdm.write (beside a progress bar), on rank 0 only."""
+        if self.leader:
+            tqdm.write(text)
+
     def _seconds(self):
         return self._seconds_before + time.perf_counter() - self._session_start
 
@@ -428,7 +502,7 @@ class Run:
     def _checked_train_metrics(self):
         """(loss, accuracy, top-5 accuracy) of the epoch's training so far (one device read); Diverged
         if the loss is not finite."""
-        loss, accuracy, top5 = mean_metrics(self.train_totals)
+        loss, accuracy, top5 = mean_metrics(self.train_totals, self.world)
         if not math.isfinite(loss):
             p = self.position
             raise Diverged(f"the training loss became {loss} in epoch {p['epoch'] + 1}, by iteration "
@@ -436,11 +510,17 @@ class Run:
         return loss, accuracy, top5
 
     def save(self):
+        """Write last.npz, on rank 0: every rank holds the same model. The training totals of the epoch
+        in progress are each rank's (of its shard): (ranks, 4) when there are several."""
         self.position["seconds"] = self._seconds()
         meta = dict(self.position, args=vars(self.args), num_classes=self.num_classes,
                     class_names=list(self.class_names), batches_per_epoch=self.batches_per_epoch,
-                    history=self.history, best=self.best)
-        write_checkpoint(self.out / "last.npz", self.model, self.optimizer, self.train_totals, meta)
+                    world_size=self.world.size, history=self.history, best=self.best)
+        totals = self.train_totals
+        if self.world.distributed:
+            totals = self.world.gather_host(backend.to_numpy(totals))
+        if self.leader:
+            write_checkpoint(self.out / "last.npz", self.model, self.optimizer, totals, meta)
         self.last_good = self._checkpoint_description()
 
     # ----------------------------------------------------------------- training
@@ -449,28 +529,41 @@ class Run:
         """Train to the last epoch; returns the exit code. ``after_step(run)`` is called after
         every step (for tools and tests: they may inspect the run, or interrupt it)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        print(f"{self.args.model} ({self.optimizer.flat_params.size:,} parameters) on {self.task.dataset(self.args)}: "
-              f"{self.batches_per_epoch} steps per epoch, {self.args.epochs} epochs, backend {self.backend}, "
-              f"output in {self.out}")
+        world = self.world
+        self._print(f"{self.args.model} ({self.optimizer.flat_params.size:,} parameters) on "
+                    f"{self.task.dataset(self.args)}: {self.batches_per_epoch} steps per epoch, {self.args.epochs} "
+                    f"epochs, backend {self.backend}, output in {self.out}"
+                    + (f"; {world.size} processes, global batch {world.size * self.args.batch_size}"
+                       if world.distributed else ""))
         if self.position["iteration"] > 0:
-            print(f"resuming from {self.last_good}")
+            self._print(f"resuming from {self.last_good}")
+        watchdog = (distributed.Watchdog(world, self.args.collective_timeout, EXIT_PEER_FAILED) if world.distributed
+                    else contextlib.nullcontext())
         try:
             try:
                 # NumPy's floating-point warnings are silenced: a diverging run would print them at
                 # every op, while the loss check reports the divergence once, clearly.
-                with StopOnInterrupt() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                with StopOnInterrupt() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+                        watchdog:
+                    self._beat = watchdog.beat if world.distributed else None
                     while self.position["epoch"] < self.args.epochs:
                         if self.position["batch"] < self.batches_per_epoch and not self._train_epoch(stop, after_step):
                             return self._interrupted()
-                        test = evaluate(self.eval_step, self.test_loader, stop)
-                        if test is None:
+                        # The ranks' evaluations differ by a batch: none stops in the middle of its own.
+                        test = evaluate(self.eval_step, self.test_loader, None if world.distributed else stop,
+                                        world, self._beat)
+                        if test is None or world.any(stop.requested):
                             return self._interrupted()
                         self._end_epoch(*test)
             except DataError as error:  # raised between steps: the model and optimizer are whole
+                if world.distributed:  # on this rank alone: the others wait in a collective
+                    print(f"{self.task.name}: rank {world.rank}: reading the data failed ({error}); stopping every "
+                          f"rank. The last checkpoint is {self.last_good}", file=sys.stderr, flush=True)
+                    world.abort(EXIT_USAGE)
                 return self._interrupted(f"reading the data failed ({error}); mend it", EXIT_USAGE)
         except Diverged as error:
-            print(f"{self.task.name}: training diverged: {error}. The parameters are no longer usable and were not "
-                  f"saved; the last good checkpoint is {self.last_good}. Try a lower --lr.", file=sys.stderr)
+            self._print(f"{self.task.name}: training diverged: {error}. The parameters are no longer usable and were "
+                        f"not saved; the last good checkpoint is {self.last_good}. Try a lower --lr.", file=sys.stderr)
             return EXIT_DIVERGED
         self._report()
         return 0
@@ -482,7 +575,7 @@ class Run:
             self.train_totals.fill(0)
             p["epoch_images"], p["epoch_train_seconds"] = 0, 0.0
         bar = tqdm(total=self.batches_per_epoch, initial=p["batch"], desc=f"epoch {p['epoch'] + 1}/{args.epochs}",
-                   unit="batch", dynamic_ncols=True)
+                   unit="batch", dynamic_ncols=True, disable=not self.leader)
         started = interval_start = time.perf_counter()
         interval_images = 0
         try:
@@ -494,19 +587,22 @@ class Run:
                     p["epoch_images"] += x.shape[0]
                     interval_images += x.shape[0]
                     bar.update()
+                    if self._beat is not None:
+                        self._beat()
                     if after_step is not None:
                         after_step(self)
-                    if p["batch"] % args.log_every == 0 or p["batch"] == self.batches_per_epoch or stop.requested:
+                    stopping = self.world.any(stop.requested)  # every rank stops after the same step
+                    if p["batch"] % args.log_every == 0 or p["batch"] == self.batches_per_epoch or stopping:
                         loss, accuracy, _ = self._checked_train_metrics()  # waits for the device
                         now = time.perf_counter()
                         images_per_second = interval_images / (now - interval_start)
                         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1%}", lr=f"{self.lr:.3g}",
                                         img_s=f"{images_per_second:.1f}")
                         if self._estimates_left:
-                            tqdm.write(self._estimate(images_per_second))
+                            self._write(self._estimate(images_per_second))
                             self._estimates_left -= 1
                         interval_start, interval_images = now, 0
-                    if stop.requested:
+                    if stopping:
                         return False
         finally:
             bar.close()
@@ -517,8 +613,8 @@ class Run:
         """The run's remaining length at ``images_per_second``, in words (training steps only)."""
         steps_left = self.args.epochs * self.batches_per_epoch - self.position["iteration"]
         epoch = self.batches_per_epoch * self.args.batch_size / images_per_second
-        return (f"at {images_per_second:.1f} images/s an epoch trains in about {format_duration(epoch)}; the "
-                f"{steps_left:,} steps left take about "
+        return (f"at {images_per_second:.1f} images/s{' per process' if self.world.distributed else ''} an epoch "
+                f"trains in about {format_duration(epoch)}; the {steps_left:,} steps left take about "
                 f"{format_duration(steps_left * self.args.batch_size / images_per_second)}, plus the evaluations"
                 + (" (this first interval includes compiling the kernels: estimated again at the next reading)"
                    if self._estimates_left == 2 else ""))
@@ -547,14 +643,15 @@ class Run:
             self.best = dict(epoch=row["epoch"], test_accuracy=test_accuracy, test_loss=test_loss)
         p["epoch"], p["batch"] = p["epoch"] + 1, 0
         self.save()
-        if improved:  # after last.npz, which names this epoch best: a crash between the two is repaired on resume
-            npzfile.copy(self.out / "last.npz", self.out / "best.npz")
-        write_metrics_csv(self.history, self.out / "metrics.csv")
-        try:
-            plot_curves(self.history, self.out / "curves.png")
-        except ImportError:
-            tqdm.write("matplotlib is not installed: curves.png not written (pip install matplotlib)")
-        tqdm.write(f"epoch {row['epoch']}/{self.args.epochs}: train loss {train_loss:.4f} acc {train_accuracy:.2%}"
+        if self.leader:
+            if improved:  # after last.npz, which names this epoch best: a crash between the two is repaired on resume
+                npzfile.copy(self.out / "last.npz", self.out / "best.npz")
+            write_metrics_csv(self.history, self.out / "metrics.csv")
+            try:
+                plot_curves(self.history, self.out / "curves.png")
+            except ImportError:
+                tqdm.write("matplotlib is not installed: curves.png not written (pip install matplotlib)")
+        self._write(f"epoch {row['epoch']}/{self.args.epochs}: train loss {train_loss:.4f} acc {train_accuracy:.2%}"
                    f" | test loss {test_loss:.4f} acc {test_accuracy:.2%} top-5 {test_top5:.2%} | lr {row['lr']:.3g} | "
                    f"{row['images_per_second']:.1f} img/s")
 
@@ -563,12 +660,13 @@ class Run:
         if self.position["batch"] > 0:  # steps were taken this epoch: a diverged state is not worth saving
             self._checked_train_metrics()
         self.save()
-        print(f"{self.task.name}: {why}; checkpoint written to {self.last_good}. Continue with:\n"
-              f"  python -m {self.task.module} --out {self.out} --resume", file=sys.stderr)
+        launch = f"mpirun -n {self.world.size} " if self.world.distributed else ""
+        self._print(f"{self.task.name}: {why}; checkpoint written to {self.last_good}. Continue with:\n"
+                    f"  {launch}python -m {self.task.module} --out {self.out} --resume", file=sys.stderr)
         return code
 
     def _report(self):
-        if not self.history:
+        if not self.history or not self.leader:
             return
         last = self.history[-1]
         print(f"final test accuracy (last epoch, {last['epoch']}): {last['test_accuracy']:.2%}, "
@@ -625,7 +723,10 @@ def main(task, argv=None, after_step=None) -> int:
     if args.nesterov and args.momentum == 0:
         parser.error("Nesterov momentum needs --momentum > 0; add --no-nesterov for plain SGD")
     explicit = _explicit_options(task, argv)
+    world = distributed.world()
     try:
+        if world.distributed and args.eval_only is not None:
+            raise UsageError("--eval-only runs in one process: start it without mpirun")
         if args.eval_only is not None:
             ignored = [_flag(dest) for dest in explicit if dest not in task.eval_only_options]
             if ignored:
@@ -649,8 +750,17 @@ def main(task, argv=None, after_step=None) -> int:
         prepare_output_dir(args.out)
         return Run(task, args, checkpoint).train(after_step)
     except UsageError as error:
-        print(f"{task.name}: error: {error}", file=sys.stderr)
+        rank = f" (rank {world.rank})" if world.distributed else ""
+        print(f"{task.name}{rank}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:
+        if not world.distributed:
+            raise
+        # An error on one rank: the others would wait for it in their next collective.
+        import traceback
+        traceback.print_exc()
+        print(f"{task.name}: rank {world.rank} failed (above); stopping every rank", file=sys.stderr, flush=True)
+        world.abort(EXIT_PEER_FAILED)
     except KeyboardInterrupt:
         print(f"{task.name}: stopped by Ctrl-C where no checkpoint could be written; nothing was saved since the "
               "last one", file=sys.stderr)
