@@ -31,6 +31,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 
@@ -38,6 +39,8 @@ from . import backend
 
 #: Environment variables by which MPI launchers (MPICH's Hydra, Open MPI, PMIx) announce a job.
 LAUNCHER_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+#: Those of them that give the job's size.
+SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 
 
 class World:
@@ -48,10 +51,11 @@ class World:
         self.comm = comm
         self.rank = 0 if comm is None else comm.Get_rank()
         self.size = 1 if comm is None else comm.Get_size()
-        self.local_rank = 0
+        self.local_rank, self._local = 0, None
         if comm is not None:
             from mpi4py import MPI
-            self.local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+            self._local = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
+            self.local_rank = self._local.Get_rank()
         self._nccl = None
 
     @property
@@ -59,14 +63,24 @@ class World:
         return self.size > 1
 
     def select_device(self):
-        """On cuda, make GPU ``local_rank`` this process's device (before anything is allocated)."""
-        if backend.get_backend() == "cuda":
-            cupy = backend.xp()
-            count = cupy.cuda.runtime.getDeviceCount()
-            if self.local_rank >= count:
-                raise RuntimeError(f"rank {self.rank} is process {self.local_rank + 1} on its machine, which has "
-                                   f"{count} GPU(s): start at most one process per GPU")
-            cupy.cuda.Device(self.local_rank).use()
+        """On cuda, make GPU ``local_rank`` this process's device (before anything is allocated), or
+        the only GPU it sees when a launcher gives each process its own (CUDA_VISIBLE_DEVICES).
+        RuntimeError when two processes of this machine would share a GPU, or NCCL is missing."""
+        if backend.get_backend() != "cuda":
+            return
+        cupy = backend.xp()
+        count = cupy.cuda.runtime.getDeviceCount()
+        index = 0 if count == 1 else self.local_rank  # one GPU seen: the launcher gave each process its own
+        bus = cupy.cuda.Device(index).pci_bus_id if index < count else None
+        if self.distributed:
+            buses = self._local.allgather(bus)  # every rank of the machine takes part, so that all raise alike
+            if None in buses or len(set(buses)) < len(buses):
+                raise RuntimeError(f"{len(buses)} processes on this machine and {count} GPU(s) for them: start at "
+                                   f"most one process per GPU")
+            if not getattr(_nccl(), "available", False):
+                raise RuntimeError("data-parallel training on GPUs sums with NCCL, which CuPy cannot load: "
+                                   "pip install nvidia-nccl-cu12 (or -cu13, as your CuPy)")
+        cupy.cuda.Device(index).use()
 
     def allreduce_mean(self, array):
         """Replace ``array`` (contiguous float32 of the backend) by its mean over the ranks, in place."""
@@ -91,6 +105,24 @@ class World:
         self.comm.Allreduce(values, total, op=MPI.SUM)
         return total
 
+    def agree(self, value: str, what: str):
+        """RuntimeError on every rank unless every rank passes the same ``value`` (a description of
+        what must not differ between the ranks: the data, the options), naming ``what``."""
+        if not self.distributed:
+            return
+        values = self.comm.allgather(value)
+        differ = [rank for rank, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise RuntimeError(f"the ranks disagree on {what}: rank 0 has {values[0]}, rank {differ[0]} has "
+                               f"{values[differ[0]]}")
+
+    def same(self, arrays) -> bool:
+        """Whether this rank's host ``arrays`` hold the bits of rank 0's (a CRC of each, compared)."""
+        if not self.distributed:
+            return True
+        crcs = [zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for a in arrays]
+        return self.comm.bcast(crcs, root=0) == crcs
+
     def gather_host(self, values) -> np.ndarray | None:
         """The host arrays ``values`` of every rank stacked in rank order, on rank 0 (None on the others)."""
         if not self.distributed:
@@ -102,9 +134,16 @@ class World:
         """Whether ``flag`` is true on some rank (every rank gets the same answer)."""
         return bool(self.sum_host(np.array([int(flag)], np.int64))[0]) if self.distributed else bool(flag)
 
+    #: Seconds an aborting rank waits for its launcher to forward what it printed: MPI_Abort tears
+    #: the job down, and output still on its way was seen lost (MPICH's Hydra, 1 run in 12).
+    ABORT_GRACE_S = 0.5
+
     def abort(self, code: int):
         """Stop every rank of the job now (MPI_Abort), or this process when alone."""
+        sys.stdout.flush()
+        sys.stderr.flush()
         if self.distributed:
+            time.sleep(self.ABORT_GRACE_S)
             self.comm.Abort(code)
         os._exit(code)
 
@@ -134,10 +173,12 @@ def world() -> World:
         if any(name in os.environ for name in LAUNCHER_VARIABLES):
             try:
                 from mpi4py import MPI
+                comm = MPI.COMM_WORLD
             except ImportError:
-                raise RuntimeError("started by an MPI launcher, but mpi4py is not installed: "
-                                   "pip install -e '.[mpi]'") from None
-            comm = MPI.COMM_WORLD
+                # A launcher of one process (a batch system may announce every job) needs no MPI.
+                if max(int(os.environ.get(name, 1)) for name in SIZE_VARIABLES) > 1:
+                    raise RuntimeError("started by an MPI launcher with several processes, but mpi4py is not "
+                                       "installed: pip install -e '.[mpi]'") from None
         _WORLD = World(comm)
     return _WORLD
 
@@ -155,6 +196,9 @@ class DataParallel:
         self.world, self.optimizer = world, optimizer
         buffers = [(module, name, array) for _, module in model.named_modules()
                    for name, array in module._buffers.items()]
+        dtypes = {str(array.dtype) for *_, array in buffers} - {"float32"}
+        if dtypes:
+            raise TypeError(f"DataParallel: the model's buffers must be float32, not {', '.join(sorted(dtypes))}")
         sizes = [array.size for *_, array in buffers]
         self.flat_statistics = backend.xp().empty(sum(sizes), dtype=np.float32)
         offset = 0
@@ -181,16 +225,18 @@ class Watchdog:
     last beat every second and, past ``timeout_s``, says so on stderr and aborts every rank (an MPI
     collective waits forever for a rank that died or hangs; MPI calls release the GIL, so the
     thread runs). ``timeout_s`` must exceed the longest step, evaluation or checkpoint write: a
-    rank waits in the next collective while rank 0 writes.
+    rank waits in the next collective while rank 0 writes. Until the first beat the limit is
+    FIRST_STEP_FACTOR times longer: the first step compiles every kernel, on every rank at once.
     """
+    FIRST_STEP_FACTOR = 3
 
     def __init__(self, world: World, timeout_s: float, exit_code: int = 1):
         self.world, self.timeout_s, self.exit_code = world, timeout_s, exit_code
-        self._last, self._stop = time.monotonic(), threading.Event()
+        self._last, self._beaten, self._stop = time.monotonic(), False, threading.Event()
         self._thread = threading.Thread(target=self._watch, name="Watchdog", daemon=True)
 
     def __enter__(self):
-        self.beat()
+        self._last = time.monotonic()
         self._thread.start()
         return self
 
@@ -199,11 +245,12 @@ class Watchdog:
         self._thread.join()
 
     def beat(self):
-        self._last = time.monotonic()
+        self._last, self._beaten = time.monotonic(), True
 
     def _watch(self):
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
-            if time.monotonic() - self._last > self.timeout_s:
-                print(f"rank {self.world.rank}: no step completed in {self.timeout_s:g} s: another rank has failed "
+            limit = self.timeout_s * (1 if self._beaten else self.FIRST_STEP_FACTOR)
+            if time.monotonic() - self._last > limit:
+                print(f"rank {self.world.rank}: no step completed in {limit:g} s: another rank has failed "
                       f"or hangs (its own error, if any, is above); stopping every rank", file=sys.stderr, flush=True)
                 self.world.abort(self.exit_code)

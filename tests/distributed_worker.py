@@ -9,14 +9,16 @@ Scenarios:
   running statistics are those, bit for bit.
 * ``train INTERRUPT_RANK INTERRUPT_AT ARGS...``: ``train.cifar.main(ARGS)`` on every rank; rank
   INTERRUPT_RANK sends itself Ctrl-C after iteration INTERRUPT_AT (0: never). Exits with main's code.
+* ``differ RANK OPTION VALUE ARGS...``: ``train.cifar.main(ARGS)``, with ``OPTION VALUE`` added on
+  rank RANK alone.
+* ``drift ARGS...``: ``train.cifar.main(ARGS)`` with rank 1's exchange off by one part in 10**4.
 * ``fail RANK AT HOW ARGS...``: as train, but rank RANK, after iteration AT, is killed
-  (HOW = "kill": SIGKILL) or stops answering (HOW = "hang": sleeps).
+  (HOW = "kill": SIGKILL) or stops answering (HOW = "hang": SIGSTOP).
 """
 import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +102,30 @@ def train(interrupt_rank, interrupt_at, argv):
     return _train(argv, hook)
 
 
+def differ(rank, option, value, argv):
+    return _train(argv + [option, value] if distributed.world().rank == rank else argv, None)
+
+
+def drift(argv):
+    world = distributed.world()
+    exact = world.allreduce_mean
+
+    def off(array):
+        exact(array)
+        if world.rank == 1:
+            array *= np.float32(1.0001)
+        return array
+    world.allreduce_mean = off
+    return _train(argv, None)
+
+
 def fail(failing_rank, at, how, argv):
     world = distributed.world()
 
     def hook(run):
         if world.rank == failing_rank and run.position["iteration"] == at:
-            if how == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(3600)
+            # SIGSTOP freezes every thread, this rank's watchdog too: the others' must find it.
+            os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     return _train(argv, hook)
 
 
@@ -117,6 +135,10 @@ if __name__ == "__main__":
         sys.exit(step(rest[0], int(rest[1])))
     if scenario == "train":
         sys.exit(train(int(rest[0]), int(rest[1]), rest[2:]))
+    if scenario == "differ":
+        sys.exit(differ(int(rest[0]), rest[1], rest[2], rest[3:]))
+    if scenario == "drift":
+        sys.exit(drift(rest))
     if scenario == "fail":
         sys.exit(fail(int(rest[0]), int(rest[1]), rest[2], rest[3:]))
     sys.exit(f"unknown scenario {scenario!r}")

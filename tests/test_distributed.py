@@ -112,6 +112,28 @@ def test_a_failed_rank_stops_every_rank(tiny_cifar, tmp_path, how):
 
 
 @needs_mpi
+@pytest.mark.parametrize("option, value, says", [
+    ("--data-dir", "/nonexistent", "(rank 1): error: cannot load cifar10 from /nonexistent"),
+    ("--lr", "0.5", "the ranks disagree on the run"),
+])
+def test_a_usage_error_on_one_rank_stops_every_rank_at_once(tiny_cifar, tmp_path, option, value, says):
+    """Rank 1 alone with other data or other options: the job ends with code 2 at once, saying why,
+    not after the collective timeout."""
+    result, seconds = _launch("differ", 1, option, value, *_train_args(tiny_cifar, tmp_path / "out"))
+    assert result.returncode == 2 and says in result.stderr, result.stderr[-3000:]
+    assert seconds < 30
+
+
+@needs_mpi
+def test_ranks_whose_models_drift_apart_are_stopped(tiny_cifar, tmp_path):
+    """The models' bits are compared at each epoch end: an exchange that gives one rank other bits
+    stops the job there, before a checkpoint of one rank's model passes for the job's."""
+    result, _ = _launch("drift", *_train_args(tiny_cifar, tmp_path / "out"))
+    assert result.returncode == 3 and "after epoch 1 the ranks' models differ" in result.stderr
+    assert not (tmp_path / "out" / "last.npz").exists()
+
+
+@needs_mpi
 def test_the_exchange_benchmark_times_each_network_and_writes_nothing(tmp_path):
     before = (REPO / "bench" / "RESULTS.md").read_text()
     result, _ = _launch("--dry-run", "--backend", "numpy", program=("-m", "bench.allreduce"))

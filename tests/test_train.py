@@ -208,6 +208,20 @@ def test_a_checkpoint_from_before_top5_resumes_with_the_count_unknown(finished_r
     assert rows[1]["train_loss"] == want[run.METRICS_COLUMNS.index("train_loss")]
 
 
+def test_sigterm_stops_a_run_like_ctrl_c(tiny_data, tmp_path, capsys):
+    """A batch system (or Open MPI's mpirun on Ctrl-C) sends SIGTERM before killing: the run stops
+    after the step with a checkpoint, as for Ctrl-C."""
+    out = tmp_path / "terminated"
+
+    def terminate(state):
+        if state.position["iteration"] == 2:
+            signal.raise_signal(signal.SIGTERM)
+    assert cifar.main(_argv(tiny_data, out), after_step=terminate) == run.EXIT_INTERRUPTED
+    captured = capsys.readouterr()
+    assert "SIGTERM: stopping after this step" in captured.out + captured.err
+    assert _meta(out / "last.npz")["iteration"] == 2
+
+
 def test_a_resumed_run_keeps_its_settings(finished_run, tiny_data, capsys):
     out, _ = finished_run
     assert cifar.main(_argv(tiny_data, out, "--lr", "0.5", "--resume")) == run.EXIT_USAGE

@@ -82,7 +82,7 @@ class Cifar(run.Task):
         test_images, test_labels = data.test_images[:args.limit_test], data.test_labels[:args.limit_test]
         if args.noisy_labels:
             train_labels = corrupt_labels(train_labels, args.noisy_labels, num_classes, args.seed)
-        run.check_enough_images(len(train_labels), args.batch_size, shard)
+        run.check_enough_images(len(train_labels), len(test_labels), args.batch_size, shard)
         train_loader = BatchLoader(train_images, train_labels, args.batch_size, data.mean, data.std, train=True,
                                    seed=args.seed, shard=shard)
         test_loader = BatchLoader(test_images, test_labels, args.batch_size, data.mean, data.std, train=False,

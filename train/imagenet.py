@@ -90,7 +90,7 @@ class ImageNet(run.Task):
     def training_data(self, args, shard):
         train, val = _scanned(scan_imagenet, args.data_dir)
         train, val = _limited(train, args.limit_train), _limited(val, args.limit_test)
-        run.check_enough_images(len(train), args.batch_size, shard)
+        run.check_enough_images(len(train), len(val), args.batch_size, shard)
         if shard[0] == 0:
             print(f"{args.data_dir}: {len(train.class_names)} classes, {len(train):,} training and {len(val):,} "
                   f"validation images")

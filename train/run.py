@@ -53,8 +53,10 @@ Ctrl-C stops after the current step, writes last.npz and exits with code 130; ru
 command with --resume to continue exactly where it stopped. A NaN or Inf loss (checked
 every --log-every steps and at each epoch end) stops the run with code 1 and leaves the
 last good checkpoint in place. Bad options, unreadable data or checkpoints: code 2 (data that
-fails in the middle of a run: last.npz is written first, and --resume continues). Under mpirun,
-a rank that fails or hangs stops every rank: code 3 after --collective-timeout seconds.
+fails in the middle of a run: last.npz is written first, and --resume continues; under mpirun
+the failing rank stops every rank at once, and --resume continues from the last checkpoint).
+Under mpirun a rank that fails stops every rank (code 3, or its own), one that hangs too, after
+--collective-timeout seconds. SIGTERM stops a run as Ctrl-C does.
 
 """
 
@@ -248,13 +250,16 @@ def _resumed_args(task, args, explicit, saved):
 
 # --------------------------------------------------------------------------- pieces of a run
 
-def check_enough_images(count, batch_size, shard):
-    """UsageError unless ``count`` training images make one global batch (ranks x ``batch_size``)."""
+def check_enough_images(count, test_count, batch_size, shard):
+    """UsageError unless ``count`` training images make one global batch (ranks x ``batch_size``)
+    and every rank has a test image."""
     ranks = shard[1]
     if count < batch_size * ranks:
         batch = f"{batch_size}" if ranks == 1 else f"{ranks} x {batch_size} (one --batch-size per process)"
         raise UsageError(f"{count} training images make no full batch of {batch}: lower --batch-size or raise "
                          f"--limit-train")
+    if test_count < ranks:
+        raise UsageError(f"{test_count} test images for {ranks} processes: each needs one (raise --limit-test)")
 
 
 def describe_position(position, batches_per_epoch):
@@ -306,29 +311,33 @@ def format_duration(seconds):
 
 
 class StopOnInterrupt:
-    """Inside the block, Ctrl-C (SIGINT) sets ``requested`` instead of raising, so that the loop
-    stops between steps, where model and optimizer are whole and can be saved; a second Ctrl-C
-    raises KeyboardInterrupt at once."""
+    """Inside the block, Ctrl-C (SIGINT) or SIGTERM (what a batch system, or Open MPI's mpirun on
+    Ctrl-C, sends before killing) sets ``requested`` instead of raising, so that the loop stops
+    between steps, where model and optimizer are whole and can be saved; a second one raises
+    KeyboardInterrupt at once. ``quiet``: say nothing (the ranks of a job but rank 0)."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, quiet=False):
+        self.requested, self.quiet = False, quiet
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("Ctrl-C: stopping after this step to write a checkpoint (Ctrl-C again quits at once, "
-                   "without one)")
+        if not self.quiet:
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step to write a checkpoint (Ctrl-C "
+                       f"again quits at once, without one)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def write_metrics_csv(history, path):
@@ -389,7 +398,10 @@ class Run:
         self.world = distributed.world()
         self.leader = self.world.rank == 0
         self.backend = select_backend(args.backend)
-        self.world.select_device()
+        try:
+            self.world.select_device()
+        except RuntimeError as error:
+            raise UsageError(str(error)) from None
         select_precision(args.precision)
         self.train_loader, self.test_loader, self.class_names = task.training_data(
             args, (self.world.rank, self.world.size))
@@ -399,18 +411,18 @@ class Run:
             args.epochs = task.default_epochs(self.train_loader.count // args.batch_size)
         total = args.epochs * self.batches_per_epoch
         self.schedule = task.schedule(args, total)
+        self.warmup_steps = min(total, WARMUP_EPOCHS * self.batches_per_epoch) if self.world.distributed else 0
         if self.world.distributed:
-            self.schedule = linear_scaling(self.schedule, self.world.size,
-                                           min(total, WARMUP_EPOCHS * self.batches_per_epoch))
+            self.schedule = linear_scaling(self.schedule, self.world.size, self.warmup_steps)
         self.model = task.build_model(args, self.num_classes)
         self.optimizer = SGD(self.model.parameters(), args.lr, args.momentum, args.weight_decay, args.nesterov)
         self.lr = None  # the value last written into the optimizer
         self._beat = None  # the watchdog's, in a data-parallel run
         self.train_totals = new_totals()
         capture = False if args.no_cuda_graph else None  # None: captured on cuda
-        exchange = (DataParallel(self.model, self.optimizer, self.world).exchange if self.world.distributed
-                    else None)
-        self.train_step = TrainStep(self.model, self.optimizer, self.train_totals, capture, exchange=exchange)
+        self.data_parallel = DataParallel(self.model, self.optimizer, self.world) if self.world.distributed else None
+        self.train_step = TrainStep(self.model, self.optimizer, self.train_totals, capture,
+                                    exchange=self.data_parallel and self.data_parallel.exchange)
         self.eval_step = EvalStep(self.model, new_totals(), capture)
         self.position = dict(epoch=0, batch=0, iteration=0, seconds=0.0, epoch_images=0,
                              epoch_train_seconds=0.0)
@@ -421,7 +433,21 @@ class Run:
         self._estimates_left = 2 if self.backend == "cuda" else 1
         if checkpoint is not None:
             self._restore(checkpoint)
+        self._agree(self._description(), "the run (options other than --data-dir, data, classes, position)")
         self._session_start, self._seconds_before = time.perf_counter(), self.position["seconds"]
+
+    def _description(self):
+        """What every rank of a job must have alike before it trains, as text."""
+        options = {k: v for k, v in vars(self.args).items() if k != "data_dir"}  # data may be on local disks
+        return json.dumps([options, list(self.class_names), self.train_loader.count, self.test_loader.count,
+                           self.position], sort_keys=True, default=str)
+
+    def _agree(self, value, what):
+        """UsageError on every rank unless every rank has the same ``value``."""
+        try:
+            self.world.agree(value, what)
+        except RuntimeError as error:
+            raise UsageError(str(error)) from None
 
     def _restore(self, checkpoint):
         meta = checkpoint.meta
@@ -533,7 +559,8 @@ class Run:
         self._print(f"{self.args.model} ({self.optimizer.flat_params.size:,} parameters) on "
                     f"{self.task.dataset(self.args)}: {self.batches_per_epoch} steps per epoch, {self.args.epochs} "
                     f"epochs, backend {self.backend}, output in {self.out}"
-                    + (f"; {world.size} processes, global batch {world.size * self.args.batch_size}"
+                    + (f"; {world.size} processes, global batch {world.size * self.args.batch_size}, learning rate "
+                       f"{self.args.lr:g} x {world.size} after a warm-up of {self.warmup_steps} steps"
                        if world.distributed else ""))
         if self.position["iteration"] > 0:
             self._print(f"resuming from {self.last_good}")
@@ -543,7 +570,7 @@ class Run:
             try:
                 # NumPy's floating-point warnings are silenced: a diverging run would print them at
                 # every op, while the loss check reports the divergence once, clearly.
-                with StopOnInterrupt() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+                with StopOnInterrupt(quiet=not self.leader) as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
                         watchdog:
                     self._beat = watchdog.beat if world.distributed else None
                     while self.position["epoch"] < self.args.epochs:
@@ -584,8 +611,8 @@ class Run:
                     self._step(x, y)
                     p["batch"] += 1
                     p["iteration"] += 1
-                    p["epoch_images"] += x.shape[0]
-                    interval_images += x.shape[0]
+                    p["epoch_images"] += x.shape[0] * self.world.size  # the job's images: every rank's batch
+                    interval_images += x.shape[0] * self.world.size
                     bar.update()
                     if self._beat is not None:
                         self._beat()
@@ -612,10 +639,11 @@ class Run:
     def _estimate(self, images_per_second):
         """The run's remaining length at ``images_per_second``, in words (training steps only)."""
         steps_left = self.args.epochs * self.batches_per_epoch - self.position["iteration"]
-        epoch = self.batches_per_epoch * self.args.batch_size / images_per_second
-        return (f"at {images_per_second:.1f} images/s{' per process' if self.world.distributed else ''} an epoch "
-                f"trains in about {format_duration(epoch)}; the {steps_left:,} steps left take about "
-                f"{format_duration(steps_left * self.args.batch_size / images_per_second)}, plus the evaluations"
+        batch = self.args.batch_size * self.world.size
+        epoch = self.batches_per_epoch * batch / images_per_second
+        return (f"at {images_per_second:.1f} images/s an epoch trains in about {format_duration(epoch)}; the "
+                f"{steps_left:,} steps left take about "
+                f"{format_duration(steps_left * batch / images_per_second)}, plus the evaluations"
                 + (" (this first interval includes compiling the kernels: estimated again at the next reading)"
                    if self._estimates_left == 2 else ""))
 
@@ -642,6 +670,11 @@ class Run:
         if improved:
             self.best = dict(epoch=row["epoch"], test_accuracy=test_accuracy, test_loss=test_loss)
         p["epoch"], p["batch"] = p["epoch"] + 1, 0
+        if self.world.distributed:  # the ranks' models must hold the same bits: a broken exchange would not
+            state = [backend.to_numpy(a) for a in (self.optimizer.flat_params, self.data_parallel.flat_statistics)]
+            if self.world.any(not self.world.same(state)):
+                raise RuntimeError(f"after epoch {p['epoch']} the ranks' models differ: the gradient exchange is "
+                                   f"not giving every rank the same bits")
         self.save()
         if self.leader:
             if improved:  # after last.npz, which names this epoch best: a crash between the two is repaired on resume
@@ -751,17 +784,23 @@ def main(task, argv=None, after_step=None) -> int:
         return Run(task, args, checkpoint).train(after_step)
     except UsageError as error:
         rank = f" (rank {world.rank})" if world.distributed else ""
-        print(f"{task.name}{rank}: error: {error}", file=sys.stderr)
+        print(f"{task.name}{rank}: error: {error}", file=sys.stderr, flush=True)
+        if world.distributed:  # perhaps on this rank alone: the others would wait for it
+            world.abort(EXIT_USAGE)
         return EXIT_USAGE
     except Exception:
         if not world.distributed:
             raise
         # An error on one rank: the others would wait for it in their next collective.
         import traceback
+        error = sys.exc_info()[1]
+        print(f"{task.name}: rank {world.rank} failed: {type(error).__name__}: {error}; stopping every rank "
+              f"(the traceback follows)", file=sys.stderr, flush=True)
         traceback.print_exc()
-        print(f"{task.name}: rank {world.rank} failed (above); stopping every rank", file=sys.stderr, flush=True)
         world.abort(EXIT_PEER_FAILED)
     except KeyboardInterrupt:
         print(f"{task.name}: stopped by Ctrl-C where no checkpoint could be written; nothing was saved since the "
-              "last one", file=sys.stderr)
+              "last one", file=sys.stderr, flush=True)
+        if world.distributed:
+            world.abort(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
