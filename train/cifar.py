@@ -46,6 +46,7 @@ Exit codes: 0 done; 1 the loss became NaN or Inf; 2 bad usage, or data or a
 checkpoint that cannot be read; 130 stopped by Ctrl-C.
 """
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -169,12 +170,9 @@ def build_parser():
     return parser
 
 
-def main(argv=None, after_step=None) -> int:
-    """Parse ``argv`` (default sys.argv[1:]), train or evaluate; returns the exit code.
-
-    ``after_step``: see :meth:`train.run.Run.train`.
-    """
-    return run.main(TASK, argv, after_step)
+#: main(argv=None, after_step=None): parse ``argv`` (default sys.argv[1:]), train or evaluate; returns
+#: the exit code. ``after_step``: see :meth:`train.run.Run.train`.
+main = functools.partial(run.main, TASK)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ for both. Every random draw (weights, order, crops, flips) is a function of ``--
 position, so a resumed run repeats an uninterrupted one (bit for bit on the numpy backend).
 """
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -161,9 +162,9 @@ def build_parser():
     data.add_argument("--workers", type=_positive_int, metavar="N",
                       help="threads that decode and crop JPEGs (default: one per core, at most 16)")
     data.add_argument("--limit-train", type=_positive_int, metavar="N",
-                      help="train on N training images only, spread over the classes (quick runs)")
+                      help="train on N training images only, a fixed random sample across the classes (quick runs)")
     data.add_argument("--limit-test", type=_positive_int, metavar="N",
-                      help="evaluate on N validation images only, spread over the classes (quick runs)")
+                      help="evaluate on N validation images only, a fixed random sample (quick runs)")
     run.add_training_options(
         parser, TASK, batch_size=256,
         epochs_help="epochs to train (default: as many as make the paper's 530k iterations, 106 for ImageNet's "
@@ -174,12 +175,9 @@ def build_parser():
     return parser
 
 
-def main(argv=None, after_step=None) -> int:
-    """Parse ``argv`` (default sys.argv[1:]), train or evaluate; returns the exit code.
-
-    ``after_step``: see :meth:`train.run.Run.train`.
-    """
-    return run.main(TASK, argv, after_step)
+#: main(argv=None, after_step=None): parse ``argv`` (default sys.argv[1:]), train or evaluate; returns
+#: the exit code. ``after_step``: see :meth:`train.run.Run.train`.
+main = functools.partial(run.main, TASK)
 
 
 if __name__ == "__main__":
