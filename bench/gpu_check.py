@@ -29,8 +29,8 @@ machine returns no more):
 While the tests run, worker processes compile the Triton specialisations that stages 3 to 6
 need (TRITON's on-disk cache is shared), so that the later stages find them compiled.
 
---quick keeps the env stage, the cuda tests of conv/BN, attention, the captured step, the backend and
-the edge values, the attention56 step
+--quick keeps the env stage, the cuda tests of conv/BN, attention, the captured step, the backend,
+the edge values and NCCL in the captured step, the attention56 step
 at batch 64 and the first three conv_bn_relu shapes. --dry-run runs every stage on the CPU: the interpret backend
 for tests, step and kernels on tiny shapes, the numpy backend for a few training steps on a
 synthetic dataset; it times nothing and is what CI runs (tests/test_bench.py).
@@ -112,7 +112,7 @@ LOADER_IMAGES, LOADER_BATCH, LOADER_WORKERS = 1536, 256, (1, 16)
 KERNEL_MODEL, KERNEL_BATCH, QUICK_LAYERS = "attention92", 64, 3
 #: Cuda tests of --quick, and the files the sanitizer runs.
 QUICK_TESTS = ["tests/test_conv_bn_kernels.py", "tests/test_attention_kernels.py", "tests/test_graph.py",
-               "tests/test_backend.py", "tests/test_edge_values.py"]
+               "tests/test_backend.py", "tests/test_edge_values.py", "tests/test_distributed.py"]
 SANITIZED_TESTS = {"memcheck": ["tests/test_pool_resize_kernels.py", "tests/test_attention_kernels.py",
                                  "tests/test_conv_bn_kernels.py"],
                    # Shared memory is what racecheck watches: the tiled matrix products of the convs.

@@ -27,6 +27,7 @@ one process dies; :class:`Watchdog` covers the rest (a rank that hangs, a launch
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -104,6 +105,17 @@ class World:
         total = np.empty_like(values)
         self.comm.Allreduce(values, total, op=MPI.SUM)
         return total
+
+    @contextlib.contextmanager
+    def local_first(self):
+        """A block that the first rank of each machine runs before the machine's other ranks start
+        it: a download or a cache written once per disk, then read by the rest. An error in the
+        first rank leaves the others waiting: it must stop the job (World.abort)."""
+        if self.distributed and self.local_rank != 0:
+            self._local.Barrier()
+        yield
+        if self.distributed and self.local_rank == 0:
+            self._local.Barrier()
 
     def agree(self, value: str, what: str):
         """RuntimeError on every rank unless every rank passes the same ``value`` (a description of

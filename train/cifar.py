@@ -43,7 +43,8 @@ two eager warm-up steps (ra_kernels/steps.py; ``--no-cuda-graph`` turns that off
 loss and SGD (docs/design.md §8); a resumed run keeps its precision.
 
 Exit codes: 0 done; 1 the loss became NaN or Inf; 2 bad usage, or data or a
-checkpoint that cannot be read; 130 stopped by Ctrl-C.
+checkpoint that cannot be read; 3 (under mpirun) a rank failed or hung; 130 stopped by
+Ctrl-C or SIGTERM. ``mpirun -n N`` trains with N processes (train/run.py, docs/design.md §10).
 """
 import argparse
 import functools
@@ -51,6 +52,7 @@ import math
 import sys
 from pathlib import Path
 
+from ra_kernels import distributed
 from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels
 from ra_kernels.models import MODELS, ResidualAttentionNet
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES
@@ -77,7 +79,8 @@ class Cifar(run.Task):
         return args.dataset
 
     def training_data(self, args, shard):
-        data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+        with distributed.world().local_first():  # under mpirun, one download per machine
+            data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
         num_classes = len(data.class_names)
         train_images, train_labels = data.train_images[:args.limit_train], data.train_labels[:args.limit_train]
         test_images, test_labels = data.test_images[:args.limit_test], data.test_labels[:args.limit_test]
