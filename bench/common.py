@@ -28,6 +28,8 @@ import numpy as np
 from ra_kernels import backend, models
 
 REPO = Path(__file__).resolve().parent.parent
+#: Where the CIFAR-10 subset is looked for: a copy carried to the GPU machine, then the shared one.
+CIFAR_SUBSET_CANDIDATES = (REPO / "data" / "cifar10-subset", REPO.parent / "shared" / "data" / "cifar10-subset")
 
 #: The benchmarks' models: CIFAR-10 images (32x32) and classes.
 IMAGE_SIZE, NUM_CLASSES = 32, 10
@@ -67,6 +69,15 @@ def import_torch(required: bool):
                                "pip install -e '.[bench]'") from None
         return None
     return torch
+
+
+def find_cifar_subset(given=None) -> Path | None:
+    """The folder holding the CIFAR-10 subset's cifar-10-batches-py: ``given``, else the first of
+    CIFAR_SUBSET_CANDIDATES that has it; None when there is none."""
+    for candidate in ([Path(given)] if given else list(CIFAR_SUBSET_CANDIDATES)):
+        if (candidate / "cifar-10-batches-py").is_dir() or candidate.name == "cifar-10-batches-py":
+            return candidate
+    return None
 
 
 def build_model(name: str, dry_run: bool, seed: int = 0):

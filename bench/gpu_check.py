@@ -74,9 +74,6 @@ ACCURACY_TOLERANCE = 0.10
 #: (issue 14: its accuracy within seed noise of float32's).
 TRAIN_PRECISIONS = ("tf32", "bf16")
 
-#: Where the CIFAR-10 subset is looked for: a copy carried to the GPU machine, then the shared one.
-DATA_CANDIDATES = (REPO / "data" / "cifar10-subset", REPO.parent / "shared" / "data" / "cifar10-subset")
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -239,13 +236,6 @@ def write_synthetic_cifar10(directory: Path, n_train: int, n_test: int, rng) -> 
     return directory
 
 
-def find_data(given) -> Path | None:
-    for candidate in ([Path(given)] if given else list(DATA_CANDIDATES)):
-        if (candidate / "cifar-10-batches-py").is_dir() or candidate.name == "cifar-10-batches-py":
-            return candidate
-    return None
-
-
 def train_command(args, data_dir: Path, out_dir: Path) -> list:
     common_options = ["--model", "attention56", "--data-dir", str(data_dir), "--no-download", "--seed", "0",
                       "--out", str(out_dir), "--log-every", "20"]
@@ -281,7 +271,7 @@ def stage_train(args) -> dict:
     if args.dry_run:
         data_dir = write_synthetic_cifar10(args.work / "synthetic", 40, 16, np.random.default_rng(0))
     else:
-        data_dir = find_data(args.data)
+        data_dir = common.find_cifar_subset(args.data)
         if data_dir is None:
             return dict(ok=False, line="no CIFAR-10 subset: copy ../shared/data/cifar10-subset to data/ and carry "
                                        "'data' (bench/README.md)")

@@ -36,8 +36,7 @@ CLASSES = 8
 def source_images(count, rng, data_dir=None):
     """``count`` uint8 RGB images (H, W, 3) and their origin in words: CIFAR-10 photographs from
     ``data_dir`` (or the usual places), else smooth random fields."""
-    from .gpu_check import find_data
-    found = find_data(data_dir)
+    found = common.find_cifar_subset(data_dir)
     if found is not None:
         from ra_kernels.data import load_cifar
         images = load_cifar("cifar10", found, download=False).train_images

@@ -32,7 +32,6 @@ import os
 import sys
 import threading
 import time
-import zlib
 
 import numpy as np
 
@@ -117,23 +116,14 @@ class World:
         if self.distributed and self.local_rank == 0:
             self._local.Barrier()
 
-    def agree(self, value: str, what: str):
-        """RuntimeError on every rank unless every rank passes the same ``value`` (a description of
-        what must not differ between the ranks: the data, the options), naming ``what``."""
+    def disagreeing(self, value):
+        """None when every rank passes the same ``value`` (what must not differ between the ranks:
+        the options, the data, a checksum of the model), else (the first rank whose value differs
+        from rank 0's, its value, rank 0's value). Every rank gets the same answer."""
         if not self.distributed:
-            return
+            return None
         values = self.comm.allgather(value)
-        differ = [rank for rank, v in enumerate(values) if v != values[0]]
-        if differ:
-            raise RuntimeError(f"the ranks disagree on {what}: rank 0 has {values[0]}, rank {differ[0]} has "
-                               f"{values[differ[0]]}")
-
-    def same(self, arrays) -> bool:
-        """Whether this rank's host ``arrays`` hold the bits of rank 0's (a CRC of each, compared)."""
-        if not self.distributed:
-            return True
-        crcs = [zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for a in arrays]
-        return self.comm.bcast(crcs, root=0) == crcs
+        return next(((rank, v, values[0]) for rank, v in enumerate(values) if v != values[0]), None)
 
     def gather_host(self, values) -> np.ndarray | None:
         """The host arrays ``values`` of every rank stacked in rank order, on rank 0 (None on the others)."""

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -433,7 +434,10 @@ class Run:
         self._estimates_left = 2 if self.backend == "cuda" else 1
         if checkpoint is not None:
             self._restore(checkpoint)
-        self._agree(self._description(), "the run (options other than --data-dir, data, classes, position)")
+        differ = self.world.disagreeing(self._description())
+        if differ is not None:
+            raise UsageError(f"the ranks disagree on the run (options other than --data-dir, data, classes, "
+                             f"position): rank 0 has {differ[2]}, rank {differ[0]} has {differ[1]}")
         self._session_start, self._seconds_before = time.perf_counter(), self.position["seconds"]
 
     def _description(self):
@@ -441,13 +445,6 @@ class Run:
         options = {k: v for k, v in vars(self.args).items() if k != "data_dir"}  # data may be on local disks
         return json.dumps([options, list(self.class_names), self.train_loader.count, self.test_loader.count,
                            self.position], sort_keys=True, default=str)
-
-    def _agree(self, value, what):
-        """UsageError on every rank unless every rank has the same ``value``."""
-        try:
-            self.world.agree(value, what)
-        except RuntimeError as error:
-            raise UsageError(str(error)) from None
 
     def _restore(self, checkpoint):
         meta = checkpoint.meta
@@ -671,8 +668,9 @@ class Run:
             self.best = dict(epoch=row["epoch"], test_accuracy=test_accuracy, test_loss=test_loss)
         p["epoch"], p["batch"] = p["epoch"] + 1, 0
         if self.world.distributed:  # the ranks' models must hold the same bits: a broken exchange would not
-            state = [backend.to_numpy(a) for a in (self.optimizer.flat_params, self.data_parallel.flat_statistics)]
-            if self.world.any(not self.world.same(state)):
+            crcs = [zlib.crc32(backend.to_numpy(a).view(np.uint8))
+                    for a in (self.optimizer.flat_params, self.data_parallel.flat_statistics)]
+            if self.world.disagreeing(crcs) is not None:
                 raise RuntimeError(f"after epoch {p['epoch']} the ranks' models differ: the gradient exchange is "
                                    f"not giving every rank the same bits")
         self.save()
