@@ -382,41 +382,60 @@ def _imagenet56(variant, seed):
     return models.imagenet_attention56(num_classes=5, **variant, seed=seed), 64
 
 
+def _float64_step(model, x, labels):
+    """One training step's logits, loss, parameter gradients, and parameters and running statistics
+    after it (numpy backend, float64), copied, keyed by name."""
+    for p in model.parameters():
+        p.grad = None
+    logits = model(Tensor(x))
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    out = {"logits": logits.data, "loss": loss.data, **model.state_dict()}
+    out.update((f"grad {name}", p.grad) for name, p in model.named_parameters())
+    return {name: np.array(value) for name, value in out.items()}
+
+
 @pytest.mark.parametrize("network, variant", [(_tiny_cifar, dict()), (_tiny_cifar, dict(residual_attention=False)),
                                               (_tiny_cifar, dict(attention="channel")),
                                               (_tiny_cifar, dict(attention="spatial")), (_imagenet56, dict())],
                          ids=["ARL", "NAL", "channel", "spatial", "imagenet56"])
 def test_torch_model_gives_our_logits_gradients_and_statistics(torch, rng, network, variant):
     """float64 on both sides (our numpy backend, PyTorch on the CPU), training mode, same weights and
-    batch. The two differ only in summation order, so they agree to ~1e-13 of each array's scale
-    (measured: at most 4e-11 on a gradient of the naive variant, which shrinks signals that batch
-    norm scales back up); 1e-9 leaves room and still catches any difference in the computation.
-    The whole ImageNet Attention-56 at 64x64 too: its 7x7 stem, Caffe's ceil-mode pools, 2048
-    channels."""
+    batch. The two differ only in summation order, so they agree to float64 rounding as this
+    instance carries it. Mostly that is ~1e-12 of each array's scale, but some instances carry it
+    much further: in the tiny network a mask head's position where one ReLU alone is on, with a
+    small value v, sends its feature a gradient that is exactly zero (the channel or spatial
+    normalisation after it does not see that feature's scale), computed as rounding of size
+    1/v; that noise reaches the mask branch's batch-norm gradients, and 3 draws in 1,100 of the
+    channel variant were 1.4e-9 to 2.3e-9 apart (one CI failure at the fixed bound 1e-9). So a
+    yardstick measures the instance: the largest difference between our step and our step on the
+    input moved by one ulp, over three moves; each array must agree within 1e-9 + 8 x that.
+    On those 3 draws the twin's difference was 0.2 to 2.3 x the yardstick. Any difference in the
+    computation is orders of magnitude beyond both. The whole ImageNet Attention-56 at 64x64 too:
+    its 7x7 stem, Caffe's ceil-mode pools, 2048 channels."""
     from bench import torch_model
 
     model, image = network(variant, int(rng.integers(1 << 30)))
     model = model.astype(np.float64)
     net = torch_model.from_ours(model)
+    initial = {name: value.copy() for name, value in model.state_dict().items()}
     x, labels = rng.standard_normal((3, image, image, 3)), rng.integers(0, 5, 3)
-    logits = model(Tensor(x))
-    loss = F.cross_entropy(logits, labels)
-    loss.backward()
+    ours = _float64_step(model, x, labels)
+    yardstick = dict.fromkeys(ours, 0.0)
+    for _ in range(3):
+        moved = _float64_step(model.load_state_dict(initial), x * (1 + np.finfo(np.float64).eps
+                                                                    * rng.choice([-1.0, 1.0], x.shape)), labels)
+        yardstick = {name: max(yardstick[name], common.relative_error(moved[name], ours[name])) for name in ours}
     torch_logits = net(torch_model.to_torch(torch.from_numpy(x), "nhwc"))
     torch_loss = torch.nn.functional.cross_entropy(torch_logits, torch.from_numpy(labels))
     torch_loss.backward()
-
-    def check(name, ours, theirs):
-        assert common.relative_error(ours, theirs) <= 1e-9, name
-
-    check("logits", logits.data, torch_logits.detach().numpy())
-    check("loss", loss.data, torch_loss.detach().numpy())
     grads, state = torch_model.as_ours(net, "grad"), torch_model.as_ours(net)
     assert set(grads) == {n for n, _ in model.named_parameters()} and set(state) == set(model.state_dict())
-    for name, p in model.named_parameters():
-        check(f"grad {name}", p.grad, grads[name])
-    for name, value in model.state_dict().items():  # parameters, and the running statistics just updated
-        check(name, value, state[name])
+    theirs = {"logits": torch_logits.detach().numpy(), "loss": torch_loss.detach().numpy(), **state,
+              **{f"grad {name}": value for name, value in grads.items()}}
+    for name in ours:  # parameters, and the running statistics just updated, too
+        error, bound = common.relative_error(ours[name], theirs[name]), 1e-9 + 8 * yardstick[name]
+        assert error <= bound, f"{name}: {error:.2e} from PyTorch, past {bound:.2e} (yardstick {yardstick[name]:.2e})"
 
 
 def test_torch_model_refuses_a_state_that_does_not_fit(torch):
