@@ -8,8 +8,10 @@ import triton.language as tl
 from triton.runtime import interpreter
 
 import reference
+from reference._windows import windows
 from ra_kernels import backend, launch, models, npzfile
 from ra_kernels import functional as F
+from ra_kernels import autograd
 from ra_kernels.autograd import Tensor
 from ra_kernels.models import AttentionModule
 from ra_kernels.nn import BatchNorm2d, Conv2d, ConvBnRelu, Linear
@@ -72,7 +74,7 @@ def test_summary_lists_layers_params_and_mult_adds():
 
 
 @contextlib.contextmanager
-def _kinks(monkeypatch, relu_masks=None):
+def _kinks(monkeypatch, relu_masks=None, pool_winners=None):
     """Record the branches a forward takes at the network's kinks, in call order.
 
     Yields a dict: ``masks``, the side of zero of each ReLU input of batch_norm, conv_bn_relu
@@ -87,8 +89,11 @@ def _kinks(monkeypatch, relu_masks=None):
     (``attention_mix(mask, z, residual=False, from_logits=False)`` is mask * z), so that both
     forwards differentiate the same piece of the piecewise-smooth network. ``forced`` then
     holds, per ReLU, the largest |pre-activation| / std where the mask contradicted its sign.
+    Given the ``pool_winners`` of another forward, each max-pool window passes on that tap instead
+    of its own maximum (and its gradient goes there), and ``forced_pools`` holds, per max-pool, the
+    largest (window maximum - value passed on) / std of its input.
     """
-    kinks = dict(masks=[], winners=[], forced=[])
+    kinks = dict(masks=[], winners=[], forced=[], forced_pools=[])
 
     def relu_side(op, relu_by_default):
         def recorded(*args, **kwargs):
@@ -103,7 +108,7 @@ def _kinks(monkeypatch, relu_masks=None):
             mask = relu_masks[len(kinks["forced"])]
             pre = backend.to_numpy(z.data)
             against = mask != (pre > 0)
-            kinks["forced"].append(np.abs(pre[against]).max(initial=0) / pre.std())
+            kinks["forced"].append(np.abs(pre[against]).max(initial=0) / (pre.std() or 1.0))  # 1: a constant input
             gate = Tensor(backend.asarray(mask.astype(pre.dtype)))
             return F.attention_mix(gate, z, residual=False, from_logits=False)
         return recorded
@@ -130,9 +135,25 @@ def _kinks(monkeypatch, relu_masks=None):
         return y if skip is None else F.add(y, skip)
 
     def pool_winner(x, kernel_size=3, stride=2, padding=1):
-        _, (argmax, *_) = reference.max_pool2d(backend.to_numpy(x.data), kernel_size, stride, padding)
+        window_max, (argmax, *_) = reference.max_pool2d(backend.to_numpy(x.data), kernel_size, stride, padding)
         kinks["winners"].append(argmax)
-        return max_pool2d(x, kernel_size, stride, padding)
+        if pool_winners is None:
+            return max_pool2d(x, kernel_size, stride, padding)
+        winners = pool_winners[len(kinks["forced_pools"])]
+
+        def max_pool_at_winners(x, kernel_size, stride, padding, ceil_mode=False):
+            # (N, OH, OW, KH, KW, C) taps -> the tap each window's winner names
+            taps = windows(x, (kernel_size, kernel_size), stride, padding, pad_value=-np.inf, ceil_mode=ceil_mode)
+            taps = taps.reshape(*taps.shape[:3], kernel_size * kernel_size, taps.shape[-1])
+            y = np.take_along_axis(taps, winners[:, :, :, None, :].astype(np.intp), axis=3)[:, :, :, 0]
+            return y, (winners, x.shape, kernel_size, stride, padding)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(reference, "max_pool2d", max_pool_at_winners)
+            out = max_pool2d(x, kernel_size, stride, padding)
+        kinks["forced_pools"].append(float((window_max - backend.to_numpy(out.data)).max())
+                                     / (backend.to_numpy(x.data).std() or 1.0))
+        return out
 
     batch_norm, conv_bn_relu, conv_chain, max_pool2d = F.batch_norm, F.conv_bn_relu, F.conv_chain, F.max_pool2d
     with monkeypatch.context() as patch:
@@ -143,10 +164,10 @@ def _kinks(monkeypatch, relu_masks=None):
         yield kinks
 
 
-def _outputs(model, x, labels, monkeypatch, relu_masks=None):
+def _outputs(model, x, labels, monkeypatch, relu_masks=None, pool_winners=None):
     """Logits, loss, every parameter gradient and every buffer after one training step, as
     float64 host arrays keyed by name; and the forward's kinks (see ``_kinks``)."""
-    with _kinks(monkeypatch, relu_masks) as kinks:
+    with _kinks(monkeypatch, relu_masks, pool_winners) as kinks:
         logits = model(Tensor(backend.asarray(x)))
     loss = F.cross_entropy(logits, backend.asarray(labels))
     loss.backward()
@@ -228,23 +249,83 @@ def _truncating_cast(cast_impl):
     return cast
 
 
+def _unsaturated_state(variant, seed, x):
+    """The tiny network's state with its classifier scaled by a power of two so that the float64
+    eval-mode logits of x lie within +-2. With batch norm on its initial running statistics
+    (mean 0, variance 1), eval mode normalises nothing and activations grow through the residual
+    stack: logits reached hundreds, the softmax saturated, and the gradients, of size
+    exp(-logit gap), moved by exp(absolute logit error): 300% from float64 on one draw. Running
+    statistics taken from the batch instead would normalise, but then a deep channel's variance
+    over 8 values can be tiny beside its mean, and bfloat16's rounding of x - mean is amplified
+    without bound."""
+    with backend.use_backend("numpy"):
+        model = tiny(**variant, seed=seed)
+        state = model.state_dict()
+        logits = model.astype(np.float64).eval()(Tensor(x.astype(np.float64))).data
+    scale = 2.0 ** -max(0, int(np.ceil(np.log2(np.abs(logits).max() / 2))))
+    return dict(state, **{k: state[k] * np.float32(scale) for k in ("classifier.weight", "classifier.bias")})
+
+
+@contextlib.contextmanager
+def _bfloat16_stores(monkeypatch):
+    """Round to nearest bfloat16, as the bf16 kernels' stores do, every activation (NHWC, 4-D) an
+    op returns and every activation gradient its backward passes on to another op, while the
+    arithmetic stays what the backend does (float64 on numpy). Parameter gradients (to leaves) stay
+    unrounded, as the kernels keep them in float32. The op boundaries are not exactly the kernels'
+    stores (a fused chain stores inside one op), but the roundings are of the same number and size."""
+    def rounded(a):
+        return a.astype(backend.BFLOAT16).astype(a.dtype)
+
+    def rounding_backward(function, inputs):
+        def backward(ctx, *grad_outputs):
+            grads = function.backward(ctx, *grad_outputs)
+            for tensor, g in zip(inputs, grads if isinstance(grads, tuple) else (grads,)):
+                if g is not None and tensor is not None and tensor.node is not None and g.ndim == 4:
+                    g[...] = rounded(g)  # in place: the engine knows a gradient added into its buffer by identity
+            return grads
+        return type(function.__name__, (function,), dict(backward=staticmethod(backward)))
+
+    apply = autograd.Function.apply.__func__
+
+    def rounding_apply(cls, *args, **kwargs):
+        outputs = apply(cls, *args, **kwargs)
+        for out in outputs if isinstance(outputs, tuple) else (outputs,):
+            if out.ndim == 4 and np.issubdtype(out.dtype, np.floating):
+                out.data = rounded(out.data)
+            if out.node is not None and not hasattr(out.node.function, "rounds_stores"):
+                out.node.function = rounding_backward(out.node.function, out.node.inputs)
+                out.node.function.rounds_stores = True
+        return outputs
+
+    with monkeypatch.context() as patch:
+        patch.setattr(autograd.Function, "apply", classmethod(rounding_apply))
+        yield
+
+
 def _bfloat16_errors(variant, rng, monkeypatch):
     """One eval-mode step of the tiny network (16x16, batch 2) with bfloat16 activations on the
     interpret kernels, and the same step in float64 on the numpy backend. Returns, for the logits
     and for every parameter gradient together, (the kernels' relative L2 error against float64, the
-    yardstick's: the float64 step with the conv and linear weights rounded to bfloat16); and for
-    the loss, (its error, the bound its logits' errors allow)."""
+    yardstick's: the float64 step with the weights rounded to bfloat16 and every activation and
+    activation gradient rounded where an op stores it, ``_bfloat16_stores``); for the loss, (its
+    error, the bound its logits' errors allow); and under ``kinks``, the farthest float64 had to be
+    moved to the kernels' side of a ReLU or max-pool window, in stds of its input."""
     seed = int(rng.integers(1 << 30))
-    state = tiny(**variant, seed=seed).state_dict()
     x = rng.standard_normal((2, 16, 16, 3)).astype(backend.BFLOAT16).astype(np.float32)  # the input cast: exact
     labels = rng.integers(0, 5, 2)
+    state = _unsaturated_state(variant, seed, x)
     rounded = {k: v.astype(backend.BFLOAT16).astype(np.float32) if k.endswith("weight") else v
                for k, v in state.items()}
     with backend.use_precision("bf16"):
-        kernels, _ = _outputs(tiny(**variant).load_state_dict(state).eval(), x, labels, monkeypatch)
+        kernels, kinks = _outputs(tiny(**variant).load_state_dict(state).eval(), x, labels, monkeypatch)
     with backend.use_backend("numpy"):
-        truth, yardstick = (_outputs(tiny(**variant).load_state_dict(s).astype(np.float64).eval(),
-                                     x.astype(np.float64), labels, monkeypatch)[0] for s in (state, rounded))
+        def float64_step(state):
+            return _outputs(tiny(**variant).load_state_dict(state).astype(np.float64).eval(), x.astype(np.float64),
+                            labels, monkeypatch, kinks["masks"], kinks["winners"])
+
+        truth, truth_kinks = float64_step(state)
+        with _bfloat16_stores(monkeypatch):
+            yardstick, _ = float64_step(rounded)
     groups = {"logits": ["logits"], "gradients": [k for k in truth if k.startswith("grad ")]}
 
     def error(side, keys):
@@ -256,12 +337,34 @@ def _bfloat16_errors(variant, rng, monkeypatch):
     logits_change = np.abs(kernels["logits"] - truth["logits"]).max()
     errors["loss"] = (abs(float(kernels["loss"] - truth["loss"])),
                       2 * logits_change + 1e-6 * np.abs(truth["logits"]).max())
+    errors["kinks"] = max(truth_kinks["forced"] + truth_kinks["forced_pools"])
     return errors
 
 
 #: The bfloat16 network's logits and gradients are within BF16_FACTOR x max(yardstick, BF16_U) of
-#: float64 (relative L2).
-BF16_FACTOR = 5.0
+#: float64 (relative L2). Measured 2026-12-03 with these functions over chosen seeds: correct
+#: kernels 0.73-1.53x (logits) and 0.72-1.63x (gradients) over 31 draws of all four attention
+#: variants; truncating stores 8.5-52x and 8.7-42x over 10 draws.
+BF16_FACTOR = 3.0
+#: Where float64 is made to take the bfloat16 kernels' side of a ReLU or a max-pool window, it was
+#: at most 0.48 of its input's std from the kink over 51 draws (bfloat16 moves a pre-activation by
+#: about 2**-9 of the terms summed into it, which can be many times its std): a kernel that
+#: computes something else contradicts float64 by whole stds.
+BF16_KINK = 1.0
+
+
+def _check_bfloat16(errors):
+    """The bounds of test_tiny_network_in_bfloat16_against_float64 on ``_bfloat16_errors``."""
+    assert errors["kinks"] <= BF16_KINK, \
+        f"a ReLU or max-pool of the kernels contradicts float64 {errors['kinks']:.1e} std from its kink"
+    error, bound = errors["loss"]
+    print(f"loss: kernels {error:.1e}, bound from the logits {bound:.1e}")
+    assert error <= bound, f"loss: bfloat16 kernels {error:.2e} from float64, past {bound:.2e}"
+    for group in ("logits", "gradients"):
+        error, yardstick = errors[group]
+        bound = BF16_FACTOR * max(yardstick, BF16_U)
+        print(f"{group}: kernels {error:.1e}, yardstick {yardstick:.1e}, bound {bound:.1e}")
+        assert error <= bound, f"{group}: bfloat16 kernels {error:.2e} from float64, past {bound:.2e}"
 
 
 def test_tiny_network_in_bfloat16_against_float64(triton_backend, rng, monkeypatch):
@@ -269,13 +372,25 @@ def test_tiny_network_in_bfloat16_against_float64(triton_backend, rng, monkeypat
     parameter gradients, against float64 from the same (bfloat16) input and float32 weights.
 
     The bound is relative to what bfloat16 does to this network. One rounding is BF16_U = 2**-8;
-    how far it carries depends on the instance, so a yardstick measures it: the float64 step with
-    every weight rounded to bfloat16 once. The kernels round every stored activation as well (some
-    40 on the longest path, of random sign), and came out 0.9-3.7x the yardstick over 12 cases
-    (3 seeds x 4 variants; logits 3.7e-3 to 1.8e-2, gradients 0.1 to 0.57 relative L2): hence
-    BF16_FACTOR x max(yardstick, BF16_U). The loss is held to what its logits allow: a relative
-    bound would not do, since a confident network's loss is near zero and its relative error
-    large (one draw: 1.0 for the kernels, 0.18 for the yardstick).
+    how far it carries depends on the instance, so a yardstick measures it: the same float64 step
+    with bfloat16's roundings put in (the weights, and every activation and activation gradient an
+    op stores, rounded to nearest: ``_bfloat16_stores``). Correct kernels differ from it only in
+    float32 arithmetic and in where exactly a fused kernel stores, and came out 0.7-1.6x of it
+    (see BF16_FACTOR): hence BF16_FACTOR x max(yardstick, BF16_U). The loss is held to what its
+    logits allow: a relative bound would not do, since a confident network's loss is near zero
+    and its relative error large.
+
+    Two things made this test fail 1 run in 8 (CI-like runs, 2026-12-02; seed 4236520348: the
+    gradients 2.75 from float64, relative L2, against a bound of 0.89) and a third made it
+    fragile; all are now controlled. Kinks: bfloat16 puts ReLU inputs and max-pool near-ties (bfloat16 ties exactly)
+    on the other side from float64, and each such element moves a gradient by a whole dy; so both
+    float64 steps take the kernels' ReLU sides and max-pool winners (``_kinks``), and the kernels
+    are checked to lie within BF16_KINK of each kink they were given. Saturation: the logits of
+    this untrained eval-mode network reached hundreds (see ``_unsaturated_state``). The yardstick:
+    it used to round the weights alone, and the kernels' 40-odd roundings of activations on the
+    longest path made them 0.6-4.1x of it over 29 draws, too wide a spread for a bound of 5x
+    (in the deep layers, whose gradients here are a few 1e-4 of the total, one draw was ~100%
+    off for the kernels and 20-30% for the weights-only yardstick).
 
     Batch norm runs on its running statistics (eval mode), as bench.step's dry run does: in
     training mode, at these sizes (2 images, the deepest batch norms over 8 values), rounding the
@@ -283,35 +398,30 @@ def test_tiny_network_in_bfloat16_against_float64(triton_backend, rng, monkeypat
     step's gradients here are not a well-conditioned function of anything bfloat16 rounds, and no
     bound would mean much. The training kernels in bfloat16 are held one by one against float64
     (test_conv_bn_kernels.py, test_pool_resize_kernels.py, test_attention_kernels.py: statistics
-    and sums in float32 within float32 bounds), and captured against eager in
-    test_graph.py. The gradients' bound is loose for the same reason (their yardstick 0.07-0.33);
-    the logits carry the test: a biased rounding of every store fails it by 5x or more
+    and sums in float32 within float32 bounds), and captured against eager in test_graph.py. A
+    biased rounding of every store fails this check
     (test_a_biased_bfloat16_rounding_fails_the_network_check).
 
     The mixed-attention (ARL) network only: NAL, channel and spatial attention passed the same bound
-    (measured above) but cost 40 s each in the interpreter, and what they add, their own kernels in
+    (see BF16_FACTOR) but cost 40 s each in the interpreter, and what they add, their own kernels in
     bfloat16, is held kernel by kernel (test_attention_kernels.py)."""
-    errors = _bfloat16_errors({}, rng, monkeypatch)
-    error, bound = errors.pop("loss")
-    print(f"loss: kernels {error:.1e}, bound from the logits {bound:.1e}")
-    assert error <= bound, f"loss: bfloat16 kernels {error:.2e} from float64, past {bound:.2e}"
-    for group, (error, yardstick) in errors.items():
-        bound = BF16_FACTOR * max(yardstick, BF16_U)
-        print(f"{group}: kernels {error:.1e}, yardstick {yardstick:.1e}, bound {bound:.1e}")
-        assert error <= bound, f"{group}: bfloat16 kernels {error:.2e} from float64, past {bound:.2e}"
+    _check_bfloat16(_bfloat16_errors({}, rng, monkeypatch))
 
 
 def test_a_biased_bfloat16_rounding_fails_the_network_check(rng, monkeypatch):
     """The check above can fail: with every bfloat16 store truncated instead of rounded to nearest,
-    the logits were 0.15-0.18 off (relative L2, 4 variants) where the bound is about 2-3e-2."""
+    the logits came out 8.5-52x their yardstick and the gradients 8.7-42x over 10 draws
+    (BF16_FACTOR is 3; correct kernels gave at most 1.5x and 1.6x). This used to demand twice the
+    bound on the logits alone, which 2 runs in 8 missed: it now asks only what it says, that the
+    check fails."""
     with backend.use_backend("interpret"):
         launch._fix_interpreter_bfloat16()  # mended first, so that the mutation replaces the mend
         monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl",
                             _truncating_cast(interpreter.InterpreterBuilder.cast_impl))
         errors = _bfloat16_errors({}, rng, monkeypatch)
     print(errors)
-    error, yardstick = errors["logits"]
-    assert error > 2 * BF16_FACTOR * max(yardstick, BF16_U), errors
+    with pytest.raises(AssertionError):
+        _check_bfloat16(errors)
 
 
 # --------------------------------------------------------------------------- the ImageNet networks
