@@ -488,7 +488,8 @@ def run_child(args) -> int:
     except Exception as error:
         import traceback
         traceback.print_exc()
-        result = dict(ok=False, line=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300])
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        result = dict(ok=False, line=f"{type(error).__name__}: {first_line}"[:300])
     args.result.write_text(json.dumps(result, default=str))
     return 0 if result["ok"] else 1
 

@@ -384,7 +384,8 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, resi
             raise ValueError(f"{op}: layer {i} must be (w, stride, padding, bn), got {layer!r}")
         w, stride, padding, bn = layer
         _check_array(op, f"layer {i} w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype, activation=False)
-        stride, padding = _check_int(op, f"layer {i} stride", stride, 1), _check_int(op, f"layer {i} padding", padding, 0)
+        stride = _check_int(op, f"layer {i} stride", stride, 1)
+        padding = _check_int(op, f"layer {i} padding", padding, 0)
         kh, kw, cin, cout = _data(w).shape
         if cin != channels:
             raise ValueError(f"{op}: layer {i} w (KH, KW, Cin, Cout) = {tuple(_data(w).shape)} expects Cin = {cin}, "

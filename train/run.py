@@ -567,8 +567,8 @@ class Run:
             try:
                 # NumPy's floating-point warnings are silenced: a diverging run would print them at
                 # every op, while the loss check reports the divergence once, clearly.
-                with StopOnInterrupt(quiet=not self.leader) as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
-                        watchdog:
+                quiet_numpy = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+                with StopOnInterrupt(quiet=not self.leader) as stop, quiet_numpy, watchdog:
                     self._beat = watchdog.beat if world.distributed else None
                     while self.position["epoch"] < self.args.epochs:
                         if self.position["batch"] < self.batches_per_epoch and not self._train_epoch(stop, after_step):
