@@ -175,9 +175,10 @@ def attention_mix(mask_logits, trunk, residual=True, from_logits=True):
     """(1 + M) * t, or M * t when residual=False, M = sigmoid(m) (or m itself when not
     ``from_logits``); one kernel, M never stored.
 
-    Saves (m, t). Moves 12 B per element (read m and t, write y). Storing s for the backward would add a 4 B write here (16 B, +33%)
-    and a buffer of the activation's size, and save nothing later: the backward reads m
-    or s, 4 B either way, and the exp it recomputes is free in a memory-bound kernel.
+    Saves (m, t). Moves 12 B per element (read m and t, write y). Storing s for the backward would
+    add a 4 B write here (16 B, +33%) and a buffer of the activation's size, and save nothing
+    later: the backward reads m or s, 4 B either way, and the exp it recomputes is free in a
+    memory-bound kernel.
     """
     if mask_logits.shape != trunk.shape:
         raise ValueError(f"attention_mix: shapes differ: mask_logits {mask_logits.shape}, trunk {trunk.shape}")
@@ -318,7 +319,8 @@ def spatial_attention_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, n_hw, C, eps,
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for hw_start in range(0, n_hw, BLOCK_P):
         offs, mask = _hw_tile(sample_base, hw_start, ch, ch_in, n_hw, C, BLOCK_P)
-        deviation = tl.where(mask, tl.load(x_ptr + offs, mask=mask).to(tl.float32) - mean[None, :], 0.0) * inv_p[None, :]
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        deviation = tl.where(mask, x - mean[None, :], 0.0) * inv_p[None, :]
         acc += deviation * deviation
     scaled_var = tl.div_rn(tl.sum(acc, axis=0), tl.cast(n_hw, tl.float32))
     rstd = inv_p * tl.div_rn(1.0, tl.sqrt_rn(scaled_var + eps * inv_p * inv_p))

@@ -6,7 +6,8 @@ both ops run the same arithmetic.
 
 Layouts (C-contiguous): x, y, dy, dx are (N, H, W, C), float32 or bfloat16 (computed in
 float32, kernels/storage.py), seen as M = N*H*W rows of C channels; gamma, beta,
-running_mean, running_var, dgamma, dbeta are (C,) float32, and so are the buffers below. Buffers passed between the kernels:
+running_mean, running_var, dgamma, dbeta are (C,) float32, and so are the buffers below.
+Buffers passed between the kernels:
 
 * ``partials`` (T, 2, C): one row per tile of ``TILE_M`` consecutive rows of x
   (T = cdiv(M, TILE_M)). Forward: the tile's mean and M2 (sum of squared
