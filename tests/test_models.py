@@ -88,12 +88,13 @@ def _kinks(monkeypatch, relu_masks=None, pool_winners=None):
     ReLU and its output is gated by the mask
     (``attention_mix(mask, z, residual=False, from_logits=False)`` is mask * z), so that both
     forwards differentiate the same piece of the piecewise-smooth network. ``forced`` then
-    holds, per ReLU, the largest |pre-activation| / std where the mask contradicted its sign.
-    Given the ``pool_winners`` of another forward, each max-pool window passes on that tap instead
-    of its own maximum (and its gradient goes there), and ``forced_pools`` holds, per max-pool, the
-    largest (window maximum - value passed on) / std of its input.
+    holds, per ReLU, the largest |pre-activation| / std where the mask contradicted its sign, and
+    ``pre`` the pre-activations themselves. Given the ``pool_winners`` of another forward, each
+    max-pool window passes on that tap instead of its own maximum (and its gradient goes there);
+    ``pool_inputs`` holds each max-pool's input and ``pool_gaps`` its window maxima less the values
+    passed on.
     """
-    kinks = dict(masks=[], winners=[], forced=[], forced_pools=[])
+    kinks = dict(masks=[], winners=[], forced=[], pre=[], pool_inputs=[], pool_gaps=[])
 
     def relu_side(op, relu_by_default):
         def recorded(*args, **kwargs):
@@ -109,6 +110,7 @@ def _kinks(monkeypatch, relu_masks=None, pool_winners=None):
             pre = backend.to_numpy(z.data)
             against = mask != (pre > 0)
             kinks["forced"].append(np.abs(pre[against]).max(initial=0) / (pre.std() or 1.0))  # 1: a constant input
+            kinks["pre"].append(pre)
             gate = Tensor(backend.asarray(mask.astype(pre.dtype)))
             return F.attention_mix(gate, z, residual=False, from_logits=False)
         return recorded
@@ -139,7 +141,7 @@ def _kinks(monkeypatch, relu_masks=None, pool_winners=None):
         kinks["winners"].append(argmax)
         if pool_winners is None:
             return max_pool2d(x, kernel_size, stride, padding)
-        winners = pool_winners[len(kinks["forced_pools"])]
+        winners = pool_winners[len(kinks["pool_gaps"])]
 
         def max_pool_at_winners(x, kernel_size, stride, padding, ceil_mode=False):
             # (N, OH, OW, KH, KW, C) taps -> the tap each window's winner names
@@ -151,8 +153,8 @@ def _kinks(monkeypatch, relu_masks=None, pool_winners=None):
         with monkeypatch.context() as patch:
             patch.setattr(reference, "max_pool2d", max_pool_at_winners)
             out = max_pool2d(x, kernel_size, stride, padding)
-        kinks["forced_pools"].append(float((window_max - backend.to_numpy(out.data)).max())
-                                     / (backend.to_numpy(x.data).std() or 1.0))
+        kinks["pool_inputs"].append(backend.to_numpy(x.data))
+        kinks["pool_gaps"].append(window_max - backend.to_numpy(out.data))
         return out
 
     batch_norm, conv_bn_relu, conv_chain, max_pool2d = F.batch_norm, F.conv_bn_relu, F.conv_chain, F.max_pool2d
@@ -308,8 +310,8 @@ def _bfloat16_errors(variant, rng, monkeypatch):
     and for every parameter gradient together, (the kernels' relative L2 error against float64, the
     yardstick's: the float64 step with the weights rounded to bfloat16 and every activation and
     activation gradient rounded where an op stores it, ``_bfloat16_stores``); for the loss, (its
-    error, the bound its logits' errors allow); and under ``kinks``, the farthest float64 had to be
-    moved to the kernels' side of a ReLU or max-pool window, in stds of its input."""
+    error, the bound its logits' errors allow); and under ``kinks``, how far float64 had to be
+    moved to the kernels' side of a ReLU or max-pool window (``_kink_reach``)."""
     seed = int(rng.integers(1 << 30))
     x = rng.standard_normal((2, 16, 16, 3)).astype(backend.BFLOAT16).astype(np.float32)  # the input cast: exact
     labels = rng.integers(0, 5, 2)
@@ -325,7 +327,7 @@ def _bfloat16_errors(variant, rng, monkeypatch):
 
         truth, truth_kinks = float64_step(state)
         with _bfloat16_stores(monkeypatch):
-            yardstick, _ = float64_step(rounded)
+            yardstick, yardstick_kinks = float64_step(rounded)
     groups = {"logits": ["logits"], "gradients": [k for k in truth if k.startswith("grad ")]}
 
     def error(side, keys):
@@ -337,8 +339,22 @@ def _bfloat16_errors(variant, rng, monkeypatch):
     logits_change = np.abs(kernels["logits"] - truth["logits"]).max()
     errors["loss"] = (abs(float(kernels["loss"] - truth["loss"])),
                       2 * logits_change + 1e-6 * np.abs(truth["logits"]).max())
-    errors["kinks"] = max(truth_kinks["forced"] + truth_kinks["forced_pools"])
+    errors["kinks"] = _kink_reach(kinks["masks"], truth_kinks, yardstick_kinks)
     return errors
+
+
+def _kink_reach(masks, truth, yardstick):
+    """How far float64 was forced onto the bfloat16 kernels' side of a ReLU (past zero) or a
+    max-pool window (below its maximum), the largest over the network, in units of how far
+    bfloat16's roundings move that op's input: the yardstick's largest difference from float64
+    there. ``truth`` and ``yardstick`` are the ``_kinks`` of the two float64 steps, both forced
+    onto the kernels' ``masks`` and winners, so their arrays match element for element."""
+    forced = [(np.abs(pre[mask != (pre > 0)]).max(initial=0), np.abs(rounded_pre - pre).max())
+              for mask, pre, rounded_pre in zip(masks, truth["pre"], yardstick["pre"])]
+    forced += [(gap.max(), np.abs(rounded_x - x).max())
+               for gap, x, rounded_x in zip(truth["pool_gaps"], truth["pool_inputs"], yardstick["pool_inputs"])]
+    with np.errstate(divide="ignore"):  # forced past a kink that no rounding moved: inf, and the check fails
+        return max((distance / reach if distance else 0.0 for distance, reach in forced), default=0.0)
 
 
 #: The bfloat16 network's logits and gradients are within BF16_FACTOR x max(yardstick, BF16_U) of
@@ -346,17 +362,20 @@ def _bfloat16_errors(variant, rng, monkeypatch):
 #: kernels 0.73-1.53x (logits) and 0.72-1.63x (gradients) over 31 draws of all four attention
 #: variants; truncating stores 8.5-52x and 8.7-42x over 10 draws.
 BF16_FACTOR = 3.0
-#: Where float64 is made to take the bfloat16 kernels' side of a ReLU or a max-pool window, it was
-#: at most 0.48 of its input's std from the kink over 51 draws (bfloat16 moves a pre-activation by
-#: about 2**-9 of the terms summed into it, which can be many times its std): a kernel that
-#: computes something else contradicts float64 by whole stds.
-BF16_KINK = 1.0
+#: Where float64 is made to take the bfloat16 kernels' side of a ReLU or a max-pool window, it is at
+#: most BF16_KINK x as far from the kink as bfloat16's roundings move that op's input
+#: (``_kink_reach``). Measured 2026-12-03: 0.51-1.67 over 32 draws of correct kernels (all four
+#: variants), and 1.7-3.0 with truncating stores (which the logits fail anyway). It was once in stds
+#: of the input: that reached 1.06 std on a draw (seed 3432512053, a serial CI-like run) whose
+#: yardstick was 7% off, where bfloat16 moves deep activations by whole stds, and 0.03 on
+#: well-conditioned draws.
+BF16_KINK = 4.0
 
 
 def _check_bfloat16(errors):
     """The bounds of test_tiny_network_in_bfloat16_against_float64 on ``_bfloat16_errors``."""
-    assert errors["kinks"] <= BF16_KINK, \
-        f"a ReLU or max-pool of the kernels contradicts float64 {errors['kinks']:.1e} std from its kink"
+    assert errors["kinks"] <= BF16_KINK, (f"a ReLU or max-pool of the kernels contradicts float64 "
+                                          f"{errors['kinks']:.2f}x as far from its kink as bfloat16 reaches")
     error, bound = errors["loss"]
     print(f"loss: kernels {error:.1e}, bound from the logits {bound:.1e}")
     assert error <= bound, f"loss: bfloat16 kernels {error:.2e} from float64, past {bound:.2e}"
@@ -381,16 +400,17 @@ def test_tiny_network_in_bfloat16_against_float64(triton_backend, rng, monkeypat
     and its relative error large.
 
     Two things made this test fail 1 run in 8 (CI-like runs, 2026-12-02; seed 4236520348: the
-    gradients 2.75 from float64, relative L2, against a bound of 0.89) and a third made it
-    fragile; all are now controlled. Kinks: bfloat16 puts ReLU inputs and max-pool near-ties (bfloat16 ties exactly)
-    on the other side from float64, and each such element moves a gradient by a whole dy; so both
-    float64 steps take the kernels' ReLU sides and max-pool winners (``_kinks``), and the kernels
-    are checked to lie within BF16_KINK of each kink they were given. Saturation: the logits of
-    this untrained eval-mode network reached hundreds (see ``_unsaturated_state``). The yardstick:
-    it used to round the weights alone, and the kernels' 40-odd roundings of activations on the
-    longest path made them 0.6-4.1x of it over 29 draws, too wide a spread for a bound of 5x
-    (in the deep layers, whose gradients here are a few 1e-4 of the total, one draw was ~100%
-    off for the kernels and 20-30% for the weights-only yardstick).
+    gradients 2.75 from float64, relative L2, against a bound of 0.89) and a third made it fragile;
+    all are now controlled. Kinks (see also BF16_KINK): bfloat16 puts ReLU inputs and max-pool
+    near-ties (bfloat16 ties exactly) on the other side from float64, and each such element moves a
+    gradient by a whole dy; so both float64 steps take the kernels' ReLU sides and max-pool winners
+    (``_kinks``), and the kernels are checked to lie within reach of bfloat16's rounding of each
+    kink they were given. Saturation: the logits of this untrained eval-mode network reached
+    hundreds (see ``_unsaturated_state``). The yardstick: it used to round the weights alone, and
+    the kernels' 40-odd roundings of activations on the longest path made them 0.6-4.1x of it over
+    29 draws, too wide a spread for a bound of 5x (in the deep layers, whose gradients here are a
+    few 1e-4 of the total, one draw was ~100% off for the kernels and 20-30% for the weights-only
+    yardstick).
 
     Batch norm runs on its running statistics (eval mode), as bench.step's dry run does: in
     training mode, at these sizes (2 images, the deepest batch norms over 8 values), rounding the
