@@ -111,16 +111,26 @@ def scan_imagenet(root):
 
 def decode_rgb(path):
     """The image at ``path`` as a Pillow RGB image, whatever its mode (grayscale, CMYK, palette,
-    alpha are converted); CorruptImage naming the file when its bytes do not decode whole. A file
-    that cannot be read (missing, no permission, an I/O error) raises the OSError of the read:
-    that is not the image's fault, and may pass."""
+    alpha are converted); CorruptImage naming the file when its bytes do not decode whole, or when
+    its header claims more pixels than Pillow's guard against decompression bombs allows
+    (``PIL.Image.MAX_IMAGE_PIXELS``, 89 million: a damaged header, never a photograph; Pillow
+    raises above twice that and only warns between, then would allocate gigabytes). A file that
+    cannot be read (missing, no permission, an I/O error) raises the OSError of the read: that is
+    not the image's fault, and may pass."""
     from PIL import Image, UnidentifiedImageError
     data = Path(path).read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels claimed")
             image.load()  # decodes now: a truncated file fails here, not at a later crop
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError) as error:  # SyntaxError: Pillow's "broken PNG"
+    # SyntaxError: Pillow's "broken PNG"; the bomb warning arrives as an exception where warnings are errors
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
+        if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            error = (f"{error}: past the {Image.MAX_IMAGE_PIXELS:,} pixels of PIL.Image.MAX_IMAGE_PIXELS; "
+                     f"raise that if the image is real")
         raise CorruptImage(f"{path}: cannot decode the image ({error})") from None
 
 

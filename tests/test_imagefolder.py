@@ -1,6 +1,8 @@
 """ImageNet-style folders (ra_kernels/imagefolder.py) on generated images: scanning, the errors a
 user meets, decoding every mode to RGB, and the two crops."""
 import math
+import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -109,6 +111,25 @@ def test_a_corrupt_image_is_named(folder, damage):
     path.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"GIF89a" + data[6:])
     with pytest.raises(imagefolder.CorruptImage, match=f"{path.name}: cannot decode the image"):
         imagefolder.decode_rgb(path)
+
+
+@pytest.mark.parametrize("width, height, bomb_warning", [(60000, 60000, "error"), (10000, 10000, "error"),
+                                                        (10000, 10000, "ignore")],
+                         ids=["past twice the limit", "past the limit", "past the limit, warning ignored"])
+def test_an_image_claiming_too_many_pixels_is_corrupt(folder, width, height, bomb_warning):
+    """A damaged header can claim billions of pixels (seed 1367929184 of the test above: its
+    "not a jpeg" GIF claimed 59807x71916, and Pillow's DecompressionBombError escaped the loader).
+    Past Pillow's limit it is a corrupt image: above twice the limit Pillow raises; between, it
+    only warns (an exception where warnings are errors, as in this suite) and would then allocate
+    the pixels. A GIF header with one frame of that size."""
+    path = folder / "train" / CLASSES[0] / f"{CLASSES[0]}_1.JPEG"
+    path.write_bytes(b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0)
+                     + b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00;")
+    with warnings.catch_warnings():
+        warnings.simplefilter(bomb_warning, Image.DecompressionBombWarning)
+        with pytest.raises(imagefolder.CorruptImage, match=f"{path.name}: cannot decode the image .*pixels.*"
+                                                           "MAX_IMAGE_PIXELS; raise that if the image is real"):
+            imagefolder.decode_rgb(path)
 
 
 def test_random_resized_crops_cover_their_ranges(rng):
