@@ -125,12 +125,11 @@ def decode_rgb(path):
                 raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels claimed")
             image.load()  # decodes now: a truncated file fails here, not at a later crop
             return image.convert("RGB")
-    # SyntaxError: Pillow's "broken PNG"; the bomb warning arrives as an exception where warnings are errors
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
-        if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            error = (f"{error}: past the {Image.MAX_IMAGE_PIXELS:,} pixels of PIL.Image.MAX_IMAGE_PIXELS; "
-                     f"raise that if the image is real")
+    # the bomb warning arrives as an exception where warnings are errors
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise CorruptImage(f"{path}: cannot decode the image ({error}: past the {Image.MAX_IMAGE_PIXELS:,} pixels "
+                           f"of PIL.Image.MAX_IMAGE_PIXELS; raise that if the image is real)") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:  # SyntaxError: Pillow's "broken PNG"
         raise CorruptImage(f"{path}: cannot decode the image ({error})") from None
 
 

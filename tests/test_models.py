@@ -87,14 +87,13 @@ def _kinks(monkeypatch, relu_masks=None, pool_winners=None):
     conv2d, plus the skip or x, which is what reference.conv_chain computes): the op runs without
     ReLU and its output is gated by the mask
     (``attention_mix(mask, z, residual=False, from_logits=False)`` is mask * z), so that both
-    forwards differentiate the same piece of the piecewise-smooth network. ``forced`` then
-    holds, per ReLU, the largest |pre-activation| / std where the mask contradicted its sign, and
-    ``pre`` the pre-activations themselves. Given the ``pool_winners`` of another forward, each
+    forwards differentiate the same piece of the piecewise-smooth network; ``pre`` then holds
+    each ReLU's pre-activations (see ``_forced_distance``). Given the ``pool_winners`` of another forward, each
     max-pool window passes on that tap instead of its own maximum (and its gradient goes there);
     ``pool_inputs`` holds each max-pool's input and ``pool_gaps`` its window maxima less the values
     passed on.
     """
-    kinks = dict(masks=[], winners=[], forced=[], pre=[], pool_inputs=[], pool_gaps=[])
+    kinks = dict(masks=[], winners=[], pre=[], pool_inputs=[], pool_gaps=[])
 
     def relu_side(op, relu_by_default):
         def recorded(*args, **kwargs):
@@ -106,10 +105,8 @@ def _kinks(monkeypatch, relu_masks=None, pool_winners=None):
                 kinks["masks"].append(backend.to_numpy(out.data) > 0)
                 return out
             z = op(*args, relu=False, **kwargs)
-            mask = relu_masks[len(kinks["forced"])]
+            mask = relu_masks[len(kinks["pre"])]
             pre = backend.to_numpy(z.data)
-            against = mask != (pre > 0)
-            kinks["forced"].append(np.abs(pre[against]).max(initial=0) / (pre.std() or 1.0))  # 1: a constant input
             kinks["pre"].append(pre)
             gate = Tensor(backend.asarray(mask.astype(pre.dtype)))
             return F.attention_mix(gate, z, residual=False, from_logits=False)
@@ -166,6 +163,12 @@ def _kinks(monkeypatch, relu_masks=None, pool_winners=None):
         yield kinks
 
 
+def _forced_distance(mask, pre):
+    """The largest |pre-activation| where the ReLU side ``mask`` contradicts the sign of ``pre``
+    (0 where none does): how far a forward forced by ``_kinks`` was moved past zero."""
+    return np.abs(pre[mask != (pre > 0)]).max(initial=0)
+
+
 def _outputs(model, x, labels, monkeypatch, relu_masks=None, pool_winners=None):
     """Logits, loss, every parameter gradient and every buffer after one training step, as
     float64 host arrays keyed by name; and the forward's kinks (see ``_kinks``)."""
@@ -213,8 +216,9 @@ def test_tiny_network_kernels_match_numpy_backend(triton_backend, rng, variant, 
                                           x.astype(np.float64), labels, monkeypatch, kinks["masks"])
             numpy32, numpy_kinks = _outputs(tiny(**variant).load_state_dict(state), x, labels, monkeypatch,
                                             kinks["masks"])
-        assert max(truth_kinks["forced"]) <= 1e-3, \
-            f"a ReLU of the kernels contradicts float64 {max(truth_kinks['forced']):.1e} std from zero"
+        forced = max(_forced_distance(mask, pre) / (pre.std() or 1.0)  # 1: a constant input
+                     for mask, pre in zip(kinks["masks"], truth_kinks["pre"]))
+        assert forced <= 1e-3, f"a ReLU of the kernels contradicts float64 {forced:.1e} std from zero"
         apart = sum(int(np.sum(k != t)) + int(np.sum(k != n)) for k, t, n in
                     zip(kinks["winners"], truth_kinks["winners"], numpy_kinks["winners"]))
         assert apart <= 4, f"{apart} max-pool windows pick another winner than float64 or float32 NumPy"
@@ -291,12 +295,13 @@ def _bfloat16_stores(monkeypatch):
 
     def rounding_apply(cls, *args, **kwargs):
         outputs = apply(cls, *args, **kwargs)
-        for out in outputs if isinstance(outputs, tuple) else (outputs,):
+        each = outputs if isinstance(outputs, tuple) else (outputs,)
+        for out in each:
             if out.ndim == 4 and np.issubdtype(out.dtype, np.floating):
                 out.data = rounded(out.data)
-            if out.node is not None and not hasattr(out.node.function, "rounds_stores"):
-                out.node.function = rounding_backward(out.node.function, out.node.inputs)
-                out.node.function.rounds_stores = True
+        node = each[0].node  # one node for all the outputs of a call, or none
+        if node is not None:
+            node.function = rounding_backward(node.function, node.inputs)
         return outputs
 
     with monkeypatch.context() as patch:
@@ -349,7 +354,7 @@ def _kink_reach(masks, truth, yardstick):
     bfloat16's roundings move that op's input: the yardstick's largest difference from float64
     there. ``truth`` and ``yardstick`` are the ``_kinks`` of the two float64 steps, both forced
     onto the kernels' ``masks`` and winners, so their arrays match element for element."""
-    forced = [(np.abs(pre[mask != (pre > 0)]).max(initial=0), np.abs(rounded_pre - pre).max())
+    forced = [(_forced_distance(mask, pre), np.abs(rounded_pre - pre).max())
               for mask, pre, rounded_pre in zip(masks, truth["pre"], yardstick["pre"])]
     forced += [(gap.max(), np.abs(rounded_x - x).max())
                for gap, x, rounded_x in zip(truth["pool_gaps"], truth["pool_inputs"], yardstick["pool_inputs"])]

@@ -124,9 +124,9 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
     ``ceil_mode`` (tiles.out_size); padding, and what the last windows reach past it in ceil
     mode, counts as -inf (the kernels bound every tap by H and W, and the backward every window
     by OH and OW, so ceil mode is only the output's size). saved holds the argmax (N, OH, OW, C),
-    int8 (int32 above 128 taps), the row-major tap index of the first maximum in its window. One call reads x about
-    (kernel_size/stride)^2 times through the cache but from DRAM once, and writes
-    y and the argmax: 4*N*H*W*C + 5*N*OH*OW*C bytes (3x3/s2/p1 on 64x32x32x64:
+    int8 (int32 above 128 taps), the row-major tap index of the first maximum in its window. One
+    call reads x about (kernel_size/stride)^2 times through the cache but from DRAM once, and
+    writes y and the argmax: 4*N*H*W*C + 5*N*OH*OW*C bytes (3x3/s2/p1 on 64x32x32x64:
     16.8 MB + 5.2 MB).
     """
     n, h, w, c = x.shape
