@@ -6,7 +6,8 @@ setup(
     description="Residual Attention Network on hand-written Triton kernels, with a NumPy reference",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["ra_kernels", "ra_kernels.*", "reference", "reference.*", "train", "train.*", "bench", "bench.*"]),
+    packages=find_packages(include=["ra_kernels", "ra_kernels.*", "reference", "reference.*", "train", "train.*",
+                                    "bench", "bench.*"]),
     python_requires=">=3.10",
     # triton: 3.6 is what the GPU machines have; CI and CPU machines take the newest 3.x.
     install_requires=["numpy>=1.26,<3", "scipy>=1.11,<2", "triton>=3.6,<4", "tqdm>=4.60,<5", "matplotlib>=3.8,<4",

@@ -84,8 +84,9 @@ def case(rng, op):
     return getattr(F, op), [x], kind  # sigmoid, channel_attention, spatial_attention, relu, global_avg_pool
 
 
-OPS = ("conv2d", "batch_norm", "conv_bn_relu", "conv_chain", "max_pool2d", "upsample_bilinear", "sigmoid", "attention_mix",
-       "channel_attention", "spatial_attention", "add", "relu", "global_avg_pool", "linear", "cross_entropy")
+OPS = ("conv2d", "batch_norm", "conv_bn_relu", "conv_chain", "max_pool2d", "upsample_bilinear", "sigmoid",
+       "attention_mix", "channel_attention", "spatial_attention", "add", "relu", "global_avg_pool", "linear",
+       "cross_entropy")
 
 
 def run(fn, arrays, on, dtype=np.float32):
@@ -166,7 +167,8 @@ def empty_calls():
     return [
         ("conv2d", lambda: F.conv2d(backend.asarray(x0), backend.asarray(np.ones((1, 1, 3, 2), np.float32)))),
         ("batch_norm", lambda: F.batch_norm(backend.asarray(x0), *map(backend.asarray, c3))),
-        ("conv_bn_relu", lambda: F.conv_bn_relu(backend.asarray(x_no_rows), backend.asarray(np.ones((1, 1, 3, 3), np.float32)),
+        ("conv_bn_relu", lambda: F.conv_bn_relu(backend.asarray(x_no_rows),
+                                                backend.asarray(np.ones((1, 1, 3, 3), np.float32)),
                                                 *map(backend.asarray, c3))),
         ("conv_chain", lambda: F.conv_chain(backend.asarray(x_no_rows), [
             (backend.asarray(np.ones((1, 1, 3, 3), np.float32)), 1, 0, tuple(map(backend.asarray, c3))),

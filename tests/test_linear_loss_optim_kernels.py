@@ -91,8 +91,8 @@ def test_linear_with_bfloat16_x(triton_backend, rng):
     assert (_host(y).dtype, _host(dx).dtype, _host(dw).dtype) == (np.float32, backend.BFLOAT16, np.float32)
     x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
     w_bf, dy_bf = (a.astype(backend.BFLOAT16).astype(np.float64) for a in (w, dy))
-    _assert_within(y, x64 @ w_bf + b64, _product_bound(x64, w_bf) + 2 * EPS * (np.abs(x64) @ np.abs(w_bf) + np.abs(b64)),
-                   "y")
+    _assert_within(y, x64 @ w_bf + b64,
+                   _product_bound(x64, w_bf) + 2 * EPS * (np.abs(x64) @ np.abs(w_bf) + np.abs(b64)), "y")
     want_dx = dy64 @ w64.T
     _assert_within(dx, want_dx, backend.BFLOAT16_ROUNDOFF * np.abs(want_dx) + _product_bound(dy64, w64.T), "dx")
     _assert_within(dw, x64.T @ dy_bf, _product_bound(x64.T, dy_bf), "dw")

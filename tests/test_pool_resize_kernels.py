@@ -200,7 +200,8 @@ def _bf16(a):
 def _within(got, want, bound, what):
     got = _host(got).astype(np.float64)
     assert got.shape == want.shape and (np.abs(got - want) <= bound).all(), \
-        f"{what}: worst {np.abs(got - want).max():.3e} (bound there {np.broadcast_to(bound, want.shape).flat[np.argmax(np.abs(got - want))]:.3e})"
+        f"{what}: worst {np.abs(got - want).max():.3e} " \
+        f"(bound there {np.broadcast_to(bound, want.shape).flat[np.argmax(np.abs(got - want))]:.3e})"
 
 
 @pytest.mark.parametrize("geometry", [(3, 2, 1), (2, 3, 0)])

@@ -17,7 +17,8 @@ def bn_params(c):
 
 @pytest.mark.parametrize("call, error, message", [
     # wrong rank
-    (lambda: F.conv2d(f32(2, 8, 8), f32(3, 3, 8, 4)), ValueError, r"conv2d: x must be 4-D NHWC .* got shape \(2, 8, 8\)"),
+    (lambda: F.conv2d(f32(2, 8, 8), f32(3, 3, 8, 4)), ValueError,
+     r"conv2d: x must be 4-D NHWC .* got shape \(2, 8, 8\)"),
     (lambda: F.conv2d(f32(1, 8, 8, 3), f32(3, 8, 4)), ValueError, r"conv2d: w must be 4-D HWIO"),
     (lambda: F.max_pool2d(f32(8, 8)), ValueError, r"max_pool2d: x must be 4-D"),
     (lambda: F.global_avg_pool(f32(2, 3)), ValueError, r"global_avg_pool: x must be 4-D"),
@@ -28,15 +29,18 @@ def bn_params(c):
     (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(5)), ValueError, r"batch_norm: gamma has 5 channels, x has 3"),
     (lambda: F.conv_bn_relu(f32(1, 4, 4, 3), f32(1, 1, 3, 8), *bn_params(3)), ValueError,
      r"conv_bn_relu: gamma has 3 channels, x has 8"),
-    (lambda: F.add(f32(2, 3), f32(3, 2)), ValueError, r"add: inputs must have the same shape, got a \(2, 3\), b \(3, 2\)"),
+    (lambda: F.add(f32(2, 3), f32(3, 2)), ValueError,
+     r"add: inputs must have the same shape, got a \(2, 3\), b \(3, 2\)"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 4, 2), 1, 0, None)]),
      ValueError, r"conv_chain: layer 1 w .* expects Cin = 4, its input has 8 channels"),
-    (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 2), 1, 0, bn_params(2))]),
+    (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)),
+                                            (f32(1, 1, 8, 2), 1, 0, bn_params(2))]),
      ValueError, r"conv_chain: every layer but the last takes bn .* layer 1 has one"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(5)), (f32(1, 1, 8, 2), 1, 0, None)]),
      ValueError, r"conv_chain: gamma has 5 channels, x has 8"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 2), 1, 0, None)],
-                          skip=f32(1, 4, 4, 3)), ValueError, r"conv_chain: skip must have the output's shape \(1, 4, 4, 2\)"),
+                          skip=f32(1, 4, 4, 3)), ValueError,
+     r"conv_chain: skip must have the output's shape \(1, 4, 4, 2\)"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, None)]), ValueError,
      r"conv_chain: layers must list at least 2 convolutions"),
     (lambda: F.conv_chain(f32(1, 1, 1, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 2), 1, 0, None)]),
@@ -46,29 +50,38 @@ def bn_params(c):
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 3), 1, 0, None)],
                           input_bn=bn_params(3)[:2]), ValueError, r"conv_chain: input_bn must be \(gamma, beta, "),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 2), 1, 0, None)],
-                          residual=True), ValueError, r"conv_chain: residual adds x, so the output must have x's shape"),
+                          residual=True), ValueError,
+     r"conv_chain: residual adds x, so the output must have x's shape"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 3), 1, 0, None)],
                           residual=True, skip=f32(1, 4, 4, 3)), ValueError, r"conv_chain: give skip or residual"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, bn_params(8)), (f32(1, 1, 8, 3), 1, 0, None)],
                           residual=1), ValueError, r"conv_chain: residual must be True or False, got 1"),
-    (lambda: F.attention_mix(f32(1, 4, 4, 2), f32(1, 4, 4, 3)), ValueError, r"attention_mix: inputs must have the same shape"),
+    (lambda: F.attention_mix(f32(1, 4, 4, 2), f32(1, 4, 4, 3)), ValueError,
+     r"attention_mix: inputs must have the same shape"),
     (lambda: F.linear(f32(2, 3), f32(4, 5), f32(5)), ValueError, r"linear: .* do not fit"),
     (lambda: F.upsample_bilinear(f32(1, 4, 4, 2), (8, 8), skip=f32(1, 8, 8, 3)), ValueError,
      r"upsample_bilinear: skip must have shape \(1, 8, 8, 2\)"),
     (lambda: F.upsample_bilinear(f32(1, 4, 4, 2), (8, 0)), ValueError, r"upsample_bilinear: size must be"),
-    (lambda: F.cross_entropy(f32(4, 10), np.zeros(3, np.int64)), ValueError, r"cross_entropy: labels must have shape \(4,\)"),
+    (lambda: F.cross_entropy(f32(4, 10), np.zeros(3, np.int64)), ValueError,
+     r"cross_entropy: labels must have shape \(4,\)"),
     (lambda: F.cross_entropy(f32(4, 10), np.array([0, 1, 10, 2])), ValueError, r"labels must lie in \[0, 10\)"),
     # hyperparameters
-    (lambda: F.conv2d(f32(1, 8, 8, 3), f32(3, 3, 3, 4), stride=0), ValueError, r"conv2d: stride must be an integer >= 1"),
-    (lambda: F.conv2d(f32(1, 2, 2, 3), f32(3, 3, 3, 4)), ValueError, r"conv2d: input size 2 with kernel 3, stride 1, padding 0 gives an empty output"),
-    (lambda: F.max_pool2d(f32(1, 8, 8, 3), kernel_size=3, padding=2), ValueError, r"max_pool2d: padding 2 must be at most"),
+    (lambda: F.conv2d(f32(1, 8, 8, 3), f32(3, 3, 3, 4), stride=0), ValueError,
+     r"conv2d: stride must be an integer >= 1"),
+    (lambda: F.conv2d(f32(1, 2, 2, 3), f32(3, 3, 3, 4)), ValueError,
+     r"conv2d: input size 2 with kernel 3, stride 1, padding 0 gives an empty output"),
+    (lambda: F.max_pool2d(f32(1, 8, 8, 3), kernel_size=3, padding=2), ValueError,
+     r"max_pool2d: padding 2 must be at most"),
     (lambda: F.max_pool2d(f32(1, 8, 8, 3), ceil_mode=1), ValueError, r"max_pool2d: ceil_mode must be True or False"),
-    (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(3), momentum=1.5), ValueError, r"batch_norm: momentum must be in \[0, 1\]"),
+    (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(3), momentum=1.5), ValueError,
+     r"batch_norm: momentum must be in \[0, 1\]"),
     # dtypes
-    (lambda: F.relu(np.arange(6).reshape(2, 3)), TypeError, r"relu: x must be float32 or float64 on the numpy backend, got int64"),
+    (lambda: F.relu(np.arange(6).reshape(2, 3)), TypeError,
+     r"relu: x must be float32 or float64 on the numpy backend, got int64"),
     (lambda: F.add(f32(2, 3), f32(2, 3).astype(np.float64)), TypeError,
      r"add: b is float64 but must be float32, since the other inputs are float32"),
-    (lambda: F.cross_entropy(f32(4, 10), f32(4)), TypeError, r"cross_entropy: labels must be an integer array, got float32"),
+    (lambda: F.cross_entropy(f32(4, 10), f32(4)), TypeError,
+     r"cross_entropy: labels must be an integer array, got float32"),
     (lambda: F.sigmoid([1.0, 2.0]), TypeError, r"sigmoid: x must be a NumPy or CuPy array or a Tensor, got list"),
     # layout
     (lambda: F.conv2d(f32(1, 8, 8, 3).transpose(0, 2, 1, 3), f32(3, 3, 3, 4)), ValueError,
@@ -116,7 +129,8 @@ def test_parameters_take_the_type_of_float64_activations_on_numpy():
 
 def test_bfloat16_on_the_numpy_backend_names_the_backends_that_take_it():
     hint = r"bfloat16 \(precision 'bf16'\) runs on the cuda and interpret backends"
-    with pytest.raises(TypeError, match=r"relu: x must be float32 or float64 on the numpy backend, got bfloat16; " + hint):
+    with pytest.raises(TypeError, match=r"relu: x must be float32 or float64 on the numpy backend, got bfloat16; "
+                                        + hint):
         F.relu(f32(2, 3).astype(backend.BFLOAT16))
     with pytest.raises(TypeError, match=r"cast: the numpy backend stores activations as float32 or float64, "
                                         r"not bfloat16; " + hint):
@@ -151,7 +165,8 @@ def test_host_arrays_are_refused_on_a_fake_gpu_backend(monkeypatch):
 def test_nchw_images_are_named_as_such():
     # An NCHW batch reaching the NHWC stem conv: the error says which layout was expected.
     with pytest.raises(ValueError, match=r"x has 32 channels .* Cin = 3 \(x is NHWC \(N, H, W, C\); its shape "
-                                         r"\(2, 3, 32, 32\) looks like NCHW: transpose it with x.transpose\(0, 2, 3, 1\)\)"):
+                                         r"\(2, 3, 32, 32\) looks like NCHW: "
+                                         r"transpose it with x.transpose\(0, 2, 3, 1\)\)"):
         F.conv2d(f32(2, 3, 32, 32), f32(3, 3, 3, 16), padding=1)
     with pytest.raises(ValueError, match="x has 3 channels") as raised:
         F.conv2d(f32(1, 8, 8, 3), f32(3, 3, 4, 8))
