@@ -2,6 +2,7 @@
 user meets, decoding every mode to RGB, and the two crops."""
 import math
 import struct
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -49,6 +50,44 @@ def test_scan_numbers_classes_and_images_in_sorted_order(folder):
         for path, label in zip(split.paths, split.labels):
             assert path.parent.name == CLASSES[label]
         assert list(split.paths) == sorted(split.paths)  # class folders sorted, then names
+
+
+def test_packed_paths_behave_as_a_tuple_of_paths(tmp_path, rng):
+    # Names of varied length, some not ASCII (several UTF-8 bytes a character), over 3 folders.
+    folders = [tmp_path / name for name in CLASSES]
+    folder_of = np.sort(rng.integers(0, len(folders), 300))
+    names = [f"{'é' * int(rng.integers(0, 3))}{CLASSES[f]}_{rng.integers(10 ** int(rng.integers(0, 6)))}.JPEG"
+             for f in folder_of]
+    want = tuple(folders[f] / name for f, name in zip(folder_of, names))
+    paths = imagefolder.ImagePaths(folders, folder_of, names)
+    assert len(paths) == len(want) and list(paths) == list(want)
+    assert [paths[i] for i in range(-len(want), len(want))] == [want[i] for i in range(-len(want), len(want))]
+    for index in (len(want), -len(want) - 1):
+        with pytest.raises(IndexError):
+            paths[index]
+    step = int(rng.integers(1, 5))
+    assert list(paths[7:-3:step]) == list(want[7:-3:step]) and list(paths[::-1]) == list(want[::-1])
+    order = rng.permutation(len(want))
+    assert list(paths.take(order)) == [want[i] for i in order] and list(paths.take([])) == []
+    with pytest.raises(IndexError):
+        paths.take([0, len(want)])
+
+
+def test_packed_paths_hold_little_memory(tmp_path):
+    """A Path object takes about 320 bytes once used: 0.41 GB for ImageNet in every process.
+    Packed, an image costs its name's UTF-8 bytes and 8 for its end (the folder indices are the
+    caller's labels)."""
+    n = 5000
+    labels, names = np.arange(n) // 1000, [f"n{i // 1000:08d}_{i}.JPEG" for i in range(n)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        paths = imagefolder.ImagePaths([tmp_path / f"n{c:08d}" for c in range(5)], labels, names)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(paths) == n
+    assert held <= sum(map(len, names)) + 8 * n + 8192, f"{held / n:.1f} bytes an image"
 
 
 def test_every_mode_decodes_to_rgb(folder):

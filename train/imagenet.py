@@ -64,8 +64,7 @@ def _scanned(scan, data_dir):
 
 
 def _limited(split, limit):
-    indices = _subset(len(split), limit)
-    return type(split)(split.root, split.class_names, tuple(split.paths[i] for i in indices), split.labels[indices])
+    return split.subset(_subset(len(split), limit))
 
 
 class ImageNet(run.Task):
