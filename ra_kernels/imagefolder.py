@@ -76,6 +76,9 @@ class ImagePaths(collections.abc.Sequence):
     def __len__(self):
         return len(self._ends)
 
+    def __repr__(self):
+        return f"ImagePaths({len(self)} images in {len(self._folders)} folders)"
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.take(range(*index.indices(len(self))))

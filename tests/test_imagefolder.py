@@ -61,6 +61,7 @@ def test_packed_paths_behave_as_a_tuple_of_paths(tmp_path, rng):
     want = tuple(folders[f] / name for f, name in zip(folder_of, names))
     paths = imagefolder.ImagePaths(folders, folder_of, names)
     assert len(paths) == len(want) and list(paths) == list(want)
+    assert repr(paths) == f"ImagePaths({len(want)} images in 3 folders)"
     assert [paths[i] for i in range(-len(want), len(want))] == [want[i] for i in range(-len(want), len(want))]
     for index in (len(want), -len(want) - 1):
         with pytest.raises(IndexError):
