@@ -58,14 +58,15 @@ class CorruptImageWarning(UserWarning):
 class ImagePaths(collections.abc.Sequence):
     """The image files of a split, a sequence of Paths held packed: ImageNet's 1.28 M Path objects
     take 0.41 GB in every process (about 320 bytes each once used); here an image costs
-    its name's UTF-8 bytes in one buffer and the int64 end of its name there, 28 bytes for
+    its name's bytes in one buffer and the int64 end of its name there, 28 bytes for
     ImageNet's names (35 MB), besides ``folder_of``, which a scan shares with its int64 labels.
     ``paths[i]`` is ``folders[folder_of[i]] / names[i]``, made when asked."""
 
     def __init__(self, folders, folder_of, names):
         """folders: Paths; folder_of: per image, the index of its folder in ``folders``; names: per
-        image, its file name (str)."""
-        encoded = [name.encode() for name in names]
+        image, its file name (str). Names are stored as the file system's bytes (os.fsencode), so
+        that a name that is not valid UTF-8 comes back as the same str."""
+        encoded = [os.fsencode(name) for name in names]
         self._folders = tuple(folders)
         self._folder_of = np.asarray(folder_of, np.int64)
         self._ends = np.cumsum([len(name) for name in encoded], dtype=np.int64)
@@ -90,7 +91,7 @@ class ImagePaths(collections.abc.Sequence):
 
     def _name(self, i):
         start = self._ends[i - 1] if i > 0 else 0
-        return self._names[start:self._ends[i]].decode()
+        return os.fsdecode(self._names[start:self._ends[i]])
 
     def take(self, indices):
         """The paths of images ``indices`` (integers, negative from the end), in that order, packed alike."""
