@@ -6,6 +6,7 @@ test is what catches such code in CI. Kernels register themselves through
 """
 import re
 
+import numpy as np
 import pytest
 import triton
 import triton.language as tl
@@ -155,3 +156,50 @@ def test_bfloat16_convs_multiply_on_bfloat16_tensor_cores(name):
     ptx = aot.compile_kernel(kernel_fn, spec, 90, aligned=True).asm["ptx"]
     mmas = set(re.findall(r"wgmma\.mma_async\.\S*?\.f32\.(\w+)\.(\w+)", ptx))
     assert mmas == {("bf16", "bf16")}, mmas
+
+
+# --------------------------------------------------------------------------- what ptxas reports
+
+_PTXAS_LOG = """ptxas info    : Compiling entry function 'k' for 'sm_90a'
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma
+instructions defining accumulator registers of a wgmma between start and end of the pipeline stage in the function 'k'
+ptxas info    : Function properties for k
+    {stack} bytes stack frame, {spill} bytes spill stores, {spill} bytes spill loads
+ptxas info    : Used {registers} registers, used 1 barriers
+"""
+
+
+def test_ptxas_log_is_read():
+    log = _PTXAS_LOG.format(stack=40, spill=24, registers=255)
+    assert aot.parse_ptxas_log(log) == aot.PtxasReport(255, 24, True)
+    quiet = "\n".join(line for line in _PTXAS_LOG.splitlines() if "wgmma" not in line and "instructions" not in line)
+    assert aot.parse_ptxas_log(quiet.format(stack=0, spill=0, registers=38)) == aot.PtxasReport(38, 0, False)
+    with pytest.raises(ValueError, match="not a ptxas -v report"):
+        aot.parse_ptxas_log("")
+
+
+def test_ptxas_report_comes_from_a_compile_past_the_cache():
+    # Twice: the second compile would be a cache hit without ptxas (and so without a report) if the
+    # cache were not bypassed. A flat elementwise sweep needs a few dozen registers and never spills.
+    kernel_fn = next(k for k in KERNELS if k.__name__ == "elementwise_kernel")
+    reports = [aot.ptxas_report(kernel_fn, kernel_fn.aot_specs[0], 90, aligned=True) for _ in range(2)]
+    assert reports[0] == reports[1]
+    assert 8 <= reports[0].registers <= 64 and reports[0].spill_bytes == 0 and not reports[0].serialized_wgmma
+
+
+def test_launch_spec_is_what_triton_specialises(rng):
+    # A 1x1 conv on 7x7: KW and stride are 1 (constants), C_in = 32 and K = 32 are multiples of 16,
+    # H = 7 is not; bfloat16 activations are typed as such; the constexprs are the launch's own.
+    from ra_kernels import backend, launch
+    from ra_kernels.kernels import conv
+    with backend.use_backend("interpret"), launch.record_launches(run=False) as calls:
+        x = backend.asarray(rng.standard_normal((2, 7, 7, 32)).astype(backend.BFLOAT16))
+        conv.conv2d(x, backend.asarray(rng.standard_normal((1, 1, 32, 24)).astype(np.float32)))
+    (call,) = calls
+    spec, divisible = aot.launch_spec(call)
+    assert spec["KW"] == 1 and spec["stride"] == 1
+    assert spec["x_ptr"] == "*bf16" and spec["w_ptr"] == "*fp32" and spec["H"] == "i32"
+    assert {"C_in", "K", "x_ptr"} <= divisible and not {"H", "W", "C_out", "KW"} & divisible
+    assert {k: spec[k] for k in call.constexprs} == call.constexprs
+    compiled = aot.compile_kernel(call.kernel_fn, spec, 90, divisible=divisible, num_warps=call.num_warps)
+    assert compiled.metadata.name == "conv2d_fwd_kernel" and compiled.metadata.num_warps == call.num_warps
