@@ -16,6 +16,7 @@ import pytest
 
 from bench import common
 from bench import kernels as bench_kernels
+from bench import ptxas as bench_ptxas
 from bench import step as bench_step
 import reference
 from ra_kernels import backend, models
@@ -460,3 +461,30 @@ def test_loader_benchmark_dry_run_decodes_and_writes_nothing(capsys):
     line = capsys.readouterr().out
     assert "32 JPEGs at 120x90" in line and "1 thread " in line and "2 threads " in line
     assert "not a benchmark" in line and RESULTS.read_text() == before
+
+
+def test_ptxas_audit_groups_launches_by_specialisation(rng):
+    # Two conv_bn_relu forwards of one shape and one of another: their conv launches make two
+    # specialisations (counted 2 and 1), the batch-norm applies are not matrix products and are
+    # left out, and the summary adds the launches up per kernel.
+    from ra_kernels import launch
+    from ra_kernels.kernels import conv
+
+    def forward(c_out):
+        x = backend.asarray(rng.standard_normal((2, 6, 6, 16)).astype(np.float32))
+        w = backend.asarray(rng.standard_normal((3, 3, 16, c_out)).astype(np.float32))
+        bn = [backend.asarray(np.ones(c_out, np.float32)) for _ in range(4)]
+        conv.conv_bn_relu(x, w, *bn, 1, 1)
+
+    with backend.use_backend("interpret"), launch.record_launches(run=False) as calls:
+        forward(32), forward(32), forward(64)
+    rows = bench_ptxas.audit(calls)
+    assert [(name, n) for name, _, n, _ in rows] == [("conv2d_fwd_kernel", 2), ("conv2d_fwd_kernel", 1)]
+    assert [consts["BLOCK_N"] for _, consts, _, _ in rows] == [32, 64]
+    assert all(0 < report.registers <= 255 for *_, report in rows)
+    (total,) = bench_ptxas.summary(rows)
+    assert total[:3] == ["conv2d_fwd_kernel", 3, 2]
+    assert total[3] == max(report.registers for *_, report in rows)
+    with pytest.raises(SystemExit) as usage:
+        bench_ptxas.main(["--batch", "1"])
+    assert usage.value.code == 2
