@@ -100,7 +100,7 @@ def test_step_times_pytorch_under_bfloat16_autocast(rng):
         logits, loss = trainer.step(*trainer.inputs(x, labels))
         assert logits.dtype == (torch.bfloat16 if bf16 else torch.float32)
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainer.net.parameters())
-        losses[bf16] = float(loss)
+        losses[bf16] = float(loss.detach())
     assert losses[True] != losses[False] and abs(losses[True] - losses[False]) < 0.05 * losses[False]
 
 
