@@ -22,6 +22,8 @@ import argparse
 import collections
 import sys
 
+from tqdm import tqdm
+
 from ra_kernels import aot, backend, launch, models
 
 from .common import markdown_table
@@ -39,9 +41,10 @@ def step_launches(name: str, batch: int) -> list:
     return launches
 
 
-def audit(launches, kernels=GEMM_KERNELS, capability: int = 90, progress=None) -> list:
+def audit(launches, kernels=GEMM_KERNELS, capability: int = 90, progress: bool = False) -> list:
     """[(kernel name, constexprs, launch count, PtxasReport)], one per distinct specialisation of
-    ``launches`` whose kernel is in ``kernels``, in order of first launch."""
+    ``launches`` whose kernel is in ``kernels``, in order of first launch; ``progress``: a bar on
+    stderr over the compiles (about a second each)."""
     counts, first = collections.Counter(), {}
     for call in launches:
         if call.kernel_fn.__name__ in kernels:
@@ -50,12 +53,10 @@ def audit(launches, kernels=GEMM_KERNELS, capability: int = 90, progress=None) -
             counts[key] += 1
             first.setdefault(key, call)
     rows = []
-    for key, n in counts.items():
+    for key, n in tqdm(counts.items(), desc="compiling", unit="kernel", disable=not progress, leave=False):
         kernel_fn, spec, divisible, num_warps = key
         report = aot.ptxas_report(kernel_fn, dict(spec), capability, divisible=divisible, num_warps=num_warps)
         rows.append((kernel_fn.__name__, first[key].constexprs, n, report))
-        if progress:
-            progress(len(rows), len(counts))
     return rows
 
 
@@ -85,10 +86,7 @@ def main(argv=None) -> int:
     if args.batch < 2:
         parser.error("--batch must be at least 2 (batch norm in training)")
     for name in args.models:
-        def progress(done, total):
-            print(f"\r  {name}: compiled {done}/{total} specialisations", end="", file=sys.stderr, flush=True)
-        rows = audit(step_launches(name, args.batch), capability=args.capability, progress=progress)
-        print(file=sys.stderr)
+        rows = audit(step_launches(name, args.batch), capability=args.capability, progress=True)
         print(f"\n{name}, batch {args.batch}, sm_{args.capability}, triton {aot.triton.__version__}:\n")
         print(markdown_table(["kernel", "launches", "specialisations", "most registers", "launches spilling",
                               "launches with serialised wgmma"], summary(rows)))
