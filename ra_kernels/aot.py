@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import kernels  # noqa: F401  (imports every family: they register themselves)
+from .backend import BFLOAT16
 from .launch import KERNELS, Launch
 
 # (compute capability, aligned). A real launch specialises pointers and integers that are
@@ -62,19 +63,20 @@ def compile_kernel(kernel_fn, spec: dict, capability: int, aligned: bool = False
                           options={"enable_fp_fusion": True, "num_warps": num_warps})
 
 
-_POINTER_TYPES = {np.dtype(np.float32): "*fp32", np.dtype(np.int32): "*i32", np.dtype(np.int64): "*i64"}
+_POINTER_TYPES = {np.dtype(np.float32): "*fp32", BFLOAT16: "*bf16", np.dtype(np.int32): "*i32",
+                  np.dtype(np.int64): "*i64", np.dtype(np.int8): "*i8", np.dtype(np.uint8): "*u8"}
 
 
 def launch_spec(call: Launch):
     """(spec, divisible) of a recorded launch: the specialisation Triton compiles for it, in the form
     :func:`compile_kernel` takes. As Triton does at launch: an integer equal to 1 becomes a constant,
     integers and pointers that are multiples of 16 are taken as such (pointers by the address the
-    array has here: on the interpret backend, NumPy's), arrays are typed by their dtype (bfloat16
-    storage as "*bf16"), floats are fp32."""
+    array has here: on the interpret backend, NumPy's), arrays are typed by their dtype, floats are
+    fp32."""
     spec, divisible = dict(call.constexprs), set()
     for param, arg in zip([p for p in call.kernel_fn.params if not p.is_constexpr], call.args):
         if hasattr(arg, "data_ptr"):
-            spec[param.name] = _POINTER_TYPES.get(np.dtype(arg.dtype), "*bf16")
+            spec[param.name] = _POINTER_TYPES[np.dtype(arg.dtype)]
             if arg.data_ptr() % 16 == 0:
                 divisible.add(param.name)
         elif isinstance(arg, (int, np.integer)) and not isinstance(arg, bool):
