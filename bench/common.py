@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import platform
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,6 +319,71 @@ def graph_time_ms(fn, clock, calls: int = 20, replays: int = 10, warmup: int = 3
     del kept
     q25, median, q75 = np.percentile(times, [25, 50, 75])
     return Timing(float(median), float(q25), float(q75), replays)
+
+
+
+# --------------------------------------------------------------------------- where device time goes
+
+#: Device work in a kineto trace (torch.profiler's Chrome export): kernels, copies and fills.
+DEVICE_EVENT_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+@dataclass(frozen=True)
+class KernelProfile:
+    """A step's device work by kernel name: ``kernels`` maps a name to (launches, microseconds) per step."""
+    kernels: dict
+
+    @property
+    def launches(self) -> float:
+        return sum(n for n, _ in self.kernels.values())
+
+    @property
+    def busy_ms(self) -> float:
+        """Kernels of one stream run one after another, so their durations add up to the busy time."""
+        return sum(us for _, us in self.kernels.values()) / 1e3
+
+    def top(self, count: int) -> list:
+        """The ``count`` names that take the most device time: (name, launches, microseconds)."""
+        ranked = sorted(self.kernels.items(), key=lambda item: -item[1][1])[:count]
+        return [(name, n, us) for name, (n, us) in ranked]
+
+
+def summarize_trace(events, steps: int) -> KernelProfile:
+    """The :class:`KernelProfile` of ``steps`` steps from a kineto trace's events (dicts with
+    ``cat``, ``name`` and ``dur``, in microseconds). RuntimeError when the trace holds
+    no device work (CUPTI saw nothing: a profile that measured nothing must not read as zero)."""
+    device = [e for e in events if e.get("cat") in DEVICE_EVENT_CATEGORIES]
+    if not device:
+        raise RuntimeError("the profiler recorded no device work (no kernel, copy or fill in its trace)")
+    kernels = {}
+    for event in device:
+        n, us = kernels.get(event["name"], (0, 0.0))
+        kernels[event["name"]] = (n + 1, us + float(event["dur"]))
+    return KernelProfile({name: (n / steps, us / steps) for name, (n, us) in kernels.items()})
+
+
+#: Steps a profile records (after one warm step).
+PROFILE_STEPS = 3
+
+
+def kernel_profile(torch, fn, clock, steps: int = PROFILE_STEPS) -> KernelProfile:
+    """Where the device time of ``fn()`` goes, by kernel: one warm call, then ``steps`` calls under
+    torch.profiler, whose CUPTI tracing sees every kernel of the process (ours launched by Triton
+    and CuPy as well as PyTorch's, the kernels of a CUDA graph's replay included)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("a kernel profile needs a CUDA build of PyTorch and a GPU: torch.profiler reads the "
+                           "GPU's kernels through CUPTI")
+    fn()
+    clock.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            fn()
+        clock.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    return summarize_trace(events, steps)
 
 
 # --------------------------------------------------------------------------- sessions

@@ -17,7 +17,8 @@ machine returns no more):
    (NUMPY_BASELINE, recorded on a CPU), images/s.
 4. step: ``bench.step``: images/s of a whole training step, ours against the PyTorch twin in
    eager mode (channels_last, cudnn.benchmark, TF32 on both sides; in the full run bf16 too,
-   PyTorch under autocast), after the agreement check.
+   PyTorch under autocast), after the agreement check; where each side's step spends its device
+   time, by kernel (torch.profiler), and how many kernels our captured step runs.
 5. kernels: ``bench.kernels`` on attention92's layer shapes at batch 64, TF32, every family:
    device time by CUDA-graph replay on both sides, launch-inclusive time beside it.
 6. imagenet (full run only): the ImageNet Attention-56 training step at 224x224, batch 64, TF32,
@@ -115,6 +116,10 @@ SANITIZED_TESTS = {"memcheck": ["tests/test_pool_resize_kernels.py", "tests/test
                    # Shared memory is what racecheck watches: the tiled matrix products of the convs.
                    "racecheck": ["tests/test_conv_bn_kernels.py"]}
 MAX_TEST_FAILURES = 25
+#: Seconds before a stage's deadline after which no kernel profile starts (bench.step): a profile
+#: is four steps of each side under torch.profiler, plus CUPTI's start (not yet measured; a guess
+#: of a few seconds, with room), and a stage stopped at its limit loses its timings too.
+PROFILE_MARGIN_S = 10
 
 
 # --------------------------------------------------------------------------- the stages (child processes)
@@ -308,8 +313,9 @@ def stage_step(args) -> dict:
     session = _session(args)
     configs = ([("attention56", common.DRY_RUN_BATCH)] if args.dry_run else STEP_CONFIGS[_mode(args)])
     precisions = ("tf32",) if args.dry_run else STEP_PRECISIONS[_mode(args)]
-    options = SimpleNamespace(no_compile=not args.compile, precisions=precisions, budget_ms=args.step_budget_ms)
     deadline, rows, skipped = _deadline(args), [], []
+    options = SimpleNamespace(no_compile=not args.compile, precisions=precisions, budget_ms=args.step_budget_ms,
+                              profile=True, profile_until=deadline - PROFILE_MARGIN_S)
     for name, batch in configs:
         if rows and time.monotonic() > deadline:
             skipped.append(f"{name} b{batch}")
@@ -325,9 +331,12 @@ def stage_step(args) -> dict:
         differ += [f"{row['model']} b{row['batch']} {p}" for p, same in row["identical"].items() if not same]
         if "ours captured" in t:
             images = {side: row["batch"] / (timing.median * 1e-3) for side, timing in t.items()}
+            profile = row["profiles"].get("ours captured")
             parts.append(f"{row['model'].removeprefix('attention')} b{row['batch']} "
                          f"{images['ours captured']:,.0f} / {images['ours eager']:,.0f} vs "
-                         f"{images.get('PyTorch eager', float('nan')):,.0f} img/s")
+                         f"{images.get('PyTorch eager', float('nan')):,.0f} img/s"
+                         + (f" ({profile.launches:,.0f} kernels, {profile.busy_ms:.1f} ms busy)"
+                            if isinstance(profile, common.KernelProfile) else ""))
     line = ("ours captured / eager vs PyTorch eager: " + "; ".join(parts) if parts
             else f"{len(rows)} configuration(s) agree ({common.NO_TIMING})")
     line += (f"; not run (time): {', '.join(skipped)}" if skipped else "")
@@ -338,13 +347,14 @@ def stage_step(args) -> dict:
 def stage_imagenet(args) -> dict:
     from . import loader as bench_loader
     from . import step as bench_step
-    session = _session(args)
+    session, deadline = _session(args), _deadline(args)
     if args.dry_run:  # the ImageNet networks have no tiny version; the loader's plumbing runs
         loaded = bench_loader.measure(32, 8, [1, 2], True, args.seed, args.data)
         return dict(ok=True, line=f"loader: {loaded['line']}; step: no dry-run version", report=loaded["line"])
     loaded = bench_loader.measure(LOADER_IMAGES, LOADER_BATCH, list(LOADER_WORKERS), False, args.seed, args.data)
     print(f"  loader: {loaded['line']}", flush=True)
-    options = SimpleNamespace(no_compile=True, precisions=(IMAGENET_PRECISION,), budget_ms=args.step_budget_ms)
+    options = SimpleNamespace(no_compile=True, precisions=(IMAGENET_PRECISION,), budget_ms=args.step_budget_ms,
+                              profile=True, profile_until=deadline - PROFILE_MARGIN_S)
     row = bench_step.run_config(*IMAGENET_STEP, options, session)
     t = row["times"][IMAGENET_PRECISION]
     images = {side: row["batch"] / (timing.median * 1e-3) for side, timing in t.items()}

@@ -29,7 +29,11 @@ measured too: the device memory a step takes beyond what exists before it (param
 the optimizer's state, the batch), at its peak. On the GPU, our captured and eager steps also run
 ``IDENTITY_STEPS`` steps from the same weights on the same batches, in each precision: they must
 end with the same bits (the command fails otherwise). Last, a table puts each side's bf16 step
-beside its TF32 step: speed-up and memory.
+beside its TF32 step: speed-up and memory. And in the first precision, each side's step is
+profiled (``common.kernel_profile``: torch.profiler, whose CUPTI tracing sees our Triton and CuPy
+kernels, those of a graph's replay included): kernels per step, their summed device time beside
+the step's time (what is left is the device waiting for the host), and the kernels of our
+captured step that take the most device time.
 
 --dry-run: a tiny version of attention56 (the same depth, widths 8/16/32, 8x8 images, batch 4;
 ``--models`` for others) on the interpret backend, its step taken with batch norm on the running
@@ -41,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +253,7 @@ def run_config(name: str, batch: int, args, session) -> dict:
                 x_ours, labels_ours)
         errors = check(f"{name} batch {batch}", sides, truth, yardstick)
 
-    times, memory, identical = {}, {}, {}
+    times, memory, identical, profiles = {}, {}, {}, {}
     if not session.dry_run:
         batches = [(backend.asarray(session.rng.standard_normal(x.shape).astype(np.float32)),
                     backend.asarray(session.rng.integers(0, classes, batch).astype(np.int64)))
@@ -263,6 +269,8 @@ def run_config(name: str, batch: int, args, session) -> dict:
                         memory[precision][side] = common.our_step_bytes(step)
                     times[precision][side] = common.time_ms(step, session.our_clock, warmup=3,
                                                             budget_ms=args.budget_ms, min_reps=10, max_reps=100)
+                    if args.profile and precision == args.precisions[0]:
+                        profiles[side] = _profile(session, step, session.our_clock, args.profile_until)
                     del trainer, step
                 for variant, compiled in variants.items():
                     trainer = TorchTrainer(session.torch, fresh(), device, compiled, bf16=precision == "bf16")
@@ -271,9 +279,23 @@ def run_config(name: str, batch: int, args, session) -> dict:
                         memory[precision][variant] = common.torch_step_bytes(session.torch, step)
                     times[precision][variant] = common.time_ms(step, session.torch_clock, warmup=3,
                                                                budget_ms=args.budget_ms, min_reps=10, max_reps=100)
+                    if args.profile and precision == args.precisions[0]:
+                        profiles[variant] = _profile(session, step, session.torch_clock, args.profile_until)
                     del trainer, step
     return {"model": name, "batch": batch, "errors": errors, "yardstick": yardstick, "times": times,
-            "memory": memory, "variants": list(variants), "identical": identical}
+            "memory": memory, "variants": list(variants), "identical": identical, "profiles": profiles}
+
+
+def _profile(session, step, clock, until: float):
+    """``common.kernel_profile`` of ``step``, or as text why there is none: a profiler that fails (no
+    CUPTI in this environment, say) must not lose the timings already made, and a caller with a
+    time limit gives ``until`` (``time.monotonic()``) after which no profile starts."""
+    if time.monotonic() > until:
+        return "no profile: time ran short"
+    try:
+        return common.kernel_profile(session.torch, step, clock)
+    except Exception as error:  # reported in the table, in place of the profile
+        return f"no profile: {type(error).__name__}: {error}"
 
 
 def table(rows: list, dry_run: bool, precision: str) -> str:
@@ -312,6 +334,38 @@ def precision_table(rows: list) -> str:
     return common.markdown_table(header, body)
 
 
+#: Kernel names listed per configuration in the profile (the rest are summed on one line).
+PROFILE_TOP = 10
+
+
+def profile_tables(rows: list, precision: str) -> str:
+    """Where each side's step time goes on the device (``common.kernel_profile``): kernels per
+    step, their summed device time against the step's time, then our captured step's costliest
+    kernels by name."""
+    header, body, parts = ["model", "batch", "side", "step ms", "kernels / step", "device busy ms",
+                           "busy / step"], [], []
+    for row in rows:
+        for side, profile in row["profiles"].items():
+            step_ms = row["times"][precision][side].median
+            if isinstance(profile, str):
+                body.append([row["model"], row["batch"], side, f"{step_ms:.2f}", profile, "-", "-"])
+                continue
+            body.append([row["model"], row["batch"], side, f"{step_ms:.2f}", f"{profile.launches:,.0f}",
+                         f"{profile.busy_ms:.2f}", f"{profile.busy_ms / step_ms:.0%}"])
+        ours = row["profiles"].get("ours captured")
+        if ours is None or isinstance(ours, str):
+            continue
+        top = ours.top(PROFILE_TOP)
+        rest = [(n, us) for name, (n, us) in ours.kernels.items() if name not in {t[0] for t in top}]
+        lines = [[name, f"{n:g}", f"{us:,.0f}", f"{us / 1e3 / ours.busy_ms:.0%}"] for name, n, us in top]
+        if rest:
+            lines.append([f"({len(rest)} others)", f"{sum(n for n, _ in rest):g}", f"{sum(us for _, us in rest):,.0f}",
+                          f"{sum(us for _, us in rest) / 1e3 / ours.busy_ms:.0%}"])
+        parts.append(f"{row['model']} batch {row['batch']}, ours captured, by kernel:\n\n"
+                     + common.markdown_table(["kernel", "launches / step", "µs / step", "share of busy"], lines))
+    return "\n\n".join([common.markdown_table(header, body)] + parts)
+
+
 def report(rows: list, precisions, dry_run: bool) -> str:
     """The tables of a run: one per precision, then bf16 beside TF32 when both were timed."""
     parts = [f"### Training step, images/s, {p.upper()}"
@@ -321,6 +375,10 @@ def report(rows: list, precisions, dry_run: bool) -> str:
         parts.append("### bf16 against TF32, each side against itself (step memory: peak device memory of "
                      "one eager step beyond parameters, gradients, optimizer state and batch)\n\n"
                      + precision_table(rows))
+    if any(row.get("profiles") for row in rows):
+        parts.append(f"### Where the step's time goes on the device, {precisions[0].upper()} (torch.profiler: "
+                     f"every kernel, copy and fill of {common.PROFILE_STEPS} warm steps, per step; busy / step "
+                     f"below 100%: the device waits for the host)\n\n" + profile_tables(rows, precisions[0]))
     return "\n\n".join(parts)
 
 
@@ -338,6 +396,9 @@ def parse_args(argv=None):
                              "throughout), bf16 (ours: bfloat16 activations; PyTorch: autocast to bfloat16) "
                              "(default: tf32 bf16; the agreement check always runs in ieee)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the profile of each side's step by kernel (torch.profiler, in the first "
+                             "precision)")
     parser.add_argument("--budget-ms", type=float, default=3000.0,
                         help="device time per timed side; 10 to 100 steps (default: 3000)")
     parser.add_argument("--seed", type=int, default=None, help="seed of weights and inputs (default: fresh, printed)")
@@ -347,6 +408,7 @@ def parse_args(argv=None):
                         help="CPU: interpret backend, tiny models, agreement checks, no timing, nothing written")
     args = parser.parse_args(argv)
     args.command = "python -m bench.step " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.profile_until = math.inf
     args.models = args.models or (["attention56"] if args.dry_run else ["attention56", "attention92"])
     if args.dry_run and set(args.models) & set(IMAGENET_MODELS):
         parser.error("--dry-run takes the CIFAR models only: the ImageNet networks have no tiny version")

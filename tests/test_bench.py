@@ -6,6 +6,7 @@ checked where torch is importable (a CPU build is enough); those tests skip clea
 """
 import contextlib
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -232,6 +233,122 @@ def test_time_ms_repeats_within_its_budget_and_flushes_before_each_repetition():
     assert 2.0 <= timing.q25 <= timing.median <= timing.q75 and timing.median < 20
     fast = common.time_ms(lambda: None, HostClock(), budget_ms=60, min_reps=5, max_reps=50)
     assert fast.reps == 50
+
+
+def _kineto_trace(rng, steps: int, launches: dict):
+    """A made-up kineto trace of ``steps`` steps, each launching ``launches`` (name -> count) in a
+    random order with random durations and gaps, the host's events (API calls, operators) around
+    them; returns the events and what a profile must make of them: (launches, µs) per step by name."""
+    device, t, totals = [], rng.uniform(0, 1e6), {name: 0.0 for name in launches}
+    for _ in range(steps):
+        for name in rng.permutation([name for name, n in launches.items() for _ in range(n)]):
+            duration = rng.uniform(0.5, 50.0)
+            category = "gpu_memcpy" if name.startswith("Memcpy") else "gpu_memset" if name.startswith("Memset") \
+                else "kernel"
+            device.append({"ph": "X", "cat": category, "name": str(name), "ts": t, "dur": duration})
+            totals[name] += duration
+            t += duration + rng.uniform(0.0, 20.0)
+    first, last = device[0]["ts"], device[-1]["ts"] + device[-1]["dur"]  # the host's events lie around them
+    host = [{"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": first - 30.0, "dur": 5.0},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::add_", "ts": last + 10.0, "dur": 300.0},
+            {"ph": "i", "cat": "Trace", "name": "PyTorch Profiler", "ts": first - 100.0}]
+    events = list(rng.permutation(device + host))
+    return events, {name: (n, totals[name] / steps) for name, n in launches.items()}
+
+
+def test_kernel_profile_sums_each_kernels_device_time_per_step(rng):
+    steps = int(rng.integers(2, 5))
+    launches = {"conv2d_fwd_kernel": int(rng.integers(1, 6)), "bn_finalize_kernel": int(rng.integers(1, 6)),
+                "cupy_copy__float32_float32": 1, "Memcpy DtoD (Device -> Device)": 1, "Memset (Device)": 2}
+    events, expected = _kineto_trace(rng, steps, launches)
+    profile = common.summarize_trace(events, steps)
+    assert profile.kernels.keys() == expected.keys()     # the host's events are not device work
+    for name, (n, us) in expected.items():
+        assert profile.kernels[name][0] == pytest.approx(n, rel=1e-12)
+        assert profile.kernels[name][1] == pytest.approx(us, rel=1e-12)
+    assert profile.launches == pytest.approx(sum(launches.values()), rel=1e-12)
+    assert profile.busy_ms == pytest.approx(sum(us for _, us in expected.values()) / 1e3, rel=1e-12)
+    ranked = sorted(expected, key=lambda name: -expected[name][1])
+    assert [name for name, _, _ in profile.top(2)] == ranked[:2]
+    with pytest.raises(RuntimeError, match="no device work"):
+        common.summarize_trace([e for e in events if e["cat"] in ("cuda_runtime", "cpu_op", "Trace")], steps)
+
+
+def test_kernel_profile_records_only_the_steps_after_a_warm_one(rng, tmp_path):
+    """The profiler's plumbing with a stand-in for torch.profiler that 'sees' a kernel per call made
+    while it records: the warm call is not counted, the export is read back, the clock is synced."""
+    recording, seen, syncs = [False], [], []
+
+    class Profiler:
+        def __init__(self, activities):
+            assert activities == ["CUDA"]
+
+        def __enter__(self):
+            recording[0] = True
+            return self
+
+        def __exit__(self, *exc):
+            recording[0] = False
+
+        def export_chrome_trace(self, path):
+            Path(path).write_text(json.dumps({"traceEvents": seen}))
+
+    def step():
+        if recording[0]:
+            seen.append({"cat": "kernel", "name": "sgd_step_kernel", "ts": 10.0 * len(seen), "dur": 4.0})
+
+    torch = SimpleNamespace(profiler=SimpleNamespace(profile=Profiler, ProfilerActivity=SimpleNamespace(CUDA="CUDA")),
+                            cuda=SimpleNamespace(is_available=lambda: True))
+    clock = SimpleNamespace(synchronize=lambda: syncs.append(recording[0]))
+    steps = int(rng.integers(2, 6))
+    profile = common.kernel_profile(torch, step, clock, steps=steps)
+    assert len(seen) == steps and syncs == [False, True]  # synced after the warm call and before the stop
+    assert profile.kernels == {"sgd_step_kernel": (1.0, 4.0)}
+
+
+def test_kernel_profile_runs_torch_profiler(torch):
+    """The real torch.profiler path: on a GPU a CUDA add is seen as a kernel; without one, a clear
+    error rather than a profile of nothing."""
+    on_gpu = torch.cuda.is_available()
+    x = torch.ones(1024, device="cuda" if on_gpu else "cpu")
+    clock = SimpleNamespace(synchronize=torch.cuda.synchronize if on_gpu else lambda: None)
+    if on_gpu:
+        profile = common.kernel_profile(torch, lambda: x.add_(1), clock, steps=2)
+        assert profile.launches >= 1 and profile.busy_ms > 0
+        assert float(x[0]) == 4.0                              # the warm call and two recorded ones ran
+    else:
+        with pytest.raises(RuntimeError, match="needs a CUDA build of PyTorch and a GPU"):
+            common.kernel_profile(torch, lambda: x.add_(1), clock, steps=2)
+
+
+def test_a_profile_that_cannot_run_leaves_a_reason_not_a_failure():
+    calls = []
+    session = SimpleNamespace(torch=SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: False)))
+    late = bench_step._profile(session, lambda: calls.append(1), None, until=time.monotonic() - 1)
+    assert late == "no profile: time ran short" and not calls
+    failed = bench_step._profile(session, lambda: calls.append(1), None, until=math.inf)
+    assert failed.startswith("no profile: RuntimeError: a kernel profile needs a CUDA build of PyTorch")
+
+def test_step_report_shows_where_the_device_time_goes():
+    """The profile tables from made-up profiles (not measurements): each side's kernels and busy
+    time against its step, our captured step's costliest kernels, and a failed profile's reason."""
+    def ms(median):
+        return common.Timing(median, median, median, 10)
+
+    names = [f"kernel_{i}" for i in range(bench_step.PROFILE_TOP + 2)]
+    ours = common.KernelProfile({name: (2.0, 100.0 * (i + 1)) for i, name in enumerate(names)})
+    row = {"model": "attention92", "batch": 64, "errors": {"ours": 1e-3}, "yardstick": "PyTorch eager",
+           "times": {"tf32": {"ours captured": ms(10.0), "ours eager": ms(40.0), "PyTorch eager": ms(20.0)}},
+           "memory": {}, "variants": ["PyTorch eager"], "identical": {"tf32": True},
+           "profiles": {"ours captured": ours, "PyTorch eager": "no profile: RuntimeError: CUPTI"}}
+    text = re.sub(" +", " ", bench_step.report([row], ["tf32"], dry_run=False))
+    assert "Where the step's time goes on the device, TF32" in text
+    assert "| attention92 | 64 | ours captured | 10.00 | 24 | 7.80 | 78% |" in text   # 12 x 2; 100 x 78 µs
+    assert "| attention92 | 64 | PyTorch eager | 20.00 | no profile: RuntimeError: CUPTI | - | - |" in text
+    assert "| kernel_11 | 2 | 1,200 | 15% |" in text and "| kernel_2 | 2 | 300 | 4% |" in text
+    assert "| (2 others) | 4 | 300 | 4% |" in text and "| kernel_1 |" not in text   # kernel_0 and kernel_1
+    del row["profiles"]
+    assert "Where the step's time goes" not in bench_step.report([row], ["tf32"], dry_run=False)
 
 
 def _timing(ms):
