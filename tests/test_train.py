@@ -142,8 +142,9 @@ def test_bfloat16_needs_a_kernel_backend_and_a_resumed_run_keeps_its_precision(f
 
 
 @needs_matplotlib
-def test_masks_writes_one_png_per_image(finished_run, tiny_data, tmp_path, capsys):
+def test_masks_writes_one_png_per_image(finished_run, tiny_data, tmp_path, capsys, monkeypatch):
     out, _ = finished_run
+    monkeypatch.setattr(masks, "FIGURE_BATCH", 2)  # two forward passes: the second batch's figures too
     assert masks.main([str(out / "last.npz"), "--out", str(tmp_path / "figures"), "--images", "3",
                        "--data-dir", str(tiny_data), "--backend", "numpy"]) == 0
     written = sorted((tmp_path / "figures").glob("*.png"))
@@ -490,3 +491,17 @@ def test_a_small_network_learns_64_real_images(rng):
         if losses[-1] <= losses[0] / 2:
             break
     assert losses[-1] <= losses[0] / 2, f"loss per pass: {np.round(losses, 3)}"
+
+
+@needs_matplotlib
+def test_masks_of_a_network_of_other_classes_take_the_dataset_named(tiny_data, tmp_path, capsys):
+    weights = tmp_path / "seven-classes.npz"
+    ResidualAttentionNet(1, stem=8, widths=(16, 32, 64), num_classes=7,
+                         seed=int(np.random.default_rng().integers(1 << 30))).save(weights)
+    args = [str(weights), "--images", "1", "--data-dir", str(tiny_data), "--backend", "numpy",
+            "--out", str(tmp_path / "figures")]
+    assert masks.main(args) == 2
+    assert "a network of 7 classes was not trained on CIFAR-10 or CIFAR-100: name the dataset (--dataset)" in \
+        capsys.readouterr().err
+    assert masks.main(args + ["--dataset", "cifar10"]) == 0
+    assert [p.name for p in (tmp_path / "figures").glob("*.png")] == ["masks_0.png"]

@@ -60,7 +60,7 @@ def data_of(checkpoint: Checkpoint, dataset=None, data_dir=None):
     dataset = dataset or saved.get("dataset") or {10: "cifar10", 100: "cifar100"}.get(classes)
     if dataset is None:
         raise UsageError(f"a network of {classes} classes was not trained on CIFAR-10 or CIFAR-100: "
-                         f"name the dataset")
+                         f"name the dataset (--dataset)")
     return dataset, data_dir or saved.get("data_dir", DEFAULT_DATA_DIR)
 
 

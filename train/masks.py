@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import reference
 from ra_kernels import backend
-from ra_kernels.data import BatchLoader
+from ra_kernels.data import DATASETS, BatchLoader
 from train.checkpoint import data_of, model_from_checkpoint, read_checkpoint
 from train.common import BACKEND_HELP, UsageError, epoch_batches, load_dataset, prepare_output_dir, select_backend
 
@@ -35,6 +35,9 @@ def build_parser():
     parser.add_argument("--images", type=int, default=4, metavar="N",
                         help="how many test images, the first N of the test set, at most its size "
                              "(default: %(default)s)")
+    parser.add_argument("--dataset", choices=DATASETS,
+                        help="whose test images to draw (default: the checkpoint's dataset; for a weights "
+                             "file, the CIFAR of its number of classes)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="where the dataset is (default: the --data-dir the checkpoint was trained with, "
                              "or data for a weights file)")
@@ -56,14 +59,15 @@ def channel_mean_masks(masks):
 
 def write_figures(images, labels, class_names, masks, out, first=0):
     """One PNG per image, ``out/masks_<first + i>.png``: images uint8 (N, 32, 32, 3), labels (N,),
-    masks from channel_mean_masks. Returns the paths written.
+    masks from channel_mean_masks of the same N images (``first`` numbers the files only). Returns
+    the paths written.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for i, (image, label) in enumerate(zip(images, labels), start=first):
+    for i, (image, label) in enumerate(zip(images, labels)):
         fig, axes = plt.subplots(1, 1 + len(masks), figsize=(2.6 * (1 + len(masks)), 2.8), squeeze=False)
         axes = axes[0]
         axes[0].imshow(image)
@@ -76,7 +80,7 @@ def write_figures(images, labels, class_names, masks, out, first=0):
             ax.set_xticks([])
             ax.set_yticks([])
         fig.tight_layout()
-        path = out / f"masks_{i}.png"
+        path = out / f"masks_{first + i}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
         checkpoint = read_checkpoint(args.checkpoint)
         select_backend(args.backend)
         model = model_from_checkpoint(checkpoint, args.checkpoint)
-        dataset, data_dir = data_of(checkpoint, data_dir=args.data_dir)
+        dataset, data_dir = data_of(checkpoint, args.dataset, args.data_dir)
         data = load_dataset(dataset, data_dir, download=not args.no_download)
         if args.images > len(data.test_labels):
             raise UsageError(f"--images {args.images}: the test set of {dataset} has {len(data.test_labels)} images")
