@@ -245,6 +245,10 @@ class _AttentionNetwork(Module):
         return "\n".join(rows)
 
 
+#: The fewest channels of a stage: its units' bottlenecks have a quarter of them.
+MIN_STAGE_WIDTH = 4
+
+
 class ResidualAttentionNet(_AttentionNetwork):
     """Residual Attention Network: NHWC float32 images (N, 32, 32, 3) -> logits (N, num_classes).
 
@@ -259,6 +263,10 @@ class ResidualAttentionNet(_AttentionNetwork):
         super().__init__(attention, num_classes, seed)
         if len(widths) != 3:
             raise ValueError(f"ResidualAttentionNet: widths must name 3 stages, got {widths!r}")
+        if min(widths) < MIN_STAGE_WIDTH or stem < 1:
+            raise ValueError(f"ResidualAttentionNet: each stage needs at least {MIN_STAGE_WIDTH} channels (a unit's "
+                             f"bottleneck has a quarter of them) and the stem at least 1, got widths {tuple(widths)} "
+                             f"and stem {stem}")
         # The architecture, saved with the weights (nn.Module.architecture); the seed only draws them.
         # Python numbers, not NumPy's, so that it is JSON in the saved file.
         self.config = dict(modules_per_stage=int(modules_per_stage), p=int(p), t=int(t), r=int(r), stem=int(stem),

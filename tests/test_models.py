@@ -47,6 +47,9 @@ def test_bad_configuration_is_refused():
         tiny(attention="temporal")
     with pytest.raises(ValueError, match="widths must name 3 stages"):
         tiny(widths=(8, 16))
+    with pytest.raises(ValueError, match=r"at least 4 channels .* got widths \(8, 3, 8\) and stem 4"):
+        tiny(widths=(8, 3, 8))  # a bottleneck of 3 // 4 = 0 channels (was a ZeroDivisionError in the init)
+    assert tiny(widths=(4, 4, 4)).config["widths"] == (4, 4, 4)
 
 
 def test_initialisation_is_reproducible_and_he_scaled():

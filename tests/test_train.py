@@ -505,3 +505,15 @@ def test_masks_of_a_network_of_other_classes_take_the_dataset_named(tiny_data, t
         capsys.readouterr().err
     assert masks.main(args + ["--dataset", "cifar10"]) == 0
     assert [p.name for p in (tmp_path / "figures").glob("*.png")] == ["masks_0.png"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--widths", ["3", "8", "8"], "argument --widths: expected at least 4 channels"),
+    ("--epochs", ["1e3"], "argument --epochs: expected an integer, got '1e3'"),
+    ("--lr", ["fast"], "argument --lr: expected a number, got 'fast'")])
+def test_option_values_are_refused_in_words(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cifar.main(_argv(tmp_path / "no-data", tmp_path / "out", option, *value))
+    assert exit_info.value.code == run.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "_positive" not in err and not (tmp_path / "out").exists()

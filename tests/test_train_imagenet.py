@@ -5,6 +5,7 @@ The network is the whole ImageNet Attention-56 (29.8 M parameters with 3 classes
 batch 4, two steps an epoch: these tests check the machinery (decoding, crops, checkpoints,
 exact resume, evaluation at another size, the errors a user meets), not learning.
 """
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 Image = pytest.importorskip("PIL.Image", reason="decoding needs Pillow")
 pytest.importorskip("tqdm", reason="the training commands draw their progress bars with tqdm")
+from ra_kernels.imagefolder import CorruptImageWarning  # noqa: E402
 from train import imagenet, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +99,19 @@ def test_eval_only_at_another_size(folder, finished_run, capsys):
     assert imagenet.main(evaluate + ["--image-size", "96", "--limit-test", "4"]) == 0
     assert f"(4 validation images of {folder} at 96x96" in capsys.readouterr().out
 
+
+def test_eval_only_on_data_that_fails_is_a_clear_error(folder, finished_run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    for image in (broken / "val" / CLASSES[1]).iterdir():  # no stand-in left in the class
+        image.write_bytes(b"not a JPEG")
+    with pytest.warns(CorruptImageWarning, match="cannot decode the image"):
+        code = imagenet.main(["--eval-only", str(finished_run / "last.npz"), "--data-dir", str(broken),
+                              "--backend", "numpy", "--batch-size", str(BATCH)])
+    err = capsys.readouterr().err
+    assert code == run.EXIT_USAGE, err
+    assert f"error: reading the test data failed: {broken / 'val' / CLASSES[1]}: every image of the class is corrupt" \
+        in err and "Traceback" not in err
 
 def test_bad_folders_and_options_are_clear_errors(folder, tmp_path, capsys):
     (tmp_path / "train" / "n1").mkdir(parents=True)

@@ -54,12 +54,20 @@ from pathlib import Path
 
 from ra_kernels import distributed
 from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels
-from ra_kernels.models import MODELS, ResidualAttentionNet
+from ra_kernels.models import MIN_STAGE_WIDTH, MODELS, ResidualAttentionNet
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES
 from train import run
 from train.checkpoint import data_of, model_from_checkpoint
 from train.common import DEFAULT_DATA_DIR, UsageError, load_dataset
 from train.run import _fraction, _positive_int
+
+
+def _stage_width(text):
+    value = _positive_int(text)
+    if value < MIN_STAGE_WIDTH:
+        raise argparse.ArgumentTypeError(f"expected at least {MIN_STAGE_WIDTH} channels (a unit's bottleneck has a "
+                                         f"quarter of them), got {text}")
+    return value
 
 
 class Cifar(run.Task):
@@ -141,7 +149,7 @@ def build_parser():
                             "per stage; attention452 has 6 with p, t, r = 2, 4, 3 (default: %(default)s)")
     model.add_argument("--stem", type=_positive_int, default=16, metavar="C",
                        help="channels of the first convolution (default: %(default)s, the paper's)")
-    model.add_argument("--widths", type=_positive_int, nargs=3, default=[64, 128, 256], metavar="C",
+    model.add_argument("--widths", type=_stage_width, nargs=3, default=[64, 128, 256], metavar="C",
                        help="channels of the three stages (default: 64 128 256, the paper's); narrower "
                             "networks make quick runs")
     run.add_attention_options(model)

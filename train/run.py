@@ -112,36 +112,46 @@ class Task:
 
 # --------------------------------------------------------------------------- command line
 
+def _number(text, kind):
+    """``kind(text)`` (int or float), or an argparse error in words (argparse's own would name this
+    module's function)."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+            from None
+
+
 def _positive_int(text):
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
 def _non_negative_int(text):
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
 
 
 def _positive_float(text):
-    value = float(text)
+    value = _number(text, float)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
 def _non_negative_float(text):
-    value = float(text)
+    value = _number(text, float)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return value
 
 
 def _fraction(text):
-    value = float(text)
+    value = _number(text, float)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
     return value
@@ -730,8 +740,12 @@ def evaluate_checkpoint(task, args, explicit) -> int:
     select_backend(args.backend)
     select_precision(args.precision)
     model, loader, what = task.evaluation(args, explicit, checkpoint, path)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        loss, accuracy, top5 = evaluate(EvalStep(model, new_totals(), False if args.no_cuda_graph else None), loader)
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            loss, accuracy, top5 = evaluate(EvalStep(model, new_totals(), False if args.no_cuda_graph else None),
+                                            loader)
+    except DataError as error:
+        raise UsageError(f"reading the test data failed: {error}") from None
     print(f"{path}: {describe_checkpoint(task, checkpoint)}")
     print(f"test accuracy {accuracy:.2%}  top-5 {top5:.2%}  test loss {loss:.4f}  ({what}, backend "
           f"{backend.get_backend()}, precision {backend.get_precision()})")
