@@ -333,6 +333,41 @@ def test_a_crash_between_last_and_best_is_repaired_on_resume(finished_run, tiny_
     assert not list(out.glob("*.tmp"))
 
 
+def test_a_resume_rewrites_the_history_files_a_crash_left_behind(finished_run, tiny_data, tmp_path, capsys):
+    """metrics.csv and curves.png follow last.npz at an epoch end: a crash between them (or a user's
+    edit) leaves them behind the checkpoint, and a resume, of a finished run too, rewrites them."""
+    out = tmp_path / "behind"
+    shutil.copytree(finished_run[0], out)
+    want = (out / "metrics.csv").read_text()
+    (out / "metrics.csv").write_text("\n".join(want.splitlines()[:-1]) + "\n")  # the last epoch's row lost
+    (out / "curves.png").unlink()
+    assert cifar.main(["--out", str(out), "--resume"]) == 0
+    assert (out / "metrics.csv").read_text() == want
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_file_that_cannot_be_written_stops_the_run_clearly_and_resumes(finished_run, tiny_data, tmp_path,
+                                                                         monkeypatch, capsys):
+    out, real_write, writes = tmp_path / "disk-full", run.write_checkpoint, []
+
+    def full_at_the_second_epoch_end(path, *args):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(path, *args)
+
+    monkeypatch.setattr(run, "write_checkpoint", full_at_the_second_epoch_end)
+    assert cifar.main(_argv(tiny_data, out)) == run.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"writing {out / 'last.npz'} failed ([Errno 28] No space left on device)" in err and "Traceback" not in err
+    assert f"The last checkpoint is {out / 'last.npz'} (end of epoch 1" in err
+    assert _meta(out / "last.npz")["epoch"] == 1 and not list(out.glob("*.tmp"))
+    monkeypatch.setattr(run, "write_checkpoint", real_write)
+    assert cifar.main(["--out", str(out), "--resume"]) == 0
+    want, got = _checkpoint_arrays(finished_run[0] / "last.npz"), _checkpoint_arrays(out / "last.npz")
+    assert all(np.array_equal(got[name], want[name]) for name in want if name != "meta")
+
 def test_a_best_npz_that_cannot_be_rebuilt_is_reported(finished_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "removed"
     assert cifar.main(_argv(tiny_data, out), after_step=_interrupt_at(7)) == run.EXIT_INTERRUPTED

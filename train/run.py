@@ -56,6 +56,8 @@ every --log-every steps and at each epoch end) stops the run with code 1 and lea
 last good checkpoint in place. Bad options, unreadable data or checkpoints: code 2 (data that
 fails in the middle of a run: last.npz is written first, and --resume continues; under mpirun
 the failing rank stops every rank at once, and --resume continues from the last checkpoint).
+A file of the run that cannot be written (a full disk): code 2, the files written before it
+stand, and --resume continues from the last checkpoint (and rewrites metrics.csv and curves.png).
 Under mpirun a rank that fails stops every rank (code 3, or its own), one that hangs too, after
 --collective-timeout seconds. SIGTERM stops a run as Ctrl-C does.
 
@@ -64,6 +66,10 @@ Under mpirun a rank that fails stops every rank (code 3, or its own), one that h
 
 class Diverged(Exception):
     """The loss became NaN or Inf."""
+
+
+class OutputError(Exception):
+    """A file of the run could not be written (a full disk, a quota): the files written before it stand."""
 
 
 class Task:
@@ -489,6 +495,8 @@ class Run:
             self._repair_best()
             for name in ("last.npz", "best.npz", "metrics.csv", "curves.png"):  # left by a kill mid-write
                 (self.out / (name + ".tmp")).unlink(missing_ok=True)
+            if self.history:  # written after last.npz at an epoch end: a crash there leaves them behind it
+                self._write_history()
 
     def _best_file_record(self):
         """The ``best`` record of best.npz itself (the epoch whose end it holds), or None when there is
@@ -553,8 +561,27 @@ class Run:
         if self.world.distributed:
             totals = self.world.gather_host(backend.to_numpy(totals))
         if self.leader:
-            write_checkpoint(self.out / "last.npz", self.model, self.optimizer, totals, meta)
+            with self._writing("last.npz"):
+                write_checkpoint(self.out / "last.npz", self.model, self.optimizer, totals, meta)
         self.last_good = self._checkpoint_description()
+
+    @contextlib.contextmanager
+    def _writing(self, name):
+        """The block writes the run's file ``name``: its OSError becomes an OutputError naming it."""
+        try:
+            yield
+        except OSError as error:
+            raise OutputError(f"writing {self.out / name} failed ({error})") from error
+
+    def _write_history(self):
+        """metrics.csv and curves.png from the history (rank 0)."""
+        with self._writing("metrics.csv"):
+            write_metrics_csv(self.history, self.out / "metrics.csv")
+        try:
+            with self._writing("curves.png"):
+                plot_curves(self.history, self.out / "curves.png")
+        except ImportError:
+            tqdm.write("matplotlib is not installed: curves.png not written (pip install matplotlib)")
 
     # ----------------------------------------------------------------- training
 
@@ -599,6 +626,12 @@ class Run:
             self._print(f"{self.task.name}: training diverged: {error}. The parameters are no longer usable and were "
                         f"not saved; the last good checkpoint is {self.last_good}. Try a lower --lr.", file=sys.stderr)
             return EXIT_DIVERGED
+        except OutputError as error:  # rank 0's alone (it writes the files): the others wait in a collective
+            self._print(f"{self.task.name}: {error}. The last checkpoint is {self.last_good}; make room and "
+                        f"continue with --resume.", file=sys.stderr, flush=True)
+            if world.distributed:
+                world.abort(EXIT_USAGE)
+            return EXIT_USAGE
         self._report()
         return 0
 
@@ -686,12 +719,9 @@ class Run:
         self.save()
         if self.leader:
             if improved:  # after last.npz, which names this epoch best: a crash between the two is repaired on resume
-                npzfile.copy(self.out / "last.npz", self.out / "best.npz")
-            write_metrics_csv(self.history, self.out / "metrics.csv")
-            try:
-                plot_curves(self.history, self.out / "curves.png")
-            except ImportError:
-                tqdm.write("matplotlib is not installed: curves.png not written (pip install matplotlib)")
+                with self._writing("best.npz"):
+                    npzfile.copy(self.out / "last.npz", self.out / "best.npz")
+            self._write_history()
         self._write(f"epoch {row['epoch']}/{self.args.epochs}: train loss {train_loss:.4f} acc {train_accuracy:.2%}"
                    f" | test loss {test_loss:.4f} acc {test_accuracy:.2%} top-5 {test_top5:.2%} | lr {row['lr']:.3g} | "
                    f"{row['images_per_second']:.1f} img/s")
