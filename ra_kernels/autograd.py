@@ -25,7 +25,7 @@ import weakref
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import check_array, to_numpy
 
 _grad_enabled = [True]
 
@@ -138,18 +138,26 @@ class Tensor:
                 raise RuntimeError(f"backward(): grad can be omitted only for a single-element "
                                    f"tensor (a loss), this one has shape {tuple(self.shape)}")
             grad = arithmetic.ones_like(self.data)
-        if grad.shape != self.shape:
-            raise ValueError(f"backward(): grad has shape {tuple(grad.shape)}, the tensor {tuple(self.shape)}")
+        _check_gradient("backward(): grad", check_array("backward()", "grad", grad), self)
         if self.node is None:
             _accumulate(self, grad)
             return
+        nodes = list(_reverse_topological(self.node))
+        # Checked before anything runs, so that a refused backward adds nothing anywhere.
+        if any(node.ctx is None for node in nodes):
+            raise RuntimeError("backward(): part of this graph was differentiated already, and a backward pass "
+                               "frees what each op saved for it: compute the forward again")
+        for node in nodes:
+            for t in node.inputs:
+                if t is not None and t.node is None and t.grad is not None and t.requires_grad:
+                    _check_gradient("a leaf's grad", t.grad, t)
         # Gradients waiting for each node, one slot per output, summed as they arrive; ``owned``: the
         # (node id, output index) slots whose array nothing but the slot holds, so that a later
         # backward may add into it (never the caller's grad, nor a gradient an op may share).
         pending = {id(self.node): [None] * len(self.node.outputs)}
         pending[id(self.node)][self.output_index] = grad
         owned = set()
-        for node in _reverse_topological(self.node):
+        for node in nodes:
             out_grads = pending.pop(id(node))
             for out_ref, g in zip(node.outputs, out_grads):
                 out = out_ref()
@@ -202,7 +210,18 @@ def _accumulate(tensor, grad):
     if tensor.grad is None:
         tensor.grad = arithmetic.copy(grad)
     else:
+        _check_gradient("a tensor's grad", tensor.grad, tensor)
         arithmetic.add_into(tensor.grad, grad)
+
+
+def _check_gradient(what, grad, tensor):
+    """A gradient array that kernels will read or add into must match ``tensor``: its shape and
+    dtype, and C-contiguous (a kernel indexes it as such, so a strided view would be read or
+    written in the wrong places)."""
+    if grad.shape != tensor.shape or grad.dtype != tensor.dtype or not grad.flags.c_contiguous:
+        layout = "" if grad.flags.c_contiguous else ", not C-contiguous"
+        raise ValueError(f"{what} must be a C-contiguous array of the tensor's shape {tuple(tensor.shape)} and "
+                         f"dtype {tensor.dtype}, got shape {tuple(grad.shape)} and dtype {grad.dtype}{layout}")
 
 
 def _reverse_topological(root):

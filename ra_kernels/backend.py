@@ -135,7 +135,23 @@ def check_array(where: str, name: str, a, hint: str = "", also: str = ""):
         given = "CuPy" if is_cupy_array(a) else "NumPy"
         raise TypeError(f"{where}: {name} is a {given} array but the backend is {backend!r}, which takes "
                         f"{wanted} arrays (convert with ra_kernels.backend.asarray){hint}")
+    if not a.dtype.isnative:  # kernels read memory in this machine's byte order
+        raise TypeError(f"{where}: {name} is {a.dtype.name} in the other byte order ({a.dtype.str}); convert it "
+                        f"with {name}.astype({name}.dtype.newbyteorder('=')){hint}")
     return a
+
+
+def check_labels(where: str, labels, count: int):
+    """``labels`` itself when it is a C-contiguous integer array (count,) of the current backend;
+    otherwise a TypeError or ValueError naming ``where``. Kernels read labels by their index, so a
+    strided view would be read as other labels."""
+    labels = check_array(where, "labels", labels)
+    if labels.dtype.kind not in "iu" or labels.shape != (count,):
+        raise ValueError(f"{where}: labels must be integers of shape ({count},), got {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}")
+    if not labels.flags.c_contiguous:
+        raise ValueError(f"{where}: labels must be C-contiguous (strides {labels.strides}); pass a contiguous copy")
+    return labels
 
 
 def xp():

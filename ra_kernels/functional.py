@@ -26,7 +26,7 @@ import reference as ref
 
 from . import autograd
 from .autograd import Function, Tensor
-from .backend import BFLOAT16, check_array, choose, empty_like, get_backend, get_precision
+from .backend import BFLOAT16, check_array, check_labels, choose, empty_like, get_backend, get_precision
 from .kernels import attention as attention_kernels
 from .kernels import batchnorm as batchnorm_kernels
 from .kernels import conv as conv_kernels
@@ -328,7 +328,17 @@ def _check_bn(op, channels, count, dtype, gamma, beta, running_mean, running_var
     if training and count < 2:
         raise ValueError(f"{op}: training needs more than 1 value per channel to normalise by their "
                          f"variance, got {count}")
+    if training:
+        _check_writable(op, running_mean=running_mean, running_var=running_var)
     return training, momentum, eps, relu
+
+
+def _check_writable(op, **statistics):
+    """Running statistics that a training step updates in place must be writable (a kernel would
+    write through a read-only NumPy array's pointer regardless)."""
+    for name, a in statistics.items():
+        if not getattr(_data(a).flags, "writeable", True):  # CuPy arrays have no such flag
+            raise ValueError(f"{op}: {name} is read-only, and training updates it in place")
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
@@ -425,6 +435,7 @@ def _chain_norm(op, name, whose, bn, shape, dtype):
     if not isinstance(bn, (list, tuple)) or len(bn) != 4:
         raise ValueError(f"{op}: {name} must be (gamma, beta, running_mean, running_var), got {bn!r}")
     _check_channel_params(op, shape[3], dtype, gamma=bn[0], beta=bn[1], running_mean=bn[2], running_var=bn[3])
+    _check_writable(op, **{f"{name} running_mean": bn[2], f"{name} running_var": bn[3]})
     if shape[0] * shape[1] * shape[2] < 2:
         raise ValueError(f"{op}: {whose} batch norm needs more than 1 value per channel to normalise by their "
                          f"variance, got {shape[0] * shape[1] * shape[2]}")
@@ -554,13 +565,8 @@ def cross_entropy(logits, labels):
     would read labels back mid-step, so it is left to the kernel.
     """
     _check_array("cross_entropy", "logits", logits, 2, "(N, classes)", activation=False)
-    labels = check_array("cross_entropy", "labels", _data(labels), also=" or a Tensor")
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: labels must be an integer array, got {labels.dtype.name}")
     n, classes = _data(logits).shape
-    if labels.shape != (n,):
-        raise ValueError(f"cross_entropy: labels must have shape ({n},) for logits {(n, classes)}, "
-                         f"got {tuple(labels.shape)}")
+    labels = check_labels("cross_entropy", _data(labels), n)
     if isinstance(labels, np.ndarray) and labels.size and not (0 <= labels.min() and labels.max() < classes):
         raise ValueError(f"cross_entropy: labels must lie in [0, {classes}), "
                          f"got values from {labels.min()} to {labels.max()}")

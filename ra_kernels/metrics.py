@@ -11,7 +11,7 @@ import numpy as np
 
 import reference
 
-from .backend import check_array, choose, get_backend
+from .backend import check_array, check_labels, choose, get_backend
 from .kernels import metrics as metrics_kernels
 
 TOTALS, TOP_K = reference.metrics.TOTALS, reference.metrics.TOP_K
@@ -19,7 +19,7 @@ TOTALS, TOP_K = reference.metrics.TOTALS, reference.metrics.TOP_K
 
 def _check(logits, labels, loss, totals):
     backend = get_backend()
-    for name, a in (("logits", logits), ("labels", labels), ("loss", loss), ("totals", totals)):
+    for name, a in (("logits", logits), ("loss", loss), ("totals", totals)):
         check_array("accumulate_metrics", name, a)
     floats = ("float32", "float64") if backend == "numpy" else ("float32",)
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.dtype.name not in floats:
@@ -27,9 +27,7 @@ def _check(logits, labels, loss, totals):
                          f"{' or '.join(floats)}, got shape {tuple(logits.shape)} {logits.dtype}")
     if not logits.flags.c_contiguous:
         raise ValueError(f"accumulate_metrics: logits must be C-contiguous, got strides {logits.strides}")
-    if labels.shape != logits.shape[:1] or labels.dtype.kind not in "iu":
-        raise ValueError(f"accumulate_metrics: labels must be integers of shape ({logits.shape[0]},), "
-                         f"got {labels.dtype} of shape {tuple(labels.shape)}")
+    check_labels("accumulate_metrics", labels, logits.shape[0])
     if loss.size != 1 or loss.dtype.name not in floats:
         raise ValueError(f"accumulate_metrics: loss must be a single {' or '.join(floats)} value, "
                          f"got {loss.dtype} of shape {tuple(loss.shape)}")

@@ -99,10 +99,7 @@ class SGD:
 
         The value travels as a launch argument of the fill: under CUDA-graph capture, call
         this outside the captured region, which then reads the array as it stands."""
-        value = float(value)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"SGD.set_lr: the learning rate must be a finite number >= 0, got {value}")
-        self.lr.fill(value)
+        self.lr.fill(_check_lr(value))
 
     def zero_grad(self):
         """Zero every gradient with one fill of the flat buffer (a kernel on cuda and interpret, so
@@ -147,9 +144,21 @@ class SGD:
         momentum, weight_decay = float(state["momentum"]), float(state["weight_decay"])
         nesterov = bool(state["nesterov"])
         self._check_hyperparameters(momentum, weight_decay, nesterov)
+        lr = np.asarray(to_numpy(state["lr"])).reshape(-1)
+        if lr.size != 1:
+            raise ValueError(f"SGD.load_state_dict: lr must be one value, got {lr.size}")
+        _check_lr(lr[0])  # everything checked before anything changes: a failed load changes nothing
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         self.velocity[...] = xp().asarray(velocity, dtype=np.float32)
-        self.set_lr(np.asarray(to_numpy(state["lr"])).reshape(-1)[0])
+        self.set_lr(lr[0])
+
+
+def _check_lr(value) -> float:
+    """``value`` as a float; ValueError unless it is a finite number >= 0."""
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"SGD.set_lr: the learning rate must be a finite number >= 0, got {value}")
+    return value
 
 
 def _check_schedule(name, base_lr, total_iterations):

@@ -265,3 +265,43 @@ def test_repr_shows_small_values_like_pytorch(rng):
     assert small.startswith("Tensor([") and small.endswith("], dtype=float64)")
     assert shown(small) == pytest.approx(value.tolist(), abs=1e-4)
     assert repr(Tensor(np.zeros((8, 9), np.float32))) == "Tensor(shape=(8, 9), dtype=float32)"
+
+
+def test_a_backward_seed_must_fit_the_tensor(rng):
+    """Kernels index gradients as C-contiguous arrays of the tensor's dtype: a transposed view or an
+    integer seed was read wrongly (interpret backend) instead of refused."""
+    x = Tensor(rng.standard_normal((3, 4)), requires_grad=True)
+    y = Scale.apply(x, 2.0)
+    seed = rng.standard_normal((4, 3))
+    with pytest.raises(ValueError, match=r"grad must be a C-contiguous array .* \(3, 4\) .*, not C-contiguous"):
+        y.backward(seed.T)
+    with pytest.raises(ValueError, match=r"dtype float64, got shape \(3, 4\) and dtype int64"):
+        y.backward(np.ones((3, 4), np.int64))
+    with pytest.raises(TypeError, match=r"backward\(\): grad must be a NumPy or CuPy array"):
+        y.backward(Tensor(seed.T.copy()))
+    assert x.grad is None                               # nothing ran
+    y.backward(seed.T.copy())
+    np.testing.assert_array_equal(x.grad, 2.0 * seed.T)
+
+
+def test_a_leaf_grad_that_does_not_fit_is_refused_before_anything_is_added(rng):
+    a, b = (Tensor(rng.standard_normal((2, 3)), requires_grad=True) for _ in range(2))
+    a.grad, b.grad = np.zeros((2, 3)), np.zeros((3, 2)).T  # b's: the right shape, strided
+    with pytest.raises(ValueError, match=r"a leaf's grad must be a C-contiguous array .* not C-contiguous"):
+        Sum.apply(Mul.apply(a, b)).backward()
+    assert not a.grad.any() and not b.grad.any()
+    b.grad = np.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) .* got shape \(3, 2\)"):
+        Sum.apply(Mul.apply(a, b)).backward()
+
+
+def test_a_second_backward_through_a_freed_graph_is_refused_and_adds_nothing(rng):
+    a, b = (Tensor(rng.standard_normal(3), requires_grad=True) for _ in range(2))
+    y = Mul.apply(a, b)
+    loss = Sum.apply(y)
+    loss.backward()
+    first = a.grad.copy()
+    for again in (loss, Sum.apply(Scale.apply(y, 3.0))):  # the same loss, and a new one on the same trunk
+        with pytest.raises(RuntimeError, match="differentiated already.*compute the forward again"):
+            again.backward()
+        np.testing.assert_array_equal(a.grad, first)

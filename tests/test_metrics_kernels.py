@@ -120,6 +120,10 @@ def test_bad_arguments():
         accumulate_metrics(logits, labels[:3], loss, totals)
     with pytest.raises(ValueError, match="labels must be integers"):
         accumulate_metrics(logits, labels.astype(np.float32), loss, totals)
+    with pytest.raises(ValueError, match="labels must be C-contiguous"):  # read as other labels by a kernel
+        accumulate_metrics(logits, np.zeros((4, 2), np.int64)[:, 0], loss, totals)
+    with pytest.raises(TypeError, match=r"labels is int64 in the other byte order \(>i8\)"):
+        accumulate_metrics(logits, labels.astype(">i8"), loss, totals)
     with pytest.raises(ValueError, match="logits must be a non-empty"):
         accumulate_metrics(logits[0], labels, loss, totals)
     with pytest.raises(ValueError, match="C-contiguous"):

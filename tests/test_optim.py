@@ -157,6 +157,20 @@ def test_state_dict_round_trip(any_backend, rng):
     assert np.array_equal(_host(clone.lr), np.float32([0.05]))
 
 
+@pytest.mark.parametrize("lr, says", [(np.float32([np.nan]), "the learning rate must be a finite number >= 0"),
+                                      (np.float32([-0.1]), "the learning rate must be a finite number >= 0"),
+                                      (np.float32([]), "lr must be one value, got 0")])
+def test_a_state_that_cannot_be_loaded_changes_nothing(rng, lr, says):
+    opt = SGD(_parameters(rng), lr=0.05, momentum=0.8, weight_decay=1e-3, nesterov=False)
+    opt.velocity[...] = backend.asarray(rng.standard_normal(opt.velocity.shape).astype(np.float32))
+    before = opt.state_dict()
+    other = dict(velocity=rng.standard_normal(opt.velocity.shape).astype(np.float32), lr=lr,
+                 momentum=np.array(0.5), weight_decay=np.array(0.0), nesterov=np.array(True))
+    with pytest.raises(ValueError, match=says):
+        opt.load_state_dict(other)
+    after = opt.state_dict()
+    assert all(np.array_equal(after[k], before[k]) for k in before), "a failed load changed the optimizer"
+
 def test_bad_arguments(rng):
     params = _parameters(rng)
     with pytest.raises(ValueError, match="empty"):

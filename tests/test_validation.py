@@ -15,6 +15,12 @@ def bn_params(c):
     return f32(c), f32(c), np.zeros(c, np.float32), np.ones(c, np.float32)
 
 
+def read_only_statistics(params):
+    gamma, beta, mean, var = params
+    mean.flags.writeable = False
+    return gamma, beta, mean, var
+
+
 @pytest.mark.parametrize("call, error, message", [
     # wrong rank
     (lambda: F.conv2d(f32(2, 8, 8), f32(3, 3, 8, 4)), ValueError,
@@ -63,7 +69,7 @@ def bn_params(c):
      r"upsample_bilinear: skip must have shape \(1, 8, 8, 2\)"),
     (lambda: F.upsample_bilinear(f32(1, 4, 4, 2), (8, 0)), ValueError, r"upsample_bilinear: size must be"),
     (lambda: F.cross_entropy(f32(4, 10), np.zeros(3, np.int64)), ValueError,
-     r"cross_entropy: labels must have shape \(4,\)"),
+     r"cross_entropy: labels must be integers of shape \(4,\), got int64 of shape \(3,\)"),
     (lambda: F.cross_entropy(f32(4, 10), np.array([0, 1, 10, 2])), ValueError, r"labels must lie in \[0, 10\)"),
     # hyperparameters
     (lambda: F.conv2d(f32(1, 8, 8, 3), f32(3, 3, 3, 4), stride=0), ValueError,
@@ -75,18 +81,27 @@ def bn_params(c):
     (lambda: F.max_pool2d(f32(1, 8, 8, 3), ceil_mode=1), ValueError, r"max_pool2d: ceil_mode must be True or False"),
     (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(3), momentum=1.5), ValueError,
      r"batch_norm: momentum must be in \[0, 1\]"),
+    (lambda: F.batch_norm(f32(2, 4, 4, 3), *read_only_statistics(bn_params(3))), ValueError,
+     r"batch_norm: running_mean is read-only, and training updates it in place"),
+    (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, read_only_statistics(bn_params(8))),
+                                            (f32(1, 1, 8, 2), 1, 0, None)]),
+     ValueError, r"conv_chain: layer 0 bn running_mean is read-only"),
     # dtypes
     (lambda: F.relu(np.arange(6).reshape(2, 3)), TypeError,
      r"relu: x must be float32 or float64 on the numpy backend, got int64"),
     (lambda: F.add(f32(2, 3), f32(2, 3).astype(np.float64)), TypeError,
      r"add: b is float64 but must be float32, since the other inputs are float32"),
-    (lambda: F.cross_entropy(f32(4, 10), f32(4)), TypeError,
-     r"cross_entropy: labels must be an integer array, got float32"),
+    (lambda: F.cross_entropy(f32(4, 10), f32(4)), ValueError,
+     r"cross_entropy: labels must be integers of shape \(4,\), got float32"),
+    (lambda: F.relu(f32(2, 3).astype(">f4")), TypeError,
+     r"relu: x is float32 in the other byte order \(>f4\); convert it with x.astype"),
     (lambda: F.sigmoid([1.0, 2.0]), TypeError, r"sigmoid: x must be a NumPy or CuPy array or a Tensor, got list"),
     # layout
     (lambda: F.conv2d(f32(1, 8, 8, 3).transpose(0, 2, 1, 3), f32(3, 3, 3, 4)), ValueError,
      r"conv2d: x must be C-contiguous"),
     (lambda: F.relu(f32(4, 6)[:, ::2]), ValueError, r"relu: x must be C-contiguous"),
+    (lambda: F.cross_entropy(f32(4, 10), np.zeros((4, 2), np.int64)[:, 0]), ValueError,
+     r"cross_entropy: labels must be C-contiguous"),
 ])
 def test_bad_input_on_numpy_backend(call, error, message):
     with pytest.raises(error, match=message):
