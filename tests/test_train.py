@@ -552,3 +552,14 @@ def test_option_values_are_refused_in_words(tmp_path, capsys, option, value, mes
     assert exit_info.value.code == run.EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and "_positive" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_data, tmp_path, capsys):
+    out = tmp_path / "shared"
+    out.mkdir()
+    with cifar_common.output_lock(out):  # what a running train.cifar holds (flock: per open file, so in-process too)
+        assert cifar.main(_argv(tiny_data, out)) == run.EXIT_USAGE
+        assert f"--out {out}: another run is writing there" in capsys.readouterr().err
+        assert list(out.iterdir()) == []                     # nothing written, nothing removed
+    with cifar_common.output_lock(out):  # released with the block: the lock is free again
+        pass

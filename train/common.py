@@ -1,6 +1,7 @@
 """What the training commands share: the usage error they report, backend selection, the
 dataset, and an epoch's batches."""
 import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -27,12 +28,34 @@ PRECISION_HELP = ("tf32: float32 storage, matrix products with TF32 inputs; ieee
                   "computes in float32 whatever tf32 or ieee says (default: %(default)s)")
 
 
+@contextlib.contextmanager
+def output_lock(path, option="--out"):
+    """Hold an exclusive lock on the directory ``path`` for the block (flock: released when the
+    process ends, however it ends). A second run into the same folder would interleave its files
+    with the first's and make each print claims about the other's: UsageError. A file system
+    without locks (some network ones) runs the block unguarded."""
+    import fcntl
+    folder = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{option} {path}: another run is writing there (it holds the folder's lock): wait "
+                             f"for it to end, or choose another {option}") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(folder)
+
+
 def select_precision(name):
     """Make ``name`` (one of backend.PRECISIONS) the precision of the current backend's ops;
     UsageError where that backend cannot run it."""
     if name == "bf16" and backend.get_backend() == "numpy":
         raise UsageError("--precision bf16 runs on the cuda and interpret backends: the numpy backend stores "
-                         "float32 (give --precision tf32, or another --backend)")
+                         "float32 (a new run: give --precision tf32; a resumed run keeps its precision: give "
+                         "--backend interpret, which is slow, or resume it on a GPU)")
     backend.set_precision(name)
     return name
 

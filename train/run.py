@@ -27,8 +27,8 @@ from ra_kernels.models import ATTENTIONS
 from ra_kernels.optim import SCHEDULES, SGD, linear_scaling
 from ra_kernels.steps import EvalStep, TrainStep
 from train.checkpoint import read_checkpoint, write_checkpoint
-from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, prepare_output_dir,
-                          select_backend, select_precision)
+from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, output_lock,
+                          prepare_output_dir, select_backend, select_precision)
 
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "train_top5_accuracy", "test_loss",
                    "test_accuracy", "test_top5_accuracy", "lr", "seconds", "images_per_second")
@@ -823,7 +823,8 @@ def main(task, argv=None, after_step=None) -> int:
             raise UsageError(f"{args.out} already holds a run ({last}): add --resume to continue it, or "
                              f"choose another --out")
         prepare_output_dir(args.out)
-        return Run(task, args, checkpoint).train(after_step)
+        with output_lock(args.out) if world.rank == 0 else contextlib.nullcontext():  # rank 0 writes the files
+            return Run(task, args, checkpoint).train(after_step)
     except UsageError as error:
         rank = f" (rank {world.rank})" if world.distributed else ""
         print(f"{task.name}{rank}: error: {error}", file=sys.stderr, flush=True)
