@@ -32,6 +32,7 @@ import operator
 import os
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,14 @@ class ImagePaths(collections.abc.Sequence):
     def _name(self, i):
         start = self._ends[i - 1] if i > 0 else 0
         return os.fsdecode(self._names[start:self._ends[i]])
+
+    def checksum(self, crc: int = 0) -> int:
+        """A CRC-32 of the paths below their folders' parent (class folder and file name each,
+        wherever the split's root now lies), continuing ``crc``."""
+        for part in ("/".join(folder.name for folder in self._folders).encode(), self._folder_of.tobytes(),
+                     self._ends.tobytes(), self._names):
+            crc = zlib.crc32(part, crc)
+        return crc
 
     def take(self, indices):
         """The paths of images ``indices`` (integers, negative from the end), in that order, packed alike."""
@@ -273,6 +282,9 @@ class ImageFolderLoader(EpochLoader):
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="ImageFolderLoader") as pool:
             self._pool = pool
             yield from super()._batches(epoch_index, start_batch)
+
+    def _images_checksum(self, crc):
+        return self.split.paths.checksum(crc)  # the files by name: reading them all would take hours
 
     def _draws(self, count, rng):
         return rng.integers(0, 2 ** 63, size=count)  # each image's crop generator's seed

@@ -622,6 +622,16 @@ def test_loader_rejects_bad_arguments(rng, kwargs, says):
         _loader(images, kwargs.pop("labels", labels), **kwargs)
 
 
+def test_loader_checksum_sees_one_pixel_or_one_label(rng):
+    images, labels = _indexed_images(rng, 10)
+    checksum = _loader(images, labels).checksum()
+    assert _loader(images.copy(), labels.copy(), train=False, shard=(1, 2)).checksum() == checksum  # all ranks'
+    pixel = images.copy()
+    pixel[tuple(rng.integers(0, n) for n in images.shape)] ^= 1
+    label = labels.copy()
+    label[int(rng.integers(10))] += 1
+    assert _loader(pixel, labels).checksum() != checksum and _loader(images, label).checksum() != checksum
+
 def test_epoch_rejects_bad_arguments(rng):
     loader = _loader(*_indexed_images(rng, 10))
     with pytest.raises(ValueError, match="start_batch 3 is past the 2 batches"):

@@ -76,6 +76,20 @@ def test_packed_paths_behave_as_a_tuple_of_paths(tmp_path, rng):
         paths.take([0, len(want)])
 
 
+def test_packed_paths_checksum_names_not_where_the_folder_lies(tmp_path, rng):
+    folder_of = np.sort(rng.integers(0, len(CLASSES), 50))
+    names = [f"{CLASSES[f]}_{i}.JPEG" for i, f in enumerate(folder_of)]
+
+    def checksum(root, names=names, folder_of=folder_of):
+        return imagefolder.ImagePaths([root / name for name in CLASSES], folder_of, names).checksum()
+    reference_sum = checksum(tmp_path / "a")
+    assert checksum(tmp_path / "moved" / "elsewhere") == reference_sum       # --data-dir may move
+    renamed = list(names)
+    renamed[int(rng.integers(len(names)))] += "x"
+    assert checksum(tmp_path / "a", renamed) != reference_sum
+    assert checksum(tmp_path / "a", names[:-1], folder_of[:-1]) != reference_sum
+    assert checksum(tmp_path / "a", list(reversed(names))) != reference_sum
+
 def test_packed_paths_hold_little_memory(tmp_path):
     """A Path object takes about 320 bytes once used: 0.41 GB for ImageNet in every process.
     Packed, an image costs its name's UTF-8 bytes and 8 for its end (the folder indices are the

@@ -563,3 +563,53 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_
         assert list(out.iterdir()) == []                     # nothing written, nothing removed
     with cifar_common.output_lock(out):  # released with the block: the lock is free again
         pass
+
+
+
+def test_the_normalisation_a_network_was_trained_with_travels_in_its_checkpoint(finished_run, tiny_data, tmp_path,
+                                                                                capsys):
+    """--eval-only on a --data-dir with the same test images but other training images: the
+    statistics of those would normalise differently; the checkpoint's are used."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    batch = other / "cifar-10-batches-py" / "data_batch_5"
+    content = pickle.loads(batch.read_bytes(), encoding="bytes")
+    content[b"data"] = content[b"data"] // 2
+    batch.write_bytes(pickle.dumps(content, protocol=2))
+    last = finished_run[0] / "last.npz"
+    mean, std = (np.float32(_meta(last)["normalization"][key]) for key in ("mean", "std"))
+    data = cifar_common.load_dataset("cifar10", str(tiny_data), download=False)
+    assert np.array_equal(mean, data.mean) and np.array_equal(std, data.std)      # what the run computed
+    printed = []
+    for data_dir in (tiny_data, other):
+        assert cifar.main(["--eval-only", str(last), "--data-dir", str(data_dir), "--batch-size", str(BATCH),
+                           "--backend", "numpy"]) == 0
+        printed.append(capsys.readouterr().out.splitlines()[1].split("(")[0])
+    assert printed[0] == printed[1]
+
+
+def test_a_resume_on_other_training_images_is_refused_and_on_the_same_ones_is_exact(tiny_data, tmp_path, capsys):
+    """data_batch_5 halved in a copy of the data: with every training image in use the resume is
+    refused (as many batches, other images); with --limit-train short of that file it is the run's
+    own data, and the resume ends bit for bit on the uninterrupted run, normalised as it was
+    trained although the copy's statistics differ."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    batch = other / "cifar-10-batches-py" / "data_batch_5"
+    content = pickle.loads(batch.read_bytes(), encoding="bytes")
+    content[b"data"] = content[b"data"] // 2
+    batch.write_bytes(pickle.dumps(content, protocol=2))
+    for limit in ([], ["--limit-train", str(4 * TRAIN_PER_FILE)]):
+        out = tmp_path / f"run{len(limit)}"
+        assert cifar.main(_argv(tiny_data, out, *limit), after_step=_interrupt_at(2)) == run.EXIT_INTERRUPTED
+        capsys.readouterr()
+        code = cifar.main(["--out", str(out), "--resume", "--data-dir", str(other)])
+        if not limit:
+            assert code == run.EXIT_USAGE
+            assert "the training images changed since the checkpoint (as many batches per epoch" in \
+                capsys.readouterr().err
+            continue
+        assert code == 0
+        assert cifar.main(_argv(tiny_data, tmp_path / "uninterrupted", *limit)) == 0
+        want, got = (_checkpoint_arrays(folder / "last.npz") for folder in (tmp_path / "uninterrupted", out))
+        assert all(np.array_equal(got[name], want[name]) for name in want if name != "meta")

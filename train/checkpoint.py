@@ -64,6 +64,17 @@ def data_of(checkpoint: Checkpoint, dataset=None, data_dir=None):
     return dataset, data_dir or saved.get("data_dir", DEFAULT_DATA_DIR)
 
 
+def normalization(checkpoint: Checkpoint, data):
+    """(mean, std), float32 (3,): the per-channel normalisation the network was trained with, as
+    the checkpoint records it; for a file without the record (a weights file, a checkpoint from
+    before it was kept) ``data``'s, the statistics of its training images. The data's own would
+    differ when --data-dir holds other training images than the run's."""
+    saved = checkpoint.meta.get("normalization")
+    if saved is None:
+        return data.mean, data.std
+    return np.asarray(saved["mean"], np.float32), np.asarray(saved["std"], np.float32)
+
+
 def model_from_checkpoint(checkpoint: Checkpoint, path, network=ResidualAttentionNet):
     """The ``network`` (a class) a checkpoint or weights file describes, built on the current backend,
     with its weights; UsageError when the file holds another class."""

@@ -28,7 +28,11 @@ totals of the epoch in progress) carries a JSON ``meta`` record: format,
 version, kind and model (ra_kernels/npzfile.py), then args, num_classes,
 batches_per_epoch, the position (epoch and batch of the next step, iteration),
 seconds, the epoch's training images and seconds so far, history (the metrics
-rows) and best. Every random
+rows), best, and normalization (the per-channel mean and std the inputs were
+normalised by: a resume, --eval-only and train.masks use these, not the
+statistics of whatever training images --data-dir holds then) and data_checksum
+(a CRC-32 of the training images and labels: a resume on other data is refused).
+Every random
 draw of a run (initial weights, label noise, the order and augmentation of each
 batch) is a function of ``--seed`` and the position, so the seed and the
 position are its whole random state, and ``--resume`` repeats exactly what an
@@ -57,7 +61,7 @@ from ra_kernels.data import DATASETS, BatchLoader, corrupt_labels
 from ra_kernels.models import MIN_STAGE_WIDTH, MODELS, ResidualAttentionNet
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES
 from train import run
-from train.checkpoint import data_of, model_from_checkpoint
+from train.checkpoint import data_of, model_from_checkpoint, normalization
 from train.common import DEFAULT_DATA_DIR, UsageError, load_dataset
 from train.run import _fraction, _positive_int
 
@@ -121,7 +125,7 @@ class Cifar(run.Task):
             raise UsageError(f"{path} classifies {model.config['num_classes']} classes, {dataset} has "
                              f"{len(data.class_names)}: choose the matching --dataset")
         images, labels = data.test_images[:args.limit_test], data.test_labels[:args.limit_test]
-        loader = BatchLoader(images, labels, args.batch_size, data.mean, data.std, train=False, seed=0)
+        loader = BatchLoader(images, labels, args.batch_size, *normalization(checkpoint, data), train=False, seed=0)
         return model, loader, f"{len(labels)} images of {dataset}"
 
 

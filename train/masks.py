@@ -16,7 +16,7 @@ from tqdm import tqdm
 import reference
 from ra_kernels import backend
 from ra_kernels.data import DATASETS, BatchLoader
-from train.checkpoint import data_of, model_from_checkpoint, read_checkpoint
+from train.checkpoint import data_of, model_from_checkpoint, normalization, read_checkpoint
 from train.common import BACKEND_HELP, UsageError, epoch_batches, load_dataset, prepare_output_dir, select_backend
 
 IMAGE_SIZE = (32, 32)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         print(f"train.masks: error: {error}", file=sys.stderr)
         return 2
     images, labels = data.test_images[:args.images], data.test_labels[:args.images]
-    loader = BatchLoader(images, labels, FIGURE_BATCH, data.mean, data.std, train=False, seed=0)
+    loader = BatchLoader(images, labels, FIGURE_BATCH, *normalization(checkpoint, data), train=False, seed=0)
     model.eval()
     with epoch_batches(loader, 0) as batches, tqdm(total=args.images, unit="image", leave=False) as bar:
         for first, (x, _) in zip(range(0, args.images, FIGURE_BATCH), batches):

@@ -424,6 +424,7 @@ class Run:
             args, (self.world.rank, self.world.size))
         self.num_classes = len(self.class_names)
         self.batches_per_epoch = len(self.train_loader)
+        self.data_checksum = self.train_loader.checksum()
         if args.epochs is None:  # fixed now, so that the checkpoint (and a resumed run) has the number
             args.epochs = task.default_epochs(self.train_loader.count // args.batch_size)
         total = args.epochs * self.batches_per_epoch
@@ -480,6 +481,13 @@ class Run:
         if meta["batches_per_epoch"] != self.batches_per_epoch:
             raise UsageError(f"the training set changed since the checkpoint: {self.batches_per_epoch} batches "
                              f"per epoch now, {meta['batches_per_epoch']} then (same --data-dir contents?)")
+        if meta.get("data_checksum", self.data_checksum) != self.data_checksum:  # none in older checkpoints
+            raise UsageError("the training images changed since the checkpoint (as many batches per epoch, but "
+                             "other images or labels): resume on the data the run was trained on")
+        saved = meta.get("normalization")  # the run's, whatever the training images of --data-dir now give
+        if saved is not None:
+            for loader in (self.train_loader, self.test_loader):
+                loader.mean, loader.std = (np.asarray(saved[key], np.float32) for key in ("mean", "std"))
         self.model.load_state_dict(checkpoint.model_state)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         totals = checkpoint.train_totals
@@ -556,7 +564,9 @@ class Run:
         self.position["seconds"] = self._seconds()
         meta = dict(self.position, args=vars(self.args), num_classes=self.num_classes,
                     class_names=list(self.class_names), batches_per_epoch=self.batches_per_epoch,
-                    world_size=self.world.size, history=self.history, best=self.best)
+                    world_size=self.world.size, history=self.history, best=self.best,
+                    normalization=dict(mean=self.train_loader.mean.tolist(), std=self.train_loader.std.tolist()),
+                    data_checksum=self.data_checksum)
         totals = self.train_totals
         if self.world.distributed:
             totals = self.world.gather_host(backend.to_numpy(totals))
