@@ -613,3 +613,16 @@ def test_a_resume_on_other_training_images_is_refused_and_on_the_same_ones_is_ex
         assert cifar.main(_argv(tiny_data, tmp_path / "uninterrupted", *limit)) == 0
         want, got = (_checkpoint_arrays(folder / "last.npz") for folder in (tmp_path / "uninterrupted", out))
         assert all(np.array_equal(got[name], want[name]) for name in want if name != "meta")
+
+
+
+def test_the_data_folder_is_recorded_absolute(tiny_data, tmp_path, monkeypatch, capsys):
+    """A run started with a relative --data-dir: --eval-only from another folder finds the data
+    through the checkpoint, where a relative path would have sent it to download into a new one."""
+    monkeypatch.chdir(tiny_data.parent)
+    out = tmp_path / "relative"
+    assert cifar.main(_argv(Path(tiny_data.name), out, "--epochs", "1")) == 0
+    assert _meta(out / "last.npz")["args"]["data_dir"] == str(tiny_data.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert cifar.main(["--eval-only", str(out / "last.npz"), "--no-download", "--backend", "numpy"]) == 0
+    assert "download" not in capsys.readouterr().err

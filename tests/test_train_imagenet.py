@@ -87,6 +87,14 @@ def test_an_interrupted_run_resumes_bit_for_bit(folder, finished_run, tmp_path, 
     assert sorted(got) == sorted(want) and all(got[name] == want[name] for name in want)
 
 
+def test_a_run_resumed_by_the_other_command_is_named(finished_run, capsys):
+    from train import cifar
+    assert cifar.main(["--out", str(finished_run), "--resume"]) == run.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert (f"{finished_run / 'last.npz'} trains the network class ImageNetAttentionNet, which train.cifar does "
+            f"not: resume it with python -m train.imagenet --out {finished_run} --resume") in err
+    assert "download" not in err and "classes changed" not in err
+
 def test_eval_only_at_another_size(folder, finished_run, capsys):
     last_row = dict(zip(run.METRICS_COLUMNS, (finished_run / "metrics.csv").read_text().splitlines()[-1].split(",")))
     evaluate = ["--eval-only", str(finished_run / "last.npz"), "--backend", "numpy", "--batch-size", str(BATCH)]

@@ -76,6 +76,7 @@ def _stage_width(text):
 
 class Cifar(run.Task):
     name, module = "ra-train", "train.cifar"
+    network = ResidualAttentionNet
     resume_may_change = ("data_dir", "no_download", "backend", "log_every", "no_cuda_graph",
                          "collective_timeout")
     eval_only_options = ("eval_only", "data_dir", "no_download", "dataset", "limit_test", "batch_size", "backend",
@@ -117,7 +118,7 @@ class Cifar(run.Task):
                                   seed=args.seed)
 
     def evaluation(self, args, explicit, checkpoint, path):
-        model = model_from_checkpoint(checkpoint, path, ResidualAttentionNet)
+        model = model_from_checkpoint(checkpoint, path, self.network)
         dataset, data_dir = data_of(checkpoint, *(getattr(args, dest) if dest in explicit else None
                                                    for dest in ("dataset", "data_dir")))
         data = load_dataset(dataset, data_dir, download=not args.no_download)

@@ -69,6 +69,7 @@ def _limited(split, limit):
 
 class ImageNet(run.Task):
     name, module = "ra-train-imagenet", "train.imagenet"
+    network = ImageNetAttentionNet
     resume_may_change = ("data_dir", "workers", "backend", "log_every", "no_cuda_graph",
                          "collective_timeout")
     eval_only_options = ("eval_only", "data_dir", "limit_test", "image_size", "batch_size", "workers", "backend",
@@ -113,7 +114,7 @@ class ImageNet(run.Task):
         data_dir = args.data_dir if "data_dir" in explicit else saved.get("data_dir", DEFAULT_DATA_DIR)
         if "image_size" not in explicit:
             args.image_size = saved.get("image_size", args.image_size)
-        model = model_from_checkpoint(checkpoint, path, ImageNetAttentionNet)
+        model = model_from_checkpoint(checkpoint, path, self.network)
         val = _scanned(lambda root: scan_split(Path(root) / "val"), data_dir)  # the training split is not needed
         trained_on = checkpoint.meta.get("class_names")
         if len(val.class_names) != model.config["num_classes"] or trained_on not in (None, list(val.class_names)):

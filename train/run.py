@@ -78,9 +78,10 @@ class Task:
     Attributes: ``name`` (the command's name in messages, "ra-train"), ``module`` ("train.cifar"),
     ``resume_may_change`` (the options a resumed run may change besides --out and --resume:
     where the data is and how the run is watched, nothing that changes what it computes) and
-    ``eval_only_options`` (those --eval-only takes, itself first).
+    ``eval_only_options`` (those --eval-only takes, itself first), ``network`` (the class of the
+    networks it trains).
     """
-    name = module = None
+    name = module = network = None
     resume_may_change = eval_only_options = ()
 
     def build_parser(self) -> argparse.ArgumentParser:
@@ -411,6 +412,8 @@ class Run:
     """
 
     def __init__(self, task, args, checkpoint=None):
+        # Recorded absolute: --eval-only and train.masks read it from the checkpoint, from any folder.
+        args.data_dir = str(Path(args.data_dir).resolve())
         self.task, self.args, self.out = task, args, Path(args.out)
         self.world = distributed.world()
         self.leader = self.world.rank == 0
@@ -566,7 +569,7 @@ class Run:
                     class_names=list(self.class_names), batches_per_epoch=self.batches_per_epoch,
                     world_size=self.world.size, history=self.history, best=self.best,
                     normalization=dict(mean=self.train_loader.mean.tolist(), std=self.train_loader.std.tolist()),
-                    data_checksum=self.data_checksum)
+                    data_checksum=self.data_checksum, module=self.task.module)
         totals = self.train_totals
         if self.world.distributed:
             totals = self.world.gather_host(backend.to_numpy(totals))
@@ -828,6 +831,12 @@ def main(task, argv=None, after_step=None) -> int:
             checkpoint = read_checkpoint(last)
             if not checkpoint.is_training:
                 raise UsageError(f"--resume: {last} holds weights only, not a training checkpoint")
+            trained = checkpoint.meta["model"]["class"]
+            if trained != task.network.__name__:  # before its options are read: they are another command's
+                command = checkpoint.meta.get("module")
+                raise UsageError(f"--resume: {last} trains the network class {trained}, which {task.module} does not"
+                                 + (f": resume it with python -m {command} --out {args.out} --resume" if command
+                                    else ""))
             args = _resumed_args(task, args, explicit, checkpoint.meta["args"])
         elif last.exists():
             raise UsageError(f"{args.out} already holds a run ({last}): add --resume to continue it, or "
