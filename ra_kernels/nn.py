@@ -167,7 +167,8 @@ class Module:
             if name not in state:
                 continue
             array = target.data if isinstance(target, Tensor) else target
-            value = np.asarray(to_numpy(state[name]))
+            value = state[name]
+            value = np.asarray(to_numpy(value.data if isinstance(value, Tensor) else value))  # named_parameters()
             if value.shape != tuple(array.shape):
                 raise ValueError(f"load_state_dict: {name} has shape {value.shape} in the state, "
                                  f"{tuple(array.shape)} in the module; nothing was loaded")

@@ -97,6 +97,13 @@ def test_load_checks_names_and_shapes(rng):
         net.load_state_dict(bad)
 
 
+def test_load_takes_the_tensors_of_another_module(rng):
+    """load_state_dict(dict(other.named_parameters())): Tensors as values (was 'has shape () in the state')."""
+    net, other = Net(rng), Net(rng)
+    net.load_state_dict(dict(other.named_parameters()), strict=False)
+    for name, p in other.named_parameters():
+        np.testing.assert_array_equal(dict(net.named_parameters())[name].data, p.data, err_msg=name)
+
 def test_a_failed_load_changes_nothing(rng):
     net = Net(rng)
     before = net.state_dict()

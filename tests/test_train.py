@@ -626,3 +626,10 @@ def test_the_data_folder_is_recorded_absolute(tiny_data, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     assert cifar.main(["--eval-only", str(out / "last.npz"), "--no-download", "--backend", "numpy"]) == 0
     assert "download" not in capsys.readouterr().err
+
+
+
+def test_an_empty_out_is_refused(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cifar.main(_argv(tiny_data, "")) == run.EXIT_USAGE
+    assert "--out is empty: name a folder" in capsys.readouterr().err and not (tmp_path / "runs").exists()

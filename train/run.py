@@ -822,6 +822,8 @@ def main(task, argv=None, after_step=None) -> int:
                                  f"{', '.join(ignored)} cannot be given with it (only "
                                  f"{', '.join(map(_flag, task.eval_only_options[1:]))})")
             return evaluate_checkpoint(task, args, explicit)
+        if args.out == "":
+            raise UsageError("--out is empty: name a folder, or leave the option out for the default one")
         args.out = args.out or task.default_out(args)
         last = Path(args.out) / "last.npz"
         checkpoint = None
