@@ -633,3 +633,10 @@ def test_an_empty_out_is_refused(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cifar.main(_argv(tiny_data, "")) == run.EXIT_USAGE
     assert "--out is empty: name a folder" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("epoch, batch, says", [(0, 0, "the start, before any step"), (3, 0, "end of epoch 3"),
+                                                (3, 120, "epoch 4, after batch 120 of 781"),
+                                                (3, 781, "epoch 4, trained, before its evaluation")])
+def test_positions_are_described_as_they_are(epoch, batch, says):
+    assert run.describe_position(dict(epoch=epoch, batch=batch), 781) == says

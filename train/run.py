@@ -281,9 +281,12 @@ def check_enough_images(count, test_count, batch_size, shard):
 
 
 def describe_position(position, batches_per_epoch):
-    """Where a run stands, in words: "end of epoch 3" or "epoch 4, after batch 120 of 781"."""
+    """Where a run stands, in words: "the start", "end of epoch 3", "epoch 4, after batch 120 of
+    781", or "epoch 4, trained, before its evaluation"."""
     if position["batch"] == 0:
-        return f"end of epoch {position['epoch']}"
+        return "the start, before any step" if position["epoch"] == 0 else f"end of epoch {position['epoch']}"
+    if position["batch"] == batches_per_epoch:
+        return f"epoch {position['epoch'] + 1}, trained, before its evaluation"
     return f"epoch {position['epoch'] + 1}, after batch {position['batch']} of {batches_per_epoch}"
 
 
