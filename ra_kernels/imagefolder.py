@@ -146,8 +146,11 @@ def scan_split(folder, class_names=None) -> ImageFolderSplit:
         with os.scandir(folder / name) as entries:
             files = sorted((e.name, e.is_file()) for e in entries if not e.name.startswith("."))
         for file_name, is_file in files:
+            path = folder / name / file_name
+            if not is_file and os.path.islink(path) and not os.path.exists(path):  # a stat only off the usual path
+                raise ValueError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist")
             if not is_file or os.path.splitext(file_name)[1].lower() not in IMAGE_SUFFIXES:
-                raise ValueError(f"{folder / name / file_name}: not an image file (a class folder holds only .JPEG, "
+                raise ValueError(f"{path}: not an image file (a class folder holds only .JPEG, "
                                  f".jpg, .jpeg or .png files); move it out of {folder}")
         if not files:
             raise ValueError(f"{folder / name}: an empty class folder (every class needs at least one image)")

@@ -129,6 +129,7 @@ def test_a_cmyk_jpeg_keeps_its_colour(tmp_path, rng):
 @pytest.mark.parametrize("damage, message", [
     ("empty class", r"n01443537: an empty class folder"),
     ("text file", r"notes.txt: not an image file"),
+    ("broken link", r"gone.JPEG: a symbolic link to .*elsewhere.JPEG, which does not exist"),
     ("missing val class", r"val: its class folders differ from the training split's: missing n01484850"),
     ("extra val class", r"val: its class folders differ from the training split's: extra n99999999"),
     ("no val", r"val: no such folder"),
@@ -140,6 +141,8 @@ def test_a_damaged_folder_is_a_clear_error(folder, rng, damage, message):
             path.unlink()
     elif damage == "text file":
         (folder / "train" / CLASSES[2] / "notes.txt").write_text("not a picture")
+    elif damage == "broken link":
+        (folder / "train" / CLASSES[2] / "gone.JPEG").symlink_to(folder / "elsewhere.JPEG")
     elif damage == "missing val class":
         for path in (folder / "val" / CLASSES[2]).iterdir():
             path.unlink()
