@@ -640,3 +640,24 @@ def test_an_empty_out_is_refused(tiny_data, tmp_path, capsys, monkeypatch):
                                                 (3, 781, "epoch 4, trained, before its evaluation")])
 def test_positions_are_described_as_they_are(epoch, batch, says):
     assert run.describe_position(dict(epoch=epoch, batch=batch), 781) == says
+
+
+def test_sigterm_before_the_training_loop_stops_in_words(tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the data loads (before the loop's own handler): exit 130 with a message, as
+    Ctrl-C there, where the process used to die with 143 and nothing said."""
+    def terminated_while_loading(*args):
+        signal.raise_signal(signal.SIGTERM)
+
+    def ignored(*args):  # without the command's handler, SIGTERM must not kill the test process
+        pass
+
+    monkeypatch.setattr(cifar.TASK, "training_data", terminated_while_loading)
+    previous = signal.signal(signal.SIGTERM, ignored)
+    try:
+        code = cifar.main(_argv(tiny_data, tmp_path / "out"))
+        assert signal.getsignal(signal.SIGTERM) is ignored                 # restored after the command
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == run.EXIT_INTERRUPTED
+    assert "stopped by Ctrl-C or SIGTERM where no checkpoint could be written; none was written" in \
+        capsys.readouterr().err

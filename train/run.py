@@ -802,12 +802,32 @@ def evaluate_checkpoint(task, args, explicit) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """In the block, SIGTERM raises KeyboardInterrupt as Ctrl-C does (the help says they act alike),
+    until the training loop's own handler (StopOnInterrupt) takes over: before, a SIGTERM while the
+    data loaded ended the process with 143 and not a word."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(task, argv=None, after_step=None) -> int:
     """Parse ``argv`` (default sys.argv[1:]) with the task's parser, train or evaluate; returns the
     exit code.
 
     ``after_step``: see :meth:`Run.train`.
     """
+    with _sigterm_as_ctrl_c():
+        return _main(task, argv, after_step)
+
+
+def _main(task, argv, after_step) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = task.build_parser()
     args = parser.parse_args(argv)
@@ -815,6 +835,7 @@ def main(task, argv=None, after_step=None) -> int:
         parser.error("Nesterov momentum needs --momentum > 0; add --no-nesterov for plain SGD")
     explicit = _explicit_options(task, argv)
     world = distributed.world()
+    last = None
     try:
         if world.distributed and args.eval_only is not None:
             raise UsageError("--eval-only runs in one process: start it without mpirun")
@@ -866,8 +887,9 @@ def main(task, argv=None, after_step=None) -> int:
         traceback.print_exc()
         world.abort(EXIT_PEER_FAILED)
     except KeyboardInterrupt:
-        print(f"{task.name}: stopped by Ctrl-C where no checkpoint could be written; nothing was saved since the "
-              "last one", file=sys.stderr, flush=True)
+        saved = f"{last} holds the last one" if last is not None and last.exists() else "none was written"
+        print(f"{task.name}: stopped by Ctrl-C or SIGTERM where no checkpoint could be written; {saved}",
+              file=sys.stderr, flush=True)
         if world.distributed:
             world.abort(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
