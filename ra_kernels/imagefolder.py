@@ -174,6 +174,10 @@ def scan_imagenet(root):
     return train, scan_split(Path(root) / "val", train.class_names)
 
 
+#: Pillow's modes of a 16-bit grayscale PNG ("I": 32-bit integers, as some releases load it).
+SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def decode_rgb(path):
     """The image at ``path`` as a Pillow RGB image, whatever its mode (grayscale, CMYK, palette,
     alpha are converted); CorruptImage naming the file when its bytes do not decode whole, or when
@@ -189,6 +193,9 @@ def decode_rgb(path):
             if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels claimed")
             image.load()  # decodes now: a truncated file fails here, not at a later crop
+            if image.mode in SIXTEEN_BIT_GRAY_MODES:  # convert("RGB") would clip at 255: keep the high byte
+                high = np.clip(np.asarray(image, np.int64), 0, 65535) >> 8
+                return Image.fromarray(high.astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
     # the bomb warning arrives as an exception where warnings are errors
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

@@ -119,6 +119,15 @@ def test_every_mode_decodes_to_rgb(folder):
     assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
 
 
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path, rng):
+    from PIL import Image
+    pixels = rng.integers(0, 65536, (23, 31)).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    decoded = np.asarray(imagefolder.decode_rgb(tmp_path / "deep.png"))
+    assert decoded.shape == (23, 31, 3)
+    for channel in range(3):  # was 255 wherever the 16-bit value passed 255
+        np.testing.assert_array_equal(decoded[..., channel], pixels >> 8)
+
 def test_a_cmyk_jpeg_keeps_its_colour(tmp_path, rng):
     # Pure cyan in CMYK is (0, 255, 255) in RGB; JPEG's loss stays within a few levels on a flat image.
     path = _save(tmp_path / "cyan.jpg", rng, size=(40, 30), mode="CMYK", color=(255, 0, 0, 0))
