@@ -114,7 +114,7 @@ def test_a_failed_rank_stops_every_rank(tiny_cifar, tmp_path, how):
 @needs_mpi
 @pytest.mark.parametrize("option, value, says", [
     ("--data-dir", "/nonexistent", "(rank 1): error: cannot load cifar10 from /nonexistent"),
-    ("--lr", "0.5", "the ranks disagree on the run"),
+    ("--lr", "0.5", "the ranks disagree on the run: rank 1 has --lr 0.5 against 0.1 (rank 0's second)"),
 ])
 def test_a_usage_error_on_one_rank_stops_every_rank_at_once(tiny_cifar, tmp_path, option, value, says):
     """Rank 1 alone with other data or other options: the job ends with code 2 at once, saying why,

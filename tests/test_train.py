@@ -661,3 +661,25 @@ def test_sigterm_before_the_training_loop_stops_in_words(tiny_data, tmp_path, mo
     assert code == run.EXIT_INTERRUPTED
     assert "stopped by Ctrl-C or SIGTERM where no checkpoint could be written; none was written" in \
         capsys.readouterr().err
+
+
+def test_ranks_that_disagree_are_told_what_differs():
+    ours = dict(options=dict(lr=0.1, seed=3, out="runs/x"), backend="numpy", classes=["a", "b"],
+                position=dict(epoch=0))
+    theirs = dict(options=dict(lr=0.5, seed=3, out="runs/x"), backend="interpret", classes=["a", "b"],
+                  position=dict(epoch=0))
+    assert run._differences(ours, theirs) == ["--lr 0.5 against 0.1", 'backend "interpret" against "numpy"']
+    theirs = dict(ours, classes=[f"n{i:08d}" for i in range(1000)])
+    (said,) = run._differences(ours, theirs)
+    assert said.startswith('classes ["n00000000", "n00000001"') and said.endswith('... against ["a", "b"]')
+
+
+def test_a_write_that_fails_before_any_checkpoint_says_to_start_again(tiny_data, tmp_path, monkeypatch, capsys):
+    def full(path, *args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run, "write_checkpoint", full)
+    assert cifar.main(_argv(tiny_data, tmp_path / "out")) == run.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "There is no checkpoint yet: make room and start the run again, without --resume" in err
+    assert "diverged" not in err and "continue with --resume" not in err

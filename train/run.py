@@ -280,6 +280,19 @@ def check_enough_images(count, test_count, batch_size, shard):
         raise UsageError(f"{test_count} test images for {ranks} processes: each needs one (raise --limit-test)")
 
 
+def _differences(ours, theirs):
+    """What differs between two ranks' descriptions (Run._description, decoded), in words: each
+    option as its flag, the rest by name; values as ``theirs`` against ``ours``, shortened."""
+    def short(value):
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    options = [f"{_flag(k)} {short(theirs['options'].get(k))} against {short(ours['options'].get(k))}"
+               for k in sorted(set(ours["options"]) | set(theirs["options"]))
+               if ours["options"].get(k) != theirs["options"].get(k)]
+    return options + [f"{key} {short(theirs.get(key))} against {short(ours[key])}" for key in sorted(ours)
+                      if key != "options" and ours[key] != theirs.get(key)]
+
+
 def describe_position(position, batches_per_epoch):
     """Where a run stands, in words: "the start", "end of epoch 3", "epoch 4, after batch 120 of
     781", or "epoch 4, trained, before its evaluation"."""
@@ -451,7 +464,7 @@ class Run:
         self.position = dict(epoch=0, batch=0, iteration=0, seconds=0.0, epoch_images=0,
                              epoch_train_seconds=0.0)
         self.history, self.best = [], None
-        self.last_good = "none yet: it diverged before the first checkpoint"
+        self.last_good = "none yet"
         # The run's length is estimated at the first reading of the metrics; on a GPU that interval
         # includes compiling the kernels, so the second reading estimates it again.
         self._estimates_left = 2 if self.backend == "cuda" else 1
@@ -459,15 +472,19 @@ class Run:
             self._restore(checkpoint)
         differ = self.world.disagreeing(self._description())
         if differ is not None:
-            raise UsageError(f"the ranks disagree on the run (options other than --data-dir, data, classes, "
-                             f"position): rank 0 has {differ[2]}, rank {differ[0]} has {differ[1]}")
+            rank, theirs, ours = differ
+            raise UsageError(f"the ranks disagree on the run: rank {rank} has "
+                             + "; ".join(_differences(json.loads(ours), json.loads(theirs))) + " (rank 0's second)")
         self._session_start, self._seconds_before = time.perf_counter(), self.position["seconds"]
 
     def _description(self):
-        """What every rank of a job must have alike before it trains, as text."""
-        options = {k: v for k, v in vars(self.args).items() if k != "data_dir"}  # data may be on local disks
-        return json.dumps([options, list(self.class_names), self.train_loader.count, self.test_loader.count,
-                           self.position], sort_keys=True, default=str)
+        """What every rank of a job must have alike before it trains, as JSON: options (but --data-dir:
+        data may be on local disks), the backend each chose, the data and where the run stands."""
+        options = {k: v for k, v in vars(self.args).items() if k != "data_dir"}
+        return json.dumps({"options": options, "backend": self.backend, "classes": list(self.class_names),
+                           "training images and their checksum": [self.train_loader.count, self.data_checksum],
+                           "test images": self.test_loader.count, "position": self.position},
+                          sort_keys=True, default=str)
 
     def _restore(self, checkpoint):
         meta = checkpoint.meta
@@ -643,8 +660,10 @@ class Run:
                         f"not saved; the last good checkpoint is {self.last_good}. Try a lower --lr.", file=sys.stderr)
             return EXIT_DIVERGED
         except OutputError as error:  # rank 0's alone (it writes the files): the others wait in a collective
-            self._print(f"{self.task.name}: {error}. The last checkpoint is {self.last_good}; make room and "
-                        f"continue with --resume.", file=sys.stderr, flush=True)
+            then = (f"The last checkpoint is {self.last_good}; make room and continue with --resume"
+                    if (self.out / "last.npz").exists() else "There is no checkpoint yet: make room and start the "
+                    "run again, without --resume")
+            self._print(f"{self.task.name}: {error}. {then}.", file=sys.stderr, flush=True)
             if world.distributed:
                 world.abort(EXIT_USAGE)
             return EXIT_USAGE
