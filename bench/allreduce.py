@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ra_kernels import backend, distributed, models
+from train.common import positive_int
 
 from . import common
 
@@ -61,13 +62,15 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS),
                         help="networks whose exchange is timed (default: all)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed exchanges per network (default: 20)")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed exchanges per network (default: 20)")
     parser.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto",
                         help="numpy: MPI on host arrays; cuda: NCCL on the GPU (default: cuda when there is one)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="RESULTS.md is appended here (default: bench/)")
     parser.add_argument("--dry-run", action="store_true", help="2 repetitions, the CIFAR networks, nothing written")
     args = parser.parse_args(argv)
+    if not args.dry_run:  # nothing is written in a dry run
+        common.checked_out(parser, args.out)
     if args.dry_run:
         args.repeats, args.networks = 2, [n for n in args.networks if not n.startswith("imagenet")] or ["attention56"]
     args.command = "mpiexec -n N python -m bench.allreduce " + " ".join(sys.argv[1:] if argv is None else argv)

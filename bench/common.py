@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ra_kernels import backend, models
+from train.common import UsageError, prepare_output_dir
 
 REPO = Path(__file__).resolve().parent.parent
 #: Where the CIFAR-10 subset is looked for: a copy carried to the GPU machine, then the shared one.
@@ -533,6 +534,15 @@ def markdown_table(header, rows) -> str:
 
     rule = "|" + "|".join("-" * (w + 1) + ":" if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|"
     return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+def checked_out(parser, path) -> Path:
+    """``path``, the folder a benchmark writes its results into, made and proven writable before
+    the minutes of measuring (a failure after them would lose the figures); else a usage error."""
+    try:
+        return prepare_output_dir(path)
+    except UsageError as error:
+        parser.error(str(error))
 
 
 def append_results(path: Path, markdown: str):

@@ -57,6 +57,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from train.common import non_negative_int, positive_float
+
 from . import common
 
 REPO = common.REPO
@@ -652,7 +654,7 @@ def parse_args(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="CPU: every stage's plumbing, tiny shapes, no timing")
     parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, default=STAGE_NAMES,
                         help="stages to run, in their fixed order (default: all)")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=positive_float, default=None,
                         help="seconds for the whole run; later stages shrink or are skipped to fit (default: 500, "
                              "--quick 220, --dry-run 900)")
     parser.add_argument("--data", type=Path, default=None,
@@ -670,10 +672,11 @@ def parse_args(argv=None):
     parser.add_argument("--sanitizer", choices=list(SANITIZED_TESTS), default="memcheck",
                         help="compute-sanitizer tool of the sanitize stage (default: memcheck)")
     parser.add_argument("--no-warm", action="store_true", help="do not compile in background processes")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the step and kernel inputs (default: fresh)")
-    parser.add_argument("--budget-ms", type=float, default=10.0,
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="seed of the step and kernel inputs (default: fresh)")
+    parser.add_argument("--budget-ms", type=positive_float, default=10.0,
                         help="device time per launch-inclusive kernel measurement (default: 10)")
-    parser.add_argument("--step-budget-ms", type=float, default=1000.0,
+    parser.add_argument("--step-budget-ms", type=positive_float, default=1000.0,
                         help="device time per timed side of a step configuration (default: 1000)")
     # Internal: how the parent runs a stage or a compile job in a child process.
     for name, kind in (("--stage", str), ("--warm", str), ("--work", Path), ("--result", Path), ("--limit", float)):
@@ -693,6 +696,7 @@ def parse_args(argv=None):
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little")
     args.out = (args.out or REPO / "runs" / f"gpu_check-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()
+    common.checked_out(parser, args.out)
     args.data = args.data.resolve() if args.data else None
     # What a child process is told of this run (the internal options are added per child).
     args.forwarded = ([flag for flag, on in (("--quick", args.quick), ("--dry-run", args.dry_run),

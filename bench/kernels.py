@@ -57,6 +57,7 @@ from ra_kernels.kernels import optim as optim_kernels
 from ra_kernels.kernels import pool as pool_kernels
 from ra_kernels.kernels import resize as resize_kernels
 from ra_kernels.kernels.tiles import out_size
+from train.common import non_negative_int, positive_float
 
 from . import common
 
@@ -822,10 +823,11 @@ def parse_args(argv=None):
                              "(default: tf32 ieee)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
                         help="op families to run (default: all)")
-    parser.add_argument("--budget-ms", type=float, default=100.0,
+    parser.add_argument("--budget-ms", type=positive_float, default=100.0,
                         help="device time per launch-inclusive measurement; repetitions are clamped to [20, 500] "
                              "(default: 100)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the inputs (default: a fresh one, printed)")
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="seed of the inputs (default: a fresh one, printed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="RESULTS.md is appended here, the chart and raw JSON go to OUT/charts (default: bench/)")
     parser.add_argument("--dry-run", action="store_true",
@@ -834,6 +836,8 @@ def parse_args(argv=None):
                         help="only draw the chart of an earlier run from its JSON (PNG beside it), e.g. where "
                              "the GPU machine had no matplotlib")
     args = parser.parse_args(argv)
+    if not args.dry_run:  # nothing is written in a dry run
+        common.checked_out(parser, args.out)
     args.command = "python -m bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv)
     if any(b < 2 for b in args.batches):
         parser.error(f"--batches must be at least 2 (batch norm in training), got {args.batches}")

@@ -25,6 +25,7 @@ import numpy as np
 
 from ra_kernels import backend
 from ra_kernels.imagefolder import ImageFolderLoader, scan_split
+from train.common import non_negative_int
 
 from . import common
 
@@ -100,11 +101,14 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto",
                         help="where the flip and normalisation run (default: cuda when there is a GPU)")
     parser.add_argument("--data", type=Path, default=None, help="the CIFAR-10 subset (default: the usual places)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image choice and crops (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the image choice and crops (default: 0)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="RESULTS.md is appended here (default: bench/)")
     parser.add_argument("--dry-run", action="store_true", help="32 small JPEGs, batch 8, nothing written")
     args = parser.parse_args(argv)
+    if not args.dry_run:  # nothing is written in a dry run
+        common.checked_out(parser, args.out)
     if args.dry_run:
         args.images, args.batch = 32, 8
     args.workers = args.workers or sorted({1, min(16, os.cpu_count() or 1)})

@@ -57,6 +57,7 @@ from ra_kernels import backend, models
 from ra_kernels.metrics import TOTALS
 from ra_kernels.optim import SGD
 from ra_kernels.steps import TrainStep
+from train.common import non_negative_int, positive_float
 
 from . import common
 from .common import DRY_RUN_BATCH, IMAGENET_MODELS, build_model, model_input
@@ -399,14 +400,17 @@ def parse_args(argv=None):
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the profile of each side's step by kernel (torch.profiler, in the first "
                              "precision)")
-    parser.add_argument("--budget-ms", type=float, default=3000.0,
+    parser.add_argument("--budget-ms", type=positive_float, default=3000.0,
                         help="device time per timed side; 10 to 100 steps (default: 3000)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of weights and inputs (default: fresh, printed)")
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="seed of weights and inputs (default: fresh, printed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="RESULTS.md is appended here (default: bench/)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU: interpret backend, tiny models, agreement checks, no timing, nothing written")
     args = parser.parse_args(argv)
+    if not args.dry_run:  # nothing is written in a dry run
+        common.checked_out(parser, args.out)
     args.command = "python -m bench.step " + " ".join(sys.argv[1:] if argv is None else argv)
     args.profile_until = math.inf
     args.models = args.models or (["attention56"] if args.dry_run else ["attention56", "attention92"])

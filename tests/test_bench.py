@@ -605,3 +605,24 @@ def test_ptxas_audit_groups_launches_by_specialisation(rng):
     with pytest.raises(SystemExit) as usage:
         bench_ptxas.main(["--batch", "1"])
     assert usage.value.code == 2
+
+
+@pytest.mark.parametrize("command, argv, says", [
+    ("kernels", ["--dry-run", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    ("step", ["--budget-ms", "nan"], "argument --budget-ms: expected a finite number > 0, got nan"),
+    ("gpu_check", ["--dry-run", "--budget-s", "0"], "argument --budget-s: expected a finite number > 0, got 0"),
+    ("allreduce", ["--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
+    ("gpu_check", ["--dry-run", "--out", "A_FILE"], "--out A_FILE is a file, not a directory"),
+    ("loader", ["--out", "A_FILE/results"], "--out A_FILE/results: cannot write files there"),
+    ("step", ["--out", "A_FILE"], "--out A_FILE is a file, not a directory")])
+def test_bench_options_are_refused_before_anything_is_measured(tmp_path, capsys, command, argv, says):
+    """Bad values, and an --out where the results could not be written, stop a benchmark at once: on
+    a lent GPU they used to surface after the measurements (or as NaN rows in RESULTS.md)."""
+    import importlib
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    module = importlib.import_module(f"bench.{command}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args([arg.replace("A_FILE", str(a_file)) for arg in argv])
+    assert exit_info.value.code == 2
+    assert says.replace("A_FILE", str(a_file)) in capsys.readouterr().err

@@ -62,12 +62,11 @@ from ra_kernels.models import MIN_STAGE_WIDTH, MODELS, ResidualAttentionNet
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES
 from train import run
 from train.checkpoint import data_of, model_from_checkpoint, normalization
-from train.common import DEFAULT_DATA_DIR, UsageError, load_dataset
-from train.run import _fraction, _positive_int
+from train.common import DEFAULT_DATA_DIR, UsageError, fraction, load_dataset, positive_int
 
 
 def _stage_width(text):
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < MIN_STAGE_WIDTH:
         raise argparse.ArgumentTypeError(f"expected at least {MIN_STAGE_WIDTH} channels (a unit's bottleneck has a "
                                          f"quarter of them), got {text}")
@@ -152,7 +151,7 @@ def build_parser():
     model.add_argument("--model", choices=list(MODELS), default="attention56",
                        help="network: attention56, 92, 128, 164, 236 have 1, 2, 3, 4, 6 attention modules "
                             "per stage; attention452 has 6 with p, t, r = 2, 4, 3 (default: %(default)s)")
-    model.add_argument("--stem", type=_positive_int, default=16, metavar="C",
+    model.add_argument("--stem", type=positive_int, default=16, metavar="C",
                        help="channels of the first convolution (default: %(default)s, the paper's)")
     model.add_argument("--widths", type=_stage_width, nargs=3, default=[64, 128, 256], metavar="C",
                        help="channels of the three stages (default: 64 128 256, the paper's); narrower "
@@ -169,11 +168,11 @@ def build_parser():
                            "downloaded there, MD5-checked (default: %(default)s)")
     data.add_argument("--no-download", action="store_true",
                       help="fail instead of downloading when the dataset is not in --data-dir")
-    data.add_argument("--limit-train", type=_positive_int, metavar="N",
+    data.add_argument("--limit-train", type=positive_int, metavar="N",
                       help="train on the first N training images only (quick runs)")
-    data.add_argument("--limit-test", type=_positive_int, metavar="N",
+    data.add_argument("--limit-test", type=positive_int, metavar="N",
                       help="evaluate on the first N test images only (quick runs)")
-    data.add_argument("--noisy-labels", type=_fraction, default=0.0, metavar="FRACTION",
+    data.add_argument("--noisy-labels", type=fraction, default=0.0, metavar="FRACTION",
                       help="replace this fraction of the training labels by wrong classes, drawn from --seed "
                            "(the paper's noisy-label experiment); test labels stay clean (default: 0)")
     run.add_training_options(

@@ -1,6 +1,8 @@
 """What the training commands share: the usage error they report, backend selection, the
-dataset, and an epoch's batches."""
+dataset, an epoch's batches, and the argparse value types (bench/ takes them too)."""
+import argparse
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -117,3 +119,50 @@ def epoch_batches(loader, epoch, start_batch=0):
         yield batches()
     finally:
         generator.close()
+
+
+# --------------------------------------------------------------------------- argparse value types
+
+def number(text, kind):
+    """``kind(text)`` (int or float), or an argparse error in words (argparse's own would name the
+    type function)."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+            from None
+
+
+def positive_int(text):
+    value = number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = number(text, float)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = number(text, float)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text):
+    value = number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value

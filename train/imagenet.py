@@ -34,8 +34,7 @@ from ra_kernels.models import IMAGENET_MODELS, ImageNetAttentionNet
 from ra_kernels.optim import IMAGENET_ITERATIONS, IMAGENET_MILESTONES, SCHEDULES, paper_schedule
 from train import run
 from train.checkpoint import model_from_checkpoint
-from train.common import UsageError
-from train.run import _positive_int
+from train.common import UsageError, positive_int
 
 DEFAULT_DATA_DIR = "data/imagenet"
 
@@ -159,11 +158,11 @@ def build_parser():
                       help="the side of the crops the network sees, a multiple of 32; evaluation resizes the "
                            "shorter side to S x 256/224 first (default: %(default)s, or with --eval-only the "
                            "size the checkpoint was trained at; the paper also tests Attention-92 at 320)")
-    data.add_argument("--workers", type=_positive_int, metavar="N",
+    data.add_argument("--workers", type=positive_int, metavar="N",
                       help="threads that decode and crop JPEGs (default: one per core, at most 16)")
-    data.add_argument("--limit-train", type=_positive_int, metavar="N",
+    data.add_argument("--limit-train", type=positive_int, metavar="N",
                       help="train on N training images only, a fixed random sample across the classes (quick runs)")
-    data.add_argument("--limit-test", type=_positive_int, metavar="N",
+    data.add_argument("--limit-test", type=positive_int, metavar="N",
                       help="evaluate on N validation images only, a fixed random sample (quick runs)")
     run.add_training_options(
         parser, TASK, batch_size=256,

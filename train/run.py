@@ -27,8 +27,9 @@ from ra_kernels.models import ATTENTIONS
 from ra_kernels.optim import SCHEDULES, SGD, linear_scaling
 from ra_kernels.steps import EvalStep, TrainStep
 from train.checkpoint import read_checkpoint, write_checkpoint
-from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, output_lock,
-                          prepare_output_dir, select_backend, select_precision)
+from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, non_negative_float,
+                          non_negative_int, output_lock, positive_float, positive_int, prepare_output_dir,
+                          select_backend, select_precision)
 
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "train_top5_accuracy", "test_loss",
                    "test_accuracy", "test_top5_accuracy", "lr", "seconds", "images_per_second")
@@ -119,51 +120,6 @@ class Task:
 
 # --------------------------------------------------------------------------- command line
 
-def _number(text, kind):
-    """``kind(text)`` (int or float), or an argparse error in words (argparse's own would name this
-    module's function)."""
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
-            from None
-
-
-def _positive_int(text):
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text):
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _positive_float(text):
-    value = _number(text, float)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text):
-    value = _number(text, float)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def _fraction(text):
-    value = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
-    return value
-
-
 def add_attention_options(group):
     """--attention and --naive-attention, the paper's ablation switches, into an option group."""
     group.add_argument("--attention", choices=ATTENTIONS, default="mixed",
@@ -178,22 +134,22 @@ def add_training_options(parser, task, batch_size, epochs_help, paper_schedule_h
     """The option groups every training command has: "optimisation" (the paper's SGD, at
     ``batch_size`` by default) and "run" (backend, precision, files, resume, evaluation)."""
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=_positive_int, metavar="N", help=epochs_help)
-    optim.add_argument("--batch-size", type=_positive_int, default=batch_size, metavar="N",
+    optim.add_argument("--epochs", type=positive_int, metavar="N", help=epochs_help)
+    optim.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
                        help="images per step, training and evaluation (default: %(default)s, the paper's); "
                             "training drops the last incomplete batch of an epoch")
-    optim.add_argument("--lr", type=_non_negative_float, default=0.1, metavar="LR",
+    optim.add_argument("--lr", type=non_negative_float, default=0.1, metavar="LR",
                        help="initial learning rate (default: %(default)s)")
     optim.add_argument("--schedule", choices=list(SCHEDULES), default="paper",
                        help=f"paper: {paper_schedule_help}; cosine: cosine decay from --lr to 0 "
                             f"(default: %(default)s)")
-    optim.add_argument("--momentum", type=_non_negative_float, default=0.9, metavar="M",
+    optim.add_argument("--momentum", type=non_negative_float, default=0.9, metavar="M",
                        help="SGD momentum (default: %(default)s)")
     optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
                        help="Nesterov momentum (default: on)")
-    optim.add_argument("--weight-decay", type=_non_negative_float, default=1e-4, metavar="WD",
+    optim.add_argument("--weight-decay", type=non_negative_float, default=1e-4, metavar="WD",
                        help="L2 penalty added to the gradients (default: %(default)s)")
-    optim.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+    optim.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
                        help="seeds the initial weights, the data order and augmentation (and the label noise); "
                             "the same seed on the same backend repeats a run (default: %(default)s)")
 
@@ -214,11 +170,11 @@ def add_training_options(parser, task, batch_size, epochs_help, paper_schedule_h
                      help=f"print the test accuracy (top-1 and top-5) and loss of CHECKPOINT (a last.npz or "
                           f"best.npz, or weights written by Module.save) and exit, on any backend; only "
                           f"{_flags(task.eval_only_options[1:])} may be given with it")
-    run.add_argument("--collective-timeout", type=_positive_float, default=600.0, metavar="S",
+    run.add_argument("--collective-timeout", type=positive_float, default=600.0, metavar="S",
                      help="under mpirun: stop every rank when this one completes no step for S seconds (another "
                           "rank failed or hangs); longer than the slowest step, evaluation or checkpoint write "
                           "(default: %(default)s)")
-    run.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
+    run.add_argument("--log-every", type=positive_int, default=50, metavar="N",
                      help="read the training loss and accuracy back from the device every N steps, for the "
                           "progress bar and the divergence check (default: %(default)s)")
 
