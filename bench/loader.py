@@ -10,7 +10,8 @@ ImageNet's), else smooth random fields; the report says which. The loader is
 ``ra_kernels.imagefolder.ImageFolderLoader`` in training mode at 224x224, batch 256: per image a
 decode, a random resized crop and a bilinear resize on the host, then the transfer and the flip
 and normalisation kernel on the current backend. The rate is images over the wall-clock time of
-``--batches`` batches after one warm-up batch, so the device's share is in it, as in training.
+the batches that ``--images`` make (at ``--batch`` each) after one warm-up batch, so the device's
+share is in it, as in training.
 """
 from __future__ import annotations
 
