@@ -841,6 +841,9 @@ def parse_args(argv=None):
     args.command = "python -m bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv)
     if any(b < 2 for b in args.batches):
         parser.error(f"--batches must be at least 2 (batch norm in training), got {args.batches}")
+    if args.chart_from and not args.chart_from.is_file():
+        parser.error(f"--chart-from {args.chart_from}: no such file (a run writes it beside its chart, "
+                     f"charts/kernels-<date>.json)")
     return args
 
 
