@@ -84,7 +84,8 @@ def main(argv=None) -> int:
         print("bench.allreduce times an exchange between processes: start it with mpiexec -n 2 (or more)",
               file=sys.stderr)
         return 2
-    backend.set_backend(None if args.backend == "auto" else args.backend)
+    if not common.chosen_backend("python -m bench.allreduce", args.backend):
+        return 2
     world.select_device()
     rows = []
     for name in args.networks:

@@ -21,6 +21,7 @@ import datetime
 import json
 import platform
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ra_kernels import backend, models
-from train.common import UsageError, prepare_output_dir
+from train.common import UsageError, prepare_output_dir, select_backend
 
 REPO = Path(__file__).resolve().parent.parent
 #: Where the CIFAR-10 subset is looked for: a copy carried to the GPU machine, then the shared one.
@@ -543,6 +544,17 @@ def checked_out(parser, path) -> Path:
         return prepare_output_dir(path)
     except UsageError as error:
         parser.error(str(error))
+
+
+def chosen_backend(prog: str, name: str) -> bool:
+    """Select backend ``name`` ("auto" or one of backend.BACKENDS); False, after saying why on
+    stderr, where it cannot run (cuda without CuPy or a GPU), for the caller to exit with code 2."""
+    try:
+        select_backend(name)
+        return True
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return False
 
 
 def append_results(path: Path, markdown: str):

@@ -121,7 +121,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    backend.set_backend(None if args.backend == "auto" else args.backend)
+    if not common.chosen_backend("python -m bench.loader", args.backend):
+        return 2
     result = measure(args.images, args.batch, args.workers, args.dry_run, args.seed, args.data)
     print(result["line"])
     if not args.dry_run:

@@ -627,3 +627,15 @@ def test_bench_options_are_refused_before_anything_is_measured(tmp_path, capsys,
         module.parse_args([arg.replace("A_FILE", str(a_file)) for arg in argv])
     assert exit_info.value.code == 2
     assert says.replace("A_FILE", str(a_file)) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["loader", "allreduce"])
+def test_a_backend_that_cannot_run_is_an_error_in_words(command, monkeypatch, capsys):
+    import importlib
+    monkeypatch.setattr(backend, "gpu_available", lambda: False)  # as on this CPU, on any machine
+    module = importlib.import_module(f"bench.{command}")
+    if command == "allreduce":  # as under mpiexec: the backend is chosen after the job is seen
+        monkeypatch.setattr(module.distributed, "world", lambda: SimpleNamespace(distributed=True))
+    with backend.use_backend(backend.get_backend()):  # whatever the command selects is undone after
+        assert module.main(["--dry-run", "--backend", "cuda"]) == 2
+    assert f"python -m bench.{command}: error: backend 'cuda' needs CuPy and a GPU" in capsys.readouterr().err
