@@ -110,6 +110,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.dry_run:  # nothing is written in a dry run
         common.checked_out(parser, args.out)
+    if args.data is not None and common.find_cifar_subset(args.data) is None:  # not silently synthetic
+        parser.error(f"--data {args.data}: no CIFAR-10 subset there (a cifar-10-batches-py folder)")
     if args.dry_run:
         args.images, args.batch = 32, 8
     args.workers = args.workers or sorted({1, min(16, os.cpu_count() or 1)})

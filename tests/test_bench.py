@@ -615,7 +615,8 @@ def test_ptxas_audit_groups_launches_by_specialisation(rng):
     ("gpu_check", ["--dry-run", "--out", "A_FILE"], "--out A_FILE is a file, not a directory"),
     ("loader", ["--out", "A_FILE/results"], "--out A_FILE/results: cannot write files there"),
     ("step", ["--out", "A_FILE"], "--out A_FILE is a file, not a directory"),
-    ("kernels", ["--chart-from", "A_FILE.json"], "--chart-from A_FILE.json: no such file")])
+    ("kernels", ["--chart-from", "A_FILE.json"], "--chart-from A_FILE.json: no such file"),
+    ("loader", ["--dry-run", "--data", "A_FILE"], "--data A_FILE: no CIFAR-10 subset there")])
 def test_bench_options_are_refused_before_anything_is_measured(tmp_path, capsys, command, argv, says):
     """Bad values, and an --out where the results could not be written, stop a benchmark at once: on
     a lent GPU they used to surface after the measurements (or as NaN rows in RESULTS.md)."""
