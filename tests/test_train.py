@@ -565,17 +565,22 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_
         pass
 
 
+def _with_the_last_training_file_halved(data_dir, copy):
+    """A copy of the tiny CIFAR-10 at ``copy`` whose data_batch_5 pixels are halved: the same test
+    images and classes, other training images and statistics."""
+    shutil.copytree(data_dir, copy)
+    batch = copy / "cifar-10-batches-py" / "data_batch_5"
+    content = pickle.loads(batch.read_bytes(), encoding="bytes")
+    content[b"data"] = content[b"data"] // 2
+    batch.write_bytes(pickle.dumps(content, protocol=2))
+    return copy
+
 
 def test_the_normalisation_a_network_was_trained_with_travels_in_its_checkpoint(finished_run, tiny_data, tmp_path,
                                                                                 capsys):
     """--eval-only on a --data-dir with the same test images but other training images: the
     statistics of those would normalise differently; the checkpoint's are used."""
-    other = tmp_path / "other"
-    shutil.copytree(tiny_data, other)
-    batch = other / "cifar-10-batches-py" / "data_batch_5"
-    content = pickle.loads(batch.read_bytes(), encoding="bytes")
-    content[b"data"] = content[b"data"] // 2
-    batch.write_bytes(pickle.dumps(content, protocol=2))
+    other = _with_the_last_training_file_halved(tiny_data, tmp_path / "other")
     last = finished_run[0] / "last.npz"
     mean, std = (np.float32(_meta(last)["normalization"][key]) for key in ("mean", "std"))
     data = cifar_common.load_dataset("cifar10", str(tiny_data), download=False)
@@ -593,12 +598,7 @@ def test_a_resume_on_other_training_images_is_refused_and_on_the_same_ones_is_ex
     refused (as many batches, other images); with --limit-train short of that file it is the run's
     own data, and the resume ends bit for bit on the uninterrupted run, normalised as it was
     trained although the copy's statistics differ."""
-    other = tmp_path / "other"
-    shutil.copytree(tiny_data, other)
-    batch = other / "cifar-10-batches-py" / "data_batch_5"
-    content = pickle.loads(batch.read_bytes(), encoding="bytes")
-    content[b"data"] = content[b"data"] // 2
-    batch.write_bytes(pickle.dumps(content, protocol=2))
+    other = _with_the_last_training_file_halved(tiny_data, tmp_path / "other")
     for limit in ([], ["--limit-train", str(4 * TRAIN_PER_FILE)]):
         out = tmp_path / f"run{len(limit)}"
         assert cifar.main(_argv(tiny_data, out, *limit), after_step=_interrupt_at(2)) == run.EXIT_INTERRUPTED
@@ -615,7 +615,6 @@ def test_a_resume_on_other_training_images_is_refused_and_on_the_same_ones_is_ex
         assert all(np.array_equal(got[name], want[name]) for name in want if name != "meta")
 
 
-
 def test_the_data_folder_is_recorded_absolute(tiny_data, tmp_path, monkeypatch, capsys):
     """A run started with a relative --data-dir: --eval-only from another folder finds the data
     through the checkpoint, where a relative path would have sent it to download into a new one."""
@@ -626,7 +625,6 @@ def test_the_data_folder_is_recorded_absolute(tiny_data, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     assert cifar.main(["--eval-only", str(out / "last.npz"), "--no-download", "--backend", "numpy"]) == 0
     assert "download" not in capsys.readouterr().err
-
 
 
 def test_an_empty_out_is_refused(tiny_data, tmp_path, capsys, monkeypatch):
