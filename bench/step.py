@@ -261,6 +261,7 @@ def run_config(name: str, batch: int, args, session) -> dict:
                    for _ in range(IDENTITY_STEPS)]
         for precision in args.precisions:
             times[precision], memory[precision] = {}, {}
+            profiling = args.profile and precision == args.precisions[0]
             with common.precision(precision, session.torch):
                 identical[precision] = captured_equals_eager(fresh, batches)
                 for side, capture in (("ours captured", True), ("ours eager", False)):
@@ -270,7 +271,7 @@ def run_config(name: str, batch: int, args, session) -> dict:
                         memory[precision][side] = common.our_step_bytes(step)
                     times[precision][side] = common.time_ms(step, session.our_clock, warmup=3,
                                                             budget_ms=args.budget_ms, min_reps=10, max_reps=100)
-                    if args.profile and precision == args.precisions[0]:
+                    if profiling:
                         profiles[side] = _profile(session, step, session.our_clock, args.profile_until)
                     del trainer, step
                 for variant, compiled in variants.items():
@@ -280,7 +281,7 @@ def run_config(name: str, batch: int, args, session) -> dict:
                         memory[precision][variant] = common.torch_step_bytes(session.torch, step)
                     times[precision][variant] = common.time_ms(step, session.torch_clock, warmup=3,
                                                                budget_ms=args.budget_ms, min_reps=10, max_reps=100)
-                    if args.profile and precision == args.precisions[0]:
+                    if profiling:
                         profiles[variant] = _profile(session, step, session.torch_clock, args.profile_until)
                     del trainer, step
     return {"model": name, "batch": batch, "errors": errors, "yardstick": yardstick, "times": times,

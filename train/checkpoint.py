@@ -67,8 +67,8 @@ def data_of(checkpoint: Checkpoint, dataset=None, data_dir=None):
 def normalization(checkpoint: Checkpoint, data):
     """(mean, std), float32 (3,): the per-channel normalisation the network was trained with, as
     the checkpoint records it; for a file without the record (a weights file, a checkpoint from
-    before it was kept) ``data``'s, the statistics of its training images. The data's own would
-    differ when --data-dir holds other training images than the run's."""
+    before it was kept) ``data``'s (a dataset or a loader: its ``mean`` and ``std``). The data's
+    own would differ when --data-dir holds other training images than the run's."""
     saved = checkpoint.meta.get("normalization")
     if saved is None:
         return data.mean, data.std

@@ -26,7 +26,7 @@ from ra_kernels.metrics import TOTALS
 from ra_kernels.models import ATTENTIONS
 from ra_kernels.optim import SCHEDULES, SGD, linear_scaling
 from ra_kernels.steps import EvalStep, TrainStep
-from train.checkpoint import read_checkpoint, write_checkpoint
+from train.checkpoint import normalization, read_checkpoint, write_checkpoint
 from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, non_negative_float,
                           non_negative_int, output_lock, positive_float, positive_int, prepare_output_dir,
                           select_backend, select_precision)
@@ -463,10 +463,9 @@ class Run:
         if meta.get("data_checksum", self.data_checksum) != self.data_checksum:  # none in older checkpoints
             raise UsageError("the training images changed since the checkpoint (as many batches per epoch, but "
                              "other images or labels): resume on the data the run was trained on")
-        saved = meta.get("normalization")  # the run's, whatever the training images of --data-dir now give
-        if saved is not None:
-            for loader in (self.train_loader, self.test_loader):
-                loader.mean, loader.std = (np.asarray(saved[key], np.float32) for key in ("mean", "std"))
+        mean, std = normalization(checkpoint, self.train_loader)  # the run's, whatever --data-dir now gives
+        for loader in (self.train_loader, self.test_loader):
+            loader.mean, loader.std = mean, std
         self.model.load_state_dict(checkpoint.model_state)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         totals = checkpoint.train_totals
