@@ -12,21 +12,27 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
     kernel_size, stride, padding, ceil_mode); with ``ceil_mode`` the division rounds up (Caffe's
     pooling: the last windows run past the input, what lies beyond counting as -inf too; see
     _windows.out_size). saved holds the argmax as the
-    row-major tap index within the window; ties go to the first maximum. A NaN is the
-    maximum of its window, as in PyTorch: y is NaN and the gradient goes to the first NaN.
+    row-major tap index within the window; ties go to the first maximum inside the input, so a
+    window whose inputs are all -inf sends its gradient to the first of them, never to the
+    padding (as PyTorch). A NaN is the maximum of its window, as in PyTorch: y is NaN and the
+    gradient goes to the first NaN.
     """
     if not 0 <= padding <= kernel_size // 2:
         # As in PyTorch: larger padding would allow windows made only of padding.
         raise ValueError(f"max_pool2d: padding must be in [0, kernel_size // 2], got {padding} for {kernel_size}")
-    taps = windows(x, (kernel_size, kernel_size), stride, padding, pad_value=-np.inf, ceil_mode=ceil_mode)
+    geometry = dict(kernel_hw=(kernel_size, kernel_size), stride=stride, padding=padding, ceil_mode=ceil_mode)
+    taps = windows(x, **geometry, pad_value=-np.inf)
+    # (1, OH, OW, KH, KW, 1): which taps of each window lie inside x, not in its padding.
+    inside = windows(np.ones((1, *x.shape[1:3], 1), bool), **geometry, pad_value=False)
     y = taps.max(axis=(3, 4))
     argmax = np.zeros(y.shape, np.int8 if kernel_size * kernel_size <= 128 else np.int32)
     # Taps in reverse row-major order, so the first maximum is the last written. (np.argmax
     # over the tap axis gives the same but runs several times slower on the strided view.)
     y_is_nan = np.isnan(y)
     for tap in reversed(range(kernel_size * kernel_size)):
-        value = taps[:, :, :, tap // kernel_size, tap % kernel_size]
-        np.copyto(argmax, tap, where=(value == y) | (y_is_nan & np.isnan(value)))
+        kh, kw = divmod(tap, kernel_size)
+        value = taps[:, :, :, kh, kw]
+        np.copyto(argmax, tap, where=((value == y) | (y_is_nan & np.isnan(value))) & inside[:, :, :, kh, kw])
     return y, (argmax, x.shape, kernel_size, stride, padding)
 
 

@@ -94,6 +94,25 @@ def test_max_pool2d_int32_argmax_above_128_taps(triton_backend, rng):
     np.testing.assert_array_equal(_host(dx), ref.max_pool2d_backward(dy.astype(np.float64), want_saved)[0])
 
 
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES)
+def test_max_pool2d_all_minus_inf_windows_keep_their_gradient(triton_backend, rng, geometry):
+    # -inf in half the places and in a whole corner: windows of nothing but -inf tie with the
+    # padding, and must point at their first input (the backward drops what lands on padding).
+    kernel_size, stride, padding, ceil_mode = geometry
+    x = rng.standard_normal((2, 7, 9, 5)).astype(np.float32)
+    x[rng.random(x.shape) < 0.5] = -np.inf
+    x[:, :4, :4] = -np.inf
+    y, saved = _run(pool.max_pool2d, x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
+    want_y, want_saved = _ref(ref.max_pool2d, x, kernel_size, stride, padding, ceil_mode)
+    np.testing.assert_array_equal(_host(y), want_y)
+    np.testing.assert_array_equal(_host(saved[0]), want_saved[0])
+    dy = _signed_integers(rng, want_y.shape)
+    (dx,) = pool.max_pool2d_backward(backend.asarray(dy), saved)
+    np.testing.assert_array_equal(_host(dx), ref.max_pool2d_backward(dy.astype(np.float64), want_saved)[0])
+    # Exact integer sums: every window's gradient reaches an input.
+    np.testing.assert_array_equal(_host(dx).sum(axis=(1, 2)), dy.sum(axis=(1, 2)))
+
+
 def test_max_pool2d_propagates_nan(triton_backend, rng):
     # A NaN is the max of every window holding it, and the argmax points at the first NaN (as
     # in PyTorch), so the gradient reaches the input that made it.

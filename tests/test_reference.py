@@ -442,14 +442,16 @@ def test_conv_bn_relu_is_the_composition(training, seed):
 # --------------------------------------------------------------------------- max pool
 
 def naive_max_pool(x, dy, kernel_size, stride, padding):
-    """Output, and the input gradient with each dy sent to the first row-major maximum of its window."""
+    """Output, and the input gradient with each dy sent to the first row-major maximum of its window
+    among the inputs it covers (the first of them when all are -inf)."""
     n, h, w, c = x.shape
     y, dx = np.empty(dy.shape), np.zeros(x.shape)
     for b, i, j, ch in product(*map(range, dy.shape)):
         best, best_at = -np.inf, None
         for di, dj in product(range(kernel_size), repeat=2):  # row-major window order
             r, col = i * stride + di - padding, j * stride + dj - padding
-            if 0 <= r < h and 0 <= col < w and x[b, r, col, ch] > best:  # strict: the first maximum wins
+            # Strict: the first maximum wins.
+            if 0 <= r < h and 0 <= col < w and (best_at is None or x[b, r, col, ch] > best):
                 best, best_at = x[b, r, col, ch], (b, r, col, ch)
         y[b, i, j, ch] = best
         dx[best_at] += dy[b, i, j, ch]
@@ -465,13 +467,17 @@ def naive_max_pool(x, dy, kernel_size, stride, padding):
     ((2, 8, 7, 2), 3, 2, 0),
 ])
 @pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
-@pytest.mark.parametrize("values", ["distinct", "ties"])
+@pytest.mark.parametrize("values", ["distinct", "ties", "minus_inf"])
 def test_max_pool_matches_naive_loop(x_shape, kernel_size, stride, padding, ceil_mode, values, seed):
     rng = np.random.default_rng(seed)
-    # Small integers tie often, which checks the first-maximum rule; distinct values check plain routing.
-    # The naive loop takes the output size from dy and skips taps outside the input, so in ceil mode
-    # it checks the windows that run past the input.
+    # Small integers tie often, which checks the first-maximum rule; distinct values check plain routing;
+    # -inf in two thirds of the places (and in a whole corner) makes windows of nothing but -inf, which
+    # tie with the padding. The naive loop takes the output size from dy and skips taps outside the
+    # input, so in ceil mode it checks the windows that run past the input.
     x = distinct(rng, x_shape) if values == "distinct" else rng.integers(0, 3, x_shape).astype(np.float64)
+    if values == "minus_inf":
+        x[rng.random(x_shape) < 2 / 3] = -np.inf
+        x[:, :3, :3] = -np.inf
     y, saved = ref.max_pool2d(x, kernel_size, stride, padding, ceil_mode)
     dy = rng.standard_normal(y.shape)
     expected_y, expected_dx = naive_max_pool(x, dy, kernel_size, stride, padding)
@@ -513,6 +519,26 @@ def test_max_pool_ceil_mode_sizes_are_pytorchs_and_caffes():
         theirs = torch.nn.functional.max_pool2d(torch.zeros(1, 1, size, size), kernel_size, stride, padding,
                                                 ceil_mode=True).shape[2]
         assert ours == theirs, (size, kernel_size, stride, padding)
+
+
+def test_max_pool_gradient_of_minus_inf_windows_is_pytorchs(seed):
+    """Windows whose inputs are all -inf (an overflowed activation) tie with the padding: PyTorch
+    sends their gradient to the first input, and so do we; none of it is dropped on the padding."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 7, 9, 3))
+    x[rng.random(x.shape) < 0.5] = -np.inf
+    x[:, :4, :4] = -np.inf
+    for kernel_size, stride, padding, ceil_mode in [(3, 2, 1, False), (3, 1, 1, False), (3, 2, 0, True)]:
+        y, saved = ref.max_pool2d(x, kernel_size, stride, padding, ceil_mode)
+        dy = rng.integers(1, 9, y.shape).astype(np.float64)   # sums of a few of them are exact
+        (dx,) = ref.max_pool2d_backward(dy, saved)
+        x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+        y_torch = torch.nn.functional.max_pool2d(x_torch, kernel_size, stride, padding, ceil_mode=ceil_mode)
+        y_torch.backward(torch.tensor(dy.transpose(0, 3, 1, 2)))
+        np.testing.assert_array_equal(y, y_torch.detach().numpy().transpose(0, 2, 3, 1))
+        np.testing.assert_array_equal(dx, x_torch.grad.numpy().transpose(0, 2, 3, 1))
+        np.testing.assert_array_equal(dx.sum(axis=(1, 2)), dy.sum(axis=(1, 2)))  # every dy lands on an input
 
 
 def test_max_pool_padding_is_minus_infinity():

@@ -43,8 +43,8 @@ def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
 
     x (N, H, W, C) and y (N, OH, OW, C), float32 or bfloat16 (both the same); argmax (N, OH, OW, C) int8
     or int32: the row-major tap index kh*KSIZE + kw of the first maximum. Padding
-    reads as -inf. A NaN wins over numbers and the first NaN is kept, as
-    np.argmax does. Grid: (cdiv(n_out, BLOCK_P), cdiv(C, BLOCK_C)), n_out = N*OH*OW.
+    reads as -inf but is never the argmax: a window whose inputs are all -inf points at the
+    first of them. A NaN wins over numbers and the first NaN is kept, as np.argmax does. Grid: (cdiv(n_out, BLOCK_P), cdiv(C, BLOCK_C)), n_out = N*OH*OW.
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)      # flat (n, oh, ow), [BLOCK_P]
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)     # [BLOCK_C]
@@ -52,7 +52,10 @@ def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
     tile_mask = (pos < n_out)[:, None] & (chan < C)[None, :]
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
     best_tap = tl.full((BLOCK_P, BLOCK_C), 0, tl.int32)
-    # Taps in row-major order with a strict comparison: ties keep the first maximum. Columns
+    seen = tl.zeros((BLOCK_P,), tl.int1)  # an inside tap visited yet, per position
+    # Taps in row-major order with a strict comparison: ties keep the first maximum. The first
+    # tap inside x is taken whatever its value, so that an all -inf window's gradient reaches
+    # an input rather than the padding (which the backward drops). Columns
     # unroll; rows unroll up to 4x4 windows (the network's 3x3: all 9 loads in flight, as with one
     # unrolled loop) and loop above: 144 unrolled taps of a 12x12 window made the forward and
     # backward take 94 s to compile on the H200 machine (2026-11-30), now under a second each.
@@ -65,9 +68,11 @@ def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
             row = ((n * H + ih) * W + iw) * C
             v = tl.load(x_ptr + row[:, None] + chan[None, :], mask=tile_mask & inside[:, None],
                         other=float("-inf")).to(tl.float32)
-            take = (v > best) | ((v != v) & (best == best))  # (v != v): NaN, taken once
+            first = inside & ~seen
+            take = (v > best) | ((v != v) & (best == best)) | first[:, None]  # (v != v): NaN, taken once
             best = tl.where(take, v, best)
             best_tap = tl.where(take, kh * KSIZE + kw, best_tap)
+            seen = seen | inside
     out = pos[:, None] * C + chan[None, :]
     storage.store(y_ptr + out, best, tile_mask)  # a value of x: exact in x's type
     tl.store(argmax_ptr + out, best_tap.to(argmax_ptr.dtype.element_ty), mask=tile_mask)
