@@ -44,7 +44,8 @@ def max_pool2d_kernel(x_ptr, y_ptr, argmax_ptr, H, W, C, OH, OW, n_out,
     x (N, H, W, C) and y (N, OH, OW, C), float32 or bfloat16 (both the same); argmax (N, OH, OW, C) int8
     or int32: the row-major tap index kh*KSIZE + kw of the first maximum. Padding
     reads as -inf but is never the argmax: a window whose inputs are all -inf points at the
-    first of them. A NaN wins over numbers and the first NaN is kept, as np.argmax does. Grid: (cdiv(n_out, BLOCK_P), cdiv(C, BLOCK_C)), n_out = N*OH*OW.
+    first of them. A NaN wins over numbers and the first NaN is kept, as np.argmax does.
+    Grid: (cdiv(n_out, BLOCK_P), cdiv(C, BLOCK_C)), n_out = N*OH*OW.
     """
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)      # flat (n, oh, ow), [BLOCK_P]
     chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)     # [BLOCK_C]
