@@ -310,14 +310,24 @@ def stage_train(args) -> dict:
     return dict(ok=ok, line=line, report="\n\n".join([line] + reports))
 
 
+def _step_options(args, precisions, deadline: float, compile_too: bool) -> SimpleNamespace:
+    """The options ``bench.step.run_config`` reads, as its command line would give them."""
+    return SimpleNamespace(no_compile=not compile_too, precisions=precisions, budget_ms=args.step_budget_ms,
+                           profile=True, profile_until=deadline - PROFILE_MARGIN_S)
+
+
+def _images_per_s(row: dict, precision: str) -> dict:
+    """{side: images/s} of a ``bench.step`` row from its median step times at ``precision``."""
+    return {side: row["batch"] / (timing.median * 1e-3) for side, timing in row["times"].get(precision, {}).items()}
+
+
 def stage_step(args) -> dict:
     from . import step as bench_step
     session = _session(args)
     configs = ([("attention56", common.DRY_RUN_BATCH)] if args.dry_run else STEP_CONFIGS[_mode(args)])
     precisions = ("tf32",) if args.dry_run else STEP_PRECISIONS[_mode(args)]
     deadline, rows, skipped = _deadline(args), [], []
-    options = SimpleNamespace(no_compile=not args.compile, precisions=precisions, budget_ms=args.step_budget_ms,
-                              profile=True, profile_until=deadline - PROFILE_MARGIN_S)
+    options = _step_options(args, precisions, deadline, args.compile)
     for name, batch in configs:
         if rows and time.monotonic() > deadline:
             skipped.append(f"{name} b{batch}")
@@ -329,10 +339,9 @@ def stage_step(args) -> dict:
         report += "\n\ntorch.compile: skipped (minutes of compilation per model; --compile includes it)."
     parts, differ = [], []
     for row in rows:
-        t = row["times"].get("tf32", {})
+        images = _images_per_s(row, "tf32")
         differ += [f"{row['model']} b{row['batch']} {p}" for p, same in row["identical"].items() if not same]
-        if "ours captured" in t:
-            images = {side: row["batch"] / (timing.median * 1e-3) for side, timing in t.items()}
+        if "ours captured" in images:
             profile = row["profiles"].get("ours captured")
             parts.append(f"{row['model'].removeprefix('attention')} b{row['batch']} "
                          f"{images['ours captured']:,.0f} / {images['ours eager']:,.0f} vs "
@@ -355,11 +364,8 @@ def stage_imagenet(args) -> dict:
         return dict(ok=True, line=f"loader: {loaded['line']}; step: no dry-run version", report=loaded["line"])
     loaded = bench_loader.measure(LOADER_IMAGES, LOADER_BATCH, list(LOADER_WORKERS), False, args.seed, args.data)
     print(f"  loader: {loaded['line']}", flush=True)
-    options = SimpleNamespace(no_compile=True, precisions=(IMAGENET_PRECISION,), budget_ms=args.step_budget_ms,
-                              profile=True, profile_until=deadline - PROFILE_MARGIN_S)
-    row = bench_step.run_config(*IMAGENET_STEP, options, session)
-    t = row["times"][IMAGENET_PRECISION]
-    images = {side: row["batch"] / (timing.median * 1e-3) for side, timing in t.items()}
+    row = bench_step.run_config(*IMAGENET_STEP, _step_options(args, (IMAGENET_PRECISION,), deadline, False), session)
+    images = _images_per_s(row, IMAGENET_PRECISION)
     same = row["identical"][IMAGENET_PRECISION]
     line = (f"{IMAGENET_STEP[0]} b{IMAGENET_STEP[1]} at 224x224, {IMAGENET_PRECISION}: ours captured / eager "
             f"{images['ours captured']:,.0f} / {images['ours eager']:,.0f} vs PyTorch eager "
