@@ -586,7 +586,8 @@ class Run:
                        if world.distributed else ""))
         if self.position["iteration"] > 0:
             self._print(f"resuming from {self.last_good}")
-        watchdog = (distributed.Watchdog(world, self.args.collective_timeout, EXIT_PEER_FAILED) if world.distributed
+        watchdog = (distributed.Watchdog(world, self.args.collective_timeout, EXIT_PEER_FAILED,
+                                         "a larger --collective-timeout") if world.distributed
                     else contextlib.nullcontext())
         try:
             try:
