@@ -409,6 +409,7 @@ def parse_args(argv=None):
                         help="RESULTS.md is appended here (default: bench/)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU: interpret backend, tiny models, agreement checks, no timing, nothing written")
+    parser.add_argument("--swap-made-operands", action="store_true", help=common.SWAP_HELP)
     args = parser.parse_args(argv)
     if not args.dry_run:  # nothing is written in a dry run
         common.checked_out(parser, args.out)
@@ -424,6 +425,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with common.swapped_operands(args.swap_made_operands):
+        return _run(args)
+
+
+def _run(args) -> int:
     session = common.start_session(args.dry_run, args.seed, args.budget_ms)
     batches = [DRY_RUN_BATCH] if session.dry_run else args.batches
     rows = []

@@ -67,6 +67,27 @@ def test_step_dry_run_agrees_and_times_nothing(rng, capsys):
     assert common.NO_TIMING in out and RESULTS.read_text() == before
 
 
+@pytest.mark.parametrize("flag", [[], ["--swap-made-operands"]], ids=["default", "swapped"])
+def test_step_swap_made_operands_holds_for_the_run_only(monkeypatch, flag):
+    """--swap-made-operands sets kernels/conv.py's SWAP_MADE_OPERANDS while our steps run, and the
+    default leaves it off; either way it is as before once bench.step returns."""
+    from ra_kernels.kernels import conv
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def run_config(*args):
+        seen.append(conv.SWAP_MADE_OPERANDS)
+        raise Stop
+
+    monkeypatch.setattr(bench_step, "run_config", run_config)
+    with pytest.raises(Stop):
+        bench_step.main(["--dry-run", *flag])
+    assert seen == [bool(flag)] and conv.SWAP_MADE_OPERANDS is False
+
+
 def test_step_report_puts_bf16_beside_tf32():
     """The GPU run's tables from made-up timings (the numbers are the test's, not measurements):
     images/s and ratios per precision, then each side's bf16 speed-up and memory."""

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from ra_kernels import backend
+from ra_kernels import backend, launch
 from ra_kernels import functional as F
 from ra_kernels.kernels import batchnorm, conv, elementwise
 
@@ -504,6 +504,30 @@ def test_conv_chain_in_bfloat16_agrees_with_its_ops(triton_backend, rng):
 def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn, into):
     """Every output, running statistic and gradient of the fused chain (each batch norm applied by the
     next conv as it loads, its backward sums taken in that conv's dgrad) against reference/."""
+    _check_conv_chain(rng, x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn, into)
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["new", "into_buffers"])
+def test_conv_chain_with_swapped_operands(triton_backend, rng, monkeypatch, into):
+    """conv.SWAP_MADE_OPERANDS: the forward with its input's batch norm applied as it loads, and the
+    dgrad that makes dz from dy as it loads, take their product transposed (SWAP_AB) on tiles of 64
+    columns, here 33 to 40 channels; the launches say they did, and the results are checked as above.
+    Six positions: 240 values per batch norm, so a draw clear of the ReLU kinks comes about one time
+    in six. (Lifting the pre-activations clear with a beta offset would leave no ReLU to mask a
+    gradient, and a batch norm's dbeta is then exactly zero when another batch norm follows its
+    conv: no relative error could be taken.)"""
+    monkeypatch.setattr(conv, "SWAP_MADE_OPERANDS", True)
+    with launch.record_launches() as calls:
+        _check_conv_chain(rng, (1, 2, 3, 40), [(1, 1, 40, 36), (3, 3, 36, 33), (1, 1, 33, 40)], (1, 1, 1), True, 0.0,
+                          "residual", True, into)
+    swapped = [(c.kernel_fn.__name__, c.constexprs.get("PRE_BN", c.constexprs.get("BN_BACKWARD")))
+               for c in calls if c.constexprs.get("SWAP_AB")]
+    # The three forwards (each loads a batch norm's output) and the dgrads of convs 1 and 2 (each
+    # followed by a batch norm); not the last conv's dgrad, whose operand is dy as it is.
+    assert sorted(swapped) == [("conv2d_dgrad_kernel", True)] * 2 + [("conv2d_fwd_kernel", True)] * 3
+
+
+def _check_conv_chain(rng, x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn, into):
     x, params, layers = _chain_inputs(rng, x_shape, w_shapes, strides, IEEE_KINK_BAND, beta_offset, input_bn)
     options = dict(layers=layers, input_bn=input_bn, residual=shortcut == "residual")
     y_shape = ref.conv_chain(*f64(x, *params), **options)[0].shape
