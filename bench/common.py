@@ -121,12 +121,6 @@ def precision(name: str, torch=None):
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-#: The --swap-made-operands option of bench.step and bench.ptxas.
-SWAP_HELP = ("ours: the convs whose first operand is made as it loads (a batch norm applied, dz made from dy) take "
-             "their product transposed, on tiles of 64 channels or more (kernels/conv.py, SWAP_MADE_OPERANDS; off "
-             "by default until measured); compare a run with it against one without")
-
-
 @contextlib.contextmanager
 def swapped_operands(on: bool):
     """kernels/conv.py's SWAP_MADE_OPERANDS set to ``on`` inside the block, as it was after it."""

@@ -310,10 +310,10 @@ def stage_train(args) -> dict:
     return dict(ok=ok, line=line, report="\n\n".join([line] + reports))
 
 
-def _step_options(args, precisions, deadline: float, compile_too: bool) -> SimpleNamespace:
+def _step_options(args, precisions, deadline: float, compile_too: bool, swapped_too: bool) -> SimpleNamespace:
     """The options ``bench.step.run_config`` reads, as its command line would give them."""
     return SimpleNamespace(no_compile=not compile_too, precisions=precisions, budget_ms=args.step_budget_ms,
-                           profile=True, profile_until=deadline - PROFILE_MARGIN_S)
+                           profile=True, profile_until=deadline - PROFILE_MARGIN_S, swap_made_operands=swapped_too)
 
 
 def _images_per_s(row: dict, precision: str) -> dict:
@@ -327,7 +327,9 @@ def stage_step(args) -> dict:
     configs = ([("attention56", common.DRY_RUN_BATCH)] if args.dry_run else STEP_CONFIGS[_mode(args)])
     precisions = ("tf32",) if args.dry_run else STEP_PRECISIONS[_mode(args)]
     deadline, rows, skipped = _deadline(args), [], []
-    options = _step_options(args, precisions, deadline, args.compile)
+    # With "ours swapped" beside ours: whether the transposed products ptxas prefers (docs/design.md §6) are
+    # faster is measured in every run until the default follows the measurement.
+    options = _step_options(args, precisions, deadline, args.compile, swapped_too=True)
     for name, batch in configs:
         if rows and time.monotonic() > deadline:
             skipped.append(f"{name} b{batch}")
@@ -347,7 +349,8 @@ def stage_step(args) -> dict:
                          f"{images['ours captured']:,.0f} / {images['ours eager']:,.0f} vs "
                          f"{images.get('PyTorch eager', float('nan')):,.0f} img/s"
                          + (f" ({profile.launches:,.0f} kernels, {profile.busy_ms:.1f} ms busy)"
-                            if isinstance(profile, common.KernelProfile) else ""))
+                            if isinstance(profile, common.KernelProfile) else "")
+                         + (f", swapped {images[bench_step.SWAPPED]:,.0f}" if bench_step.SWAPPED in images else ""))
     line = ("ours captured / eager vs PyTorch eager: " + "; ".join(parts) if parts
             else f"{len(rows)} configuration(s) agree ({common.NO_TIMING})")
     line += (f"; not run (time): {', '.join(skipped)}" if skipped else "")
@@ -364,7 +367,8 @@ def stage_imagenet(args) -> dict:
         return dict(ok=True, line=f"loader: {loaded['line']}; step: no dry-run version", report=loaded["line"])
     loaded = bench_loader.measure(LOADER_IMAGES, LOADER_BATCH, list(LOADER_WORKERS), False, args.seed, args.data)
     print(f"  loader: {loaded['line']}", flush=True)
-    row = bench_step.run_config(*IMAGENET_STEP, _step_options(args, (IMAGENET_PRECISION,), deadline, False), session)
+    row = bench_step.run_config(*IMAGENET_STEP, _step_options(args, (IMAGENET_PRECISION,), deadline, False, False),
+                                session)
     images = _images_per_s(row, IMAGENET_PRECISION)
     same = row["identical"][IMAGENET_PRECISION]
     line = (f"{IMAGENET_STEP[0]} b{IMAGENET_STEP[1]} at 224x224, {IMAGENET_PRECISION}: ours captured / eager "
@@ -448,7 +452,8 @@ def stage_sanitize(args) -> dict:
 
 def warm(args) -> dict:
     """Compile (by running once) the Triton specialisations of one job: "MODEL:BATCH:PRECISION" (a
-    training step; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage evaluates) or "kernels"
+    training step, and for the CIFAR networks the same with the made operands swapped, as the step
+    stage runs it; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage evaluates) or "kernels"
     (every layer of the kernels stage, forward and backward, TF32)."""
     from ra_kernels import backend
     from ra_kernels.autograd import Tensor, no_grad
@@ -471,6 +476,9 @@ def warm(args) -> dict:
         model = common.build_model(name, args.dry_run)
         with backend.use_precision(precision):
             OurTrainer(model).step(x, labels)
+            if name not in common.IMAGENET_MODELS:  # the step stage runs "ours swapped" too
+                with common.swapped_operands(True):
+                    OurTrainer(common.build_model(name, args.dry_run)).step(x, labels)
             if precision in TRAIN_PRECISIONS and name == "attention56":  # the training stage evaluates these
                 with no_grad():
                     model.eval()(Tensor(x))

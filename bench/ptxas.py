@@ -83,7 +83,9 @@ def main(argv=None) -> int:
     parser.add_argument("--capability", type=int, default=90, choices=[80, 90],
                         help="compute capability compiled for (default: 90, the H100/H200)")
     parser.add_argument("--verbose", action="store_true", help="also one row per specialisation")
-    parser.add_argument("--swap-made-operands", action="store_true", help=common.SWAP_HELP)
+    parser.add_argument("--swap-made-operands", action="store_true",
+                        help="with the products of the convs whose first operand is made as it loads taken "
+                             "transposed (kernels/conv.py, SWAP_MADE_OPERANDS), to compare with a run without")
     args = parser.parse_args(argv)
     if args.batch < 2:
         parser.error("--batch must be at least 2 (batch norm in training)")

@@ -67,25 +67,26 @@ def test_step_dry_run_agrees_and_times_nothing(rng, capsys):
     assert common.NO_TIMING in out and RESULTS.read_text() == before
 
 
-@pytest.mark.parametrize("flag", [[], ["--swap-made-operands"]], ids=["default", "swapped"])
-def test_step_swap_made_operands_holds_for_the_run_only(monkeypatch, flag):
-    """--swap-made-operands sets kernels/conv.py's SWAP_MADE_OPERANDS while our steps run, and the
-    default leaves it off; either way it is as before once bench.step returns."""
+def test_step_dry_run_checks_the_swapped_side_too(rng, capsys, monkeypatch):
+    """--swap-made-operands adds a side, our step with kernels/conv.py's SWAP_MADE_OPERANDS on, checked
+    for agreement like ours (in a dry run nothing is timed); the other sides run with it off, and it
+    is off again after the run."""
     from ra_kernels.kernels import conv
+    seen, results = [], bench_step.OurTrainer.results
 
-    class Stop(Exception):
-        pass
-
-    seen = []
-
-    def run_config(*args):
+    def spy(self, *args):
         seen.append(conv.SWAP_MADE_OPERANDS)
-        raise Stop
+        return results(self, *args)
 
-    monkeypatch.setattr(bench_step, "run_config", run_config)
-    with pytest.raises(Stop):
-        bench_step.main(["--dry-run", *flag])
-    assert seen == [bool(flag)] and conv.SWAP_MADE_OPERANDS is False
+    monkeypatch.setattr(bench_step.OurTrainer, "results", spy)
+    assert bench_step.main(["--dry-run", "--seed", _seed(rng), "--swap-made-operands"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| model"))
+    row = next(line for line in lines if line.startswith("| attention56 (tiny)"))
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    assert cells["ours swapped img/s"] == cells["ours swapped / ours captured"] == "-"
+    assert float(cells["err ours swapped"]) < 1e-4
+    assert seen == [False, True, False, False] and conv.SWAP_MADE_OPERANDS is False  # ours, swapped, numpy x2
 
 
 def test_step_report_puts_bf16_beside_tf32():
@@ -99,7 +100,8 @@ def test_step_report_puts_bf16_beside_tf32():
     memory = {"tf32": {"ours eager": 800 * 2**20, "PyTorch eager": 1000 * 2**20},
               "bf16": {"ours eager": 400 * 2**20, "PyTorch eager": 700 * 2**20}}
     row = {"model": "attention56", "batch": 64, "errors": {"ours": 1e-3}, "yardstick": "PyTorch eager",
-           "times": times, "memory": memory, "variants": ["PyTorch eager"], "identical": {"tf32": True, "bf16": True}}
+           "times": times, "memory": memory, "ours": ["ours captured", "ours eager"], "variants": ["PyTorch eager"],
+           "identical": {"tf32": True, "bf16": True}}
     text = re.sub(" +", " ", bench_step.report([row], ["tf32", "bf16"], dry_run=False))  # without the padding
     assert "images/s, TF32" in text and "images/s, BF16" in text
     assert "| attention56 | 64 | 1,600 | 800 | 1,067 | 2.00 | 1.50 | yes |" in text       # 64 / 40 ms, ...
@@ -358,13 +360,21 @@ def test_step_report_shows_where_the_device_time_goes():
 
     names = [f"kernel_{i}" for i in range(bench_step.PROFILE_TOP + 2)]
     ours = common.KernelProfile({name: (2.0, 100.0 * (i + 1)) for i, name in enumerate(names)})
-    row = {"model": "attention92", "batch": 64, "errors": {"ours": 1e-3}, "yardstick": "PyTorch eager",
-           "times": {"tf32": {"ours captured": ms(10.0), "ours eager": ms(40.0), "PyTorch eager": ms(20.0)}},
-           "memory": {}, "variants": ["PyTorch eager"], "identical": {"tf32": True},
-           "profiles": {"ours captured": ours, "PyTorch eager": "no profile: RuntimeError: CUPTI"}}
+    swapped = common.KernelProfile({name: (2.0, 50.0 * (i + 1)) for i, name in enumerate(names)})
+    row = {"model": "attention92", "batch": 64, "errors": {"ours": 1e-3, "ours swapped": 2e-3},
+           "yardstick": "PyTorch eager",
+           "times": {"tf32": {"ours captured": ms(10.0), "ours eager": ms(40.0), "ours swapped": ms(8.0),
+                              "PyTorch eager": ms(20.0)}},
+           "memory": {}, "ours": ["ours captured", "ours eager", "ours swapped"], "variants": ["PyTorch eager"],
+           "identical": {"tf32": True},
+           "profiles": {"ours captured": ours, "ours swapped": swapped, "PyTorch eager": "no profile: RuntimeError: CUPTI"}}
     text = re.sub(" +", " ", bench_step.report([row], ["tf32"], dry_run=False))
+    # images/s: 64 / 10 ms, 64 / 40 ms, 64 / 8 ms, 64 / 20 ms; then each side's time over ours captured
+    assert "| attention92 | 64 | 6,400 | 1,600 | 8,000 | 3,200 | 4.00 | 0.80 | 2.00 | yes | 1.0e-03 | 2.0e-03 |" in text
     assert "Where the step's time goes on the device, TF32" in text
     assert "| attention92 | 64 | ours captured | 10.00 | 24 | 7.80 | 78% |" in text   # 12 x 2; 100 x 78 µs
+    assert "| attention92 | 64 | ours swapped | 8.00 | 24 | 3.90 | 49% |" in text
+    assert "ours swapped, by kernel" in text and "| kernel_11 | 2 | 600 | 15% |" in text
     assert "| attention92 | 64 | PyTorch eager | 20.00 | no profile: RuntimeError: CUPTI | - | - |" in text
     assert "| kernel_11 | 2 | 1,200 | 15% |" in text and "| kernel_2 | 2 | 300 | 4% |" in text
     assert "| (2 others) | 4 | 300 | 4% |" in text and "| kernel_1 |" not in text   # kernel_0 and kernel_1
