@@ -321,15 +321,20 @@ def _images_per_s(row: dict, precision: str) -> dict:
     return {side: row["batch"] / (timing.median * 1e-3) for side, timing in row["times"].get(precision, {}).items()}
 
 
+def _times_swapped(args) -> bool:
+    """Whether the step stage puts "ours swapped" beside ours (bench.step --swap-made-operands): until
+    the default follows a measurement of the transposed products ptxas prefers (docs/design.md §6),
+    in every full run; not in the quick run, whose minutes go to correctness."""
+    return _mode(args) == "full"
+
+
 def stage_step(args) -> dict:
     from . import step as bench_step
     session = _session(args)
     configs = ([("attention56", common.DRY_RUN_BATCH)] if args.dry_run else STEP_CONFIGS[_mode(args)])
     precisions = ("tf32",) if args.dry_run else STEP_PRECISIONS[_mode(args)]
     deadline, rows, skipped = _deadline(args), [], []
-    # With "ours swapped" beside ours: whether the transposed products ptxas prefers (docs/design.md §6) are
-    # faster is measured in every run until the default follows the measurement.
-    options = _step_options(args, precisions, deadline, args.compile, swapped_too=True)
+    options = _step_options(args, precisions, deadline, args.compile, swapped_too=_times_swapped(args))
     for name, batch in configs:
         if rows and time.monotonic() > deadline:
             skipped.append(f"{name} b{batch}")
@@ -452,8 +457,8 @@ def stage_sanitize(args) -> dict:
 
 def warm(args) -> dict:
     """Compile (by running once) the Triton specialisations of one job: "MODEL:BATCH:PRECISION" (a
-    training step, and for the CIFAR networks the same with the made operands swapped, as the step
-    stage runs it; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage evaluates) or "kernels"
+    training step, and in a full run for the CIFAR networks the same with the made operands swapped,
+    as the step stage runs it; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage evaluates) or "kernels"
     (every layer of the kernels stage, forward and backward, TF32)."""
     from ra_kernels import backend
     from ra_kernels.autograd import Tensor, no_grad
@@ -476,7 +481,7 @@ def warm(args) -> dict:
         model = common.build_model(name, args.dry_run)
         with backend.use_precision(precision):
             OurTrainer(model).step(x, labels)
-            if name not in common.IMAGENET_MODELS:  # the step stage runs "ours swapped" too
+            if _times_swapped(args) and name not in common.IMAGENET_MODELS:  # as the step stage will
                 with common.swapped_operands(True):
                     OurTrainer(common.build_model(name, args.dry_run)).step(x, labels)
             if precision in TRAIN_PRECISIONS and name == "attention56":  # the training stage evaluates these

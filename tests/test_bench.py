@@ -481,6 +481,27 @@ def test_gpu_check_plans_the_imagenet_step_in_the_full_run_only():
     assert next(s for s in gpu_check.STAGES if s.name == "imagenet").quick_limit_s == 0
 
 
+@pytest.mark.parametrize("mode", ["full", "quick"])
+def test_gpu_check_times_the_swapped_step_in_the_full_run_only(monkeypatch, tmp_path, mode):
+    """The step stage asks bench.step for "ours swapped" (--swap-made-operands) in a full run, not in
+    the quick one; what each configuration is run with is what the stage passes."""
+    from bench import gpu_check
+    from bench import step as bench_step
+
+    args = gpu_check.parse_args(["--out", str(tmp_path)] + (["--quick"] if mode == "quick" else []))
+    args.limit, asked = 100.0, []
+
+    def run_config(name, batch, options, session):
+        asked.append((name, batch, options.swap_made_operands))
+        return {"model": name, "batch": batch, "times": {}, "identical": {}, "profiles": {}}
+
+    monkeypatch.setattr(bench_step, "run_config", run_config)
+    monkeypatch.setattr(bench_step, "report", lambda *args: "")
+    monkeypatch.setattr(gpu_check, "_session", lambda args: SimpleNamespace(dry_run=False))
+    assert gpu_check.stage_step(args)["ok"]
+    assert asked == [(name, batch, mode == "full") for name, batch in gpu_check.STEP_CONFIGS[mode]]
+
+
 def test_the_imagenet_networks_are_benchmarked_at_their_size_and_never_in_a_dry_run():
     from bench import step as bench_step
 

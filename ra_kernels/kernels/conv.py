@@ -379,7 +379,7 @@ def _gemm_tiles(positions, channels):
 
 #: Take the forward's and dgrad's product transposed where their first operand is made in registers
 #: (``_conv_k_loop``'s SWAP_AB). Off until a GPU has measured it: ``python -m bench.step
-#: --swap-made-operands`` (and bench.gpu_check) times a step with it beside ours.
+#: --swap-made-operands`` (and a full bench.gpu_check) times a step with it beside ours.
 SWAP_MADE_OPERANDS = False
 
 
