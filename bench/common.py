@@ -122,10 +122,10 @@ def precision(name: str, torch=None):
 
 
 @contextlib.contextmanager
-def swapped_operands(on: bool):
-    """kernels/conv.py's SWAP_MADE_OPERANDS set to ``on`` inside the block, as it was after it."""
+def swapped_operands():
+    """kernels/conv.py's SWAP_MADE_OPERANDS on inside the block, as it was after it."""
     from ra_kernels.kernels import conv
-    was, conv.SWAP_MADE_OPERANDS = conv.SWAP_MADE_OPERANDS, on
+    was, conv.SWAP_MADE_OPERANDS = conv.SWAP_MADE_OPERANDS, True
     try:
         yield
     finally:

@@ -372,8 +372,8 @@ def stage_imagenet(args) -> dict:
         return dict(ok=True, line=f"loader: {loaded['line']}; step: no dry-run version", report=loaded["line"])
     loaded = bench_loader.measure(LOADER_IMAGES, LOADER_BATCH, list(LOADER_WORKERS), False, args.seed, args.data)
     print(f"  loader: {loaded['line']}", flush=True)
-    row = bench_step.run_config(*IMAGENET_STEP, _step_options(args, (IMAGENET_PRECISION,), deadline, False, False),
-                                session)
+    options = _step_options(args, (IMAGENET_PRECISION,), deadline, compile_too=False, swapped_too=False)
+    row = bench_step.run_config(*IMAGENET_STEP, options, session)
     images = _images_per_s(row, IMAGENET_PRECISION)
     same = row["identical"][IMAGENET_PRECISION]
     line = (f"{IMAGENET_STEP[0]} b{IMAGENET_STEP[1]} at 224x224, {IMAGENET_PRECISION}: ours captured / eager "
@@ -458,8 +458,8 @@ def stage_sanitize(args) -> dict:
 def warm(args) -> dict:
     """Compile (by running once) the Triton specialisations of one job: "MODEL:BATCH:PRECISION" (a
     training step, and in a full run for the CIFAR networks the same with the made operands swapped,
-    as the step stage runs it; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage evaluates) or "kernels"
-    (every layer of the kernels stage, forward and backward, TF32)."""
+    as the step stage runs it; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage
+    evaluates) or "kernels" (every layer of the kernels stage, forward and backward, TF32)."""
     from ra_kernels import backend
     from ra_kernels.autograd import Tensor, no_grad
     from . import kernels as bench_kernels
@@ -482,7 +482,7 @@ def warm(args) -> dict:
         with backend.use_precision(precision):
             OurTrainer(model).step(x, labels)
             if _times_swapped(args) and name not in common.IMAGENET_MODELS:  # as the step stage will
-                with common.swapped_operands(True):
+                with common.swapped_operands():
                     OurTrainer(common.build_model(name, args.dry_run)).step(x, labels)
             if precision in TRAIN_PRECISIONS and name == "attention56":  # the training stage evaluates these
                 with no_grad():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 
 from tqdm import tqdm
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     if args.batch < 2:
         parser.error("--batch must be at least 2 (batch norm in training)")
     for name in args.models:
-        with common.swapped_operands(args.swap_made_operands):
+        with common.swapped_operands() if args.swap_made_operands else contextlib.nullcontext():
             launches = step_launches(name, args.batch)
         rows = audit(launches, capability=args.capability, progress=True)
         swapped = ", operands made in registers swapped" if args.swap_made_operands else ""

@@ -44,6 +44,7 @@ minutes); the table is printed with "dry run: no timing" instead of images/s. No
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -239,14 +240,15 @@ def run_config(name: str, batch: int, args, session) -> dict:
     # what the dry run checks; on the GPU the real shapes train.
     training = not session.dry_run
 
-    # Our sides: (name, captured, products of made operands swapped): kernels/conv.py, SWAP_MADE_OPERANDS.
+    # Our sides: (name, captured, made operands swapped: kernels/conv.py's SWAP_MADE_OPERANDS on, where
+    # ours run with it as the library has it).
     ours = [("ours captured", True, False), ("ours eager", False, False)]
     if args.swap_made_operands:
         ours.append((SWAPPED, True, True))
     with common.precision("ieee", session.torch):
         sides = {"ours": OurTrainer(model, training).results(x_ours, labels_ours)}
-        if args.swap_made_operands:  # the swapped products' indexing, checked on the whole network
-            with common.swapped_operands(True):
+        if args.swap_made_operands:  # the swapped products on the whole network (the dry run's tiny
+            with common.swapped_operands():  # models have no conv of 64 channels: nothing swaps there)
                 sides[SWAPPED] = OurTrainer(fresh(), training).results(x_ours, labels_ours)
         if session.dry_run:  # the truth and the yardstick: reference/ in float64 and in float32
             yardstick = "numpy float32"
@@ -274,7 +276,7 @@ def run_config(name: str, batch: int, args, session) -> dict:
             with common.precision(precision, session.torch):
                 identical[precision] = captured_equals_eager(fresh, batches)
                 for side, capture, swapped in ours:
-                    with common.swapped_operands(swapped):
+                    with common.swapped_operands() if swapped else contextlib.nullcontext():
                         trainer = OurTrainer(fresh(), capture=capture)
                         step = functools.partial(trainer.step, x_ours, labels_ours)
                         if not capture:
@@ -366,16 +368,16 @@ def profile_tables(rows: list, precision: str) -> str:
             body.append([row["model"], row["batch"], side, f"{step_ms:.2f}", f"{profile.launches:,.0f}",
                          f"{profile.busy_ms:.2f}", f"{profile.busy_ms / step_ms:.0%}"])
         for side in ("ours captured", SWAPPED):
-            ours = row["profiles"].get(side)
-            if ours is None or isinstance(ours, str):
+            profile = row["profiles"].get(side)
+            if profile is None or isinstance(profile, str):
                 continue
-            top = ours.top(PROFILE_TOP)
-            rest = [(n, us) for name, (n, us) in ours.kernels.items() if name not in {t[0] for t in top}]
-            lines = [[name, f"{n:g}", f"{us:,.0f}", f"{us / 1e3 / ours.busy_ms:.0%}"] for name, n, us in top]
+            top = profile.top(PROFILE_TOP)
+            rest = [(n, us) for name, (n, us) in profile.kernels.items() if name not in {t[0] for t in top}]
+            lines = [[name, f"{n:g}", f"{us:,.0f}", f"{us / 1e3 / profile.busy_ms:.0%}"] for name, n, us in top]
             if rest:
                 rest_us = sum(us for _, us in rest)
                 lines.append([f"({len(rest)} others)", f"{sum(n for n, _ in rest):g}", f"{rest_us:,.0f}",
-                              f"{rest_us / 1e3 / ours.busy_ms:.0%}"])
+                              f"{rest_us / 1e3 / profile.busy_ms:.0%}"])
             parts.append(f"{row['model']} batch {row['batch']}, {side}, by kernel:\n\n"
                          + common.markdown_table(["kernel", "launches / step", "µs / step", "share of busy"], lines))
     return "\n\n".join([common.markdown_table(header, body)] + parts)

@@ -229,12 +229,14 @@ class Watchdog:
     thread runs). ``timeout_s`` must exceed the longest step, evaluation or checkpoint write: a
     rank waits in the next collective while rank 0 writes. Until the first beat the limit is
     FIRST_STEP_FACTOR times longer: the first step compiles every kernel, on every rank at once.
-    ``setting``: how the user asks for a longer timeout, for the message.
+    ``longer_timeout_hint``: how the user asks for a longer timeout, for the message.
     """
     FIRST_STEP_FACTOR = 3
 
-    def __init__(self, world: World, timeout_s: float, exit_code: int = 1, setting: str = "a longer timeout"):
-        self.world, self.timeout_s, self.exit_code, self.setting = world, timeout_s, exit_code, setting
+    def __init__(self, world: World, timeout_s: float, exit_code: int = 1,
+                 longer_timeout_hint: str = "a longer timeout"):
+        self.world, self.timeout_s, self.exit_code = world, timeout_s, exit_code
+        self.longer_timeout_hint = longer_timeout_hint
         self._last, self._beaten, self._stop = time.monotonic(), False, threading.Event()
         self._thread = threading.Thread(target=self._watch, name="Watchdog", daemon=True)
 
@@ -258,6 +260,6 @@ class Watchdog:
                 # waits on its peers and one whose own step is slow look the same from here.
                 print(f"rank {self.world.rank}: no step completed in {limit:g} s: another rank has failed "
                       f"or hangs (its own error, if any, is above), or a step, evaluation or checkpoint write "
-                      f"takes longer than that (then give {self.setting}); stopping every rank",
+                      f"takes longer than that (then give {self.longer_timeout_hint}); stopping every rank",
                       file=sys.stderr, flush=True)
                 self.world.abort(self.exit_code)

@@ -13,12 +13,20 @@ from . import functional as F
 from .autograd import no_grad
 from .backend import get_backend, get_precision
 from .graph import StepGraph
+from .kernels import conv as conv_kernels
 from .metrics import accumulate_metrics
 
 
 def default_capture() -> bool:
     """Whether steps are captured when not told: on the cuda backend."""
     return get_backend() == "cuda"
+
+
+def kernel_choices():
+    """What picks a step's kernels besides the model's mode and the optimizer: the precision, and
+    whether the convs take some products transposed (kernels/conv.py, SWAP_MADE_OPERANDS). A
+    captured step keeps one graph per value, as a replay runs the kernels chosen at its capture."""
+    return get_precision(), conv_kernels.SWAP_MADE_OPERANDS
 
 
 def _checked_capture(capture):
@@ -47,9 +55,10 @@ class TrainStep(_Step):
 
     ``capture``: None for :func:`default_capture`. ``warmup``: eager steps per batch shape before
     the capture. The learning rate is the optimizer's device array, read by every replay, so
-    ``optimizer.set_lr`` between steps takes effect. A change of the model's mode, the precision
-    or the optimizer's momentum, weight decay or Nesterov switch gets a graph of its own; changes
-    below the model's top (one layer frozen after the capture) need a new TrainStep.
+    ``optimizer.set_lr`` between steps takes effect. A change of the model's mode, of
+    :func:`kernel_choices` or of the optimizer's momentum, weight decay or Nesterov switch gets a
+    graph of its own; changes below the model's top (one layer frozen after the capture) need a new
+    TrainStep.
 
     ``exchange``: called between the backward pass and the update, in data-parallel training
     ``distributed.DataParallel.exchange`` (the gradients and statistics averaged over the ranks;
@@ -63,7 +72,7 @@ class TrainStep(_Step):
 
     def _state(self):
         o = self.optimizer
-        return self.model.training, get_precision(), o.momentum, o.weight_decay, o.nesterov
+        return self.model.training, *kernel_choices(), o.momentum, o.weight_decay, o.nesterov
 
     def _step(self, x, labels):
         self.optimizer.zero_grad()
@@ -84,7 +93,7 @@ class EvalStep(_Step):
 
     def __init__(self, model, totals, capture=None, warmup=2):
         self.model, self.totals = model, totals
-        super().__init__(self._step, capture, warmup, get_precision)
+        super().__init__(self._step, capture, warmup, kernel_choices)
 
     def __call__(self, x, labels):
         was_training = self.model.training

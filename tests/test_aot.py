@@ -172,6 +172,9 @@ def test_swapped_operands_make_unserialised_wgmma(name):
     compiled = aot.compile_kernel(kernel_fn, spec, 90, aligned=True)
     assert set(re.findall(r"wgmma\.mma_async\.\S*?\.f32\.(\w+)\.(\w+)", compiled.asm["ptx"])) == {("tf32", "tf32")}
     assert not aot.ptxas_report(kernel_fn, spec, 90, aligned=True).serialized_wgmma
+    # The cause, held too: the same launch in the natural order is serialised (triton 3.6 and 3.9).
+    # Should a Triton release stop serialising it, this fails, and the option has lost its reason.
+    assert aot.ptxas_report(kernel_fn, {**spec, "SWAP_AB": False}, 90, aligned=True).serialized_wgmma
 
 
 # --------------------------------------------------------------------------- what ptxas reports

@@ -70,7 +70,8 @@ def test_step_dry_run_agrees_and_times_nothing(rng, capsys):
 def test_step_dry_run_checks_the_swapped_side_too(rng, capsys, monkeypatch):
     """--swap-made-operands adds a side, our step with kernels/conv.py's SWAP_MADE_OPERANDS on, checked
     for agreement like ours (in a dry run nothing is timed); the other sides run with it off, and it
-    is off again after the run."""
+    is off again after the run. The plumbing only: the tiny models' convs have at most 32 channels,
+    so nothing swaps here (tests/test_conv_bn_kernels.py runs the swapped kernels)."""
     from ra_kernels.kernels import conv
     seen, results = [], bench_step.OurTrainer.results
 
@@ -367,7 +368,8 @@ def test_step_report_shows_where_the_device_time_goes():
                               "PyTorch eager": ms(20.0)}},
            "memory": {}, "ours": ["ours captured", "ours eager", "ours swapped"], "variants": ["PyTorch eager"],
            "identical": {"tf32": True},
-           "profiles": {"ours captured": ours, "ours swapped": swapped, "PyTorch eager": "no profile: RuntimeError: CUPTI"}}
+           "profiles": {"ours captured": ours, "ours swapped": swapped,
+                        "PyTorch eager": "no profile: RuntimeError: CUPTI"}}
     text = re.sub(" +", " ", bench_step.report([row], ["tf32"], dry_run=False))
     # images/s: 64 / 10 ms, 64 / 40 ms, 64 / 8 ms, 64 / 20 ms; then each side's time over ours captured
     assert "| attention92 | 64 | 6,400 | 1,600 | 8,000 | 3,200 | 4.00 | 0.80 | 2.00 | yes | 1.0e-03 | 2.0e-03 |" in text
