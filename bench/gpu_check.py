@@ -120,7 +120,8 @@ SANITIZED_TESTS = {"memcheck": ["tests/test_pool_resize_kernels.py", "tests/test
 MAX_TEST_FAILURES = 25
 #: Seconds before a stage's deadline after which no kernel profile starts (bench.step): a profile
 #: is four steps of each side under torch.profiler, plus CUPTI's start (not yet measured; a guess
-#: of a few seconds, with room), and a stage stopped at its limit loses its timings too.
+#: of a few seconds, with room), and a stage stopped at its limit loses the timings of the
+#: configuration it was in (those of the configurations before are kept: stage_step).
 PROFILE_MARGIN_S = 10
 
 
@@ -333,15 +334,27 @@ def stage_step(args) -> dict:
     session = _session(args)
     configs = ([("attention56", common.DRY_RUN_BATCH)] if args.dry_run else STEP_CONFIGS[_mode(args)])
     precisions = ("tf32",) if args.dry_run else STEP_PRECISIONS[_mode(args)]
-    deadline, rows, skipped = _deadline(args), [], []
+    deadline, rows, skipped, longest = _deadline(args), [], [], 0.0
     options = _step_options(args, precisions, deadline, args.compile, swapped_too=_times_swapped(args))
-    for name, batch in configs:
-        if rows and time.monotonic() > deadline:
+    for index, (name, batch) in enumerate(configs):
+        # A configuration stopped by the stage's limit would lose every timing: the next starts only
+        # if one as long as the longest so far still fits (the first always starts).
+        if rows and time.monotonic() + longest > deadline:
             skipped.append(f"{name} b{batch}")
             continue
+        started = time.monotonic()
         rows.append(bench_step.run_config(name, batch, options, session))
+        longest = max(longest, time.monotonic() - started)
         print(f"  {name} b{batch}: agreement ok", flush=True)
-    report = bench_step.report(rows, precisions, session.dry_run)
+        if index + 1 < len(configs):  # what is done so far, kept should the stage be stopped
+            _write_result(args, _step_result(args, rows, skipped, precisions, session.dry_run))
+    return _step_result(args, rows, skipped, precisions, session.dry_run)
+
+
+def _step_result(args, rows, skipped, precisions, dry_run) -> dict:
+    """The step stage's result from the configurations run so far."""
+    from . import step as bench_step
+    report = bench_step.report(rows, precisions, dry_run)
     if not args.compile:
         report += "\n\ntorch.compile: skipped (minutes of compilation per model; --compile includes it)."
     parts, differ = [], []
@@ -521,8 +534,16 @@ def run_child(args) -> int:
         traceback.print_exc()
         first_line = str(error).splitlines()[0] if str(error) else ""
         result = dict(ok=False, line=f"{type(error).__name__}: {first_line}"[:300])
-    args.result.write_text(json.dumps(result, default=str))
+    _write_result(args, result)
     return 0 if result["ok"] else 1
+
+
+def _write_result(args, result: dict):
+    """A child's result as JSON in ``--result``, whole or not at all (a stage may write what it has
+    so far, and be stopped while writing)."""
+    partial = args.result.with_suffix(".partial")
+    partial.write_text(json.dumps(result, default=str))
+    partial.replace(args.result)
 
 
 # --------------------------------------------------------------------------- the parent: budget, children, summary
@@ -569,7 +590,13 @@ def run_stage(stage: Stage, limit: float, args, log: Log) -> dict:
         process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         _stop(process)
-        return dict(ok=False, line=f"stopped at its time limit ({limit:.0f} s)", seconds=time.monotonic() - started)
+        stopped = f"stopped at its time limit ({limit:.0f} s)"
+        if not result_path.exists():
+            return dict(ok=False, line=stopped, seconds=time.monotonic() - started)
+        result = json.loads(result_path.read_text())  # what the stage had done (the step stage writes it)
+        result.update(ok=False, line=f"{stopped}; before that: {result['line']}")
+        result["seconds"] = time.monotonic() - started
+        return result
     result = (json.loads(result_path.read_text()) if result_path.exists()
               else dict(ok=False, line=f"the stage died (exit code {process.returncode}) before writing its result"))
     result["seconds"] = time.monotonic() - started

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -491,7 +492,7 @@ def test_gpu_check_times_the_swapped_step_in_the_full_run_only(monkeypatch, tmp_
     from bench import step as bench_step
 
     args = gpu_check.parse_args(["--out", str(tmp_path)] + (["--quick"] if mode == "quick" else []))
-    args.limit, asked = 100.0, []
+    args.limit, args.result, asked = 100.0, tmp_path / "step.json", []
 
     def run_config(name, batch, options, session):
         asked.append((name, batch, options.swap_made_operands))
@@ -502,6 +503,62 @@ def test_gpu_check_times_the_swapped_step_in_the_full_run_only(monkeypatch, tmp_
     monkeypatch.setattr(gpu_check, "_session", lambda args: SimpleNamespace(dry_run=False))
     assert gpu_check.stage_step(args)["ok"]
     assert asked == [(name, batch, mode == "full") for name, batch in gpu_check.STEP_CONFIGS[mode]]
+
+
+def test_gpu_check_step_stage_starts_a_configuration_only_if_it_fits_and_keeps_what_it_did(monkeypatch, tmp_path):
+    """A configuration cut by the stage's limit would lose every timing, so the next one starts only
+    if one as long as the longest so far fits before the deadline; and after each configuration the
+    result so far is written, for the parent to keep should the stage be stopped. A fake clock: each
+    configuration takes 40 s, the deadline is 90 s away (a limit of 100 s less the report's margin)."""
+    from bench import gpu_check
+    from bench import step as bench_step
+
+    now = [0.0]
+    args = gpu_check.parse_args(["--out", str(tmp_path)])
+    args.limit, args.result, written = 100.0, tmp_path / "step.json", []
+
+    def run_config(name, batch, options, session):
+        now[0] += 40.0
+        return {"model": name, "batch": batch, "times": {}, "identical": {}, "profiles": {}}
+
+    def write_result(args, result):
+        written.append(result["line"])
+
+    monkeypatch.setattr(gpu_check, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(gpu_check, "_write_result", write_result)
+    monkeypatch.setattr(bench_step, "run_config", run_config)
+    monkeypatch.setattr(bench_step, "report", lambda *args: "")
+    monkeypatch.setattr(gpu_check, "_session", lambda args: SimpleNamespace(dry_run=False))
+    result = gpu_check.stage_step(args)
+    assert now[0] == 80.0   # two configurations: a third would have ended at 120 s
+    assert result["line"].endswith("not run (time): attention92 b64, attention92 b128")
+    assert written == ["1 configuration(s) agree (dry run: no timing)", "2 configuration(s) agree (dry run: no timing)"]
+
+
+def test_gpu_check_keeps_what_a_stopped_stage_had_written(tmp_path, monkeypatch):
+    """A stage stopped at its limit is a failure; what it had written of its result (its line and
+    report, the timings in it) is kept, and without a result the line says only that it stopped."""
+    from bench import gpu_check
+
+    args = gpu_check.parse_args(["--out", str(tmp_path)])
+    args.work = tmp_path
+    log = gpu_check.Log(tmp_path / "gpu_check.log")
+    stage = next(s for s in gpu_check.STAGES if s.name == "step")
+
+    def child(args, *extra):   # writes a result as the step stage does after a configuration, then hangs
+        path = extra[extra.index("--result") + 1]
+        partial = {"ok": True, "line": "56 b64 6,400 img/s", "report": "the table"}
+        return [sys.executable, "-c", f"import json, time; open({path!r}, 'w').write(json.dumps({partial!r})); "
+                                      f"time.sleep(60)"]
+
+    monkeypatch.setattr(gpu_check, "_child_command", child)
+    result = gpu_check.run_stage(stage, 3.0, args, log)
+    assert not result["ok"] and result["report"] == "the table"
+    assert result["line"] == "stopped at its time limit (3 s); before that: 56 b64 6,400 img/s"
+    (tmp_path / "step.json").unlink()
+    monkeypatch.setattr(gpu_check, "_child_command", lambda args, *extra: [sys.executable, "-c", "import time; "
+                                                                                             "time.sleep(60)"])
+    assert gpu_check.run_stage(stage, 2.0, args, log)["line"] == "stopped at its time limit (2 s)"
 
 
 def test_the_imagenet_networks_are_benchmarked_at_their_size_and_never_in_a_dry_run():
