@@ -98,8 +98,9 @@ STAGES = (Stage("env", "environment and ceilings", 60, 45, 20),
           Stage("sanitize", "compute-sanitizer", 120, 0, 0))
 STAGE_NAMES = [s.name for s in STAGES]
 
-#: Model configurations (model, batch) of the step stage.
-STEP_CONFIGS = {"full": [("attention56", 64), ("attention56", 128), ("attention92", 64), ("attention92", 128)],
+#: Model configurations (model, batch) of the step stage, in the order they run: the one issue 13's
+#: goal is set for first (attention92 at batch 64), as those the stage's time leaves out are the last.
+STEP_CONFIGS = {"full": [("attention92", 64), ("attention56", 64), ("attention92", 128), ("attention56", 128)],
                 "quick": [("attention56", 64)]}
 #: Precisions the step stage times (bf16 against TF32 in the full run; the quick run's minutes go to
 #: correctness).

@@ -531,7 +531,7 @@ def test_gpu_check_step_stage_starts_a_configuration_only_if_it_fits_and_keeps_w
     monkeypatch.setattr(gpu_check, "_session", lambda args: SimpleNamespace(dry_run=False))
     result = gpu_check.stage_step(args)
     assert now[0] == 80.0   # two configurations: a third would have ended at 120 s
-    assert result["line"].endswith("not run (time): attention92 b64, attention92 b128")
+    assert result["line"].endswith("not run (time): attention92 b128, attention56 b128")
     assert written == ["1 configuration(s) agree (dry run: no timing)", "2 configuration(s) agree (dry run: no timing)"]
 
 
