@@ -54,25 +54,12 @@ def test_kernels_dry_run_checks_every_family_and_times_nothing(rng, capsys):
     assert RESULTS.read_text() == before
 
 
-def test_step_dry_run_agrees_and_times_nothing(rng, capsys):
-    before = RESULTS.read_text()
-    assert bench_step.main(["--dry-run", "--seed", _seed(rng)]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    header = next(line for line in lines if line.startswith("| model"))
-    row = next(line for line in lines if line.startswith("| attention56 (tiny)"))
-    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
-    assert cells["ours captured img/s"] == cells["ours eager img/s"] == "-"  # no images/s
-    assert cells["captured = eager"] == "-"                                 # checked on the GPU only
-    assert float(cells["err ours"]) < 1e-4 and "err numpy float32 (yardstick)" in cells
-    assert common.NO_TIMING in out and RESULTS.read_text() == before
-
-
-def test_step_dry_run_checks_the_swapped_side_too(rng, capsys, monkeypatch):
-    """--swap-made-operands adds a side, our step with kernels/conv.py's SWAP_MADE_OPERANDS on, checked
-    for agreement like ours (in a dry run nothing is timed); the other sides run with it off, and it
-    is off again after the run. The plumbing only: the tiny models' convs have at most 32 channels,
-    so nothing swaps here (tests/test_conv_bn_kernels.py runs the swapped kernels)."""
+def test_step_dry_run_agrees_and_times_nothing(rng, capsys, monkeypatch):
+    """The dry run's agreement check and table, with --swap-made-operands: its side, our step with
+    kernels/conv.py's SWAP_MADE_OPERANDS on, is checked like ours; the other sides run with it off,
+    and it is off again after the run. For the swap that is the plumbing only: the tiny models'
+    convs have at most 32 channels, so nothing swaps (tests/test_conv_bn_kernels.py runs the
+    swapped kernels; bench.gpu_check's dry run runs the step without the option)."""
     from ra_kernels.kernels import conv
     seen, results = [], bench_step.OurTrainer.results
 
@@ -81,13 +68,19 @@ def test_step_dry_run_checks_the_swapped_side_too(rng, capsys, monkeypatch):
         return results(self, *args)
 
     monkeypatch.setattr(bench_step.OurTrainer, "results", spy)
+    before = RESULTS.read_text()
     assert bench_step.main(["--dry-run", "--seed", _seed(rng), "--swap-made-operands"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    lines = out.splitlines()
     header = next(line for line in lines if line.startswith("| model"))
     row = next(line for line in lines if line.startswith("| attention56 (tiny)"))
     cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
-    assert cells["ours swapped img/s"] == cells["ours swapped / ours captured"] == "-"
-    assert float(cells["err ours swapped"]) < 1e-4
+    no_rates = ("ours captured img/s", "ours eager img/s", "ours swapped img/s", "ours swapped / ours captured")
+    assert {cells[c] for c in no_rates} == {"-"}                          # no images/s
+    assert cells["captured = eager"] == "-"                                 # checked on the GPU only
+    assert float(cells["err ours"]) < 1e-4 and float(cells["err ours swapped"]) < 1e-4
+    assert "err numpy float32 (yardstick)" in cells
+    assert common.NO_TIMING in out and RESULTS.read_text() == before
     assert seen == [False, True, False, False] and conv.SWAP_MADE_OPERANDS is False  # ours, swapped, numpy x2
 
 
