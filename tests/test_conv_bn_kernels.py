@@ -507,6 +507,11 @@ def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, be
     _check_conv_chain(rng, x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn, into)
 
 
+# A pre-activation unit on 33 to 40 channels: tiles of 64 columns, where SWAP_MADE_OPERANDS swaps.
+# (x shape, weight shapes, strides)
+SWAPPED_UNIT = ((1, 2, 3, 40), [(1, 1, 40, 36), (3, 3, 36, 33), (1, 1, 33, 40)], (1, 1, 1))
+
+
 @pytest.mark.parametrize("into", [False, True], ids=["new", "into_buffers"])
 def test_conv_chain_with_swapped_operands(triton_backend, rng, monkeypatch, into):
     """conv.SWAP_MADE_OPERANDS: the forward with its input's batch norm applied as it loads, and the
@@ -518,8 +523,7 @@ def test_conv_chain_with_swapped_operands(triton_backend, rng, monkeypatch, into
     conv: no relative error could be taken.)"""
     monkeypatch.setattr(conv, "SWAP_MADE_OPERANDS", True)
     with launch.record_launches() as calls:
-        _check_conv_chain(rng, (1, 2, 3, 40), [(1, 1, 40, 36), (3, 3, 36, 33), (1, 1, 33, 40)], (1, 1, 1), True, 0.0,
-                          "residual", True, into)
+        _check_conv_chain(rng, *SWAPPED_UNIT, True, 0.0, "residual", True, into)
     swapped = [(c.kernel_fn.__name__, c.constexprs.get("PRE_BN", c.constexprs.get("BN_BACKWARD")))
                for c in calls if c.constexprs.get("SWAP_AB")]
     # The three forwards (each loads a batch norm's output) and the dgrads of convs 1 and 2 (each
@@ -537,8 +541,7 @@ def test_conv_chain_swapped_equals_natural_in_the_timed_precisions(triton_backen
     rounding boundary moves by BF16_U, and a statistic or an operand made from it passes that on:
     2 BF16_U more, as in test_conv_chain_in_bfloat16_agrees_with_its_ops. The draw is clear of the
     ReLU kinks by far more than either difference."""
-    x, params, layers = _chain_inputs(rng, (1, 2, 3, 40), [(1, 1, 40, 36), (3, 3, 36, 33), (1, 1, 33, 40)],
-                                      (1, 1, 1), IEEE_KINK_BAND, 0.0, True)
+    x, params, layers = _chain_inputs(rng, *SWAPPED_UNIT, IEEE_KINK_BAND, 0.0, True)
     storage = backend.BFLOAT16 if precision == "bf16" else np.float32
     dy = f32(rng, x.shape).astype(storage)
     bound = 2 * IEEE_RTOL + (2 * BF16_U if precision == "bf16" else 0.0)
