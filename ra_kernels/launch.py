@@ -283,6 +283,8 @@ def record_launches(run: bool = True):
 
 
 _SCALARS = frozenset((int, float, bool))
+#: The most elements of an array a kernel takes: every kernel's offsets are int32.
+MAX_ELEMENTS = 2 ** 31 - 1
 
 
 def launch(kernel_fn: JITFunction, grid, *args, num_warps=4, **constexprs):
@@ -306,6 +308,10 @@ def launch(kernel_fn: JITFunction, grid, *args, num_warps=4, **constexprs):
             if on_device == host:
                 raise TypeError(f"{kernel_fn.__name__}: a {type(a).__module__} array was given "
                                 f"to a kernel on the {backend} backend")
+            if a.size > MAX_ELEMENTS:
+                raise ValueError(f"{kernel_fn.__name__}: an array of shape {a.shape} ({a.size:,} elements): the "
+                                 f"kernels index with int32 offsets, so an array holds at most {MAX_ELEMENTS:,} "
+                                 f"elements (use a smaller batch)")
             a = adapter(a)
         wrapped.append(a)
     call = Launch(kernel_fn, grid, tuple(wrapped), num_warps, constexprs, on_device)

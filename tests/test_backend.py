@@ -84,6 +84,23 @@ def test_launch_refuses_numpy_backend(rng):
         elementwise.relu(a)
 
 
+def test_launch_refuses_arrays_beyond_int32_offsets(rng):
+    """An array of 2**31 elements or more would wrap the kernels' int32 offsets: refused at launch, not
+    read or written at wrapped addresses. Views over 8 floats stand in for the huge arrays (nothing
+    allocated); the kernel copies their first 8 elements, all it touches."""
+    base = rng.standard_normal(8).astype(np.float32)
+    as_large = lambda n: np.lib.stride_tricks.as_strided(base, shape=(n,), strides=(4,), writeable=False)
+    out = np.full(8, np.nan, np.float32)
+    copy = lambda a: launch.launch(elementwise.elementwise_kernel, (1,), a, a, out, 0.0, 8, OP="copy",
+                                   BLOCK_N=elementwise.FLAT_BLOCK)
+    with backend.use_backend("interpret"):
+        with pytest.raises(ValueError, match=r"\(2,147,483,648 elements\).*int32 offsets.*at most 2,147,483,647"):
+            copy(as_large(launch.MAX_ELEMENTS + 1))
+        assert np.isnan(out).all()
+        copy(as_large(launch.MAX_ELEMENTS))
+    np.testing.assert_array_equal(out, base)
+
+
 @pytest.mark.gpu
 def test_launch_refuses_host_arrays_on_cuda(rng):
     a = rng.standard_normal(8).astype(np.float32)

@@ -33,8 +33,9 @@ conv_bn_relu (batch norm over the conv output z, then ReLU), kernels per call:
   kernel) and recovering xhat from y would divide by gamma.
 
 Precision: tl.dot takes ``backend.dot_precision()`` ("tf32" by default, "ieee"
-on request) as a constexpr; accumulation is float32. Offsets are int32: fine
-below 2**31 elements per array (the largest here, 128x32x32x256, is 3.4e7).
+on request) as a constexpr; accumulation is float32. Offsets are int32:
+``launch`` refuses an array of 2**31 elements or more (ImageNet's largest activation at batch 256,
+256x56x56x256, is 2.1e8).
 """
 import triton.language as tl
 

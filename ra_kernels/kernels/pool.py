@@ -4,9 +4,9 @@ Layouts: x (N, H, W, C) float32 or bfloat16 (computed in float32), C-contiguous,
 CuPy (cuda backend). All four kernels are memory-bound, so each program works
 on a [BLOCK_P positions x BLOCK_C channels] tile with channels the fastest
 axis (:func:`tiles.nhwc_tile`): a row of the tile is BLOCK_C contiguous float32, and
-loads and stores vectorise when C is a multiple of 4. Offsets are int32: fine
-below 2**31 elements per array (batch 128 of the largest activation,
-128x32x32x256, is 3.4e7).
+loads and stores vectorise when C is a multiple of 4. Offsets are int32:
+``launch`` refuses an array of 2**31 elements or more (ImageNet's largest activation at batch
+256, 256x56x56x256, is 2.1e8).
 
 The launchers mirror ``reference/pool.py``: ``op(...) -> (out, saved)``,
 ``op_backward(dy, saved) -> (dx,)``.
