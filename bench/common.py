@@ -49,8 +49,8 @@ DRY_RUN_MODEL = dict(stem=4, widths=(8, 16, 32))
 DRY_RUN_IMAGE, DRY_RUN_BATCH = 8, 4
 
 #: Relative L2 error ||ours - theirs|| / ||theirs|| allowed between two implementations of one op
-#: (bench.kernels; a whole step is judged otherwise, see bench.step). METHOD.md: float32 lands far
-#: under 1e-3, TF32 near 3e-4 per product; measured on the CPU, every op of attention56's layers at
+#: (bench.kernels; a whole step is judged otherwise, see bench.step). Expected: float32 lands far
+#: under 1e-3, TF32 (10-bit mantissas) near 3e-4 per product; measured on the CPU, every op of attention56's layers at
 #: batch 16 in float32 is within 3e-6 of float64. Both sides round independently, and batch norm
 #: divides by the batch's standard deviation, which can raise a relative error a few times;
 #: 1e-3 (IEEE) and 1e-2 (TF32) leave that margin, while a wrong index, a missed tile or a wrong

@@ -696,8 +696,8 @@ def parse_args(argv=None):
                              "and kernels.json "
                              "(default: runs/gpu_check-DATE)")
     parser.add_argument("--quick", action="store_true",
-                        help="the rerun after a fix: env, conv and attention cuda tests, attention56 step, three "
-                             "conv shapes (budget 220 s)")
+                        help="the rerun after a fix: env, the cuda tests of the quick files (see --tests), "
+                             "attention56 step, three conv shapes (budget 220 s)")
     parser.add_argument("--dry-run", action="store_true", help="CPU: every stage's plumbing, tiny shapes, no timing")
     parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, default=STAGE_NAMES,
                         help="stages to run, in their fixed order (default: all)")
@@ -708,7 +708,9 @@ def parse_args(argv=None):
                         help="the CIFAR-10 subset for the training stage (default: data/cifar10-subset, then "
                              "../shared/data/cifar10-subset)")
     parser.add_argument("--workers", type=int, default=8,
-                        help="pytest workers of the tests stage, beside up to 9 compile processes (default: 8)")
+                        help="pytest workers of the tests stage, beside the later stages' compile processes, one per "
+                             "model configuration and precision and one for the kernels; the log names them "
+                             "(default: 8)")
     parser.add_argument("--tests", nargs="+", metavar="FILE",
                         help="test files of the tests stage, their cuda tests (default: all; --quick: "
                              + " ".join(QUICK_TESTS) + ")")

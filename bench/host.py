@@ -5,10 +5,11 @@
 
 Runs on a CPU. The step is ``ra_kernels.steps.TrainStep`` (zero-grad, forward, loss, backward, SGD,
 metrics) on the interpret backend with its launches recorded and not run
-(``launch.record_launches(run=False)``) and its arrays taken from a cache of one array per shape
-and dtype (standing in for CuPy's memory pool, which hands a freed block back in about a
-microsecond): what is left is the Python of the step up to each kernel call, which an eager step
-pays on the GPU too, before Triton's own launch path. Counts are exact (a step's launches do not
+(``launch.record_launches(run=False)``) and its arrays taken from a cache that hands a step's k-th
+request for a shape and dtype the same array every step (``_ArrayCache``, standing in for CuPy's
+memory pool, which hands a freed block back in about a microsecond): what is left is the Python
+of the step up to each kernel call, which an eager step pays on the GPU too, before Triton's own
+launch path. Counts are exact (a step's launches do not
 depend on the data); times are the median and the minimum over ``--steps`` steps after two
 (Python's garbage collector makes the spread). A captured step (ra_kernels/graph.py) pays
 none of it after its warm-up.

@@ -1,8 +1,9 @@
 """ra_kernels: the Residual Attention Network on hand-written Triton kernels.
 
-Layers, each using only those before it: ``backend`` (which backend runs, Triton
-adapters), ``kernels`` (Triton kernels and their launchers), ``autograd``
-(Tensor, Function), ``functional`` (differentiable ops), ``nn`` (modules).
+Layers, each using only those before it: ``backend`` (which backend runs, array helpers),
+``launch`` (kernel registration, the Triton adapters, launches), ``kernels`` (Triton kernels and
+their launchers), ``autograd`` (Tensor, Function), ``functional`` (differentiable ops), ``nn``
+(modules); docs/design.md §1 has the whole table.
 """
 from . import autograd, backend, functional, nn  # noqa: F401
 from .autograd import Function, Tensor, no_grad  # noqa: F401

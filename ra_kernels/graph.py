@@ -1,9 +1,10 @@
 """Capture a function of device arrays once and replay it: a whole training step as one CUDA graph
 (docs/design.md §7).
 
-A step launches about two thousand kernels, each a few microseconds of device work behind tens of
-microseconds of Python. Captured as a CUDA graph, the step costs one launch from the host, and
-the device runs the kernels back to back. What capture demands, and how it is met here:
+A step launches hundreds of kernels (800 in attention92's, tests/test_launch_counts.py), each a few
+microseconds of device work behind tens of microseconds of Python. Captured as a CUDA graph, the
+step costs one launch from the host, and the device runs the kernels back to back. What capture
+demands, and how it is met here:
 
 * Nothing is computed during capture, only recorded; so no value may be read back to the host
   (``backend.no_host_reads`` makes a read an error) and the Python of the step must not depend on

@@ -1,5 +1,8 @@
 """Command-line programs: ``python -m train.cifar`` trains and evaluates on CIFAR-10/100
-(installed as ``ra-train``); ``python -m train.masks`` draws a checkpoint's attention masks."""
+(installed as ``ra-train``), ``python -m train.imagenet`` on an ImageNet-style folder
+(``ra-train-imagenet``); ``python -m train.masks`` draws a checkpoint's attention masks (``ra-masks``).
+What the training commands share is train/run.py's (the loop, the files, resume) and
+train/checkpoint.py's (the format)."""
 import os
 
 # One OpenBLAS thread unless the user chose otherwise. The numpy backend's convolutions
@@ -9,6 +12,6 @@ import os
 # anywhere from 2.7 to 24 s with two (or the default), whenever another process wanted a
 # core. One thread gives up at most ~10% on an idle machine and leaves a core to the data
 # loader's thread. OpenBLAS reads the variable when NumPy loads it, so it is set here, in the
-# package both commands import first, before their first NumPy import (it changes nothing where
+# package every command imports first, before their first NumPy import (it changes nothing where
 # NumPy is loaded already).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

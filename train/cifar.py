@@ -22,21 +22,20 @@ Files in ``--out DIR``:
   is chosen on the test set, so its accuracy is optimistic: the number to
   report is the last epoch's test accuracy.
 
-The loop, the files and the resume are train/run.py's, shared with train.imagenet.
-A checkpoint (train/checkpoint.py: weights, optimizer state, the training
-totals of the epoch in progress) carries a JSON ``meta`` record: format,
-version, kind and model (ra_kernels/npzfile.py), then args, num_classes,
-batches_per_epoch, the position (epoch and batch of the next step, iteration),
-seconds, the epoch's training images and seconds so far, history (the metrics
-rows), best, and normalization (the per-channel mean and std the inputs were
-normalised by: a resume, --eval-only and train.masks use these, not the
-statistics of whatever training images --data-dir holds then) and data_checksum
-(a CRC-32 of the training images and labels: a resume on other data is refused).
-Every random
-draw of a run (initial weights, label noise, the order and augmentation of each
-batch) is a function of ``--seed`` and the position, so the seed and the
-position are its whole random state, and ``--resume`` repeats exactly what an
-uninterrupted run would have done (bit for bit on the numpy backend).
+The loop, the files and the resume are train/run.py's, shared with train.imagenet. A checkpoint
+(train/checkpoint.py: weights, optimizer state, the training totals of the epoch in progress)
+carries a JSON ``meta`` record: format, version, kind and model (ra_kernels/npzfile.py), then args,
+num_classes, class_names (a resume on other classes is refused), module (the command that trains it,
+named in the resume hint), world_size (the processes of the run: a resume needs as many),
+batches_per_epoch, the position (epoch and batch of the next step, iteration), seconds, the epoch's
+training images and seconds so far, history (the metrics rows), best, and normalization (the
+per-channel mean and std the inputs were normalised by: a resume, --eval-only and train.masks use
+these, not the statistics of whatever training images --data-dir holds then) and data_checksum (a
+CRC-32 of the training images and labels: a resume on other data is refused). Every random draw of a
+run (initial weights, label noise, the order and augmentation of each batch) is a function of
+``--seed`` and the position, so the seed and the position are its whole random state, and
+``--resume`` repeats exactly what an uninterrupted run would have done (bit for bit on the numpy
+backend).
 
 Loss and accuracy stay on the device during training: each step adds its loss
 and correct predictions into a small device array, read once per

@@ -150,8 +150,8 @@ def add_training_options(parser, task, batch_size, epochs_help, paper_schedule_h
     optim.add_argument("--weight-decay", type=non_negative_float, default=1e-4, metavar="WD",
                        help="L2 penalty added to the gradients (default: %(default)s)")
     optim.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
-                       help="seeds the initial weights, the data order and augmentation (and the label noise); "
-                            "the same seed on the same backend repeats a run (default: %(default)s)")
+                       help="seeds the initial weights, the data order and augmentation (and train.cifar's label "
+                            "noise); the same seed on the same backend repeats a run (default: %(default)s)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--backend", choices=("auto",) + backend.BACKENDS, default="auto", help=BACKEND_HELP)

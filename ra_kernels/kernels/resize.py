@@ -3,7 +3,7 @@
 Layouts: x (N, H, W, C), y and skip (N, OH, OW, C), float32 or bfloat16 (each its own; computed
 in float32, kernels/storage.py), C-contiguous,
 NumPy (interpret backend) or CuPy (cuda backend). Tiles are [BLOCK_P positions
-x BLOCK_C channels] with channels the fastest axis (``pool.nhwc_tile``).
+x BLOCK_C channels] with channels the fastest axis (``tiles.nhwc_tile``).
 Offsets are int32: fine below 2**31 elements per array.
 
 Source coordinates. Output index o of an axis samples src = o * (in - 1) / (out - 1)
