@@ -25,7 +25,7 @@ import weakref
 
 import numpy as np
 
-from .backend import check_array, to_numpy
+from .backend import check_array, settings, to_numpy, use_settings
 
 _grad_enabled = [True]
 
@@ -128,11 +128,18 @@ class Tensor:
     def backward(self, grad=None):
         """Accumulate d(self)/d(leaf) into every leaf's ``grad``.
 
-        ``grad`` defaults to ones, which requires a single-element tensor (a loss).
+        ``grad`` defaults to ones, which requires a single-element tensor (a loss). Each op's
+        backward runs under the backend and precision of its forward, and the engine's own
+        arithmetic under those of the op that made this tensor, whatever is in force when
+        backward() is called.
         """
         if not self.requires_grad:
             raise RuntimeError("backward(): this tensor does not require a gradient "
                                "(no input required one, or it was made under no_grad())")
+        with use_settings(settings() if self.node is None else self.node.settings):
+            self._backward(grad)
+
+    def _backward(self, grad):
         if grad is None:
             if self.data.size != 1:
                 raise RuntimeError(f"backward(): grad can be omitted only for a single-element "
@@ -150,7 +157,7 @@ class Tensor:
         for node in nodes:
             for t in node.inputs:
                 if t is not None and t.node is None and t.grad is not None and t.requires_grad:
-                    _check_gradient("a leaf's grad", t.grad, t)
+                    _check_gradient("a leaf's grad", t.grad, t, added_into=True)
         # Gradients waiting for each node, one slot per output, summed as they arrive; ``owned``: the
         # (node id, output index) slots whose array nothing but the slot holds, so that a later
         # backward may add into it (never the caller's grad, nor a gradient an op may share).
@@ -166,9 +173,12 @@ class Tensor:
             if all(g is None for g in out_grads):
                 continue
             node.ctx.grad_into = tuple(_grad_buffer(t, pending, owned) for t in node.inputs)
-            in_grads = node.function.backward(node.ctx, *out_grads)
-            if not isinstance(in_grads, tuple):
-                in_grads = (in_grads,)
+            if node.settings == self.node.settings:
+                in_grads = node.function.backward(node.ctx, *out_grads)
+            else:  # an op recorded under another backend or precision than this tensor's
+                with use_settings(node.settings):
+                    in_grads = node.function.backward(node.ctx, *out_grads)
+            in_grads = tuple(map(_array, in_grads)) if isinstance(in_grads, tuple) else (_array(in_grads),)
             if len(in_grads) != len(node.inputs):
                 raise RuntimeError(f"{node.function.__name__}.backward returned {len(in_grads)} "
                                    f"gradients for {len(node.inputs)} inputs")
@@ -193,6 +203,13 @@ class Tensor:
             node.ctx = None  # free what forward saved: each node runs backward once
 
 
+def _array(a):
+    """``a``, with a NumPy scalar made a 0-d array: NumPy's arithmetic on 0-d arrays returns scalars
+    (``a + b``), which are immutable (an addition in place would make a new value) and are not arrays
+    to the ops' argument checks."""
+    return np.asarray(a) if isinstance(a, np.generic) else a
+
+
 def _grad_buffer(tensor, pending, owned):
     """The array an op may add ``tensor``'s gradient into: the ``grad`` of a leaf that has one, or
     the gradient summed so far of a non-leaf whose array is the engine's own (``owned``)."""
@@ -210,14 +227,18 @@ def _accumulate(tensor, grad):
     if tensor.grad is None:
         tensor.grad = arithmetic.copy(grad)
     else:
-        _check_gradient("a tensor's grad", tensor.grad, tensor)
+        _check_gradient("a tensor's grad", tensor.grad, tensor, added_into=True)
         arithmetic.add_into(tensor.grad, grad)
 
 
-def _check_gradient(what, grad, tensor):
+def _check_gradient(what, grad, tensor, added_into=False):
     """A gradient array that kernels will read or add into must match ``tensor``: its shape and
     dtype, and C-contiguous (a kernel indexes it as such, so a strided view would be read or
-    written in the wrong places)."""
+    written in the wrong places); one ``added_into`` must be writable too (a kernel would write
+    through a read-only NumPy array's memory). CuPy arrays are always writable."""
+    if added_into and not getattr(grad.flags, "writeable", True):
+        raise ValueError(f"{what} is a read-only array, and the gradient is added into it: give a writable "
+                         f"one (or set the tensor's grad to None)")
     if grad.shape != tensor.shape or grad.dtype != tensor.dtype or not grad.flags.c_contiguous:
         layout = "" if grad.flags.c_contiguous else ", not C-contiguous"
         raise ValueError(f"{what} must be a C-contiguous array of the tensor's shape {tuple(tensor.shape)} and "
@@ -270,10 +291,11 @@ class Node:
     Outputs are held by weak reference, so that an activation nobody holds any more
     is freed at once rather than by the cycle collector.
     """
-    __slots__ = ("function", "ctx", "inputs", "outputs")
+    __slots__ = ("function", "ctx", "inputs", "outputs", "settings")
 
-    def __init__(self, function, ctx, inputs):
+    def __init__(self, function, ctx, inputs, settings):
         self.function, self.ctx, self.inputs, self.outputs = function, ctx, inputs, ()
+        self.settings = settings  # the backend and precision of the forward, which its backward follows
 
     def parents(self):
         return (t.node for t in self.inputs if t is not None and t.node is not None and t.requires_grad)
@@ -312,9 +334,9 @@ class Function:
         ctx = Context(needs)
         raw = cls.forward(ctx, *arrays, **kwargs)
         single = not isinstance(raw, tuple)
-        outputs = tuple(Tensor(r, requires_grad=record) for r in ((raw,) if single else raw))
+        outputs = tuple(Tensor(_array(r), requires_grad=record) for r in ((raw,) if single else raw))
         if record:
-            node = Node(cls, ctx, tensors)
+            node = Node(cls, ctx, tensors, settings())
             node.outputs = tuple(weakref.ref(out) for out in outputs)
             for i, out in enumerate(outputs):
                 out.node, out.output_index = node, i

@@ -201,6 +201,24 @@ def use_precision(precision: str):
         set_precision(previous)
 
 
+def settings() -> tuple:
+    """(backend, precision) in force now: what fixes how an op computes. The autograd engine records
+    them with each op and runs the op's backward under them (:func:`use_settings`)."""
+    return get_backend(), _selected["precision"]
+
+
+@contextlib.contextmanager
+def use_settings(chosen: tuple):
+    """Run the block under ``chosen``, (backend, precision) from :func:`settings` (checked when they
+    were set), and restore the settings in force after it."""
+    previous = _selected["backend"], _selected["precision"]
+    _selected["backend"], _selected["precision"] = chosen
+    try:
+        yield
+    finally:
+        _selected["backend"], _selected["precision"] = previous
+
+
 # --------------------------------------------------------------------------- arrays
 
 def is_cupy_array(a) -> bool:

@@ -305,3 +305,39 @@ def test_a_second_backward_through_a_freed_graph_is_refused_and_adds_nothing(rng
         with pytest.raises(RuntimeError, match="differentiated already.*compute the forward again"):
             again.backward()
         np.testing.assert_array_equal(a.grad, first)
+
+
+class Square(Function):
+    """x * x computed as NumPy computes on 0-d arrays: scalars out, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved
+        return 2 * x * dy
+
+
+def test_numpy_scalars_from_an_op_become_0d_arrays_that_accumulate(rng):
+    """On 0-d arrays NumPy's arithmetic returns scalars, which are immutable: the engine makes them
+    0-d arrays, so that a leaf's gradient accumulates over backward calls."""
+    value = rng.standard_normal()
+    x = Tensor(np.array(value), requires_grad=True)
+    y = Square.apply(x)
+    assert type(y.data) is np.ndarray and y.data.shape == ()
+    for calls in (1, 2):
+        Square.apply(x).backward()
+        assert type(x.grad) is np.ndarray
+        np.testing.assert_allclose(x.grad, calls * 2 * value, rtol=1e-15)
+
+
+def test_a_read_only_leaf_grad_is_refused_before_anything_is_added(rng):
+    a, b = (Tensor(rng.standard_normal(3), requires_grad=True) for _ in range(2))
+    a.grad, b.grad = np.zeros(3), np.zeros(3)
+    a.grad.flags.writeable = False
+    with pytest.raises(ValueError, match="a leaf's grad is a read-only array"):
+        Sum.apply(Mul.apply(a, b)).backward()
+    assert not a.grad.any() and not b.grad.any()

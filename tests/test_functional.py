@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from ra_kernels import backend
+from ra_kernels import backend, launch
 from ra_kernels import functional as F
 from ra_kernels.autograd import Tensor
 
@@ -179,6 +179,55 @@ def test_whole_graph_kernels_match_numpy_backend(triton_backend, rng, mix_residu
         yardstick_error, kernel_error = np.abs(yardstick - truth).max(), np.abs(kernels - truth).max()
         assert kernel_error <= 1e-4 * scale + 10 * yardstick_error, \
             f"array {i}: kernels {kernel_error:.2e}, numpy float32 {yardstick_error:.2e}, scale {scale:.2e}"
+
+
+def test_backward_follows_the_backend_and_precision_of_the_forward(triton_backend, rng):
+    """A backward called under another backend and precision than its forward's (numpy and IEEE here)
+    runs each op as its forward ran: the same kernels, in the same precision, as a backward under
+    the forward's, so the same bits."""
+    x, w = (rng.standard_normal(s).astype(np.float32) for s in ((2, 5, 5, 3), (3, 3, 3, 4)))
+    dy = rng.standard_normal((2, 5, 5, 4)).astype(np.float32)
+
+    def forward():
+        xt, wt = Tensor(backend.asarray(x), requires_grad=True), Tensor(backend.asarray(w), requires_grad=True)
+        return xt, wt, F.relu(F.conv2d(xt, wt, padding=1))
+
+    with backend.use_backend(triton_backend), backend.use_precision("tf32"):
+        x_in, w_in, y = forward()
+        with launch.record_launches() as inside:
+            y.backward(backend.asarray(dy))
+        x_out, w_out, y = forward()
+        seed = backend.asarray(dy)
+    with backend.use_backend("numpy"), backend.use_precision("ieee"), launch.record_launches() as outside:
+        y.backward(seed)
+    assert [c.kernel_fn.__name__ for c in outside] == [c.kernel_fn.__name__ for c in inside]
+    assert {c.constexprs.get("INPUT_PRECISION") for c in outside} == {None, "tf32"}
+    for inner, outer in ((x_in, x_out), (w_in, w_out)):
+        np.testing.assert_array_equal(backend.to_numpy(outer.grad), backend.to_numpy(inner.grad))
+
+
+@pytest.mark.parametrize("name", ["numpy", "interpret", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_losses_add_and_their_0d_gradients_accumulate(name, rng):
+    """Losses are 0-d: a sum of them is an op like any other on every backend (NumPy's arithmetic
+    on 0-d arrays returns scalars, which the ops refuse and which cannot be added into), and a
+    0-d leaf's gradient accumulates over backward calls."""
+    logits = rng.standard_normal((3, 4)).astype(np.float32)
+    first, second = rng.integers(0, 4, 3), rng.integers(0, 4, 3)
+    value = np.float32(rng.standard_normal())
+    with backend.use_backend(name):
+        lt = Tensor(backend.asarray(logits), requires_grad=True)
+        a, b = F.cross_entropy(lt, backend.asarray(first)), F.cross_entropy(lt, backend.asarray(second))
+        total = F.add(F.add(a, b), a)
+        total.backward()
+        t = Tensor(backend.asarray(np.array(value)), requires_grad=True)
+        for _ in range(2):
+            F.sigmoid(t).backward()
+    assert total.data.shape == () and t.grad.shape == ()
+    softmax = np.exp(logits.astype(np.float64)) / np.exp(logits.astype(np.float64)).sum(1, keepdims=True)
+    expected = (2 * (softmax - np.eye(4)[first]) + (softmax - np.eye(4)[second])) / 3
+    np.testing.assert_allclose(backend.to_numpy(lt.grad), expected, rtol=1e-5, atol=1e-6)
+    s = 1 / (1 + np.exp(-float(value)))
+    np.testing.assert_allclose(float(backend.to_numpy(t.grad)), 2 * s * (1 - s), rtol=1e-5)
 
 
 @pytest.mark.parametrize("op", ["conv2d", "conv_bn_relu"])
