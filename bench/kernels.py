@@ -486,13 +486,9 @@ def model_layers(model, image_size: int) -> collections.Counter:
     """{Layer: calls per training step} of ``model`` (built on the numpy backend), from one forward
     of a single image plus the loss and the SGD update, in first-call order."""
     calls = []
-    with backend.use_backend("numpy"), no_grad(), _recording_functional_calls(calls):
-        was_training = model.training
-        model.eval()  # batch 1 at the deepest mask level would be a single value per channel
-        try:
-            logits = model(np.ones((1, image_size, image_size, 3), np.float32))
-        finally:
-            model.train(was_training)
+    # eval: batch 1 at the deepest mask level would be a single value per channel
+    with backend.use_backend("numpy"), no_grad(), _recording_functional_calls(calls), model.evaluating():
+        logits = model(np.ones((1, image_size, image_size, 3), np.float32))
     num_classes = logits.shape[1]
     calls.append(Layer("cross_entropy", (("logits", (1, num_classes)), ("labels", (1,))), ()))
     n_params = sum(_size(p.shape) for p in model.parameters())

@@ -215,13 +215,9 @@ class _AttentionNetwork(Module):
         """A table of every conv and linear layer in forward order: output shape, parameters and
         multiply-adds per image, from one forward pass of a single IMAGE_SIZE x IMAGE_SIZE image."""
         names = {id(m): name.rstrip(".") for name, m in self.named_modules()}
-        was_training = self.training
-        self.eval()  # in training mode the pass would update the running statistics
-        try:
-            with record_calls() as calls, no_grad():
-                self(asarray(np.zeros((1, self.IMAGE_SIZE, self.IMAGE_SIZE, 3), np.float32)))
-        finally:
-            self.train(was_training)
+        # in training mode the pass would update the running statistics
+        with self.evaluating(), record_calls() as calls, no_grad():
+            self(asarray(np.zeros((1, self.IMAGE_SIZE, self.IMAGE_SIZE, 3), np.float32)))
         header = f"{'layer':<46} {'type':<9} {'output':>12} {'params':>10} {'mult-adds':>14}"
         rows, total_macs = [header, "-" * len(header)], 0
         for module, out_shape in calls:

@@ -140,6 +140,19 @@ class Module:
         """Evaluation mode (running statistics); returns self."""
         return self.train(False)
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """``with model.evaluating(): ...`` runs the block in eval mode, then gives every module the mode
+        it had before, each its own (a batch norm frozen in eval mode inside a training model stays
+        frozen; ``train(was_training)`` would set them all alike)."""
+        modes = [(module, module.training) for _, module in self.named_modules()]
+        self.eval()
+        try:
+            yield self
+        finally:
+            for module, mode in modes:
+                object.__setattr__(module, "training", mode)
+
     # ----------------------------------------------------------------- state
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":

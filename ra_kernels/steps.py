@@ -88,7 +88,7 @@ class TrainStep(_Step):
 
 class EvalStep(_Step):
     """One evaluation per call: the model in eval mode, without gradients, its loss and correct
-    predictions added into ``totals``; the model's mode is restored after. ``capture`` and
+    predictions added into ``totals``; every module's mode is restored after (``Module.evaluating``). ``capture`` and
     ``warmup`` as for :class:`TrainStep`."""
 
     def __init__(self, model, totals, capture=None, warmup=2):
@@ -96,12 +96,8 @@ class EvalStep(_Step):
         super().__init__(self._step, capture, warmup, kernel_choices)
 
     def __call__(self, x, labels):
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.model.evaluating():
             return super().__call__(x, labels)
-        finally:
-            self.model.train(was_training)
 
     def _step(self, x, labels):
         with no_grad():

@@ -103,10 +103,11 @@ def test_captured_evaluation_equals_eager_with_a_partial_batch(triton_backend, r
     results = {}
     for capture in (False, True):
         model = Small(seed)
+        model.head.eval()  # frozen inside a training model
         totals = backend.asarray(np.zeros(len(TOTALS), np.float32))
         step = steps.EvalStep(model, totals, capture=capture, warmup=1)
         logits = [backend.to_numpy(step(x, y)[0]).copy() for x, y in batches]
-        assert model.training  # the mode is restored
+        assert model.training and not model.head.training  # each module's mode is restored
         results[capture] = (backend.to_numpy(totals), logits,
                             {k: backend.to_numpy(v) for k, v in model.state_dict().items()})
     (eager_totals, eager_logits, eager_state), (totals, logits, state) = results[False], results[True]

@@ -65,9 +65,11 @@ def test_initialisation_is_reproducible_and_he_scaled():
 
 def test_summary_lists_layers_params_and_mult_adds():
     model = tiny()
+    frozen = model.stage1[0].pre
+    frozen.eval()  # a batch norm frozen inside a training model stays frozen
     before = model.state_dict()
     table = model.summary()
-    assert model.training  # the mode is restored, and nothing was changed
+    assert model.training and not frozen.training  # the modes are restored, and nothing was changed
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
     assert f"{n_params(model):,}" in table.splitlines()[-1]

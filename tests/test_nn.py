@@ -1,4 +1,6 @@
 """Module, Parameter, buffers, train/eval and state dicts."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -62,6 +64,18 @@ def test_train_eval_reach_every_module(rng):
     assert not any(m.training for _, m in net.named_modules())
     net.train()
     assert all(m.training for _, m in net.named_modules())
+
+
+def test_evaluating_gives_each_module_back_its_own_mode(rng):
+    net = Net(rng)
+    net.second.eval()  # frozen inside a training net
+    for fails in (False, True):
+        with pytest.raises(KeyError) if fails else contextlib.nullcontext():
+            with net.evaluating() as inside:
+                assert inside is net and not any(m.training for _, m in net.named_modules())
+                if fails:
+                    raise KeyError("the block fails")
+        assert net.training and net.first.training and not net.second.training
 
 
 def test_state_dict_round_trip_through_npz(rng, tmp_path):
