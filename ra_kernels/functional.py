@@ -126,11 +126,13 @@ def _check_nhwc(op, x):
     return _check_array(op, "x", x, 4, "NHWC (N, H, W, C)")
 
 
-def _check_channel_params(op, c, dtype, **params):
+def _check_channel_params(op, c, dtype, of="x", prefix="", **params):
+    """Per-channel vectors (C,) of the ``c`` channels of ``of`` (what they normalise, for messages);
+    ``prefix`` names whose they are ("layer 1 bn ")."""
     for name, p in params.items():
-        _check_array(op, name, p, 1, "(C,)", dtype, activation=False)
+        _check_array(op, prefix + name, p, 1, "(C,)", dtype, activation=False)
         if _data(p).shape[0] != c:
-            raise ValueError(f"{op}: {name} has {_data(p).shape[0]} channels, x has {c}")
+            raise ValueError(f"{op}: {prefix}{name} has {_data(p).shape[0]} channels, {of} has {c}")
 
 
 def _out_size(op, size, kernel, stride, padding, ceil_mode=False):
@@ -318,9 +320,10 @@ def _layout_hint(x, channels):
             f"x.transpose(0, 2, 3, 1))" if len(shape) == 4 and shape[1] == channels else "")
 
 
-def _check_bn(op, channels, count, dtype, gamma, beta, running_mean, running_var, training, momentum, eps, relu):
-    """(training, momentum, eps, relu) of a checked batch norm of ``count`` values per channel."""
-    _check_channel_params(op, channels, dtype, gamma=gamma, beta=beta,
+def _check_bn(op, channels, count, dtype, gamma, beta, running_mean, running_var, training, momentum, eps, relu,
+              of="x"):
+    """(training, momentum, eps, relu) of a checked batch norm of ``count`` values per channel of ``of``."""
+    _check_channel_params(op, channels, dtype, of, gamma=gamma, beta=beta,
                           running_mean=running_mean, running_var=running_var)
     training, relu = _check_flag(op, "training", training), _check_flag(op, "relu", relu)
     momentum = _check_float(op, "momentum", momentum, 0.0, 1.0)
@@ -362,7 +365,8 @@ def conv_bn_relu(x, w, gamma, beta, running_mean, running_var, stride=1, padding
     """``batch_norm(conv2d(x, w, stride, padding), ...)`` as one op (fused kernels on GPU backends)."""
     dtype, stride, padding, positions = _check_conv("conv_bn_relu", x, w, stride, padding)
     training, momentum, eps, relu = _check_bn("conv_bn_relu", _data(w).shape[3], positions, dtype, gamma, beta,
-                                              running_mean, running_var, training, momentum, eps, relu)
+                                              running_mean, running_var, training, momentum, eps, relu,
+                                              of="the conv's output (w's Cout)")
     return _ConvBnRelu.apply(x, w, gamma, beta, _data(running_mean), _data(running_var), stride=stride,
                              padding=padding, training=training, momentum=momentum, eps=eps, relu=relu)
 
@@ -431,10 +435,12 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, resi
 
 def _chain_norm(op, name, whose, bn, shape, dtype):
     """The four arrays of one of conv_chain's batch norms, ``bn`` = (gamma, beta, running_mean,
-    running_var), checked against the NHWC ``shape`` it normalises."""
+    running_var), checked against the NHWC ``shape`` it normalises (``whose``: "layer 0's", "the input's")."""
     if not isinstance(bn, (list, tuple)) or len(bn) != 4:
         raise ValueError(f"{op}: {name} must be (gamma, beta, running_mean, running_var), got {bn!r}")
-    _check_channel_params(op, shape[3], dtype, gamma=bn[0], beta=bn[1], running_mean=bn[2], running_var=bn[3])
+    of = "x" if name == "input_bn" else f"{whose} output (its w's Cout)"
+    _check_channel_params(op, shape[3], dtype, of, f"{name} ", gamma=bn[0], beta=bn[1], running_mean=bn[2],
+                          running_var=bn[3])
     _check_writable(op, **{f"{name} running_mean": bn[2], f"{name} running_var": bn[3]})
     if shape[0] * shape[1] * shape[2] < 2:
         raise ValueError(f"{op}: {whose} batch norm needs more than 1 value per channel to normalise by their "
