@@ -15,7 +15,8 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
     row-major tap index within the window; ties go to the first maximum inside the input, so a
     window whose inputs are all -inf sends its gradient to the first of them, never to the
     padding (as PyTorch). A NaN is the maximum of its window, as in PyTorch: y is NaN and the
-    gradient goes to the first NaN.
+    gradient goes to the first NaN. y is the value of that first maximum: -0.0 where a window's
+    first maximum is the -0.0 of a tie with +0.0, as in PyTorch and the kernel.
     """
     if not 0 <= padding <= kernel_size // 2:
         # As in PyTorch: larger padding would allow windows made only of padding.
@@ -24,15 +25,18 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
     taps = windows(x, **geometry, pad_value=-np.inf)
     # (1, OH, OW, KH, KW, 1): which taps of each window lie inside x, not in its padding.
     inside = windows(np.ones((1, *x.shape[1:3], 1), bool), **geometry, pad_value=False)
-    y = taps.max(axis=(3, 4))
+    top = taps.max(axis=(3, 4))
+    y = np.empty_like(top)
     argmax = np.zeros(y.shape, np.int8 if kernel_size * kernel_size <= 128 else np.int32)
     # Taps in reverse row-major order, so the first maximum is the last written. (np.argmax
     # over the tap axis gives the same but runs several times slower on the strided view.)
-    y_is_nan = np.isnan(y)
+    top_is_nan = np.isnan(top)
     for tap in reversed(range(kernel_size * kernel_size)):
         kh, kw = divmod(tap, kernel_size)
         value = taps[:, :, :, kh, kw]
-        np.copyto(argmax, tap, where=((value == y) | (y_is_nan & np.isnan(value))) & inside[:, :, :, kh, kw])
+        first = ((value == top) | (top_is_nan & np.isnan(value))) & inside[:, :, :, kh, kw]
+        np.copyto(argmax, tap, where=first)
+        np.copyto(y, value, where=first)
     return y, (argmax, x.shape, kernel_size, stride, padding)
 
 

@@ -275,3 +275,20 @@ def test_nan_propagates_as_in_pytorch(rng, on):
     # A NaN wins each of the 9 windows around it, and takes their 9 gradients.
     assert pool_grad[0, 2, 2, 1] == 9
     assert np.isnan(bn_eval[0, 2, 2, 1]) and np.isnan(bn_eval).sum() == 1
+
+
+@pytest.mark.parametrize("on", ALL_BACKENDS)
+def test_max_pool_of_tied_signed_zeros_is_its_first_zero(rng, on):
+    """-0.0 == +0.0, so a window of zeros of both signs is a tie: its first zero wins, its value
+    (sign included) is y and it takes the gradient, as in PyTorch, on every backend."""
+    signs = rng.integers(0, 2, (1, 4, 4, 3)).astype(bool)
+    x = np.where(signs, np.float32(-0.0), np.float32(0.0))
+    with backend.use_backend(on):
+        xt = Tensor(backend.asarray(x), requires_grad=True)
+        y = F.max_pool2d(xt, kernel_size=2, stride=2, padding=0)
+        y.backward(backend.asarray(np.ones(y.shape, np.float32)))
+        pooled, grad = backend.to_numpy(y.data), backend.to_numpy(xt.grad)
+    first = x[:, ::2, ::2]  # each 2x2 window's first tap, in row-major order
+    np.testing.assert_array_equal(np.signbit(pooled), np.signbit(first))
+    np.testing.assert_array_equal(grad, np.pad(np.ones((1, 2, 1, 2, 1, 3), np.float32),
+                                               ((0, 0), (0, 0), (0, 1), (0, 0), (0, 1), (0, 0))).reshape(x.shape))
