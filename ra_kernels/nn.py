@@ -20,7 +20,7 @@ from . import autograd
 from . import functional as F
 from . import npzfile
 from .autograd import Tensor
-from .backend import asarray, to_numpy
+from .backend import asarray, is_cupy_array, to_numpy
 
 
 _recorded_calls = []  # a stack of lists; the innermost records (module, output shape) per call
@@ -59,9 +59,18 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                  f"before assigning {name!r}")
-        if name in self._buffers and not isinstance(value, (Parameter, Module)):
-            self._buffers[name] = value  # assigning a registered buffer replaces it
-            return
+        if not isinstance(value, (Parameter, Module)):
+            # A registered name keeps its kind: any other value would silently drop it from
+            # parameters() and state_dict() (PyTorch raises too). Parameters and modules take any name.
+            if name in self._buffers:
+                if not (isinstance(value, np.ndarray) or is_cupy_array(value)):
+                    raise TypeError(f"{type(self).__name__}.{name} is a buffer: assign an array, not a "
+                                    f"{type(value).__name__}")
+                self._buffers[name] = value  # assigning a registered buffer replaces it
+                return
+            if name in self._parameters or name in self._modules:
+                kind = "parameter: assign a Parameter" if name in self._parameters else "submodule: assign a Module"
+                raise TypeError(f"{type(self).__name__}.{name} is a {kind}, not a {type(value).__name__}")
         for table in (self._parameters, self._buffers, self._modules):
             table.pop(name, None)
         if isinstance(value, Parameter):

@@ -66,6 +66,22 @@ def test_train_eval_reach_every_module(rng):
     assert all(m.training for _, m in net.named_modules())
 
 
+def test_a_registered_name_refuses_a_value_of_another_kind(rng):
+    """A plain array assigned to a parameter's name would silently drop the parameter from
+    parameters() and state_dict(): refused, as are non-modules for a submodule and non-arrays
+    for a buffer. A Parameter or Module may take any name."""
+    net = Net(rng)
+    before = net.state_dict()
+    for name, value, kind in (("tied", np.zeros((3, 3), np.float32), "parameter"), ("tied", None, "parameter"),
+                              ("first", np.zeros(3), "submodule"), ("first.calls", [1.0], "buffer")):
+        owner, attr = (net.first, "calls") if name == "first.calls" else (net, name)
+        with pytest.raises(TypeError, match=rf"\.{attr} is a {kind}: assign an? \w+, not a {type(value).__name__}"):
+            setattr(owner, attr, value)
+    assert list(net.state_dict()) == list(before)
+    net.first.calls = nn.Parameter(np.ones(1, np.float32))  # a buffer's name taken by a parameter
+    assert "first.calls" in dict(net.named_parameters()) and "first.calls" not in dict(net.named_buffers())
+
+
 def test_evaluating_gives_each_module_back_its_own_mode(rng):
     net = Net(rng)
     net.second.eval()  # frozen inside a training net
