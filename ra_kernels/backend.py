@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 
@@ -139,6 +140,37 @@ def check_array(where: str, name: str, a, hint: str = "", also: str = ""):
         raise TypeError(f"{where}: {name} is {a.dtype.name} in the other byte order ({a.dtype.str}); convert it "
                         f"with {name}.astype({name}.dtype.newbyteorder('=')){hint}")
     return a
+
+
+# The checks of scalar arguments, shared by the ops, the optimizer, the models and the data: each
+# gives a Python number (Triton cannot specialise NumPy scalars) or a ValueError naming ``where``
+# and ``name``. Bools are not numbers here (``stride=True`` is a mistake, not 1).
+
+def check_int(where: str, name: str, value, minimum: int) -> int:
+    """``value`` as a Python int: an integer (Python or NumPy) >= ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_float(where: str, name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    """``value`` as a Python float: a finite number (Python or NumPy) in [low, high], or (low, high]
+    with ``low_open``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{where}: {name} must be a number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+        above = f"{'>' if low_open else '>='} {low:g}"
+        within = above if math.isinf(high) else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{where}: {name} must be a finite number {within}, got {value:g}")
+    return value
+
+
+def check_flag(where: str, name: str, value) -> bool:
+    """``value`` as a Python bool: True, False or a NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{where}: {name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_labels(where: str, labels, count: int):

@@ -344,8 +344,8 @@ def corrupt_labels(labels, fraction: float, num_classes: int, seed: int) -> np.n
     if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
         raise ValueError(f"corrupt_labels: labels must be a 1-D integer array, "
                          f"got {labels.dtype} {labels.shape}")
-    _check_int("corrupt_labels", "num_classes", num_classes, 2)
-    _check_int("corrupt_labels", "seed", seed, 0)
+    backend.check_int("corrupt_labels", "num_classes", num_classes, 2)
+    backend.check_int("corrupt_labels", "seed", seed, 0)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)) \
             or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"corrupt_labels: fraction must be a number in [0, 1], got {fraction!r}")
@@ -389,7 +389,7 @@ def _check_augment_args(images, crop_offsets, flips, mean, std, pad):
     if images.ndim != 4 or not images.flags.c_contiguous:
         raise ValueError(f"augment: images must be C-contiguous (B, H, W, C), got shape {tuple(images.shape)}"
                          f"{'' if images.flags.c_contiguous else ', not contiguous'}")
-    _check_int("augment", "pad", pad, 0)
+    backend.check_int("augment", "pad", pad, 0)
     batch, _, _, channels = images.shape
     for name, a, shape, kinds in (("crop_offsets", crop_offsets, (batch, 2), "iu"),
                                   ("flips", flips, (batch,), "biu"),
@@ -439,9 +439,9 @@ class EpochLoader:
         if labels.shape != (count,) or (labels.size and labels.dtype.kind not in "iu"):
             raise ValueError(f"{name}: labels must be integers of shape ({count},), "
                              f"got {labels.dtype} {labels.shape}")
-        _check_int(name, "batch_size", batch_size, 1)
-        _check_int(name, "seed", seed, 0)
-        _check_int(name, "prefetch", prefetch, 1)
+        backend.check_int(name, "batch_size", batch_size, 1)
+        backend.check_int(name, "seed", seed, 0)
+        backend.check_int(name, "prefetch", prefetch, 1)
         self.count, self.labels = count, labels.astype(np.int64)
         self.mean, self.std = (np.asarray(a, dtype=np.float32) for a in (mean, std))
         if self.mean.shape != (channels,) or self.std.shape != (channels,) or not (self.std > 0).all():
@@ -493,8 +493,8 @@ class EpochLoader:
         unchanged while iterating.
         """
         where = f"{type(self).__name__}.epoch"
-        _check_int(where, "epoch_index", epoch_index, 0)
-        _check_int(where, "start_batch", start_batch, 0)
+        backend.check_int(where, "epoch_index", epoch_index, 0)
+        backend.check_int(where, "start_batch", start_batch, 0)
         if start_batch > len(self):
             raise ValueError(f"{where}: start_batch {start_batch} is past the {len(self)} batches "
                              f"of an epoch")
@@ -643,8 +643,3 @@ class _Prefetcher:
             if error is not None:
                 raise error
             yield result
-
-
-def _check_int(where, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")

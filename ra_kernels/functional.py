@@ -26,7 +26,8 @@ import reference as ref
 
 from . import autograd
 from .autograd import Function, Tensor
-from .backend import BFLOAT16, check_array, check_labels, choose, empty_like, get_backend, get_precision
+from .backend import (BFLOAT16, check_array, check_flag, check_float, check_int, check_labels, choose, empty_like,
+                      get_backend, get_precision)
 from .kernels import attention as attention_kernels
 from .kernels import batchnorm as batchnorm_kernels
 from .kernels import conv as conv_kernels
@@ -96,30 +97,6 @@ def _check_same_shape(op, names, arrays):
     if len(set(shapes)) != 1:
         got = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
         raise ValueError(f"{op}: inputs must have the same shape, got {got}")
-
-
-def _check_int(op, name, value, minimum):
-    """``value`` as a Python int (Triton cannot specialise NumPy integers); ValueError if it is not one."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{op}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_float(op, name, value, low, high, low_open=False):
-    """``value`` as a Python float, in [low, high] (or (low, high] when ``low_open``); ValueError if not."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{op}: {name} must be a number, got {value!r}")
-    value = float(value)
-    if not (low < value <= high if low_open else low <= value <= high):
-        raise ValueError(f"{op}: {name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
-    return value
-
-
-def _check_flag(op, name, value):
-    """``value`` as a Python bool: True, False or a NumPy bool; ValueError otherwise."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{op}: {name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def _check_nhwc(op, x):
@@ -304,7 +281,7 @@ def _check_conv(op, x, w, stride, padding):
     """(dtype, stride, padding, output positions N * OH * OW) of a checked convolution."""
     dtype = _check_nhwc(op, x)
     _check_array(op, "w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype, activation=False)
-    stride, padding = _check_int(op, "stride", stride, 1), _check_int(op, "padding", padding, 0)
+    stride, padding = check_int(op, "stride", stride, 1), check_int(op, "padding", padding, 0)
     (_, h, wd, c), (kh, kw, cin, _) = _data(x).shape, _data(w).shape
     if cin != c:
         raise ValueError(f"{op}: x has {c} channels but w (KH, KW, Cin, Cout) = {tuple(_data(w).shape)} "
@@ -325,9 +302,9 @@ def _check_bn(op, channels, count, dtype, gamma, beta, running_mean, running_var
     """(training, momentum, eps, relu) of a checked batch norm of ``count`` values per channel of ``of``."""
     _check_channel_params(op, channels, dtype, of, gamma=gamma, beta=beta,
                           running_mean=running_mean, running_var=running_var)
-    training, relu = _check_flag(op, "training", training), _check_flag(op, "relu", relu)
-    momentum = _check_float(op, "momentum", momentum, 0.0, 1.0)
-    eps = _check_float(op, "eps", eps, 0.0, float("inf"), low_open=True)
+    training, relu = check_flag(op, "training", training), check_flag(op, "relu", relu)
+    momentum = check_float(op, "momentum", momentum, 0.0, 1.0)
+    eps = check_float(op, "eps", eps, 0.0, low_open=True)
     if training and count < 2:
         raise ValueError(f"{op}: training needs more than 1 value per channel to normalise by their "
                          f"variance, got {count}")
@@ -398,8 +375,8 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, resi
             raise ValueError(f"{op}: layer {i} must be (w, stride, padding, bn), got {layer!r}")
         w, stride, padding, bn = layer
         _check_array(op, f"layer {i} w", w, 4, "HWIO (KH, KW, Cin, Cout)", dtype, activation=False)
-        stride = _check_int(op, f"layer {i} stride", stride, 1)
-        padding = _check_int(op, f"layer {i} padding", padding, 0)
+        stride = check_int(op, f"layer {i} stride", stride, 1)
+        padding = check_int(op, f"layer {i} padding", padding, 0)
         kh, kw, cin, cout = _data(w).shape
         if cin != channels:
             raise ValueError(f"{op}: layer {i} w (KH, KW, Cin, Cout) = {tuple(_data(w).shape)} expects Cin = {cin}, "
@@ -417,9 +394,9 @@ def conv_chain(x, layers, momentum=0.1, eps=1e-5, skip=None, input_bn=None, resi
         channels = cout
     if input_bn is not None:
         args += _chain_norm(op, "input_bn", "the input's", input_bn, _data(x).shape, dtype)
-    momentum = _check_float(op, "momentum", momentum, 0.0, 1.0)
-    eps = _check_float(op, "eps", eps, 0.0, float("inf"), low_open=True)
-    residual = _check_flag(op, "residual", residual)
+    momentum = check_float(op, "momentum", momentum, 0.0, 1.0)
+    eps = check_float(op, "eps", eps, 0.0, low_open=True)
+    residual = check_flag(op, "residual", residual)
     if residual and skip is not None:
         raise ValueError(f"{op}: give skip or residual (which adds x itself), not both")
     if residual and tuple(_data(x).shape) != shape:
@@ -453,13 +430,13 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
     ``ceil_mode``: the output size rounds up, as Caffe's pooling (the ImageNet stem) and PyTorch's
     ceil_mode; the last windows then reach past the input, which counts as -inf too."""
     _check_nhwc("max_pool2d", x)
-    kernel_size = _check_int("max_pool2d", "kernel_size", kernel_size, 1)
-    stride = _check_int("max_pool2d", "stride", stride, 1)
-    padding = _check_int("max_pool2d", "padding", padding, 0)
+    kernel_size = check_int("max_pool2d", "kernel_size", kernel_size, 1)
+    stride = check_int("max_pool2d", "stride", stride, 1)
+    padding = check_int("max_pool2d", "padding", padding, 0)
     if 2 * padding > kernel_size:
         raise ValueError(f"max_pool2d: padding {padding} must be at most kernel_size // 2 "
                          f"({kernel_size // 2}), or some windows would hold only padding")
-    ceil_mode = _check_flag("max_pool2d", "ceil_mode", ceil_mode)
+    ceil_mode = check_flag("max_pool2d", "ceil_mode", ceil_mode)
     _, h, w, _ = _data(x).shape
     _out_size("max_pool2d", h, kernel_size, stride, padding, ceil_mode)
     _out_size("max_pool2d", w, kernel_size, stride, padding, ceil_mode)
@@ -498,8 +475,8 @@ def attention_mix(mask_logits, trunk, residual=True, from_logits=True):
     dtype = _check_array("attention_mix", "mask_logits", mask_logits)
     _check_array("attention_mix", "trunk", trunk, dtype=dtype)
     _check_same_shape("attention_mix", ("mask_logits", "trunk"), (mask_logits, trunk))
-    residual = _check_flag("attention_mix", "residual", residual)
-    from_logits = _check_flag("attention_mix", "from_logits", from_logits)
+    residual = check_flag("attention_mix", "residual", residual)
+    from_logits = check_flag("attention_mix", "from_logits", from_logits)
     return _AttentionMix.apply(mask_logits, trunk, residual=residual, from_logits=from_logits)
 
 

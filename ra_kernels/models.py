@@ -13,7 +13,7 @@ import numpy as np
 
 from . import functional as F
 from .autograd import no_grad
-from .backend import asarray, to_numpy
+from .backend import asarray, check_flag, check_int, to_numpy
 from .nn import BatchNorm2d, Conv2d, ConvBnRelu, Linear, Module, Sequential, record_calls
 
 MASK_DEPTHS = (3, 2, 1)  # max-pool levels of the mask branch per stage: 32->4, 16->4, 8->4
@@ -148,6 +148,13 @@ class AttentionModule(Module):
 # --------------------------------------------------------------------------- the network
 
 
+def _three(where, must, values) -> tuple:
+    """``values`` (any sequence, a NumPy array too) as a tuple of 3; ValueError "where: must, got ..." if not."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != 3:
+        raise ValueError(f"{where}: {must}, got {values!r}")
+    return tuple(values)
+
+
 class _AttentionNetwork(Module):
     """What the CIFAR and ImageNet networks share: ``entry`` (the stem), three stages
     (``stage1``..``stage3``: a residual unit, then attention modules), ``tail`` units, a BN-ReLU
@@ -156,15 +163,15 @@ class _AttentionNetwork(Module):
     #: The side of the images the network is made for (what summary() runs).
     IMAGE_SIZE = 32
 
-    def __init__(self, attention, num_classes, seed):
+    def __init__(self, attention, num_classes, seed, residual_attention):
         """Checks what both networks take; makes ``self.rng``, which draws the weights from ``seed``."""
         super().__init__()
         name = type(self).__name__
         if attention not in ATTENTIONS:
             raise ValueError(f"{name}: attention must be one of {ATTENTIONS}, got {attention!r}")
-        if num_classes < 2:
-            raise ValueError(f"{name}: num_classes must be >= 2, got {num_classes}")
-        self.rng = np.random.default_rng(seed)
+        check_int(name, "num_classes", num_classes, 2)
+        check_flag(name, "residual_attention", residual_attention)
+        self.rng = np.random.default_rng(check_int(name, "seed", seed, 0))
 
     def entry(self, x):
         return self.stem(x)
@@ -256,10 +263,14 @@ class ResidualAttentionNet(_AttentionNetwork):
 
     def __init__(self, modules_per_stage=1, p=1, t=2, r=1, stem=16, widths=(64, 128, 256),
                  num_classes=10, residual_attention=True, attention="mixed", seed=0):
-        super().__init__(attention, num_classes, seed)
-        if len(widths) != 3:
-            raise ValueError(f"ResidualAttentionNet: widths must name 3 stages, got {widths!r}")
-        if min(widths) < MIN_STAGE_WIDTH or stem < 1:
+        super().__init__(attention, num_classes, seed, residual_attention)
+        for option, value, minimum in (("modules_per_stage", modules_per_stage, 0), ("p", p, 0), ("t", t, 0),
+                                       ("r", r, 0), ("stem", stem, 1)):
+            check_int("ResidualAttentionNet", option, value, minimum)
+        widths = _three("ResidualAttentionNet", "widths must name 3 stages", widths)
+        for width in widths:
+            check_int("ResidualAttentionNet", "each of widths", width, 1)
+        if min(widths) < MIN_STAGE_WIDTH:
             raise ValueError(f"ResidualAttentionNet: each stage needs at least {MIN_STAGE_WIDTH} channels (a unit's "
                              f"bottleneck has a quarter of them) and the stem at least 1, got widths {tuple(widths)} "
                              f"and stem {stem}")
@@ -297,10 +308,10 @@ class ImageNetAttentionNet(_AttentionNetwork):
 
     def __init__(self, modules_per_stage=(1, 1, 1), num_classes=1000, residual_attention=True, attention="mixed",
                  seed=0):
-        super().__init__(attention, num_classes, seed)
-        if len(modules_per_stage) != 3 or min(modules_per_stage) < 1:
-            raise ValueError(f"ImageNetAttentionNet: modules_per_stage must give 3 counts >= 1, "
-                             f"got {modules_per_stage!r}")
+        super().__init__(attention, num_classes, seed, residual_attention)
+        modules_per_stage = _three("ImageNetAttentionNet", "modules_per_stage must give 3 counts", modules_per_stage)
+        for count in modules_per_stage:
+            check_int("ImageNetAttentionNet", "each of modules_per_stage", count, 1)
         self.config = dict(modules_per_stage=tuple(int(m) for m in modules_per_stage), num_classes=int(num_classes),
                            residual_attention=bool(residual_attention), attention=str(attention))
         self.stem = ConvBnRelu(3, 64, 7, 2, 3, rng=self.rng)

@@ -350,7 +350,9 @@ class Sequential(Module):
         return len(self._modules)
 
     def __getitem__(self, index):
-        return self._modules[str(index)]
+        """The module at ``index`` (from the end when negative), or a Sequential of a slice's, as for a list."""
+        modules = list(self._modules.values())
+        return Sequential(*modules[index]) if isinstance(index, slice) else modules[index]
 
     def forward(self, x):
         for module in self._modules.values():

@@ -27,7 +27,7 @@ import numpy as np
 
 import reference
 
-from .backend import check_array, choose, to_numpy, xp
+from .backend import check_array, check_flag, check_float, check_int, choose, to_numpy, xp
 from .kernels import elementwise
 from .kernels import optim as optim_kernels
 
@@ -58,8 +58,7 @@ class SGD:
             raise ValueError("SGD: got an empty parameter list")
         if len({id(p) for p in self.parameters}) != len(self.parameters):
             raise ValueError("SGD: a parameter appears more than once in the list")
-        self._check_hyperparameters(momentum, weight_decay, nesterov)
-        self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
+        self.momentum, self.weight_decay, self.nesterov = self._check_hyperparameters(momentum, weight_decay, nesterov)
         for i, p in enumerate(self.parameters):
             if not hasattr(p, "data") or not hasattr(p.data, "dtype"):
                 raise TypeError(f"SGD: parameter {i} must be a Parameter (a Tensor), got {type(p).__name__}")
@@ -88,11 +87,12 @@ class SGD:
 
     @staticmethod
     def _check_hyperparameters(momentum, weight_decay, nesterov):
-        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"SGD: {name} must be a finite number >= 0, got {value}")
-        if nesterov and momentum == 0:
+        """(momentum, weight_decay, nesterov) as Python numbers and a bool; ValueError if one is not."""
+        momentum, weight_decay = check_float("SGD", "momentum", momentum, 0.0), check_float("SGD", "weight_decay",
+                                                                                           weight_decay, 0.0)
+        if check_flag("SGD", "nesterov", nesterov) and momentum == 0:
             raise ValueError("SGD: Nesterov momentum needs momentum > 0")
+        return momentum, weight_decay, bool(nesterov)
 
     def set_lr(self, value):
         """Write the learning rate into the device array ``lr`` (no host read).
@@ -141,9 +141,8 @@ class SGD:
         if velocity.shape != tuple(self.velocity.shape):
             raise ValueError(f"SGD.load_state_dict: velocity has shape {velocity.shape}, this optimizer "
                              f"holds {self.velocity.size} parameters (a checkpoint of another model?)")
-        momentum, weight_decay = float(state["momentum"]), float(state["weight_decay"])
-        nesterov = bool(state["nesterov"])
-        self._check_hyperparameters(momentum, weight_decay, nesterov)
+        momentum, weight_decay, nesterov = self._check_hyperparameters(
+            float(state["momentum"]), float(state["weight_decay"]), bool(state["nesterov"]))
         lr = np.asarray(to_numpy(state["lr"])).reshape(-1)
         if lr.size != 1:
             raise ValueError(f"SGD.load_state_dict: lr must be one value, got {lr.size}")
@@ -155,18 +154,12 @@ class SGD:
 
 def _check_lr(value) -> float:
     """``value`` as a float; ValueError unless it is a finite number >= 0."""
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"SGD.set_lr: the learning rate must be a finite number >= 0, got {value}")
-    return value
+    return check_float("SGD.set_lr", "the learning rate", value, 0.0)
 
 
 def _check_schedule(name, base_lr, total_iterations):
-    if not (math.isfinite(base_lr) and base_lr >= 0):
-        raise ValueError(f"{name}: base_lr must be a finite number >= 0, got {base_lr}")
-    if int(total_iterations) != total_iterations or total_iterations < 1:
-        raise ValueError(f"{name}: total_iterations must be a positive integer, got {total_iterations}")
-    return int(total_iterations)
+    check_float(name, "base_lr", base_lr, 0.0)
+    return check_int(name, "total_iterations", total_iterations, 1)
 
 
 def _check_iteration(name, iteration):

@@ -49,6 +49,16 @@ def test_bad_configuration_is_refused():
         tiny(widths=(8, 16))
     with pytest.raises(ValueError, match=r"at least 4 channels .* got widths \(8, 3, 8\) and stem 4"):
         tiny(widths=(8, 3, 8))  # a bottleneck of 3 // 4 = 0 channels (was a ZeroDivisionError in the init)
+    for option, value, says in (("modules_per_stage", 1.7, "an integer >= 0, got 1.7"),
+                                ("num_classes", 2.5, "an integer >= 2, got 2.5"),
+                                ("num_classes", None, "an integer >= 2, got None"),
+                                ("widths", (8, "16", 32), "each of widths must be an integer >= 1, got '16'"),
+                                ("residual_attention", "no", "True or False, got 'no'"),
+                                ("seed", -1, "an integer >= 0, got -1")):
+        with pytest.raises(ValueError, match=f"ResidualAttentionNet: .*{says}"):
+            tiny(**{option: value})
+    with pytest.raises(ValueError, match="ImageNetAttentionNet: each of modules_per_stage must be an integer >= 1"):
+        models.ImageNetAttentionNet((1, 0.5, 1))
     assert tiny(widths=(4, 4, 4)).config["widths"] == (4, 4, 4)
 
 

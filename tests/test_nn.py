@@ -82,6 +82,15 @@ def test_a_registered_name_refuses_a_value_of_another_kind(rng):
     assert "first.calls" in dict(net.named_parameters()) and "first.calls" not in dict(net.named_buffers())
 
 
+def test_sequential_indexes_like_a_list(rng):
+    first, second, third = (Affine(3, rng) for _ in range(3))
+    seq = nn.Sequential(first, second, third)
+    assert seq[0] is first and seq[-1] is third and seq[-3] is first
+    assert isinstance(seq[1:], nn.Sequential) and [seq[1:][0], seq[1:][1]] == [second, third]
+    with pytest.raises(IndexError):
+        seq[3]
+
+
 def test_evaluating_gives_each_module_back_its_own_mode(rng):
     net = Net(rng)
     net.second.eval()  # frozen inside a training net

@@ -183,6 +183,16 @@ def test_bad_arguments(rng):
         SGD(params, momentum=0.0, nesterov=True)
     with pytest.raises(ValueError, match="learning rate"):
         SGD(params, lr=float("nan"))
+    for name, value, says in (("lr", "0.1", "the learning rate must be a number, got '0.1'"),
+                              ("lr", True, "the learning rate must be a number, got True"),
+                              ("weight_decay", "1e-4", "weight_decay must be a number, got '1e-4'"),
+                              ("momentum", None, "momentum must be a number, got None"),
+                              ("momentum", float("inf"), "momentum must be a finite number >= 0, got inf"),
+                              ("nesterov", "yes", "nesterov must be True or False, got 'yes'")):
+        with pytest.raises(ValueError, match=f"SGD.*: {says}"):
+            SGD(params, **{name: value})
+    with pytest.raises(ValueError, match="total_iterations must be an integer >= 1, got 2.5"):
+        paper_schedule(0.1, 2.5)
     opt = SGD(params)
     with pytest.raises(ValueError, match="learning rate"):
         opt.set_lr(-1.0)

@@ -80,7 +80,7 @@ def read_only_statistics(params):
      r"max_pool2d: padding 2 must be at most"),
     (lambda: F.max_pool2d(f32(1, 8, 8, 3), ceil_mode=1), ValueError, r"max_pool2d: ceil_mode must be True or False"),
     (lambda: F.batch_norm(f32(1, 4, 4, 3), *bn_params(3), momentum=1.5), ValueError,
-     r"batch_norm: momentum must be in \[0, 1\]"),
+     r"batch_norm: momentum must be a finite number in \[0, 1\]"),
     (lambda: F.batch_norm(f32(2, 4, 4, 3), *read_only_statistics(bn_params(3))), ValueError,
      r"batch_norm: running_mean is read-only, and training updates it in place"),
     (lambda: F.conv_chain(f32(1, 4, 4, 3), [(f32(1, 1, 3, 8), 1, 0, read_only_statistics(bn_params(8))),
