@@ -173,16 +173,21 @@ def check_flag(where: str, name: str, value) -> bool:
     return bool(value)
 
 
-def check_labels(where: str, labels, count: int):
-    """``labels`` itself when it is a C-contiguous integer array (count,) of the current backend;
-    otherwise a TypeError or ValueError naming ``where``. Kernels read labels by their index, so a
-    strided view would be read as other labels."""
+def check_labels(where: str, labels, count: int, classes: int):
+    """``labels`` itself when it is a C-contiguous integer array (count,) of the current backend
+    whose values lie in [0, classes); otherwise a TypeError or ValueError naming ``where``. Kernels
+    read labels by their index, so a strided view would be read as other labels. The values are
+    checked on host arrays only: on cuda that would read the labels back mid-step, and the loss
+    kernel makes a row with a label out of range NaN instead (kernels/loss.py)."""
     labels = check_array(where, "labels", labels)
     if labels.dtype.kind not in "iu" or labels.shape != (count,):
         raise ValueError(f"{where}: labels must be integers of shape ({count},), got {labels.dtype} of shape "
                          f"{tuple(labels.shape)}")
     if not labels.flags.c_contiguous:
         raise ValueError(f"{where}: labels must be C-contiguous (strides {labels.strides}); pass a contiguous copy")
+    if isinstance(labels, np.ndarray) and labels.size and not (0 <= labels.min() and labels.max() < classes):
+        raise ValueError(f"{where}: labels must lie in [0, {classes}), got values from {labels.min()} to "
+                         f"{labels.max()}")
     return labels
 
 

@@ -27,7 +27,7 @@ def _check(logits, labels, loss, totals):
                          f"{' or '.join(floats)}, got shape {tuple(logits.shape)} {logits.dtype}")
     if not logits.flags.c_contiguous:
         raise ValueError(f"accumulate_metrics: logits must be C-contiguous, got strides {logits.strides}")
-    check_labels("accumulate_metrics", labels, logits.shape[0])
+    check_labels("accumulate_metrics", labels, *logits.shape)
     if loss.size != 1 or loss.dtype.name not in floats:
         raise ValueError(f"accumulate_metrics: loss must be a single {' or '.join(floats)} value, "
                          f"got {loss.dtype} of shape {tuple(loss.shape)}")
@@ -40,7 +40,8 @@ def accumulate_metrics(logits, labels, loss, totals):
     """Add one batch into ``totals`` in place; returns ``totals``.
 
     logits (N, K) float32 C-contiguous (float64 too on the numpy backend); labels (N,)
-    integers; loss: the batch's mean loss, a 0-d (or 1-element) array; totals (4,) float32.
+    integers in [0, K) (``backend.check_labels``: on cuda, where their values are not checked,
+    one outside is never correct, and the loss of its row is NaN); loss: the batch's mean loss, a 0-d (or 1-element) array; totals (4,) float32.
     Correct: the label is the argmax of its row (the first maximum; the first NaN if any), or
     among the TOP_K first in that order (``reference.metrics.label_ranks``).
     All arrays of the current backend. Nothing is read back to the host.

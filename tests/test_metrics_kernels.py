@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ra_kernels import backend
+from ra_kernels.kernels import metrics as metrics_kernels
 from ra_kernels.metrics import TOTALS, accumulate_metrics
 
 EPS = 2.0 ** -24  # float32 unit roundoff
@@ -41,11 +42,10 @@ def _expected(batches):
     return loss_sum, correct, sum(len(labels) for _, labels, _ in batches), top5
 
 
-def _run(batches, start):
+def _run(batches, start, accumulate=accumulate_metrics):
     totals = backend.asarray(start.copy())  # asarray does not copy a host array
     for logits, labels, loss in batches:
-        out = accumulate_metrics(backend.asarray(logits), backend.asarray(labels),
-                                 backend.asarray(np.float32(loss)), totals)
+        out = accumulate(backend.asarray(logits), backend.asarray(labels), backend.asarray(np.float32(loss)), totals)
         assert out is totals
     return backend.to_numpy(totals)
 
@@ -95,17 +95,18 @@ def test_numpy_path_counts_ties_like_argmax():
 
 def test_top5_ranks_ties_nan_and_invalid_labels(triton_backend):
     """Rank by rank around the fifth place: ties in column order, NaN first, -inf last, and a label
-    outside the classes never correct."""
+    outside the classes never correct in the kernel (on cuda nothing checks the labels' values
+    before it: accumulate_metrics refuses them on host arrays)."""
     row = np.float32([4, 9, 4, 7, 4, np.nan, 4, -np.inf, 8])  # order: 5, 1, 8, 3, 0, 2, 4, 6, 7
     logits = np.repeat(row[None, :], 10, axis=0)
     labels = np.array([5, 1, 8, 3, 0, 2, 4, 7, 9, -1])
-    got = _run([(logits, labels, 1.0)], np.zeros(len(TOTALS), np.float32))
+    got = _run([(logits, labels, 1.0)], np.zeros(len(TOTALS), np.float32), metrics_kernels.accumulate_metrics)
     assert got.tolist() == [10.0, 1.0, 10.0, 5.0]
     # Fewer classes than five: every valid label counts, no invalid one. int64 labels that wrap to
     # a valid class as int32 are invalid all the same.
     few = np.float32([[1, 2, 3], [3, 2, 1], [0, 0, 0], [5, 5, 5], [1, 1, 1]])
     labels = np.array([0, 0, -1, 3, 2**32 + 1], np.int64)
-    got = _run([(few, labels, 1.0)], np.zeros(len(TOTALS), np.float32))
+    got = _run([(few, labels, 1.0)], np.zeros(len(TOTALS), np.float32), metrics_kernels.accumulate_metrics)
     assert got.tolist() == [5.0, 1.0, 5.0, 2.0]
 
 
@@ -122,6 +123,10 @@ def test_bad_arguments():
         accumulate_metrics(logits, labels.astype(np.float32), loss, totals)
     with pytest.raises(ValueError, match="labels must be C-contiguous"):  # read as other labels by a kernel
         accumulate_metrics(logits, np.zeros((4, 2), np.int64)[:, 0], loss, totals)
+    for bad in (-1, 10, 10**9):  # counted as wrong predictions before, where cross_entropy refused them
+        with pytest.raises(ValueError, match=rf"accumulate_metrics: labels must lie in \[0, 10\), got values from "):
+            accumulate_metrics(logits, np.array([0, bad, 3, 9]), loss, totals)
+    assert not totals.any()
     with pytest.raises(TypeError, match=r"labels is int64 in the other byte order \(>i8\)"):
         accumulate_metrics(logits, labels.astype(">i8"), loss, totals)
     with pytest.raises(ValueError, match="logits must be a non-empty"):
