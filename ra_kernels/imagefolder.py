@@ -97,7 +97,7 @@ class ImagePaths(collections.abc.Sequence):
     def checksum(self, crc: int = 0) -> int:
         """A CRC-32 of the paths below their folders' parent (class folder and file name each,
         wherever the split's root now lies), continuing ``crc``."""
-        for part in ("/".join(folder.name for folder in self._folders).encode(), self._folder_of.tobytes(),
+        for part in (b"/".join(os.fsencode(folder.name) for folder in self._folders), self._folder_of.tobytes(),
                      self._ends.tobytes(), self._names):
             crc = zlib.crc32(part, crc)
         return crc

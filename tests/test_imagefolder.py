@@ -1,6 +1,7 @@
 """ImageNet-style folders (ra_kernels/imagefolder.py) on generated images: scanning, the errors a
 user meets, decoding every mode to RGB, and the two crops."""
 import math
+import os
 import struct
 import tracemalloc
 import warnings
@@ -89,6 +90,21 @@ def test_packed_paths_checksum_names_not_where_the_folder_lies(tmp_path, rng):
     assert checksum(tmp_path / "a", renamed) != reference_sum
     assert checksum(tmp_path / "a", names[:-1], folder_of[:-1]) != reference_sum
     assert checksum(tmp_path / "a", list(reversed(names))) != reference_sum
+
+
+def test_names_that_are_not_utf8_are_read_and_summed_as_bytes(tmp_path, rng):
+    """A Linux file name is bytes: a class folder or an image whose name is not UTF-8 (os.fsdecode
+    gives it lone surrogates, which str.encode refuses) is scanned, read and checksummed."""
+    odd = os.fsdecode(b"n\xff03")
+    for split in ("train", "val"):
+        for name in (CLASSES[0], odd):
+            _save(tmp_path / split / name / os.fsdecode(b"img\xfe.JPEG"), rng)
+    train, _ = imagefolder.scan_imagenet(tmp_path)
+    assert train.class_names == tuple(sorted([CLASSES[0], odd]))
+    assert imagefolder.decode_rgb(train.paths[1]).size == (37, 29)
+    renamed = imagefolder.ImagePaths([tmp_path / "t" / CLASSES[0], tmp_path / "t" / os.fsdecode(b"n\xfe03")],
+                                     np.array([0, 1]), [os.fsdecode(b"img\xfe.JPEG")] * 2)
+    assert train.paths.checksum() != renamed.checksum()
 
 def test_packed_paths_hold_little_memory(tmp_path):
     """A Path object takes about 320 bytes once used: 0.41 GB for ImageNet in every process.
