@@ -231,6 +231,19 @@ def test_a_resumed_run_keeps_its_settings(finished_run, tiny_data, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_new_run_leaves_another_runs_files_alone(finished_run, tiny_data, tmp_path, capsys):
+    """A folder with a run's best.npz, metrics.csv or curves.png but no last.npz (moved away, or
+    kept from a finished run) is not overwritten by a new run."""
+    for kept in run.RUN_FILES:
+        out = tmp_path / kept
+        out.mkdir()
+        (out / kept).write_bytes((finished_run[0] / kept).read_bytes())
+        assert cifar.main(_argv(tiny_data, out)) == run.EXIT_USAGE
+        assert f"{out} holds {kept} of an earlier run, without its last.npz" in capsys.readouterr().err
+        assert (out / kept).read_bytes() == (finished_run[0] / kept).read_bytes()
+        assert sorted(p.name for p in out.iterdir()) == [kept]
+
+
 # --------------------------------------------------------------------------- divergence
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, capsys):

@@ -35,6 +35,8 @@ METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "train_
                    "test_accuracy", "test_top5_accuracy", "lr", "seconds", "images_per_second")
 
 EXIT_DIVERGED, EXIT_USAGE, EXIT_PEER_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
+#: What a run writes into --out besides last.npz, always after it.
+RUN_FILES = ("best.npz", "metrics.csv", "curves.png")
 
 #: Data-parallel runs: the epochs over which the learning rate ramps up to its scaled value.
 WARMUP_EPOCHS = 5
@@ -479,7 +481,7 @@ class Run:
         self.last_good = self._checkpoint_description()
         if self.leader:
             self._repair_best()
-            for name in ("last.npz", "best.npz", "metrics.csv", "curves.png"):  # left by a kill mid-write
+            for name in ("last.npz", *RUN_FILES):  # left by a kill mid-write
                 (self.out / (name + ".tmp")).unlink(missing_ok=True)
             if self.history:  # written after last.npz at an epoch end: a crash there leaves them behind it
                 self._write_history()
@@ -842,6 +844,11 @@ def _main(task, argv, after_step) -> int:
         elif last.exists():
             raise UsageError(f"{args.out} already holds a run ({last}): add --resume to continue it, or "
                              f"choose another --out")
+        else:  # an epoch end writes last.npz first: these without it are another run's, which a new one would replace
+            left = [name for name in RUN_FILES if (Path(args.out) / name).exists()]
+            if left:
+                raise UsageError(f"{args.out} holds {', '.join(left)} of an earlier run, without its last.npz to "
+                                 f"resume: choose another --out, or move them away")
         prepare_output_dir(args.out)
         with output_lock(args.out) if world.rank == 0 else contextlib.nullcontext():  # rank 0 writes the files
             return Run(task, args, checkpoint).train(after_step)
