@@ -423,6 +423,7 @@ class Run:
                              epoch_train_seconds=0.0)
         self.history, self.best = [], None
         self.last_good = "none yet"
+        self.finite_through = 0  # the iteration of the last reading of a finite training loss
         # The run's length is estimated at the first reading of the metrics; on a GPU that interval
         # includes compiling the kernels, so the second reading estimates it again.
         self._estimates_left = 2 if self.backend == "cuda" else 1
@@ -477,6 +478,7 @@ class Run:
             totals = np.append(totals, np.float32(np.nan))
         self.train_totals[...] = backend.asarray(totals)
         self.position = {key: meta[key] for key in self.position}
+        self.finite_through = self.position["iteration"]
         self.history, self.best = meta["history"], meta["best"]
         self.last_good = self._checkpoint_description()
         if self.leader:
@@ -532,10 +534,15 @@ class Run:
         """(loss, accuracy, top-5 accuracy) of the epoch's training so far (one device read); Diverged
         if the loss is not finite."""
         loss, accuracy, top5 = mean_metrics(self.train_totals, self.world)
+        p = self.position
         if not math.isfinite(loss):
-            p = self.position
-            raise Diverged(f"the training loss became {loss} in epoch {p['epoch'] + 1}, by iteration "
-                           f"{p['iteration']} (learning rate {self.schedule(max(p['iteration'] - 1, 0)):g})")
+            # The step that diverged is one of those since the last reading: name them and their rates.
+            first, last = min(self.finite_through + 1, p["iteration"]), p["iteration"]
+            rates = [self.schedule(max(i - 1, 0)) for i in range(first, last + 1)]
+            where = (f"at iteration {last} (learning rate {rates[0]:g})" if first == last else
+                     f"at one of iterations {first} to {last} (learning rate {min(rates):g} to {max(rates):g})")
+            raise Diverged(f"the training loss became {loss} in epoch {p['epoch'] + 1}, {where}")
+        self.finite_through = p["iteration"]
         return loss, accuracy, top5
 
     def save(self):
