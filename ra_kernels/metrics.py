@@ -41,7 +41,8 @@ def accumulate_metrics(logits, labels, loss, totals):
 
     logits (N, K) float32 C-contiguous (float64 too on the numpy backend); labels (N,)
     integers in [0, K) (``backend.check_labels``: on cuda, where their values are not checked,
-    one outside is never correct, and the loss of its row is NaN); loss: the batch's mean loss, a 0-d (or 1-element) array; totals (4,) float32.
+    one outside is never correct, and the loss of its row is NaN); loss: the batch's mean loss, a
+    0-d (or 1-element) array; totals (4,) float32.
     Correct: the label is the argmax of its row (the first maximum; the first NaN if any), or
     among the TOP_K first in that order (``reference.metrics.label_ranks``).
     All arrays of the current backend. Nothing is read back to the host.

@@ -223,6 +223,27 @@ def test_sigterm_stops_a_run_like_ctrl_c(tiny_data, tmp_path, capsys):
     assert _meta(out / "last.npz")["iteration"] == 2
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_ctrl_c_during_an_epoch_ends_writes_stops_before_the_next_step(tiny_data, tmp_path, capsys, monkeypatch,
+                                                                      epochs):
+    """Ctrl-C while the epoch end writes its files stops the run there, with the epoch's checkpoint
+    (it used to take one more step first); after the last epoch the run has ended, and ends well."""
+    out = tmp_path / "stopped"
+    write_metrics_csv = run.write_metrics_csv
+    monkeypatch.setattr(run, "write_metrics_csv",
+                        lambda *a: (signal.raise_signal(signal.SIGINT), write_metrics_csv(*a)))
+    argv = _argv(tiny_data, out)
+    argv[argv.index("--epochs") + 1] = str(epochs)
+    code = cifar.main(argv)
+    assert _meta(out / "last.npz")["iteration"] == STEPS_PER_EPOCH
+    if epochs == 1:
+        assert code == 0
+    else:
+        assert code == run.EXIT_INTERRUPTED
+        assert _meta(out / "last.npz")["epoch"] == 1 and _meta(out / "last.npz")["batch"] == 0
+    capsys.readouterr()
+
+
 def test_a_resumed_run_keeps_its_settings(finished_run, tiny_data, capsys):
     out, _ = finished_run
     assert cifar.main(_argv(tiny_data, out, "--lr", "0.5", "--resume")) == run.EXIT_USAGE

@@ -614,6 +614,9 @@ class Run:
                         if test is None or world.any(stop.requested):
                             return self._interrupted()
                         self._end_epoch(*test)
+                        # A stop asked for during the epoch end's writes: before the next epoch's first step.
+                        if self.position["epoch"] < self.args.epochs and world.any(stop.requested):
+                            return self._interrupted()
             except DataError as error:  # raised between steps: the model and optimizer are whole
                 if world.distributed:  # on this rank alone: the others wait in a collective
                     print(f"{self.task.name}: rank {world.rank}: reading the data failed ({error}); stopping every "
