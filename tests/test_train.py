@@ -664,10 +664,19 @@ def test_the_data_folder_is_recorded_absolute(tiny_data, tmp_path, monkeypatch, 
     assert "download" not in capsys.readouterr().err
 
 
-def test_an_empty_out_is_refused(tiny_data, tmp_path, capsys, monkeypatch):
+def test_empty_paths_are_refused(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cifar.main(_argv(tiny_data, "")) == run.EXIT_USAGE
-    assert "--out is empty: name a folder" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    for argv in (_argv(tiny_data, ""), ["--eval-only", ""], _argv("", tmp_path / "out")):
+        with pytest.raises(SystemExit) as exited:
+            cifar.main(argv)
+        assert exited.value.code == run.EXIT_USAGE
+        assert "expected a path, got an empty string" in capsys.readouterr().err
+    for argv in (["", "--out", "masks"], [str(tmp_path / "last.npz"), "--out", ""]):
+        with pytest.raises(SystemExit) as exited:
+            masks.main(argv)
+        assert exited.value.code == run.EXIT_USAGE
+        assert "expected a path, got an empty string" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("epoch, batch, says", [(0, 0, "the start, before any step"), (3, 0, "end of epoch 3"),

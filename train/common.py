@@ -133,6 +133,14 @@ def number(text, kind):
             from None
 
 
+def path(text):
+    """A file or folder name as given; an argparse error when it is empty (an empty --out would write
+    into the current folder, an empty file name would be reported as ".")."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def positive_int(text):
     value = number(text, int)
     if value < 1:

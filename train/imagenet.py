@@ -34,13 +34,13 @@ from ra_kernels.models import IMAGENET_MODELS, ImageNetAttentionNet
 from ra_kernels.optim import IMAGENET_ITERATIONS, IMAGENET_MILESTONES, SCHEDULES, paper_schedule
 from train import run
 from train.checkpoint import model_from_checkpoint
-from train.common import UsageError, positive_int
+from train.common import UsageError, number, path, positive_int
 
 DEFAULT_DATA_DIR = "data/imagenet"
 
 
 def _image_size(text):
-    value = int(text)
+    value = number(text, int)
     if value < 32 or value % 32:
         raise argparse.ArgumentTypeError(f"expected a multiple of 32 (the network halves it five times), got {text}")
     return value
@@ -151,7 +151,7 @@ def build_parser():
     run.add_attention_options(model)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
+    data.add_argument("--data-dir", type=path, default=DEFAULT_DATA_DIR, metavar="DIR",
                       help="the folder holding train/<class>/*.JPEG and val/<class>/*.JPEG (.jpg, .jpeg and .png "
                            "too), the same class folders in both (default: %(default)s)")
     data.add_argument("--image-size", type=_image_size, default=224, metavar="S",

@@ -17,7 +17,8 @@ import reference
 from ra_kernels import backend
 from ra_kernels.data import DATASETS, BatchLoader
 from train.checkpoint import data_of, model_from_checkpoint, normalization, read_checkpoint
-from train.common import BACKEND_HELP, UsageError, epoch_batches, load_dataset, prepare_output_dir, select_backend
+from train.common import (BACKEND_HELP, UsageError, epoch_batches, load_dataset, path, positive_int, prepare_output_dir,
+                          select_backend)
 
 IMAGE_SIZE = (32, 32)
 FIGURE_BATCH = 64  # images per forward pass
@@ -29,16 +30,16 @@ def build_parser():
         description="Draw the attention masks of a train.cifar checkpoint over a few test images: one PNG per "
                     "image with the input and, per attention module, its mask averaged over channels and "
                     "upsampled to 32x32.")
-    parser.add_argument("checkpoint", help="a last.npz or best.npz written by train.cifar, or weights written "
-                                           "by Module.save")
-    parser.add_argument("--out", required=True, metavar="DIR", help="directory for masks_<i>.png")
-    parser.add_argument("--images", type=int, default=4, metavar="N",
+    parser.add_argument("checkpoint", type=path,
+                        help="a last.npz or best.npz written by train.cifar, or weights written by Module.save")
+    parser.add_argument("--out", type=path, required=True, metavar="DIR", help="directory for masks_<i>.png")
+    parser.add_argument("--images", type=positive_int, default=4, metavar="N",
                         help="how many test images, the first N of the test set, at most its size "
                              "(default: %(default)s)")
     parser.add_argument("--dataset", choices=DATASETS,
                         help="whose test images to draw (default: the checkpoint's dataset; for a weights "
                              "file, the CIFAR of its number of classes)")
-    parser.add_argument("--data-dir", metavar="DIR",
+    parser.add_argument("--data-dir", type=path, metavar="DIR",
                         help="where the dataset is (default: the --data-dir the checkpoint was trained with, "
                              "or data for a weights file)")
     parser.add_argument("--no-download", action="store_true",
@@ -59,14 +60,13 @@ def channel_mean_masks(masks):
 
 def write_figures(images, labels, class_names, masks, out, first=0):
     """One PNG per image, ``out/masks_<first + i>.png``: images uint8 (N, 32, 32, 3), labels (N,),
-    masks from channel_mean_masks of the same N images (``first`` numbers the files only). Returns
-    the paths written.
+    masks from channel_mean_masks of the same N images (``first`` numbers the files only). Yields
+    each path as it is written.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     for i, (image, label) in enumerate(zip(images, labels)):
         fig, axes = plt.subplots(1, 1 + len(masks), figsize=(2.6 * (1 + len(masks)), 2.8), squeeze=False)
         axes = axes[0]
@@ -83,8 +83,7 @@ def write_figures(images, labels, class_names, masks, out, first=0):
         path = out / f"masks_{first + i}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        paths.append(path)
-    return paths
+        yield path
 
 
 def main(argv=None) -> int:
@@ -111,9 +110,9 @@ def main(argv=None) -> int:
         for first, (x, _) in zip(range(0, args.images, FIGURE_BATCH), batches):
             masks = channel_mean_masks(model.attention_masks(x))
             last = first + x.shape[0]
-            for path in write_figures(images[first:last], labels[first:last], data.class_names, masks, out, first):
-                tqdm.write(str(path))
-            bar.update(x.shape[0])
+            for written in write_figures(images[first:last], labels[first:last], data.class_names, masks, out, first):
+                tqdm.write(str(written))
+                bar.update()  # per figure, as each is written (a batch is up to FIGURE_BATCH of them)
     return 0
 
 

@@ -28,7 +28,7 @@ from ra_kernels.optim import SCHEDULES, SGD, linear_scaling
 from ra_kernels.steps import EvalStep, TrainStep
 from train.checkpoint import normalization, read_checkpoint, write_checkpoint
 from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, non_negative_float,
-                          non_negative_int, output_lock, positive_float, positive_int, prepare_output_dir,
+                          non_negative_int, output_lock, path, positive_float, positive_int, prepare_output_dir,
                           select_backend, select_precision)
 
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "train_top5_accuracy", "test_loss",
@@ -163,12 +163,12 @@ def add_training_options(parser, task, batch_size, epochs_help, paper_schedule_h
                           "and evaluation step is captured as one CUDA graph after two eager steps and replayed "
                           "(the same kernels in the same order: the same results, without the host's launch "
                           "cost). Other backends are always eager")
-    run.add_argument("--out", metavar="DIR",
+    run.add_argument("--out", type=path, metavar="DIR",
                      help=f"directory for metrics.csv, curves.png, last.npz and best.npz (default: {out_default})")
     run.add_argument("--resume", action="store_true",
                      help=f"continue the run in --out from its last.npz, exactly where it stopped; it keeps "
                           f"its settings (only {_flags(task.resume_may_change)} may change)")
-    run.add_argument("--eval-only", metavar="CHECKPOINT",
+    run.add_argument("--eval-only", type=path, metavar="CHECKPOINT",
                      help=f"print the test accuracy (top-1 and top-5) and loss of CHECKPOINT (a last.npz or "
                           f"best.npz, or weights written by Module.save) and exit, on any backend; only "
                           f"{_flags(task.eval_only_options[1:])} may be given with it")
@@ -833,8 +833,6 @@ def _main(task, argv, after_step) -> int:
                                  f"{', '.join(ignored)} cannot be given with it (only "
                                  f"{', '.join(map(_flag, task.eval_only_options[1:]))})")
             return evaluate_checkpoint(task, args, explicit)
-        if args.out == "":
-            raise UsageError("--out is empty: name a folder, or leave the option out for the default one")
         args.out = args.out or task.default_out(args)
         last = Path(args.out) / "last.npz"
         checkpoint = None
