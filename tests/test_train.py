@@ -664,6 +664,24 @@ def test_the_data_folder_is_recorded_absolute(tiny_data, tmp_path, monkeypatch, 
     assert "download" not in capsys.readouterr().err
 
 
+def test_a_recorded_data_folder_that_is_gone_is_named_not_made_again(tiny_data, tmp_path, capsys):
+    """The data moved after training: --eval-only and train.masks say so and ask for --data-dir,
+    where they made the old folder again and downloaded the dataset into it."""
+    moved = tmp_path / "data"
+    shutil.copytree(tiny_data, moved)
+    out = tmp_path / "run"
+    assert cifar.main(_argv(moved, out, "--epochs", "1")) == 0
+    moved.rename(tmp_path / "elsewhere")
+    says = f"the run was trained on the data in {moved}, which is not there now: give --data-dir"
+    assert cifar.main(["--eval-only", str(out / "last.npz"), "--backend", "numpy"]) == run.EXIT_USAGE
+    assert says in capsys.readouterr().err
+    assert masks.main([str(out / "last.npz"), "--out", str(tmp_path / "masks"), "--backend", "numpy"]) != 0
+    assert says in capsys.readouterr().err
+    assert not moved.exists()
+    assert cifar.main(["--eval-only", str(out / "last.npz"), "--backend", "numpy", "--data-dir",
+                       str(tmp_path / "elsewhere")]) == 0
+
+
 def test_empty_paths_are_refused(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for argv in (_argv(tiny_data, ""), ["--eval-only", ""], _argv("", tmp_path / "out")):

@@ -54,14 +54,21 @@ def read_checkpoint(path, meta_only=False) -> Checkpoint:
 def data_of(checkpoint: Checkpoint, dataset=None, data_dir=None):
     """(dataset name, data directory) to evaluate a checkpoint or weights file on: ``dataset`` and
     ``data_dir`` where given, else those of its training run. A weights file records neither: its
-    dataset is then the CIFAR of its number of classes, its folder the default one."""
+    dataset is then the CIFAR of its number of classes, its folder the default one. A recorded folder
+    that is gone (moved, or the checkpoint copied to another machine) is a UsageError: the dataset
+    is not downloaded into a folder made anew at the old path."""
     saved = checkpoint.meta.get("args", {})
     classes = checkpoint.meta["model"]["config"]["num_classes"]
     dataset = dataset or saved.get("dataset") or {10: "cifar10", 100: "cifar100"}.get(classes)
     if dataset is None:
         raise UsageError(f"a network of {classes} classes was not trained on CIFAR-10 or CIFAR-100: "
                          f"name the dataset (--dataset)")
-    return dataset, data_dir or saved.get("data_dir", DEFAULT_DATA_DIR)
+    if data_dir is None and "data_dir" in saved:
+        data_dir = saved["data_dir"]
+        if not Path(data_dir).is_dir():
+            raise UsageError(f"the run was trained on the data in {data_dir}, which is not there now: give "
+                             f"--data-dir (where {dataset} is, or is to be downloaded to)")
+    return dataset, data_dir or DEFAULT_DATA_DIR
 
 
 def normalization(checkpoint: Checkpoint, data):

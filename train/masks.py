@@ -90,8 +90,6 @@ def main(argv=None) -> int:
     """Returns the exit code: 0, or 2 for bad usage or an unreadable checkpoint or dataset."""
     args = build_parser().parse_args(argv)
     try:
-        if args.images < 1:
-            raise UsageError(f"--images must be at least 1, got {args.images}")
         out = prepare_output_dir(args.out)
         checkpoint = read_checkpoint(args.checkpoint)
         select_backend(args.backend)
