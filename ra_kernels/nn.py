@@ -183,7 +183,7 @@ class Module:
         missing = [n for n in targets if n not in state]
         unexpected = [n for n in state if n not in targets]
         if strict and (missing or unexpected):
-            raise KeyError(f"load_state_dict: missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
+            raise KeyError(f"load_state_dict: missing {_some(missing)}, unexpected {_some(unexpected)}")
         copies = []
         for name, target in targets.items():
             if name not in state:
@@ -336,6 +336,14 @@ class Linear(Module):
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
+
+
+def _some(names, shown=8):
+    """Names for a message: the first ``shown`` and how many more (a network has hundreds)."""
+    if not names:
+        return "nothing"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} ({', '.join(names[:shown])}{more})"
 
 
 class Sequential(Module):

@@ -127,8 +127,11 @@ def test_load_checks_names_and_shapes(rng):
     state = net.state_dict()
     del state["second.bias"]
     state["extra"] = np.zeros(1)
-    with pytest.raises(KeyError, match=r"missing \['second.bias'\], unexpected \['extra'\]"):
+    with pytest.raises(KeyError, match=r"missing 1 \(second.bias\), unexpected 1 \(extra\)"):
         net.load_state_dict(state)
+    many = {f"stray{i}": np.zeros(1) for i in range(20)}  # a network's worth of names is listed in part
+    with pytest.raises(KeyError, match=r"unexpected 20 \(stray0, .*, stray7 and 12 more\)"):
+        net.load_state_dict({**net.state_dict(), **many})
     net.load_state_dict(state, strict=False)
     bad = net.state_dict()
     bad["first.bias"] = np.zeros(4, np.float32)

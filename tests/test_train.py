@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -424,7 +425,10 @@ def test_output_folder_is_checked_before_anything_runs(tmp_path, monkeypatch, ca
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     read_only = tmp_path / "read-only"
-    for out, message in ((a_file, "is a file, not a directory"), (a_file / "run", "cannot write files there")):
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    for out, message in ((a_file, "is a file, not a directory"), (a_file / "run", "cannot write files there"),
+                         (dangling, f"is a symbolic link to {tmp_path / 'gone'}, which does not exist")):
         assert cifar.main(_argv(missing_data, out)) == run.EXIT_USAGE
         assert f"--out {out}" in (err := capsys.readouterr().err) and message in err, err
         assert masks.main([str(a_file), "--out", str(out)]) == 2
@@ -507,6 +511,24 @@ def test_the_run_length_is_estimated(finished_run):
     # Read at the first reading of the metrics, the epoch's end here: STEPS_PER_EPOCH steps remain.
     estimate = [line for line in printed.splitlines() if "an epoch trains in about" in line]
     assert len(estimate) == 1 and f"the {STEPS_PER_EPOCH} steps left take about" in estimate[0]
+    assert f"{STEPS_PER_EPOCH} steps per epoch, 2 epochs, backend numpy" in printed
+
+
+def test_the_last_readings_estimate_says_no_steps_are_left(tiny_data, tmp_path, capsys):
+    assert cifar.main(_argv(tiny_data, tmp_path / "one", "--epochs", "1")) == 0
+    printed = capsys.readouterr()
+    assert "1 epoch, backend numpy" in printed.out
+    assert "no training steps left, the evaluation follows" in printed.out + printed.err
+    assert "the 0 steps left" not in printed.out + printed.err
+
+
+def test_curves_of_a_zero_learning_rate_plot_without_a_warning(tmp_path):
+    history = [dict(epoch=e, lr=0.0, train_loss=1.0, test_loss=1.0, train_accuracy=0.5, test_accuracy=0.5)
+               for e in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Data has no positive values" on a log scale
+        run.plot_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
     assert [run.format_duration(s) for s in (45, 150, 7200 * 1.7, 86400 * 6.2)] == \
         ["45 s", "2 min", "3.4 h", "6.2 days"]
 

@@ -61,7 +61,7 @@ from ra_kernels.models import MIN_STAGE_WIDTH, MODELS, ResidualAttentionNet
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES
 from train import run
 from train.checkpoint import data_of, model_from_checkpoint, normalization
-from train.common import DEFAULT_DATA_DIR, UsageError, fraction, load_dataset, path, positive_int
+from train.common import DEFAULT_DATA_DIR, UsageError, fraction, load_dataset, nonempty_path, positive_int
 
 
 def _stage_width(text):
@@ -161,7 +161,7 @@ def build_parser():
     data.add_argument("--dataset", choices=DATASETS, default="cifar10",
                       help="CIFAR-10 (10 classes) or CIFAR-100 (100 fine classes); 50,000 training and 10,000 "
                            "test images each (default: %(default)s)")
-    data.add_argument("--data-dir", type=path, default=DEFAULT_DATA_DIR, metavar="DIR",
+    data.add_argument("--data-dir", type=nonempty_path, default=DEFAULT_DATA_DIR, metavar="DIR",
                       help="directory holding the dataset in its official Python format (the extracted "
                            "cifar-10-batches-py/ or cifar-100-python/, or that folder itself); missing files are "
                            "downloaded there, MD5-checked (default: %(default)s)")

@@ -78,6 +78,8 @@ def prepare_output_dir(path, option="--out"):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path} is a file, not a directory")
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -121,6 +123,11 @@ def epoch_batches(loader, epoch, start_batch=0):
         generator.close()
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 epoch", "2 epochs", "1,281,167 images": a count and its noun, plural but for one."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 # --------------------------------------------------------------------------- argparse value types
 
 def number(text, kind):
@@ -133,7 +140,7 @@ def number(text, kind):
             from None
 
 
-def path(text):
+def nonempty_path(text):
     """A file or folder name as given; an argparse error when it is empty (an empty --out would write
     into the current folder, an empty file name would be reported as ".")."""
     if not text:

@@ -34,7 +34,7 @@ from ra_kernels.models import IMAGENET_MODELS, ImageNetAttentionNet
 from ra_kernels.optim import IMAGENET_ITERATIONS, IMAGENET_MILESTONES, SCHEDULES, paper_schedule
 from train import run
 from train.checkpoint import model_from_checkpoint
-from train.common import UsageError, number, path, positive_int
+from train.common import UsageError, counted, nonempty_path, number, positive_int
 
 DEFAULT_DATA_DIR = "data/imagenet"
 
@@ -92,8 +92,9 @@ class ImageNet(run.Task):
         train, val = _limited(train, args.limit_train), _limited(val, args.limit_test)
         run.check_enough_images(len(train), len(val), args.batch_size, shard)
         if shard[0] == 0:
-            print(f"{args.data_dir}: {len(train.class_names)} classes, {len(train):,} training and {len(val):,} "
-                  f"validation images")
+            classes = len(train.class_names)
+            print(f"{args.data_dir}: {classes:,} class{'' if classes == 1 else 'es'}, "
+                  f"{counted(len(train), 'training image')} and {counted(len(val), 'validation image')}")
         return self._loader(args, train, True, shard), self._loader(args, val, False, shard), train.class_names
 
     def default_epochs(self, batches_per_epoch):
@@ -122,7 +123,7 @@ class ImageNet(run.Task):
                              + f", {data_dir}/val has {len(val.class_names)} ({val.class_names[0]} ... "
                                f"{val.class_names[-1]}): not the classes it was trained on")
         val = _limited(val, args.limit_test)
-        return model, self._loader(args, val, False), (f"{len(val)} validation images of {data_dir} at "
+        return model, self._loader(args, val, False), (f"{counted(len(val), 'validation image')} of {data_dir} at "
                                                        f"{args.image_size}x{args.image_size}")
 
 
@@ -151,7 +152,7 @@ def build_parser():
     run.add_attention_options(model)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", type=path, default=DEFAULT_DATA_DIR, metavar="DIR",
+    data.add_argument("--data-dir", type=nonempty_path, default=DEFAULT_DATA_DIR, metavar="DIR",
                       help="the folder holding train/<class>/*.JPEG and val/<class>/*.JPEG (.jpg, .jpeg and .png "
                            "too), the same class folders in both (default: %(default)s)")
     data.add_argument("--image-size", type=_image_size, default=224, metavar="S",

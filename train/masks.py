@@ -17,8 +17,8 @@ import reference
 from ra_kernels import backend
 from ra_kernels.data import DATASETS, BatchLoader
 from train.checkpoint import data_of, model_from_checkpoint, normalization, read_checkpoint
-from train.common import (BACKEND_HELP, UsageError, epoch_batches, load_dataset, path, positive_int, prepare_output_dir,
-                          select_backend)
+from train.common import (BACKEND_HELP, UsageError, epoch_batches, load_dataset, nonempty_path, positive_int,
+                          prepare_output_dir, select_backend)
 
 IMAGE_SIZE = (32, 32)
 FIGURE_BATCH = 64  # images per forward pass
@@ -30,16 +30,16 @@ def build_parser():
         description="Draw the attention masks of a train.cifar checkpoint over a few test images: one PNG per "
                     "image with the input and, per attention module, its mask averaged over channels and "
                     "upsampled to 32x32.")
-    parser.add_argument("checkpoint", type=path,
+    parser.add_argument("checkpoint", type=nonempty_path,
                         help="a last.npz or best.npz written by train.cifar, or weights written by Module.save")
-    parser.add_argument("--out", type=path, required=True, metavar="DIR", help="directory for masks_<i>.png")
+    parser.add_argument("--out", type=nonempty_path, required=True, metavar="DIR", help="directory for masks_<i>.png")
     parser.add_argument("--images", type=positive_int, default=4, metavar="N",
                         help="how many test images, the first N of the test set, at most its size "
                              "(default: %(default)s)")
     parser.add_argument("--dataset", choices=DATASETS,
                         help="whose test images to draw (default: the checkpoint's dataset; for a weights "
                              "file, the CIFAR of its number of classes)")
-    parser.add_argument("--data-dir", type=path, metavar="DIR",
+    parser.add_argument("--data-dir", type=nonempty_path, metavar="DIR",
                         help="where the dataset is (default: the --data-dir the checkpoint was trained with, "
                              "or data for a weights file)")
     parser.add_argument("--no-download", action="store_true",

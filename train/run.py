@@ -27,9 +27,9 @@ from ra_kernels.models import ATTENTIONS
 from ra_kernels.optim import SCHEDULES, SGD, linear_scaling
 from ra_kernels.steps import EvalStep, TrainStep
 from train.checkpoint import normalization, read_checkpoint, write_checkpoint
-from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, epoch_batches, non_negative_float,
-                          non_negative_int, output_lock, path, positive_float, positive_int, prepare_output_dir,
-                          select_backend, select_precision)
+from train.common import (BACKEND_HELP, PRECISION_HELP, DataError, UsageError, counted, epoch_batches,
+                          non_negative_float, non_negative_int, nonempty_path, output_lock, positive_float,
+                          positive_int, prepare_output_dir, select_backend, select_precision)
 
 METRICS_COLUMNS = ("epoch", "iteration", "train_loss", "train_accuracy", "train_top5_accuracy", "test_loss",
                    "test_accuracy", "test_top5_accuracy", "lr", "seconds", "images_per_second")
@@ -163,12 +163,12 @@ def add_training_options(parser, task, batch_size, epochs_help, paper_schedule_h
                           "and evaluation step is captured as one CUDA graph after two eager steps and replayed "
                           "(the same kernels in the same order: the same results, without the host's launch "
                           "cost). Other backends are always eager")
-    run.add_argument("--out", type=path, metavar="DIR",
+    run.add_argument("--out", type=nonempty_path, metavar="DIR",
                      help=f"directory for metrics.csv, curves.png, last.npz and best.npz (default: {out_default})")
     run.add_argument("--resume", action="store_true",
                      help=f"continue the run in --out from its last.npz, exactly where it stopped; it keeps "
                           f"its settings (only {_flags(task.resume_may_change)} may change)")
-    run.add_argument("--eval-only", type=path, metavar="CHECKPOINT",
+    run.add_argument("--eval-only", type=nonempty_path, metavar="CHECKPOINT",
                      help=f"print the test accuracy (top-1 and top-5) and loss of CHECKPOINT (a last.npz or "
                           f"best.npz, or weights written by Module.save) and exit, on any backend; only "
                           f"{_flags(task.eval_only_options[1:])} may be given with it")
@@ -353,8 +353,10 @@ def plot_curves(history, path):
         line, = acc_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], marker=".", label=split)
         acc_ax.plot(epochs, [100 * row.get(f"{split}_top5_accuracy", math.nan) for row in history], marker=".",
                     linestyle="--", color=line.get_color(), label=f"{split} top-5")
-    lr_ax.plot(epochs, [row["lr"] for row in history], marker=".")
-    lr_ax.set_yscale("log")
+    rates = [row["lr"] for row in history]
+    lr_ax.plot(epochs, rates, marker=".")
+    if any(rate > 0 for rate in rates):  # a log scale of nothing but zeros (--lr 0) makes matplotlib warn
+        lr_ax.set_yscale("log")
     for ax, title in ((loss_ax, "cross-entropy loss"), (acc_ax, "accuracy (%)"), (lr_ax, "learning rate")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -588,8 +590,8 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         world = self.world
         self._print(f"{self.args.model} ({self.optimizer.flat_params.size:,} parameters) on "
-                    f"{self.task.dataset(self.args)}: {self.batches_per_epoch} steps per epoch, {self.args.epochs} "
-                    f"epochs, backend {self.backend}, output in {self.out}"
+                    f"{self.task.dataset(self.args)}: {counted(self.batches_per_epoch, 'step')} per epoch, "
+                    f"{counted(self.args.epochs, 'epoch')}, backend {self.backend}, output in {self.out}"
                     + (f"; {world.size} processes, global batch {world.size * self.args.batch_size}, learning rate "
                        f"{self.args.lr:g} x {world.size} after a warm-up of {self.warmup_steps} steps"
                        if world.distributed else ""))
@@ -682,6 +684,8 @@ class Run:
     def _estimate(self, images_per_second):
         """The run's remaining length at ``images_per_second``, in words (training steps only)."""
         steps_left = self.args.epochs * self.batches_per_epoch - self.position["iteration"]
+        if steps_left == 0:
+            return f"at {images_per_second:.1f} images/s; no training steps left, the evaluation follows"
         batch = self.args.batch_size * self.world.size
         epoch = self.batches_per_epoch * batch / images_per_second
         return (f"at {images_per_second:.1f} images/s an epoch trains in about {format_duration(epoch)}; the "
