@@ -202,7 +202,9 @@ def decode_rgb(path):
         raise CorruptImage(f"{path}: cannot decode the image ({error}: past the {Image.MAX_IMAGE_PIXELS:,} pixels "
                            f"of PIL.Image.MAX_IMAGE_PIXELS; raise that if the image is real)") from None
     except (OSError, UnidentifiedImageError, SyntaxError) as error:  # SyntaxError: Pillow's "broken PNG"
-        raise CorruptImage(f"{path}: cannot decode the image ({error})") from None
+        # (Pillow's "cannot identify image file" names the in-memory file it read: <_io.BytesIO at 0x...>)
+        why = "Pillow cannot identify its format" if isinstance(error, UnidentifiedImageError) else error
+        raise CorruptImage(f"{path}: cannot decode the image ({why})") from None
 
 
 def random_resized_crop_box(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):

@@ -17,7 +17,6 @@ import pytest
 
 Image = pytest.importorskip("PIL.Image", reason="decoding needs Pillow")
 pytest.importorskip("tqdm", reason="the training commands draw their progress bars with tqdm")
-from ra_kernels.imagefolder import CorruptImageWarning  # noqa: E402
 from train import imagenet, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,11 +112,15 @@ def test_eval_only_on_data_that_fails_is_a_clear_error(folder, finished_run, tmp
     shutil.copytree(folder, broken)
     for image in (broken / "val" / CLASSES[1]).iterdir():  # no stand-in left in the class
         image.write_bytes(b"not a JPEG")
-    with pytest.warns(CorruptImageWarning, match="cannot decode the image"):
-        code = imagenet.main(["--eval-only", str(finished_run / "last.npz"), "--data-dir", str(broken),
-                              "--backend", "numpy", "--batch-size", str(BATCH)])
+    code = imagenet.main(["--eval-only", str(finished_run / "last.npz"), "--data-dir", str(broken),
+                          "--backend", "numpy", "--batch-size", str(BATCH)])
     err = capsys.readouterr().err
     assert code == run.EXIT_USAGE, err
+    # each corrupt image named once, in one plain line (not Python's file:line and source echo)
+    corrupt = [line for line in err.splitlines() if "cannot decode the image" in line]
+    assert corrupt and all(line.startswith(f"warning: {broken / 'val' / CLASSES[1]}/") for line in corrupt), err
+    assert all(line.endswith("(Pillow cannot identify its format); another image of its class stands in for it")
+               for line in corrupt), err
     assert f"error: reading the test data failed: {broken / 'val' / CLASSES[1]}: every image of the class is corrupt" \
         in err and "Traceback" not in err
 

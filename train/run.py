@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from ra_kernels import backend, distributed, npzfile
 from ra_kernels.distributed import DataParallel
+from ra_kernels.imagefolder import CorruptImageWarning
 from ra_kernels.metrics import TOTALS
 from ra_kernels.models import ATTENTIONS
 from ra_kernels.optim import SCHEDULES, SGD, linear_scaling
@@ -814,8 +816,28 @@ def main(task, argv=None, after_step=None) -> int:
 
     ``after_step``: see :meth:`Run.train`.
     """
-    with _sigterm_as_ctrl_c():
+    with _sigterm_as_ctrl_c(), _plain_data_warnings():
         return _main(task, argv, after_step)
+
+
+@contextlib.contextmanager
+def _plain_data_warnings():
+    """A warning about the data (a corrupt image skipped, ra_kernels.imagefolder) as one plain line
+    above the progress bar: Python's own format adds the library's file and line and echoes its
+    source. Set for the block, from whichever thread warns (the loader's workers)."""
+    show = warnings.showwarning
+
+    def show_plainly(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CorruptImageWarning):
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_plainly
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def _main(task, argv, after_step) -> int:
