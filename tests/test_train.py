@@ -245,6 +245,25 @@ def test_ctrl_c_during_an_epoch_ends_writes_stops_before_the_next_step(tiny_data
     capsys.readouterr()
 
 
+def test_a_run_stopped_by_its_data_before_its_first_step_resumes_and_says_so(tiny_data, tmp_path, capsys,
+                                                                            monkeypatch):
+    out = tmp_path / "unread"
+
+    @contextlib.contextmanager
+    def unreadable(*args):
+        raise cifar_common.DataError("the disk went away")
+        yield
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "epoch_batches", unreadable)
+        assert cifar.main(_argv(tiny_data, out)) == run.EXIT_USAGE
+    assert _meta(out / "last.npz")["iteration"] == 0
+    capsys.readouterr()
+    assert cifar.main(["--out", str(out), "--resume"]) == 0
+    assert f"resuming from {out / 'last.npz'} (" in capsys.readouterr().out
+    assert _meta(out / "last.npz")["iteration"] == 2 * STEPS_PER_EPOCH
+
+
 def test_a_resumed_run_keeps_its_settings(finished_run, tiny_data, capsys):
     out, _ = finished_run
     assert cifar.main(_argv(tiny_data, out, "--lr", "0.5", "--resume")) == run.EXIT_USAGE
@@ -363,7 +382,8 @@ def test_a_crash_between_last_and_best_is_repaired_on_resume(finished_run, tiny_
     monkeypatch.setattr(run.npzfile, "copy", real_copy)
     assert cifar.main(["--out", str(out), "--resume"]) == 0
     printed = capsys.readouterr().out
-    assert f"repaired {out / 'best.npz'}" in printed
+    assert f"repaired {out / 'best.npz'}: an interrupted epoch end had left it unwritten; it now holds epoch 1" \
+        in printed
     # What the run states is what the file holds, and it is the uninterrupted run's best.npz.
     best = _meta(out / "best.npz")
     assert f"best.npz holds epoch {best['epoch']} " in printed

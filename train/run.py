@@ -431,7 +431,8 @@ class Run:
         # The run's length is estimated at the first reading of the metrics; on a GPU that interval
         # includes compiling the kernels, so the second reading estimates it again.
         self._estimates_left = 2 if self.backend == "cuda" else 1
-        if checkpoint is not None:
+        self.resumed = checkpoint is not None
+        if self.resumed:
             self._restore(checkpoint)
         differ = self.world.disagreeing(self._description())
         if differ is not None:
@@ -511,9 +512,10 @@ class Run:
                   f"cannot be rebuilt (was it removed or replaced?); it is written again when an epoch does better",
                   file=sys.stderr)
             return
+        missing = not (self.out / "best.npz").exists()
         npzfile.copy(self.out / "last.npz", self.out / "best.npz")
-        print(f"repaired {self.out / 'best.npz'}: an interrupted epoch end had left it out of date; it holds "
-              f"epoch {self.best['epoch']} again")
+        print(f"repaired {self.out / 'best.npz'}: an interrupted epoch end had left it "
+              f"{'unwritten' if missing else 'out of date'}; it now holds epoch {self.best['epoch']}")
 
     # ----------------------------------------------------------------- helpers
 
@@ -597,7 +599,7 @@ class Run:
                     + (f"; {world.size} processes, global batch {world.size * self.args.batch_size}, learning rate "
                        f"{self.args.lr:g} x {world.size} after a warm-up of {self.warmup_steps} steps"
                        if world.distributed else ""))
-        if self.position["iteration"] > 0:
+        if self.resumed:  # at iteration 0 too: a run stopped by its data before its first step
             self._print(f"resuming from {self.last_good}")
         watchdog = (distributed.Watchdog(world, self.args.collective_timeout, EXIT_PEER_FAILED,
                                          "a larger --collective-timeout") if world.distributed
