@@ -3,7 +3,8 @@
 Each op is one :class:`~ra_kernels.autograd.Function`. On the numpy backend it
 runs ``reference.<op>`` and ``reference.<op>_backward``; on the cuda and
 interpret backends it runs the Triton kernels of ``ra_kernels.kernels``. The
-backend is fixed per call at forward time, and backward follows it.
+backend and precision are fixed per call at forward time, and backward follows them
+(the autograd engine records them with each op: docs/design.md §3).
 
 Arguments are Tensors or raw arrays of the current backend (a raw array is a
 constant: it gets no gradient). Activations are NHWC C-contiguous, float32 or (precision
