@@ -108,19 +108,26 @@ def test_step_report_puts_bf16_beside_tf32():
 
 def test_step_times_pytorch_under_bfloat16_autocast(rng):
     """The PyTorch side of a bf16 timing: forward and loss under autocast, the SGD in float32
-    (on the CPU here; the GPU run does the same on cuda)."""
+    (on the CPU here; the GPU run does the same on cuda); the same network as in float32.
+
+    Compared by the logits, not the loss: at initialisation any network's loss is near ln 10. At
+    batch 8 (batch norms of the 1x1 levels over 8 values; batch 2 amplifies rounding through them
+    far more) the bf16 logits differ from float32's by 0.09 in relative L2 (median of 200 draws,
+    largest 0.23); another network's logits differ by 1.0 to 1.4 (40 draws). 0.5 lies between."""
     torch = pytest.importorskip("torch")
+    batch = 8
     model = common.build_model("attention56", dry_run=True, seed=int(rng.integers(1 << 30)))
-    x = rng.standard_normal((2, common.DRY_RUN_IMAGE, common.DRY_RUN_IMAGE, 3)).astype(np.float32)
-    labels = rng.integers(0, common.NUM_CLASSES, 2).astype(np.int64)
-    losses = {}
+    x = rng.standard_normal((batch, common.DRY_RUN_IMAGE, common.DRY_RUN_IMAGE, 3)).astype(np.float32)
+    labels = rng.integers(0, common.NUM_CLASSES, batch).astype(np.int64)
+    logits_of = {}
     for bf16 in (False, True):
         trainer = bench_step.TorchTrainer(torch, model, "cpu", bf16=bf16)
         logits, loss = trainer.step(*trainer.inputs(x, labels))
-        assert logits.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert logits.dtype == (torch.bfloat16 if bf16 else torch.float32) and np.isfinite(float(loss.detach()))
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainer.net.parameters())
-        losses[bf16] = float(loss.detach())
-    assert losses[True] != losses[False] and abs(losses[True] - losses[False]) < 0.05 * losses[False]
+        logits_of[bf16] = logits.detach().float().numpy()
+    difference = np.linalg.norm(logits_of[True] - logits_of[False]) / np.linalg.norm(logits_of[False])
+    assert 0 < difference < 0.5, difference
 
 
 def test_step_check_holds_each_side_to_the_yardstick(rng):
