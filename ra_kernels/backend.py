@@ -158,7 +158,10 @@ def check_float(where: str, name: str, value, low: float, high: float = math.inf
     with ``low_open``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{where}: {name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float's range, 10**400
+        value = math.inf if value > 0 else -math.inf
     if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
         above = f"{'>' if low_open else '>='} {low:g}"
         within = above if math.isinf(high) else f"in {'(' if low_open else '['}{low:g}, {high:g}]"

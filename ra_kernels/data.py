@@ -346,9 +346,7 @@ def corrupt_labels(labels, fraction: float, num_classes: int, seed: int) -> np.n
                          f"got {labels.dtype} {labels.shape}")
     backend.check_int("corrupt_labels", "num_classes", num_classes, 2)
     backend.check_int("corrupt_labels", "seed", seed, 0)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)) \
-            or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"corrupt_labels: fraction must be a number in [0, 1], got {fraction!r}")
+    fraction = backend.check_float("corrupt_labels", "fraction", fraction, 0.0, 1.0)
     if labels.size and not (0 <= labels.min() and labels.max() < num_classes):
         raise ValueError(f"corrupt_labels: labels must lie in [0, {num_classes}), "
                          f"got {labels.min()} .. {labels.max()}")

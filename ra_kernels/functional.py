@@ -447,10 +447,9 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=False):
 def upsample_bilinear(x, size, skip=None):
     """Bilinear resize of NHWC x to ``size = (OH, OW)``, corners aligned, plus ``skip`` if given."""
     dtype = _check_nhwc("upsample_bilinear", x)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in size)):
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise ValueError(f"upsample_bilinear: size must be (OH, OW) with positive integers, got {size!r}")
-    size = (int(size[0]), int(size[1]))
+    size = tuple(check_int("upsample_bilinear", name, s, 1) for name, s in zip(("OH of size", "OW of size"), size))
     if skip is not None:
         _check_array("upsample_bilinear", "skip", skip, 4, "NHWC (N, OH, OW, C)", dtype)
         n, _, _, c = _data(x).shape

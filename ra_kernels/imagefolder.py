@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import check_int
 from .data import EpochLoader
 
 #: ImageNet's per-channel mean and standard deviation of RGB in [0, 1], the values every
@@ -272,12 +273,9 @@ class ImageFolderLoader(EpochLoader):
                  std=IMAGENET_STD, workers=None, drop_last=None, prefetch=2, shard=(0, 1)):
         super().__init__(len(split), 3, split.labels, batch_size, mean, std, train, seed, drop_last, prefetch,
                          shard)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"ImageFolderLoader: size must be a positive integer, got {size!r}")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"ImageFolderLoader: workers must be a positive integer, got {workers!r}")
-        self.split, self.size = split, size
-        self.workers = workers or min(16, len(os.sched_getaffinity(0)))
+        self.split, self.size = split, check_int("ImageFolderLoader", "size", size, 1)
+        self.workers = (check_int("ImageFolderLoader", "workers", workers, 1) if workers is not None
+                        else min(16, len(os.sched_getaffinity(0))))
         self._pool = None
         self._corrupt, self._lock = set(), threading.Lock()
         # The images of each class, in order: where a corrupt one's stand-in is looked for.

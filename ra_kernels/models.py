@@ -272,8 +272,7 @@ class ResidualAttentionNet(_AttentionNetwork):
             check_int("ResidualAttentionNet", "each of widths", width, 1)
         if min(widths) < MIN_STAGE_WIDTH:
             raise ValueError(f"ResidualAttentionNet: each stage needs at least {MIN_STAGE_WIDTH} channels (a unit's "
-                             f"bottleneck has a quarter of them) and the stem at least 1, got widths {tuple(widths)} "
-                             f"and stem {stem}")
+                             f"bottleneck has a quarter of them), got widths {tuple(widths)}")
         # The architecture, saved with the weights (nn.Module.architecture); the seed only draws them.
         # Python numbers, not NumPy's, so that it is JSON in the saved file.
         self.config = dict(modules_per_stage=int(modules_per_stage), p=int(p), t=int(t), r=int(r), stem=int(stem),

@@ -163,8 +163,7 @@ def _check_schedule(name, base_lr, total_iterations):
 
 
 def _check_iteration(name, iteration):
-    if iteration < 0:
-        raise ValueError(f"{name}: iteration must be >= 0, got {iteration}")
+    check_int(name, "iteration", iteration, 0)
 
 
 def paper_schedule(base_lr, total_iterations, iterations=PAPER_ITERATIONS, milestones=PAPER_MILESTONES):
@@ -197,9 +196,8 @@ def linear_scaling(schedule, factor, warmup_iterations):
     multiplied by ``factor`` (Goyal et al. 2017, "the linear scaling rule"), reached by a linear
     ramp from the unscaled rate over the first ``warmup_iterations`` (their gradual warm-up: the
     early steps, where the weights change fastest, would diverge at the full rate)."""
-    if factor < 1 or warmup_iterations < 0:
-        raise ValueError(f"linear_scaling: factor must be >= 1 and warmup_iterations >= 0, got {factor}, "
-                         f"{warmup_iterations}")
+    check_float("linear_scaling", "factor", factor, 1.0)
+    check_int("linear_scaling", "warmup_iterations", warmup_iterations, 0)
 
     def lr(iteration):
         ramp = 1.0 if iteration >= warmup_iterations else iteration / warmup_iterations

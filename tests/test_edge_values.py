@@ -225,6 +225,8 @@ def test_scalar_options_are_checked():
     x = np.ones((1, 4, 4, 1), np.float32)
     with pytest.raises(ValueError, match="attention_mix: residual must be True or False, got 'yes'"):
         F.attention_mix(x, x, residual="yes")
+    with pytest.raises(ValueError, match=r"batch_norm: momentum must be a finite number in \[0, 1\], got inf"):
+        F.batch_norm(x, *bn_state(np.random.default_rng(), 1), momentum=10 ** 400)  # beyond float's range
     for eps in (np.float32(0), float("inf")):  # an infinite eps would make every output 0
         with pytest.raises(ValueError, match=rf"batch_norm: eps must be a finite number > 0, got {eps:g}"):
             F.batch_norm(x, *bn_state(np.random.default_rng(), 1), eps=eps)

@@ -333,9 +333,11 @@ def test_a_file_that_cannot_be_read_is_an_error_not_a_stand_in(folder):
 
 def test_loader_arguments_are_checked(folder):
     train, _ = imagefolder.scan_imagenet(folder)
-    with pytest.raises(ValueError, match="workers must be a positive integer"):
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
         imagefolder.ImageFolderLoader(train, 32, batch_size=2, train=True, seed=0, workers=0)
-    with pytest.raises(ValueError, match="size must be a positive integer"):
+    with pytest.raises(ValueError, match="size must be an integer >= 1, got 0"):
         imagefolder.ImageFolderLoader(train, 0, batch_size=2, train=True, seed=0)
+    loader = imagefolder.ImageFolderLoader(train, np.int64(32), batch_size=2, train=True, seed=0, workers=np.int64(1))
+    assert (loader.size, loader.workers) == (32, 1) and type(loader.size) is int
     with pytest.raises(ValueError, match="12 images make no batch of 13"):
         imagefolder.ImageFolderLoader(train, 32, batch_size=13, train=True, seed=0)

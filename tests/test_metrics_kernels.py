@@ -124,7 +124,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="labels must be C-contiguous"):  # read as other labels by a kernel
         accumulate_metrics(logits, np.zeros((4, 2), np.int64)[:, 0], loss, totals)
     for bad in (-1, 10, 10**9):  # counted as wrong predictions before, where cross_entropy refused them
-        with pytest.raises(ValueError, match=rf"accumulate_metrics: labels must lie in \[0, 10\), got values from "):
+        with pytest.raises(ValueError, match=r"accumulate_metrics: labels must lie in \[0, 10\), got values from "):
             accumulate_metrics(logits, np.array([0, bad, 3, 9]), loss, totals)
     assert not totals.any()
     with pytest.raises(TypeError, match=r"labels is int64 in the other byte order \(>i8\)"):

@@ -240,5 +240,7 @@ def test_linear_scaling_ramps_to_the_scaled_rate():
     scaled = linear_scaling(base, 4, warmup_iterations=100)
     assert [scaled(i) for i in (0, 50, 100, 399, 400, 999)] == pytest.approx([0.1, 0.25, 0.4, 0.4, 0.04, 0.004])
     assert linear_scaling(base, 1, 100)(50) == base(50) and linear_scaling(base, 2, 0)(0) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="factor must be >= 1"):
+    with pytest.raises(ValueError, match="factor must be a finite number >= 1, got 0.5"):
         linear_scaling(base, 0.5, 10)
+    with pytest.raises(ValueError, match="iteration must be an integer >= 0, got -1"):
+        base(-1)

@@ -369,7 +369,9 @@ class Killed(BaseException):
     """Stands for kill -9: nothing of the program runs after it (no except, no Ctrl-C handler)."""
 
 
-def test_a_crash_between_last_and_best_is_repaired_on_resume(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("left", ["unwritten", "unreadable"])
+def test_a_crash_between_last_and_best_is_repaired_on_resume(finished_run, tiny_data, tmp_path, monkeypatch, capsys,
+                                                             left):
     out, real_copy = tmp_path / "crashed", run.npzfile.copy
 
     def killed_copy(source, destination):
@@ -380,10 +382,11 @@ def test_a_crash_between_last_and_best_is_repaired_on_resume(finished_run, tiny_
         cifar.main(_argv(tiny_data, out))
     assert _meta(out / "last.npz")["best"]["epoch"] == 1 and not (out / "best.npz").exists()
     monkeypatch.setattr(run.npzfile, "copy", real_copy)
+    if left == "unreadable":  # (a file system that kept a half-written file's name)
+        (out / "best.npz").write_bytes(b"PK\x03\x04 cut short")
     assert cifar.main(["--out", str(out), "--resume"]) == 0
     printed = capsys.readouterr().out
-    assert f"repaired {out / 'best.npz'}: an interrupted epoch end had left it unwritten; it now holds epoch 1" \
-        in printed
+    assert f"repaired {out / 'best.npz'}: an interrupted epoch end had left it {left}; it now holds epoch 1" in printed
     # What the run states is what the file holds, and it is the uninterrupted run's best.npz.
     best = _meta(out / "best.npz")
     assert f"best.npz holds epoch {best['epoch']} " in printed
@@ -532,6 +535,8 @@ def test_the_run_length_is_estimated(finished_run):
     estimate = [line for line in printed.splitlines() if "an epoch trains in about" in line]
     assert len(estimate) == 1 and f"the {STEPS_PER_EPOCH} steps left take about" in estimate[0]
     assert f"{STEPS_PER_EPOCH} steps per epoch, 2 epochs, backend numpy" in printed
+    assert [run.format_duration(s) for s in (45, 150, 7200 * 1.7, 86400 * 6.2)] == \
+        ["45 s", "2 min", "3.4 h", "6.2 days"]
 
 
 def test_the_last_readings_estimate_says_no_steps_are_left(tiny_data, tmp_path, capsys):
@@ -549,8 +554,6 @@ def test_curves_of_a_zero_learning_rate_plot_without_a_warning(tmp_path):
         warnings.simplefilter("error")  # matplotlib's "Data has no positive values" on a log scale
         run.plot_curves(history, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert [run.format_duration(s) for s in (45, 150, 7200 * 1.7, 86400 * 6.2)] == \
-        ["45 s", "2 min", "3.4 h", "6.2 days"]
 
 
 # --------------------------------------------------------------------------- help

@@ -61,7 +61,8 @@ from ra_kernels.models import MIN_STAGE_WIDTH, MODELS, ResidualAttentionNet
 from ra_kernels.optim import PAPER_ITERATIONS, SCHEDULES
 from train import run
 from train.checkpoint import data_of, model_from_checkpoint, normalization
-from train.common import DEFAULT_DATA_DIR, UsageError, fraction, load_dataset, nonempty_path, positive_int
+from train.common import (DEFAULT_DATA_DIR, UsageError, counted, fraction, load_dataset, nonempty_path,
+                          positive_int)
 
 
 def _stage_width(text):
@@ -125,7 +126,7 @@ class Cifar(run.Task):
                              f"{len(data.class_names)}: choose the matching --dataset")
         images, labels = data.test_images[:args.limit_test], data.test_labels[:args.limit_test]
         loader = BatchLoader(images, labels, args.batch_size, *normalization(checkpoint, data), train=False, seed=0)
-        return model, loader, f"{len(labels)} images of {dataset}"
+        return model, loader, f"{counted(len(labels), 'image')} of {dataset}"
 
 
 TASK = Cifar()

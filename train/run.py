@@ -505,17 +505,19 @@ class Run:
         """Make best.npz hold the epoch the checkpoint names best. Epoch ends write last.npz, then copy
         it to best.npz when the epoch is the best so far, so the one file a crash can leave behind is
         a best.npz older than last.npz's record, and then last.npz itself is the best checkpoint."""
-        if self.best is None or self._best_file_record() == self.best:
+        held = self._best_file_record()
+        if self.best is None or held == self.best:
             return
         if (self.position["epoch"], self.position["batch"]) != (self.best["epoch"], 0):
             print(f"warning: {self.out / 'best.npz'} does not hold epoch {self.best['epoch']}, the best so far, and "
                   f"cannot be rebuilt (was it removed or replaced?); it is written again when an epoch does better",
                   file=sys.stderr)
             return
-        missing = not (self.out / "best.npz").exists()
+        left = ("unwritten" if not (self.out / "best.npz").exists() else "unreadable" if held is None
+                else "out of date")
         npzfile.copy(self.out / "last.npz", self.out / "best.npz")
-        print(f"repaired {self.out / 'best.npz'}: an interrupted epoch end had left it "
-              f"{'unwritten' if missing else 'out of date'}; it now holds epoch {self.best['epoch']}")
+        print(f"repaired {self.out / 'best.npz'}: an interrupted epoch end had left it {left}; it now holds epoch "
+              f"{self.best['epoch']}")
 
     # ----------------------------------------------------------------- helpers
 
@@ -542,9 +544,10 @@ class Run:
         loss, accuracy, top5 = mean_metrics(self.train_totals, self.world)
         p = self.position
         if not math.isfinite(loss):
-            # The step that diverged is one of those since the last reading: name them and their rates.
+            # The step that diverged is one of those since the last reading: name them and the rates of
+            # the updates that made their weights (the one before the first of them included).
             first, last = min(self.finite_through + 1, p["iteration"]), p["iteration"]
-            rates = [self.schedule(max(i - 1, 0)) for i in range(first, last + 1)]
+            rates = [self.schedule(max(i - 1, 0)) for i in range(first - 1, last + 1)]
             where = (f"at iteration {last} (learning rate {rates[0]:g})" if first == last else
                      f"at one of iterations {first} to {last} (learning rate {min(rates):g} to {max(rates):g})")
             raise Diverged(f"the training loss became {loss} in epoch {p['epoch'] + 1}, {where}")
@@ -597,7 +600,7 @@ class Run:
                     f"{self.task.dataset(self.args)}: {counted(self.batches_per_epoch, 'step')} per epoch, "
                     f"{counted(self.args.epochs, 'epoch')}, backend {self.backend}, output in {self.out}"
                     + (f"; {world.size} processes, global batch {world.size * self.args.batch_size}, learning rate "
-                       f"{self.args.lr:g} x {world.size} after a warm-up of {self.warmup_steps} steps"
+                       f"{self.args.lr:g} x {world.size} after a warm-up of {counted(self.warmup_steps, 'step')}"
                        if world.distributed else ""))
         if self.resumed:  # at iteration 0 too: a run stopped by its data before its first step
             self._print(f"resuming from {self.last_good}")
@@ -693,7 +696,7 @@ class Run:
         batch = self.args.batch_size * self.world.size
         epoch = self.batches_per_epoch * batch / images_per_second
         return (f"at {images_per_second:.1f} images/s an epoch trains in about {format_duration(epoch)}; the "
-                f"{steps_left:,} steps left take about "
+                f"{counted(steps_left, 'step')} left {'takes' if steps_left == 1 else 'take'} about "
                 f"{format_duration(steps_left * batch / images_per_second)}, plus the evaluations"
                 + (" (this first interval includes compiling the kernels: estimated again at the next reading)"
                    if self._estimates_left == 2 else ""))
