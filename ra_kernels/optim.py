@@ -50,6 +50,10 @@ class SGD:
     ``data`` replaced by a C-contiguous view of it; its ``grad`` becomes a view
     of ``flat_grads`` (n,), zeroed. ``velocity`` (n,) starts at zero; ``lr`` is
     a (1,) float32 array of the backend.
+
+    Every parameter is updated every step: one that no op used has a zero gradient, so weight
+    decay and momentum still move it (torch.optim.SGD skips a parameter whose grad is None, which
+    its zero_grad() leaves by default; ours are views of the buffer, never None).
     """
 
     def __init__(self, parameters, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True):
