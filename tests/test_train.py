@@ -230,9 +230,10 @@ def test_ctrl_c_during_an_epoch_ends_writes_stops_before_the_next_step(tiny_data
     """Ctrl-C while the epoch end writes its files stops the run there, with the epoch's checkpoint
     (it used to take one more step first); after the last epoch the run has ended, and ends well."""
     out = tmp_path / "stopped"
-    write_metrics_csv = run.write_metrics_csv
+    write_metrics_csv, write_checkpoint, written = run.write_metrics_csv, run.write_checkpoint, []
     monkeypatch.setattr(run, "write_metrics_csv",
                         lambda *a: (signal.raise_signal(signal.SIGINT), write_metrics_csv(*a)))
+    monkeypatch.setattr(run, "write_checkpoint", lambda *a: (written.append(a[-1]["iteration"]), write_checkpoint(*a)))
     argv = _argv(tiny_data, out)
     argv[argv.index("--epochs") + 1] = str(epochs)
     code = cifar.main(argv)
@@ -242,6 +243,7 @@ def test_ctrl_c_during_an_epoch_ends_writes_stops_before_the_next_step(tiny_data
     else:
         assert code == run.EXIT_INTERRUPTED
         assert _meta(out / "last.npz")["epoch"] == 1 and _meta(out / "last.npz")["batch"] == 0
+    assert written == [STEPS_PER_EPOCH]  # the epoch end's checkpoint, not written a second time on stopping
     capsys.readouterr()
 
 

@@ -428,6 +428,7 @@ class Run:
         self.history, self.best = [], None
         self.last_good = "none yet"
         self.finite_through = 0  # the iteration of the last reading of a finite training loss
+        self.saved_at = None  # the iteration last.npz was last written at, by this process
         # The run's length is estimated at the first reading of the metrics; on a GPU that interval
         # includes compiling the kernels, so the second reading estimates it again.
         self._estimates_left = 2 if self.backend == "cuda" else 1
@@ -569,7 +570,7 @@ class Run:
         if self.leader:
             with self._writing("last.npz"):
                 write_checkpoint(self.out / "last.npz", self.model, self.optimizer, totals, meta)
-        self.last_good = self._checkpoint_description()
+        self.last_good, self.saved_at = self._checkpoint_description(), self.position["iteration"]
 
     @contextlib.contextmanager
     def _writing(self, name):
@@ -744,7 +745,8 @@ class Run:
         """Write last.npz where the run stands, say ``why`` and how to resume; return ``code``."""
         if self.position["batch"] > 0:  # steps were taken this epoch: a diverged state is not worth saving
             self._checked_train_metrics()
-        self.save()
+        if self.saved_at != self.position["iteration"]:  # (an epoch end just wrote this very state)
+            self.save()
         launch = f"mpirun -n {self.world.size} " if self.world.distributed else ""
         self._print(f"{self.task.name}: {why}; checkpoint written to {self.last_good}. Continue with:\n"
                     f"  {launch}python -m {self.task.module} --out {self.out} --resume", file=sys.stderr)
