@@ -151,6 +151,12 @@ def test_masks_writes_one_png_per_image(finished_run, tiny_data, tmp_path, capsy
     written = sorted((tmp_path / "figures").glob("*.png"))
     assert [p.name for p in written] == ["masks_0.png", "masks_1.png", "masks_2.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    assert "earlier run" not in capsys.readouterr().err
+    # Again into the same folder with fewer images: the third figure is the first run's, and said to be.
+    assert masks.main([str(out / "last.npz"), "--out", str(tmp_path / "figures"), "--images", "2",
+                       "--data-dir", str(tiny_data), "--backend", "numpy"]) == 0
+    assert f"note: {tmp_path / 'figures'} also holds masks_2.png from an earlier run (1 file)" \
+        in capsys.readouterr().err
 
 
 def test_channel_mean_masks_are_upsampled_means():

@@ -111,6 +111,11 @@ def main(argv=None) -> int:
             for written in write_figures(images[first:last], labels[first:last], data.class_names, masks, out, first):
                 tqdm.write(str(written))
                 bar.update()  # per figure, as each is written (a batch is up to FIGURE_BATCH of them)
+    numbers = (p.stem.removeprefix("masks_") for p in out.glob("masks_*.png"))
+    earlier = sorted(f"masks_{n}.png" for n in numbers if not n.isdigit() or int(n) >= args.images)
+    if earlier:  # not this run's: left alone, but not to be mistaken for it
+        print(f"note: {out} also holds {', '.join(earlier[:3])}{' ...' if len(earlier) > 3 else ''} from an earlier "
+              f"run ({len(earlier)} file{'s' if len(earlier) > 1 else ''})", file=sys.stderr)
     return 0
 
 
