@@ -549,8 +549,9 @@ class Run:
             # the updates that made their weights (the one before the first of them included).
             first, last = min(self.finite_through + 1, p["iteration"]), p["iteration"]
             rates = [self.schedule(max(i - 1, 0)) for i in range(first - 1, last + 1)]
-            where = (f"at iteration {last} (learning rate {rates[0]:g})" if first == last else
-                     f"at one of iterations {first} to {last} (learning rate {min(rates):g} to {max(rates):g})")
+            rate = f"{min(rates):g}" if min(rates) == max(rates) else f"{min(rates):g} to {max(rates):g}"
+            steps = f"iteration {last}" if first == last else f"one of iterations {first} to {last}"
+            where = f"at {steps} (learning rate {rate})"
             raise Diverged(f"the training loss became {loss} in epoch {p['epoch'] + 1}, {where}")
         self.finite_through = p["iteration"]
         return loss, accuracy, top5
