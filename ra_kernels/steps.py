@@ -67,6 +67,10 @@ class TrainStep(_Step):
     """
 
     def __init__(self, model, optimizer, totals, capture=None, warmup=2, exchange=None):
+        own = {id(p) for p in model.parameters()}
+        if not all(id(p) in own for p in optimizer.parameters):  # (an optimizer of a model built again)
+            raise ValueError("TrainStep: the optimizer updates parameters that are not the model's: build it over "
+                             "model.parameters() of this model")
         self.model, self.optimizer, self.totals, self.exchange = model, optimizer, totals, exchange
         super().__init__(self._step, capture, warmup, self._state)
 

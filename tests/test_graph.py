@@ -235,3 +235,12 @@ def test_a_launch_stopped_partway_leaves_the_arrival_counters_at_zero(rng, monke
         with pytest.raises(KeyboardInterrupt):
             batchnorm.batch_norm(x, *params)
         assert not counters.any()
+
+
+def test_a_train_step_refuses_an_optimizer_of_another_model():
+    """An SGD built over another model's parameters (a notebook cell run again) would train nothing
+    and say nothing: refused when the step is made."""
+    model, stale = Small(0), Small(0)
+    with pytest.raises(ValueError, match="the optimizer updates parameters that are not the model's"):
+        steps.TrainStep(model, SGD(stale.parameters()), np.zeros(len(TOTALS), np.float32), capture=False)
+    steps.TrainStep(model, SGD(model.parameters()), np.zeros(len(TOTALS), np.float32), capture=False)
