@@ -57,6 +57,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ra_kernels import npzfile
 from train.common import non_negative_int, positive_float
 
 from . import common
@@ -542,9 +543,8 @@ def run_child(args) -> int:
 def _write_result(args, result: dict):
     """A child's result as JSON in ``--result``, whole or not at all (a stage may write what it has
     so far, and be stopped while writing)."""
-    partial = args.result.with_suffix(".partial")
-    partial.write_text(json.dumps(result, default=str))
-    partial.replace(args.result)
+    with npzfile.atomic_open(args.result, "w") as f:
+        f.write(json.dumps(result, default=str))
 
 
 # --------------------------------------------------------------------------- the parent: budget, children, summary

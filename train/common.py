@@ -123,9 +123,10 @@ def epoch_batches(loader, epoch, start_batch=0):
         generator.close()
 
 
-def counted(n: int, noun: str) -> str:
-    """"1 epoch", "2 epochs", "1,281,167 images": a count and its noun, plural but for one."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """"1 epoch", "2 epochs", "1,281,167 images": a count and its noun, plural (``plural``, else the
+    noun and an s) but for one."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 # --------------------------------------------------------------------------- argparse value types

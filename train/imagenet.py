@@ -92,8 +92,7 @@ class ImageNet(run.Task):
         train, val = _limited(train, args.limit_train), _limited(val, args.limit_test)
         run.check_enough_images(len(train), len(val), args.batch_size, shard)
         if shard[0] == 0:
-            classes = len(train.class_names)
-            print(f"{args.data_dir}: {classes:,} class{'' if classes == 1 else 'es'}, "
+            print(f"{args.data_dir}: {counted(len(train.class_names), 'class', 'classes')}, "
                   f"{counted(len(train), 'training image')} and {counted(len(val), 'validation image')}")
         return self._loader(args, train, True, shard), self._loader(args, val, False, shard), train.class_names
 

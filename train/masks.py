@@ -17,7 +17,7 @@ import reference
 from ra_kernels import backend
 from ra_kernels.data import DATASETS, BatchLoader
 from train.checkpoint import data_of, model_from_checkpoint, normalization, read_checkpoint
-from train.common import (BACKEND_HELP, UsageError, epoch_batches, load_dataset, nonempty_path, positive_int,
+from train.common import (BACKEND_HELP, UsageError, counted, epoch_batches, load_dataset, nonempty_path, positive_int,
                           prepare_output_dir, select_backend)
 
 IMAGE_SIZE = (32, 32)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     earlier = sorted(f"masks_{n}.png" for n in numbers if not n.isdigit() or int(n) >= args.images)
     if earlier:  # not this run's: left alone, but not to be mistaken for it
         print(f"note: {out} also holds {', '.join(earlier[:3])}{' ...' if len(earlier) > 3 else ''} from an earlier "
-              f"run ({len(earlier)} file{'s' if len(earlier) > 1 else ''})", file=sys.stderr)
+              f"run ({counted(len(earlier), 'file')})", file=sys.stderr)
     return 0
 
 
