@@ -781,10 +781,11 @@ def chart(records: list, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     panels = list(dict.fromkeys((r["precision"], r["batch"]) for r in records))
     n_layers = max(sum(1 for r in records if (r["precision"], r["batch"]) == p) for p in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 1.5 + 0.22 * n_layers), sharey=True,
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 1.5 + 0.22 * n_layers), sharey=True,
                              squeeze=False)
     for ax, (precision, batch) in zip(axes[0], panels):
         chosen = [r for r in records if (r["precision"], r["batch"]) == (precision, batch)]
@@ -795,6 +796,10 @@ def chart(records: list, path: Path):
             ax.barh(ys + offset, ratios, height=0.4, label=phase)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        # Ratios lie within about 1/8 to 8: plain labels at the powers of two; the log scale's
+        # minor-tick labels would overlap.
+        ax.set_xticks([2.0 ** k for k in range(-3, 4)], [f"{2.0 ** k:g}" for k in range(-3, 4)])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{precision.upper()}, batch {batch}")
         ax.set_xlabel("PyTorch time / ours (> 1: ours faster)")
         ax.set_yticks(ys, [f"{r['family']} {r['layer']}" for r in chosen], fontsize=7)
