@@ -34,6 +34,10 @@ from train.common import UsageError, prepare_output_dir, select_backend
 REPO = Path(__file__).resolve().parent.parent
 #: Where the CIFAR-10 subset is looked for: a copy carried to the GPU machine, then the shared one.
 CIFAR_SUBSET_CANDIDATES = (REPO / "data" / "cifar10-subset", REPO.parent / "shared" / "data" / "cifar10-subset")
+#: How the subset reaches the first candidate, from the repository root. The mkdir matters: into a
+#: missing data/, ``cp -r`` would make data/ the subset itself (data/cifar-10-batches-py), which
+#: no candidate is.
+CIFAR_SUBSET_COPY = "mkdir -p data && cp -r ../shared/data/cifar10-subset data/"
 
 #: The benchmarks' models: CIFAR-10 images (32x32) and classes.
 IMAGE_SIZE, NUM_CLASSES = 32, 10

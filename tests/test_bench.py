@@ -475,6 +475,25 @@ def test_gpu_check_dry_run_runs_every_stage(rng, tmp_path, capsys):
     assert RESULTS.read_text() == before
 
 
+def test_gpu_check_names_a_subset_copy_that_lands_where_it_looks(monkeypatch, tmp_path):
+    """Without the CIFAR-10 subset the training stage names the copy to make, and that command, run
+    from a repository root beside ../shared, puts the subset where find_cifar_subset looks first (a
+    bare ``cp -r ... data/`` into a missing data/ made data/ the subset itself, and a GPU run's
+    training stage found nothing)."""
+    import subprocess
+
+    from bench import gpu_check
+
+    (tmp_path / "shared" / "data" / "cifar10-subset" / "cifar-10-batches-py").mkdir(parents=True)
+    (tmp_path / "repo").mkdir()
+    subprocess.run(["bash", "-c", common.CIFAR_SUBSET_COPY], cwd=tmp_path / "repo", check=True)
+    first = tmp_path / "repo" / common.CIFAR_SUBSET_CANDIDATES[0].relative_to(common.REPO)
+    assert common.find_cifar_subset(first) == first
+    monkeypatch.setattr(common, "find_cifar_subset", lambda given: None)
+    args = gpu_check.parse_args(["--out", str(tmp_path / "out")])
+    assert common.CIFAR_SUBSET_COPY in gpu_check.stage_train(args)["line"]
+
+
 def test_gpu_check_plans_the_imagenet_step_in_the_full_run_only():
     from bench import gpu_check
 
