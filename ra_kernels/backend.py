@@ -146,16 +146,24 @@ def check_array(where: str, name: str, a, hint: str = "", also: str = ""):
 # gives a Python number (Triton cannot specialise NumPy scalars) or a ValueError naming ``where``
 # and ``name``. Bools are not numbers here (``stride=True`` is a mistake, not 1).
 
+def _unwrapped(value):
+    """A 0-d NumPy array as the NumPy scalar it holds, so that the checks below take it as they take
+    that scalar (``np.array(0.1)``, what a NumPy reduction can give); anything else unchanged."""
+    return value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value
+
+
 def check_int(where: str, name: str, value, minimum: int) -> int:
-    """``value`` as a Python int: an integer (Python or NumPy) >= ``minimum``."""
+    """``value`` as a Python int: an integer (Python or NumPy, a 0-d array too) >= ``minimum``."""
+    value = _unwrapped(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
 def check_float(where: str, name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    """``value`` as a Python float: a finite number (Python or NumPy) in [low, high], or (low, high]
-    with ``low_open``."""
+    """``value`` as a Python float: a finite number (Python or NumPy, a 0-d array too) in [low, high],
+    or (low, high] with ``low_open``."""
+    value = _unwrapped(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{where}: {name} must be a number, got {value!r}")
     try:
@@ -170,7 +178,8 @@ def check_float(where: str, name: str, value, low: float, high: float = math.inf
 
 
 def check_flag(where: str, name: str, value) -> bool:
-    """``value`` as a Python bool: True, False or a NumPy bool."""
+    """``value`` as a Python bool: True, False or a NumPy bool (a 0-d array too)."""
+    value = _unwrapped(value)
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{where}: {name} must be True or False, got {value!r}")
     return bool(value)

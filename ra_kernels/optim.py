@@ -39,6 +39,18 @@ IMAGENET_ITERATIONS = 530_000
 IMAGENET_MILESTONES = (200_000, 400_000, 500_000)
 
 
+def _hyperparameter(index: int, name: str) -> property:
+    """SGD's ``name`` (momentum, weight_decay or nesterov), slot ``index`` of its checked triple: an
+    assignment between steps is checked with the other two, as the constructor checks them (a
+    TrainStep then captures a graph of its own for the new values)."""
+    def assign(self, value):
+        values = list(self._hyperparameters)
+        values[index] = value
+        self._hyperparameters = self._check_hyperparameters(*values)
+
+    return property(lambda self: self._hyperparameters[index], assign, doc=f"{name}, checked when assigned")
+
+
 class SGD:
     """Stochastic gradient descent as torch.optim.SGD (dampening 0), all parameters in one launch.
 
@@ -49,12 +61,17 @@ class SGD:
     each once). On construction each is copied into ``flat_params`` (n,) and its
     ``data`` replaced by a C-contiguous view of it; its ``grad`` becomes a view
     of ``flat_grads`` (n,), zeroed. ``velocity`` (n,) starts at zero; ``lr`` is
-    a (1,) float32 array of the backend.
+    a (1,) float32 array of the backend, written by :meth:`set_lr` (assigning ``lr`` is refused:
+    the array is what a captured step reads). ``momentum``, ``weight_decay`` and ``nesterov`` may be
+    assigned between steps; each assignment is checked.
 
     Every parameter is updated every step: one that no op used has a zero gradient, so weight
     decay and momentum still move it (torch.optim.SGD skips a parameter whose grad is None, which
     its zero_grad() leaves by default; ours are views of the buffer, never None).
     """
+
+    momentum, weight_decay, nesterov = (_hyperparameter(i, name)
+                                        for i, name in enumerate(("momentum", "weight_decay", "nesterov")))
 
     def __init__(self, parameters, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True):
         self.parameters = list(parameters)
@@ -62,7 +79,7 @@ class SGD:
             raise ValueError("SGD: got an empty parameter list")
         if len({id(p) for p in self.parameters}) != len(self.parameters):
             raise ValueError("SGD: a parameter appears more than once in the list")
-        self.momentum, self.weight_decay, self.nesterov = self._check_hyperparameters(momentum, weight_decay, nesterov)
+        self._hyperparameters = self._check_hyperparameters(momentum, weight_decay, nesterov)
         for i, p in enumerate(self.parameters):
             if not hasattr(p, "data") or not hasattr(p.data, "dtype"):
                 raise TypeError(f"SGD: parameter {i} must be a Parameter (a Tensor), got {type(p).__name__}")
@@ -76,7 +93,7 @@ class SGD:
         self.flat_params = module.empty(n, dtype=np.float32)
         self.flat_grads = module.zeros(n, dtype=np.float32)
         self.velocity = module.zeros(n, dtype=np.float32)
-        self.lr = module.empty(1, dtype=np.float32)
+        self._lr = module.empty(1, dtype=np.float32)
         self.set_lr(lr)
         # (data view, grad view) per parameter: what step() checks nobody has re-bound.
         self._views = []
@@ -98,12 +115,22 @@ class SGD:
             raise ValueError("SGD: Nesterov momentum needs momentum > 0")
         return momentum, weight_decay, bool(nesterov)
 
+    @property
+    def lr(self):
+        """The learning rate: a (1,) float32 array of the backend, which every step reads."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        raise AttributeError(f"SGD.lr is the (1,) float32 array of the backend that every step reads (a captured "
+                             f"step too); write a new rate into it with set_lr({value!r})")
+
     def set_lr(self, value):
         """Write the learning rate into the device array ``lr`` (no host read).
 
         The value travels as a launch argument of the fill: under CUDA-graph capture, call
         this outside the captured region, which then reads the array as it stands."""
-        self.lr.fill(_check_lr(value))
+        self._lr.fill(_check_lr(value))
 
     def zero_grad(self):
         """Zero every gradient with one fill of the flat buffer (a kernel on cuda and interpret, so
@@ -151,7 +178,7 @@ class SGD:
         if lr.size != 1:
             raise ValueError(f"SGD.load_state_dict: lr must be one value, got {lr.size}")
         _check_lr(lr[0])  # everything checked before anything changes: a failed load changes nothing
-        self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
+        self._hyperparameters = momentum, weight_decay, nesterov
         self.velocity[...] = xp().asarray(velocity, dtype=np.float32)
         self.set_lr(lr[0])
 

@@ -204,6 +204,37 @@ def test_bad_arguments(rng):
         opt.load_state_dict({"velocity": state["velocity"]})
 
 
+def test_hyperparameters_are_checked_when_assigned_and_the_rate_is_set_by_set_lr(any_backend, rng):
+    """SGD.lr is the device array every step reads: assigning a number to it is refused on every
+    backend (it had been used silently on numpy and had failed inside the interpreter's launch).
+    momentum, weight_decay and nesterov may be assigned between steps: each is checked as the
+    constructor checks it, a refused one changes nothing, and an accepted one is what the next step
+    uses. A 0-d NumPy array is taken as the number it holds."""
+    params = _parameters(rng)
+    opt = SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    with pytest.raises(AttributeError, match=r"set_lr\(0.5\)"):
+        opt.lr = 0.5
+    assert _host(opt.lr).tolist() == [np.float32(0.05)]
+    opt.set_lr(np.array(0.25))
+    for name, value, says in (("momentum", -1.0, "momentum must be a finite number >= 0, got -1"),
+                              ("momentum", 0.0, "Nesterov momentum needs momentum > 0"),
+                              ("weight_decay", "0.1", "weight_decay must be a number"),
+                              ("nesterov", 1, "nesterov must be True or False, got 1")):
+        with pytest.raises(ValueError, match=says):
+            setattr(opt, name, value)
+    assert (opt.momentum, opt.weight_decay, opt.nesterov) == (0.9, 1e-4, True)
+    opt.nesterov, opt.momentum, opt.weight_decay = False, np.float32(0.5), np.array(0.125)
+    assert (opt.momentum, opt.weight_decay, opt.nesterov) == (0.5, 0.125, False)
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    for p, g in zip(params, grads):
+        p.grad[...] = backend.asarray(g)
+    before = [_host(p.data).copy() for p in params]
+    opt.step()
+    for p, w, g in zip(params, before, grads):
+        expected, _ = ref.sgd_step(w, g, np.zeros_like(w), 0.25, 0.5, 0.125, False)
+        _assert_close(p.data, expected, "a parameter after the step", exact=any_backend == "numpy")
+
+
 def test_paper_schedule_boundaries():
     lr = paper_schedule(0.1, 160_000)
     values = {it: lr(it) for it in (0, 63_999, 64_000, 95_999, 96_000, 159_999, 200_000)}
