@@ -205,9 +205,13 @@ class _AttentionNetwork(Module):
         """Forward ``x`` without recording gradients; return {module name: mask M} as host arrays.
 
         Each mask has the shape of its module's trunk, (N, H, W, C); for "mixed"
-        attention its values lie in (0, 1).
+        attention its values lie in (0, 1). The forward runs in the model's own mode (in training
+        mode the batch norms use the batch's statistics: an untrained model's running statistics
+        would saturate its masks to 0 or 1), and the running statistics are put back after, so that
+        drawing masks leaves the model as it was.
         """
         modules = self.attention_modules()
+        running = [(b, b.copy()) for _, b in self.named_buffers()]
         for _, m in modules:
             m.keep_mask = True
         try:
@@ -217,6 +221,8 @@ class _AttentionNetwork(Module):
         finally:
             for _, m in modules:
                 m.keep_mask, m.mask = False, None
+            for buffer, before in running:
+                buffer[...] = before
 
     def summary(self) -> str:
         """A table of every conv and linear layer in forward order: output shape, parameters and

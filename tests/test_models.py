@@ -671,9 +671,14 @@ def test_numpy_numbers_in_the_configuration_save(tmp_path):
 
 @pytest.mark.parametrize("attention", ["mixed", "channel", "spatial"])
 def test_attention_masks_have_trunk_shapes(rng, attention):
+    """...and leave a model in training mode as it was: its batch norms use the batch's statistics,
+    and their running statistics are put back after (a forward in training mode updates them)."""
     model = tiny(attention=attention)
     x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    before = model.state_dict()
     masks = model.attention_masks(x)
+    after = model.state_dict()
+    assert all(np.array_equal(after[name], value) for name, value in before.items()) and model.training
     assert list(masks) == [name.rstrip(".") for name, _ in model.attention_modules()]
     sizes = {"stage1": 32, "stage2": 16, "stage3": 8}
     for name, mask in masks.items():
