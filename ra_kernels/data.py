@@ -415,7 +415,8 @@ class EpochLoader:
     ``ra_kernels.imagefolder.ImageFolderLoader`` (decoded JPEGs: ImageNet).
 
     count: images in the split; channels: of each image; labels: integer (N,); mean, std: (C,)
-    for the normalisation. train=True: each epoch visits the images in a permutation drawn from
+    for the normalisation, in [0, 1] units (pixel / 255, as :class:`CifarData` gives them: see
+    :func:`augment`). train=True: each epoch visits the images in a permutation drawn from
     (seed, epoch), and batch k of an epoch is cropped and flipped with draws from (seed, epoch,
     k); train=False: the images in order, centred, no flip. drop_last (default: train) drops the
     last partial batch. prefetch: how many prepared batches may wait for the caller (the thread
@@ -445,8 +446,14 @@ class EpochLoader:
         if self.mean.shape != (channels,) or self.std.shape != (channels,) or not (self.std > 0).all():
             raise ValueError(f"{name}: mean and std must have shape ({channels},), std positive, "
                              f"got {self.mean} and {self.std}")
-        self.batch_size, self.train, self.seed, self.prefetch = batch_size, bool(train), seed, prefetch
-        self.drop_last = self.train if drop_last is None else bool(drop_last)
+        # Pixel-unit statistics (125.3, 63.0) would normalise every image to about -2: no error, no
+        # training. A mean of values in [0, 1] lies in [0, 1].
+        if not ((self.mean >= 0) & (self.mean <= 1)).all():
+            raise ValueError(f"{name}: mean and std are in [0, 1] units (pixel / 255), so the mean lies in [0, 1]; "
+                             f"got mean {self.mean} (pixel units? divide mean and std by 255)")
+        self.batch_size, self.seed, self.prefetch = batch_size, seed, prefetch
+        self.train = backend.check_flag(name, "train", train)
+        self.drop_last = self.train if drop_last is None else backend.check_flag(name, "drop_last", drop_last)
         self.rank, self.ranks = shard
         if not (isinstance(self.ranks, int) and self.ranks >= 1 and 0 <= self.rank < self.ranks):
             raise ValueError(f"{name}: shard must be (rank, ranks) with 0 <= rank < ranks, got {shard!r}")

@@ -614,6 +614,10 @@ def test_error_while_preparing_reaches_the_caller(rng, monkeypatch):
     (dict(seed=-1), "seed must be an integer >= 0"),
     (dict(prefetch=0), "prefetch must be an integer >= 1"),
     (dict(std=np.zeros(3, np.float32)), "std positive"),
+    (dict(mean=np.float32([125.3, 123.0, 113.9]), std=np.float32([63.0, 62.1, 66.7])),
+     "in \\[0, 1\\] units \\(pixel / 255\\).*got mean \\[125.3 +123. +113.9\\]"),
+    (dict(train="no"), "train must be True or False, got 'no'"),
+    (dict(drop_last=1), "drop_last must be True or False, got 1"),
     (dict(labels=np.arange(9)), "labels must be integers of shape \\(10,\\)"),
 ])
 def test_loader_rejects_bad_arguments(rng, kwargs, says):
