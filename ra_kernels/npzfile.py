@@ -35,6 +35,9 @@ def atomic_open(path, mode="wb", **open_options):
     leaves either the old file or the new one, never a part.
     """
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # else open() names the temporary file, which the caller never named
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     tmp = path + ".tmp"
     try:
         with open(tmp, mode, **open_options) as f:
@@ -46,7 +49,7 @@ def atomic_open(path, mode="wb", **open_options):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:

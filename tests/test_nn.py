@@ -172,6 +172,14 @@ def test_load_of_a_missing_or_truncated_file_names_it(rng, tmp_path):
         net.load(truncated)
 
 
+def test_save_into_a_missing_folder_names_the_folder(rng, tmp_path):
+    # (the temporary file beside the target, "w.npz.tmp", was the name in the message)
+    with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'no' / 'w.npz'}: the folder "
+                                                f"{tmp_path / 'no'} does not exist"):
+        Net(rng).save(tmp_path / "no" / "w.npz")
+    assert not (tmp_path / "no").exists()
+
+
 def test_loaded_values_keep_the_module_dtype(rng):
     net = Net(rng)
     state = {k: v.astype(np.float64) for k, v in net.state_dict().items()}
