@@ -125,17 +125,6 @@ def precision(name: str, torch=None):
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-@contextlib.contextmanager
-def swapped_operands():
-    """kernels/conv.py's SWAP_MADE_OPERANDS on inside the block, as it was after it."""
-    from ra_kernels.kernels import conv
-    was, conv.SWAP_MADE_OPERANDS = conv.SWAP_MADE_OPERANDS, True
-    try:
-        yield
-    finally:
-        conv.SWAP_MADE_OPERANDS = was
-
-
 # --------------------------------------------------------------------------- agreement
 
 class AgreementError(AssertionError):

@@ -316,22 +316,15 @@ def stage_train(args) -> dict:
     return dict(ok=ok, line=line, report="\n\n".join([line] + reports))
 
 
-def _step_options(args, precisions, deadline: float, compile_too: bool, swapped_too: bool) -> SimpleNamespace:
+def _step_options(args, precisions, deadline: float, compile_too: bool) -> SimpleNamespace:
     """The options ``bench.step.run_config`` reads, as its command line would give them."""
     return SimpleNamespace(no_compile=not compile_too, precisions=precisions, budget_ms=args.step_budget_ms,
-                           profile=True, profile_until=deadline - PROFILE_MARGIN_S, swap_made_operands=swapped_too)
+                           profile=True, profile_until=deadline - PROFILE_MARGIN_S)
 
 
 def _images_per_s(row: dict, precision: str) -> dict:
     """{side: images/s} of a ``bench.step`` row from its median step times at ``precision``."""
     return {side: row["batch"] / (timing.median * 1e-3) for side, timing in row["times"].get(precision, {}).items()}
-
-
-def _times_swapped(args) -> bool:
-    """Whether the step stage puts "ours swapped" beside ours (bench.step --swap-made-operands): until
-    the default follows a measurement of the transposed products ptxas prefers (docs/design.md §6),
-    in every full run; not in the quick run, whose minutes go to correctness."""
-    return _mode(args) == "full"
 
 
 def stage_step(args) -> dict:
@@ -340,7 +333,7 @@ def stage_step(args) -> dict:
     configs = ([("attention56", common.DRY_RUN_BATCH)] if args.dry_run else STEP_CONFIGS[_mode(args)])
     precisions = ("tf32",) if args.dry_run else STEP_PRECISIONS[_mode(args)]
     deadline, rows, skipped, longest = _deadline(args), [], [], 0.0
-    options = _step_options(args, precisions, deadline, args.compile, swapped_too=_times_swapped(args))
+    options = _step_options(args, precisions, deadline, args.compile)
     for index, (name, batch) in enumerate(configs):
         # A configuration stopped by the stage's limit would lose every timing: the next starts only
         # if one as long as the longest so far still fits (the first always starts).
@@ -372,8 +365,7 @@ def _step_result(args, rows, skipped, precisions, dry_run) -> dict:
                          f"{images['ours captured']:,.0f} / {images['ours eager']:,.0f} vs "
                          f"{images.get('PyTorch eager', float('nan')):,.0f} img/s"
                          + (f" ({profile.launches:,.0f} kernels, {profile.busy_ms:.1f} ms busy)"
-                            if isinstance(profile, common.KernelProfile) else "")
-                         + (f", swapped {images[bench_step.SWAPPED]:,.0f}" if bench_step.SWAPPED in images else ""))
+                            if isinstance(profile, common.KernelProfile) else ""))
     line = ("ours captured / eager vs PyTorch eager: " + "; ".join(parts) if parts
             else f"{len(rows)} configuration(s) agree ({common.NO_TIMING})")
     line += (f"; not run (time): {', '.join(skipped)}" if skipped else "")
@@ -390,7 +382,7 @@ def stage_imagenet(args) -> dict:
         return dict(ok=True, line=f"loader: {loaded['line']}; step: no dry-run version", report=loaded["line"])
     loaded = bench_loader.measure(LOADER_IMAGES, LOADER_BATCH, list(LOADER_WORKERS), False, args.seed, args.data)
     print(f"  loader: {loaded['line']}", flush=True)
-    options = _step_options(args, (IMAGENET_PRECISION,), deadline, compile_too=False, swapped_too=False)
+    options = _step_options(args, (IMAGENET_PRECISION,), deadline, compile_too=False)
     row = bench_step.run_config(*IMAGENET_STEP, options, session)
     images = _images_per_s(row, IMAGENET_PRECISION)
     same = row["identical"][IMAGENET_PRECISION]
@@ -475,9 +467,8 @@ def stage_sanitize(args) -> dict:
 
 def warm(args) -> dict:
     """Compile (by running once) the Triton specialisations of one job: "MODEL:BATCH:PRECISION" (a
-    training step, and in a full run for the CIFAR networks the same with the made operands swapped,
-    as the step stage runs it; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage
-    evaluates) or "kernels" (every layer of the kernels stage, forward and backward, TF32)."""
+    training step; in TRAIN_PRECISIONS an eval-mode forward too, as the training stage evaluates) or
+    "kernels" (every layer of the kernels stage, forward and backward, TF32)."""
     from ra_kernels import backend
     from ra_kernels.autograd import Tensor, no_grad
     from . import kernels as bench_kernels
@@ -499,9 +490,6 @@ def warm(args) -> dict:
         model = common.build_model(name, args.dry_run)
         with backend.use_precision(precision):
             OurTrainer(model).step(x, labels)
-            if _times_swapped(args) and name not in common.IMAGENET_MODELS:  # as the step stage will
-                with common.swapped_operands():
-                    OurTrainer(common.build_model(name, args.dry_run)).step(x, labels)
             if precision in TRAIN_PRECISIONS and name == "attention56":  # the training stage evaluates these
                 with no_grad():
                     model.eval()(Tensor(x))

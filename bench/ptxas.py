@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import sys
 
 from tqdm import tqdm
 
 from ra_kernels import aot, backend, launch, models
 
-from . import common
 from .common import markdown_table
 from .host import step_on_stubs
 
@@ -84,18 +82,12 @@ def main(argv=None) -> int:
     parser.add_argument("--capability", type=int, default=90, choices=[80, 90],
                         help="compute capability compiled for (default: 90, the H100/H200)")
     parser.add_argument("--verbose", action="store_true", help="also one row per specialisation")
-    parser.add_argument("--swap-made-operands", action="store_true",
-                        help="with the products of the convs whose first operand is made as it loads taken "
-                             "transposed (kernels/conv.py, SWAP_MADE_OPERANDS), to compare with a run without")
     args = parser.parse_args(argv)
     if args.batch < 2:
         parser.error("--batch must be at least 2 (batch norm in training)")
     for name in args.models:
-        with common.swapped_operands() if args.swap_made_operands else contextlib.nullcontext():
-            launches = step_launches(name, args.batch)
-        rows = audit(launches, capability=args.capability, progress=True)
-        swapped = ", operands made in registers swapped" if args.swap_made_operands else ""
-        print(f"\n{name}, batch {args.batch}, sm_{args.capability}, triton {aot.triton.__version__}{swapped}:\n")
+        rows = audit(step_launches(name, args.batch), capability=args.capability, progress=True)
+        print(f"\n{name}, batch {args.batch}, sm_{args.capability}, triton {aot.triton.__version__}:\n")
         print(markdown_table(["kernel", "launches", "specialisations", "most registers", "launches spilling",
                               "launches with serialised wgmma"], summary(rows)))
         if args.verbose:

@@ -44,7 +44,6 @@ minutes); the table is printed with "dry run: no timing" instead of images/s. No
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
@@ -79,8 +78,6 @@ YARDSTICK_FACTOR, ERROR_FLOOR, YARDSTICK_LIMIT = 10.0, 1e-5, 0.1
 
 #: Steps after which our captured and eager steps must hold the same bits (on the GPU).
 IDENTITY_STEPS = 10
-#: The side --swap-made-operands adds: our captured step with SWAP_MADE_OPERANDS on (kernels/conv.py).
-SWAPPED = "ours swapped"
 
 
 def _results(logits, loss, gradients: dict, state: dict) -> dict:
@@ -240,16 +237,8 @@ def run_config(name: str, batch: int, args, session) -> dict:
     # what the dry run checks; on the GPU the real shapes train.
     training = not session.dry_run
 
-    # Our sides: (name, captured, made operands swapped: kernels/conv.py's SWAP_MADE_OPERANDS on, where
-    # ours run with it as the library has it).
-    ours = [("ours captured", True, False), ("ours eager", False, False)]
-    if args.swap_made_operands:
-        ours.append((SWAPPED, True, True))
     with common.precision("ieee", session.torch):
         sides = {"ours": OurTrainer(model, training).results(x_ours, labels_ours)}
-        if args.swap_made_operands:  # the swapped products on the whole network (the dry run's tiny
-            with common.swapped_operands():  # models have no conv of 64 channels: nothing swaps there)
-                sides[SWAPPED] = OurTrainer(fresh(), training).results(x_ours, labels_ours)
         if session.dry_run:  # the truth and the yardstick: reference/ in float64 and in float32
             yardstick = "numpy float32"
             with backend.use_backend("numpy"):
@@ -275,17 +264,16 @@ def run_config(name: str, batch: int, args, session) -> dict:
             profiling = args.profile and precision == args.precisions[0]
             with common.precision(precision, session.torch):
                 identical[precision] = captured_equals_eager(fresh, batches)
-                for side, capture, swapped in ours:
-                    with common.swapped_operands() if swapped else contextlib.nullcontext():
-                        trainer = OurTrainer(fresh(), capture=capture)
-                        step = functools.partial(trainer.step, x_ours, labels_ours)
-                        if not capture:
-                            memory[precision][side] = common.our_step_bytes(step)
-                        times[precision][side] = common.time_ms(step, session.our_clock, warmup=3,
-                                                                budget_ms=args.budget_ms, min_reps=10, max_reps=100)
-                        if profiling:
-                            profiles[side] = _profile(session, step, session.our_clock, args.profile_until)
-                        del trainer, step
+                for side, capture in (("ours captured", True), ("ours eager", False)):
+                    trainer = OurTrainer(fresh(), capture=capture)
+                    step = functools.partial(trainer.step, x_ours, labels_ours)
+                    if not capture:
+                        memory[precision][side] = common.our_step_bytes(step)
+                    times[precision][side] = common.time_ms(step, session.our_clock, warmup=3,
+                                                            budget_ms=args.budget_ms, min_reps=10, max_reps=100)
+                    if profiling:
+                        profiles[side] = _profile(session, step, session.our_clock, args.profile_until)
+                    del trainer, step
                 for variant, compiled in variants.items():
                     trainer = TorchTrainer(session.torch, fresh(), device, compiled, bf16=precision == "bf16")
                     step = functools.partial(trainer.step, *trainer.inputs(x_ours, labels_ours))
@@ -297,8 +285,7 @@ def run_config(name: str, batch: int, args, session) -> dict:
                         profiles[variant] = _profile(session, step, session.torch_clock, args.profile_until)
                     del trainer, step
     return {"model": name, "batch": batch, "errors": errors, "yardstick": yardstick, "times": times,
-            "memory": memory, "ours": [side for side, _, _ in ours], "variants": list(variants),
-            "identical": identical, "profiles": profiles}
+            "memory": memory, "variants": list(variants), "identical": identical, "profiles": profiles}
 
 
 def _profile(session, step, clock, until: float):
@@ -317,8 +304,8 @@ def table(rows: list, dry_run: bool, precision: str) -> str:
     """Images/s per side in ``precision``, each other side's time over our captured step's, whether
     captured and eager steps agree bit for bit, and each side's largest error against float64 (the
     agreement check, in IEEE float32)."""
-    sides = rows[0]["ours"] + rows[0]["variants"]
-    others = sides[1:]
+    others = ["ours eager"] + rows[0]["variants"]
+    sides = ["ours captured"] + others
     header = (["model", "batch"] + [f"{side} img/s" for side in sides] + [f"{v} / ours captured" for v in others]
               + ["captured = eager"] + [f"err {side}" + (" (yardstick)" if side == rows[0]["yardstick"] else "")
                                         for side in rows[0]["errors"]])
@@ -335,7 +322,7 @@ def table(rows: list, dry_run: bool, precision: str) -> str:
 
 def precision_table(rows: list) -> str:
     """Per side: its bf16 step's speed-up over its own TF32 step, and the step memory (MiB) of both."""
-    sides = rows[0]["ours"] + rows[0]["variants"]
+    sides = ["ours captured", "ours eager"] + rows[0]["variants"]
     header, body = ["model", "batch", "side", "bf16 / TF32 speed-up", "memory TF32 MiB", "memory bf16 MiB",
                     "bf16 / TF32 memory"], []
     for row in rows:
@@ -367,19 +354,18 @@ def profile_tables(rows: list, precision: str) -> str:
                 continue
             body.append([row["model"], row["batch"], side, f"{step_ms:.2f}", f"{profile.launches:,.0f}",
                          f"{profile.busy_ms:.2f}", f"{profile.busy_ms / step_ms:.0%}"])
-        for side in ("ours captured", SWAPPED):
-            profile = row["profiles"].get(side)
-            if profile is None or isinstance(profile, str):
-                continue
-            top = profile.top(PROFILE_TOP)
-            rest = [(n, us) for name, (n, us) in profile.kernels.items() if name not in {t[0] for t in top}]
-            lines = [[name, f"{n:g}", f"{us:,.0f}", f"{us / 1e3 / profile.busy_ms:.0%}"] for name, n, us in top]
-            if rest:
-                rest_us = sum(us for _, us in rest)
-                lines.append([f"({len(rest)} others)", f"{sum(n for n, _ in rest):g}", f"{rest_us:,.0f}",
-                              f"{rest_us / 1e3 / profile.busy_ms:.0%}"])
-            parts.append(f"{row['model']} batch {row['batch']}, {side}, by kernel:\n\n"
-                         + common.markdown_table(["kernel", "launches / step", "µs / step", "share of busy"], lines))
+        profile = row["profiles"].get("ours captured")
+        if profile is None or isinstance(profile, str):
+            continue
+        top = profile.top(PROFILE_TOP)
+        rest = [(n, us) for name, (n, us) in profile.kernels.items() if name not in {t[0] for t in top}]
+        lines = [[name, f"{n:g}", f"{us:,.0f}", f"{us / 1e3 / profile.busy_ms:.0%}"] for name, n, us in top]
+        if rest:
+            rest_us = sum(us for _, us in rest)
+            lines.append([f"({len(rest)} others)", f"{sum(n for n, _ in rest):g}", f"{rest_us:,.0f}",
+                          f"{rest_us / 1e3 / profile.busy_ms:.0%}"])
+        parts.append(f"{row['model']} batch {row['batch']}, ours captured, by kernel:\n\n"
+                     + common.markdown_table(["kernel", "launches / step", "µs / step", "share of busy"], lines))
     return "\n\n".join([common.markdown_table(header, body)] + parts)
 
 
@@ -424,10 +410,6 @@ def parse_args(argv=None):
                         help="RESULTS.md is appended here (default: bench/)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU: interpret backend, tiny models, agreement checks, no timing, nothing written")
-    parser.add_argument("--swap-made-operands", action="store_true",
-                        help=f"also time '{SWAPPED}': our captured step with the products of the convs whose first "
-                             f"operand is made as it loads taken transposed (kernels/conv.py, SWAP_MADE_OPERANDS, off "
-                             f"by default until measured), checked for agreement like the others")
     args = parser.parse_args(argv)
     if not args.dry_run:  # nothing is written in a dry run
         common.checked_out(parser, args.out)

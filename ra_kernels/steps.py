@@ -13,7 +13,6 @@ from . import functional as F
 from .autograd import no_grad
 from .backend import get_backend, get_precision
 from .graph import StepGraph
-from .kernels import conv as conv_kernels
 from .metrics import accumulate_metrics
 
 
@@ -23,10 +22,9 @@ def default_capture() -> bool:
 
 
 def kernel_choices():
-    """What picks a step's kernels besides the model's mode and the optimizer: the precision, and
-    whether the convs take some products transposed (kernels/conv.py, SWAP_MADE_OPERANDS). A
+    """What picks a step's kernels besides the model's mode and the optimizer: the precision. A
     captured step keeps one graph per value, as a replay runs the kernels chosen at its capture."""
-    return get_precision(), conv_kernels.SWAP_MADE_OPERANDS
+    return (get_precision(),)
 
 
 def _checked_capture(capture):

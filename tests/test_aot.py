@@ -158,25 +158,6 @@ def test_bfloat16_convs_multiply_on_bfloat16_tensor_cores(name):
     assert mmas == {("bf16", "bf16")}, mmas
 
 
-@pytest.mark.parametrize("name", ["conv2d_fwd_kernel", "conv2d_dgrad_kernel"])
-def test_swapped_operands_make_unserialised_wgmma(name):
-    # SWAP_AB (kernels/conv.py): an operand made in registers as it loads (here the input's batch
-    # norm applied by a forward, dz made from dy by a dgrad) becomes the product's second operand,
-    # which wgmma reads from shared memory; ptxas then keeps the K loop's wgmma asynchronous (as the
-    # first, read from registers, it serialises them: bench/ptxas.py), and the product is still
-    # TF32 wgmma on a 64-column tile, not a fallback to mma.sync.
-    kernel_fn = next(k for k in KERNELS if k.__name__ == name)
-    spec = next(s for s in kernel_fn.aot_specs if s["SWAP_AB"] and s["INPUT_PRECISION"] == "tf32"
-                and s.get("PRE_BN", s.get("BN_BACKWARD")) and "*bf16" not in s.values())
-    assert spec["BLOCK_N"] >= 64
-    compiled = aot.compile_kernel(kernel_fn, spec, 90, aligned=True)
-    assert set(re.findall(r"wgmma\.mma_async\.\S*?\.f32\.(\w+)\.(\w+)", compiled.asm["ptx"])) == {("tf32", "tf32")}
-    assert not aot.ptxas_report(kernel_fn, spec, 90, aligned=True).serialized_wgmma
-    # The cause, held too: the same launch in the natural order is serialised (triton 3.6 and 3.9).
-    # Should a Triton release stop serialising it, this fails, and the option has lost its reason.
-    assert aot.ptxas_report(kernel_fn, {**spec, "SWAP_AB": False}, 90, aligned=True).serialized_wgmma
-
-
 # --------------------------------------------------------------------------- what ptxas reports
 
 _PTXAS_LOG = """ptxas info    : Compiling entry function 'k' for 'sm_90a'

@@ -54,34 +54,18 @@ def test_kernels_dry_run_checks_every_family_and_times_nothing(rng, capsys):
     assert RESULTS.read_text() == before
 
 
-def test_step_dry_run_agrees_and_times_nothing(rng, capsys, monkeypatch):
-    """The dry run's agreement check and table, with --swap-made-operands: its side, our step with
-    kernels/conv.py's SWAP_MADE_OPERANDS on, is checked like ours; the other sides run with it off,
-    and it is off again after the run. For the swap that is the plumbing only: the tiny models'
-    convs have at most 32 channels, so nothing swaps (tests/test_conv_bn_kernels.py runs the
-    swapped kernels; bench.gpu_check's dry run runs the step without the option)."""
-    from ra_kernels.kernels import conv
-    seen, results = [], bench_step.OurTrainer.results
-
-    def spy(self, *args):
-        seen.append(conv.SWAP_MADE_OPERANDS)
-        return results(self, *args)
-
-    monkeypatch.setattr(bench_step.OurTrainer, "results", spy)
+def test_step_dry_run_agrees_and_times_nothing(rng, capsys):
     before = RESULTS.read_text()
-    assert bench_step.main(["--dry-run", "--seed", _seed(rng), "--swap-made-operands"]) == 0
+    assert bench_step.main(["--dry-run", "--seed", _seed(rng)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("| model"))
     row = next(line for line in lines if line.startswith("| attention56 (tiny)"))
     cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
-    no_rates = ("ours captured img/s", "ours eager img/s", "ours swapped img/s", "ours swapped / ours captured")
-    assert {cells[c] for c in no_rates} == {"-"}                          # no images/s
+    assert cells["ours captured img/s"] == cells["ours eager img/s"] == "-"  # no images/s
     assert cells["captured = eager"] == "-"                                 # checked on the GPU only
-    assert float(cells["err ours"]) < 1e-4 and float(cells["err ours swapped"]) < 1e-4
-    assert "err numpy float32 (yardstick)" in cells
+    assert float(cells["err ours"]) < 1e-4 and "err numpy float32 (yardstick)" in cells
     assert common.NO_TIMING in out and RESULTS.read_text() == before
-    assert seen == [False, True, False, False] and conv.SWAP_MADE_OPERANDS is False  # ours, swapped, numpy x2
 
 
 def test_step_report_puts_bf16_beside_tf32():
@@ -95,8 +79,7 @@ def test_step_report_puts_bf16_beside_tf32():
     memory = {"tf32": {"ours eager": 800 * 2**20, "PyTorch eager": 1000 * 2**20},
               "bf16": {"ours eager": 400 * 2**20, "PyTorch eager": 700 * 2**20}}
     row = {"model": "attention56", "batch": 64, "errors": {"ours": 1e-3}, "yardstick": "PyTorch eager",
-           "times": times, "memory": memory, "ours": ["ours captured", "ours eager"], "variants": ["PyTorch eager"],
-           "identical": {"tf32": True, "bf16": True}}
+           "times": times, "memory": memory, "variants": ["PyTorch eager"], "identical": {"tf32": True, "bf16": True}}
     text = re.sub(" +", " ", bench_step.report([row], ["tf32", "bf16"], dry_run=False))  # without the padding
     assert "images/s, TF32" in text and "images/s, BF16" in text
     assert "| attention56 | 64 | 1,600 | 800 | 1,067 | 2.00 | 1.50 | yes |" in text       # 64 / 40 ms, ...
@@ -362,22 +345,16 @@ def test_step_report_shows_where_the_device_time_goes():
 
     names = [f"kernel_{i}" for i in range(bench_step.PROFILE_TOP + 2)]
     ours = common.KernelProfile({name: (2.0, 100.0 * (i + 1)) for i, name in enumerate(names)})
-    swapped = common.KernelProfile({name: (2.0, 50.0 * (i + 1)) for i, name in enumerate(names)})
-    row = {"model": "attention92", "batch": 64, "errors": {"ours": 1e-3, "ours swapped": 2e-3},
-           "yardstick": "PyTorch eager",
-           "times": {"tf32": {"ours captured": ms(10.0), "ours eager": ms(40.0), "ours swapped": ms(8.0),
-                              "PyTorch eager": ms(20.0)}},
-           "memory": {}, "ours": ["ours captured", "ours eager", "ours swapped"], "variants": ["PyTorch eager"],
-           "identical": {"tf32": True},
-           "profiles": {"ours captured": ours, "ours swapped": swapped,
-                        "PyTorch eager": "no profile: RuntimeError: CUPTI"}}
+    row = {"model": "attention92", "batch": 64, "errors": {"ours": 1e-3}, "yardstick": "PyTorch eager",
+           "times": {"tf32": {"ours captured": ms(10.0), "ours eager": ms(40.0), "PyTorch eager": ms(20.0)}},
+           "memory": {}, "variants": ["PyTorch eager"], "identical": {"tf32": True},
+           "profiles": {"ours captured": ours, "PyTorch eager": "no profile: RuntimeError: CUPTI"}}
     text = re.sub(" +", " ", bench_step.report([row], ["tf32"], dry_run=False))
-    # images/s: 64 / 10 ms, 64 / 40 ms, 64 / 8 ms, 64 / 20 ms; then each side's time over ours captured
-    assert "| attention92 | 64 | 6,400 | 1,600 | 8,000 | 3,200 | 4.00 | 0.80 | 2.00 | yes | 1.0e-03 | 2.0e-03 |" in text
+    # images/s: 64 / 10 ms, 64 / 40 ms, 64 / 20 ms; then each other side's time over ours captured
+    assert "| attention92 | 64 | 6,400 | 1,600 | 3,200 | 4.00 | 2.00 | yes | 1.0e-03 |" in text
     assert "Where the step's time goes on the device, TF32" in text
     assert "| attention92 | 64 | ours captured | 10.00 | 24 | 7.80 | 78% |" in text   # 12 x 2; 100 x 78 µs
-    assert "| attention92 | 64 | ours swapped | 8.00 | 24 | 3.90 | 49% |" in text
-    assert "ours swapped, by kernel" in text and "| kernel_11 | 2 | 600 | 15% |" in text
+    assert "ours captured, by kernel" in text
     assert "| attention92 | 64 | PyTorch eager | 20.00 | no profile: RuntimeError: CUPTI | - | - |" in text
     assert "| kernel_11 | 2 | 1,200 | 15% |" in text and "| kernel_2 | 2 | 300 | 4% |" in text
     assert "| (2 others) | 4 | 300 | 4% |" in text and "| kernel_1 |" not in text   # kernel_0 and kernel_1
@@ -501,27 +478,6 @@ def test_gpu_check_plans_the_imagenet_step_in_the_full_run_only():
     assert "imagenet56:64:tf32" in gpu_check.warm_jobs(full) and "imagenet56:64:ieee" in gpu_check.warm_jobs(full)
     assert not any(job.startswith("imagenet") for job in gpu_check.warm_jobs(quick))
     assert next(s for s in gpu_check.STAGES if s.name == "imagenet").quick_limit_s == 0
-
-
-@pytest.mark.parametrize("mode", ["full", "quick"])
-def test_gpu_check_times_the_swapped_step_in_the_full_run_only(monkeypatch, tmp_path, mode):
-    """The step stage asks bench.step for "ours swapped" (--swap-made-operands) in a full run, not in
-    the quick one; what each configuration is run with is what the stage passes."""
-    from bench import gpu_check
-    from bench import step as bench_step
-
-    args = gpu_check.parse_args(["--out", str(tmp_path)] + (["--quick"] if mode == "quick" else []))
-    args.limit, args.result, asked = 100.0, tmp_path / "step.json", []
-
-    def run_config(name, batch, options, session):
-        asked.append((name, batch, options.swap_made_operands))
-        return {"model": name, "batch": batch, "times": {}, "identical": {}, "profiles": {}}
-
-    monkeypatch.setattr(bench_step, "run_config", run_config)
-    monkeypatch.setattr(bench_step, "report", lambda *args: "")
-    monkeypatch.setattr(gpu_check, "_session", lambda args: SimpleNamespace(dry_run=False))
-    assert gpu_check.stage_step(args)["ok"]
-    assert asked == [(name, batch, mode == "full") for name, batch in gpu_check.STEP_CONFIGS[mode]]
 
 
 def test_gpu_check_step_stage_starts_a_configuration_only_if_it_fits_and_keeps_what_it_did(monkeypatch, tmp_path):

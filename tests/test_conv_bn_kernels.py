@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from ra_kernels import backend, launch
+from ra_kernels import backend
 from ra_kernels import functional as F
 from ra_kernels.kernels import batchnorm, conv, elementwise
 
@@ -504,63 +504,6 @@ def test_conv_chain_in_bfloat16_agrees_with_its_ops(triton_backend, rng):
 def test_conv_chain(triton_backend, rng, x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn, into):
     """Every output, running statistic and gradient of the fused chain (each batch norm applied by the
     next conv as it loads, its backward sums taken in that conv's dgrad) against reference/."""
-    _check_conv_chain(rng, x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn, into)
-
-
-# A pre-activation unit on 33 to 40 channels: tiles of 64 columns, where SWAP_MADE_OPERANDS swaps.
-# (x shape, weight shapes, strides)
-SWAPPED_UNIT = ((1, 2, 3, 40), [(1, 1, 40, 36), (3, 3, 36, 33), (1, 1, 33, 40)], (1, 1, 1))
-
-
-@pytest.mark.parametrize("into", [False, True], ids=["new", "into_buffers"])
-def test_conv_chain_with_swapped_operands(triton_backend, rng, monkeypatch, into):
-    """conv.SWAP_MADE_OPERANDS: the forward with its input's batch norm applied as it loads, and the
-    dgrad that makes dz from dy as it loads, take their product transposed (SWAP_AB) on tiles of 64
-    columns, here 33 to 40 channels; the launches say they did, and the results are checked as above.
-    Six positions: 198 to 240 values per batch norm, so a draw clear of the ReLU kinks comes about
-    one time in six. (Lifting the pre-activations clear with a beta offset would leave no ReLU to mask a
-    gradient, and a batch norm's dbeta is then exactly zero when another batch norm follows its
-    conv: no relative error could be taken.)"""
-    monkeypatch.setattr(conv, "SWAP_MADE_OPERANDS", True)
-    with launch.record_launches() as calls:
-        _check_conv_chain(rng, *SWAPPED_UNIT, True, 0.0, "residual", True, into)
-    swapped = [(c.kernel_fn.__name__, c.constexprs.get("PRE_BN", c.constexprs.get("BN_BACKWARD")))
-               for c in calls if c.constexprs.get("SWAP_AB")]
-    # The three forwards (each loads a batch norm's output) and the dgrads of convs 1 and 2 (each
-    # followed by a batch norm); not the last conv's dgrad, whose operand is dy as it is.
-    assert sorted(swapped) == [("conv2d_dgrad_kernel", True)] * 2 + [("conv2d_fwd_kernel", True)] * 3
-
-
-@pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_conv_chain_swapped_equals_natural_in_the_timed_precisions(triton_backend, rng, monkeypatch, precision):
-    """The swapped products (SWAP_MADE_OPERANDS) where they are timed: TF32 products, and bfloat16
-    activations. Against the natural chain on the same backend and inputs (the interpreter computes
-    both the same way; the GPU multiplies the same rounded operands in other wgmma shapes), so the
-    two differ only in the float32 order of the products' sums: each sum is within IEEE_RTOL of
-    the exact one, the two within 2 IEEE_RTOL. In bfloat16 a value stored on either side of a
-    rounding boundary moves by BF16_U, and a statistic or an operand made from it passes that on:
-    2 BF16_U more, as in test_conv_chain_in_bfloat16_agrees_with_its_ops. The draw is clear of the
-    ReLU kinks by far more than either difference."""
-    x, params, layers = _chain_inputs(rng, *SWAPPED_UNIT, IEEE_KINK_BAND, 0.0, True)
-    storage = backend.BFLOAT16 if precision == "bf16" else np.float32
-    dy = f32(rng, x.shape).astype(storage)
-    bound = 2 * IEEE_RTOL + (2 * BF16_U if precision == "bf16" else 0.0)
-    results = {}
-    for swapped in (False, True):
-        monkeypatch.setattr(conv, "SWAP_MADE_OPERANDS", swapped)
-        args = on_backend(x.astype(storage), *[p.copy() for p in params])
-        with backend.use_precision("tf32"), launch.record_launches() as calls:
-            y, running, saved = conv.conv_chain(*args, layers=layers, input_bn=True, residual=True)
-            dx, *grads, _ = conv.conv_chain_backward(backend.asarray(dy), saved)
-        assert any(c.constexprs.get("SWAP_AB") for c in calls) == swapped
-        results[swapped] = [y, *[a for pair in running for a in pair], dx, *[g for g in grads if g is not None]]
-    for i, (natural, swapped) in enumerate(zip(results[False], results[True])):
-        natural, swapped = (backend.to_numpy(a).astype(np.float64) for a in (natural, swapped))
-        error = np.abs(swapped - natural).max() / np.abs(natural).max()
-        assert error <= bound, f"output {i}: relative difference {error:.3g} > {bound:.3g}"
-
-
-def _check_conv_chain(rng, x_shape, w_shapes, strides, need_dx, beta_offset, shortcut, input_bn, into):
     x, params, layers = _chain_inputs(rng, x_shape, w_shapes, strides, IEEE_KINK_BAND, beta_offset, input_bn)
     options = dict(layers=layers, input_bn=input_bn, residual=shortcut == "residual")
     y_shape = ref.conv_chain(*f64(x, *params), **options)[0].shape

@@ -88,7 +88,7 @@ def _activated(x, ok, stats_ptr, ch, ch_ok, C):
 def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, pre_stats_ptr,
                  img, base_h, base_w, pos_ok, SRC_H, SRC_W, SRC_C, OUT_C, K, KW, stride, cols,
                  TRANSPOSED: tl.constexpr, BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, PRE_BN: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_M, BLOCK_N] accumulator of an implicit-GEMM conv: sum over k < K of A[pos, k] * B[k, col].
 
@@ -103,15 +103,8 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, pre_stat
     as x loads (zero where a window hangs over the padding, as for the activation itself).
     Both operands are taken in src's storage type (``storage.to_type_of``): bfloat16 storage
     multiplies in bfloat16 (w, kept in float32, rounded as it loads), float32 in float32.
-
-    SWAP_AB: the product is taken transposed, acc^T[BLOCK_N, BLOCK_M] += B^T @ A^T, and transposed
-    back at the end: the same product, whose rounding may differ (another MMA shape). When A is
-    made in registers as it loads (PRE_BN, BN_BACKWARD), Hopper's wgmma takes it from registers,
-    and ptxas then serialises the K loop's wgmma instructions (bench/ptxas.py); as the second
-    operand it goes through shared memory instead, and they overlap. Whether that is faster is for
-    a GPU to say (``_swap_operands``).
     """
-    acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     cols_ok = cols < OUT_C
     if TRANSPOSED:
         # base - k divides by the stride iff both leave the same remainder; then the
@@ -141,12 +134,9 @@ def _conv_k_loop(src_ptr, z_ptr, w_ptr, stats_ptr, sums_ptr, inv_count, pre_stat
                 a = _activated(a, ok, pre_stats_ptr, c[None, :], k_ok[None, :], SRC_C)
             w_offs = k[:, None] * OUT_C + cols[None, :]
         b = tl.load(w_ptr + w_offs, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
-        a, b = storage.to_type_of(a, src_ptr), storage.to_type_of(b, src_ptr)
-        if SWAP_AB:
-            acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return tl.trans(acc) if SWAP_AB else acc
+        acc = tl.dot(storage.to_type_of(a, src_ptr), storage.to_type_of(b, src_ptr), acc,
+                     input_precision=INPUT_PRECISION)
+    return acc
 
 
 # --------------------------------------------------------------------------- kernels
@@ -157,7 +147,6 @@ _SHAPE_TYPES = dict(H=_I32, W=_I32, C_in=_I32, OH=_I32, OW=_I32, C_out=_I32, M=_
 _BN_BACKWARD_TYPES = dict(z_ptr=_F32, stats_ptr=_F32, sums_ptr=_F32, inv_count="fp32")
 # AOT: every code path (constexpr switches), each precision and each tile class of
 # the tables below at least once; not their full product (each GEMM compile takes seconds).
-# SWAP_AB only where ``_swap_operands`` can choose it: an operand made in registers, 64+ columns.
 _TILE_CLASSES = [dict(BLOCK_M=128, BLOCK_N=16), dict(BLOCK_M=128, BLOCK_N=64), dict(BLOCK_M=64, BLOCK_N=128),
                  dict(BLOCK_M=64, BLOCK_N=32)]
 
@@ -171,21 +160,18 @@ def _activations_in(spec, storage_type, *names):
                   running_mean_ptr=_F32, running_var_ptr=_F32, stats_ptr=_F32, momentum="fp32", eps="fp32",
                   counters_ptr="*i32", pre_stats_ptr=_F32, skip_ptr=t, **_SHAPE_TYPES,
                   EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_bn, ADD_SKIP=add_skip, INPUT_PRECISION=precision,
-                  SWAP_AB=swap, BLOCK_K=32, BLOCK_T=32, **tiles)
-             for (epilogue, relu, pre_bn, add_skip, precision, t, swap), tiles in zip(
-                 [("store", False, True, True, "tf32", _F32, False), ("stats", False, True, False, "tf32", _F32, True),
-                  ("bn_eval", True, False, False, "ieee", _F32, False),
-                  ("bn_eval", False, False, False, "tf32", _F32, False),
-                  ("stats", False, False, False, "ieee", _F32, False),
-                  ("store", False, False, False, "ieee", _F32, False),
-                  ("stats", False, True, False, "tf32", _BF16, True),
-                  ("store", False, True, True, "tf32", _BF16, False)],
+                  BLOCK_K=32, BLOCK_T=32, **tiles)
+             for (epilogue, relu, pre_bn, add_skip, precision, t), tiles in zip(
+                 [("store", False, True, True, "tf32", _F32), ("stats", False, True, False, "tf32", _F32),
+                  ("bn_eval", True, False, False, "ieee", _F32), ("bn_eval", False, False, False, "tf32", _F32),
+                  ("stats", False, False, False, "ieee", _F32), ("store", False, False, False, "ieee", _F32),
+                  ("stats", False, True, False, "tf32", _BF16), ("store", False, True, True, "tf32", _BF16)],
                  _TILE_CLASSES * 2)])
 def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
                       stats_ptr, momentum, eps, counters_ptr, pre_stats_ptr, skip_ptr,
                       H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
                       EPILOGUE: tl.constexpr, RELU: tl.constexpr, PRE_BN: tl.constexpr, ADD_SKIP: tl.constexpr,
-                      INPUT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """One [BLOCK_M positions, BLOCK_N output channels] tile of y (grid: cdiv(M, BLOCK_M), cdiv(C_out, BLOCK_N)).
 
@@ -198,8 +184,7 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
     the programs of the first row of tiles also store them as stats (4, C_out) for
     the backward. PRE_BN: the conv's input is relu(x * scale + shift), from pre_stats (4, C_in),
     applied as x loads. ADD_SKIP ("store"): y = conv(x, w) + skip, skip of y's shape (a residual
-    unit's shortcut). SWAP_AB: see ``_conv_k_loop``. Pointers an epilogue does not use may be any
-    float32 array.
+    unit's shortcut). Pointers an epilogue does not use may be any float32 array.
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -211,7 +196,7 @@ def conv2d_fwd_kernel(x_ptr, w_ptr, y_ptr, partials_ptr, gamma_ptr, beta_ptr, ru
                      pos_ok=m_ok, SRC_H=H, SRC_W=W, SRC_C=C_in, OUT_C=C_out, K=K, KW=KW, stride=stride, cols=cols,
                      z_ptr=x_ptr, stats_ptr=x_ptr, sums_ptr=x_ptr, inv_count=0.0, pre_stats_ptr=pre_stats_ptr,
                      TRANSPOSED=False, BN_BACKWARD=False, RELU=False, PRE_BN=PRE_BN, INPUT_PRECISION=INPUT_PRECISION,
-                     SWAP_AB=SWAP_AB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     ok = m_ok[:, None] & cols_ok[None, :]
     y_offs = m[:, None] * C_out + cols[None, :]
     if EPILOGUE == "bn_eval":
@@ -241,19 +226,17 @@ _INPUT_SUMS_TYPES = dict(in_z_ptr=_F32, in_stats_ptr=_F32, partials_ptr=_F32, in
 
 @kernel(aot=[_activations_in(dict(dy_ptr=_F32, w_ptr=_F32, dx_ptr=_F32, **_BN_BACKWARD_TYPES, **_INPUT_SUMS_TYPES,
                                    **_SHAPE_TYPES, BN_BACKWARD=bn_backward, RELU=relu, INPUT_SUMS=input_sums,
-                                   ADD_INTO=input_sums, ACCUMULATE=accumulate, INPUT_PRECISION=precision,
-                                   SWAP_AB=swap, BLOCK_K=32, BLOCK_T=32, **tiles), t, "dy_ptr", "dx_ptr", "z_ptr",
-                             "in_z_ptr")
-             for (bn_backward, relu, input_sums, accumulate, precision, t, swap), tiles in zip(
-                 [(False, False, False, True, "tf32", _F32, False), (True, True, True, False, "ieee", _F32, True),
-                  (True, False, False, False, "tf32", _F32, True), (False, False, True, False, "tf32", _F32, False),
-                  (True, True, True, False, "tf32", _BF16, False)], _TILE_CLASSES * 2)])
+                                   ADD_INTO=input_sums, ACCUMULATE=accumulate, INPUT_PRECISION=precision, BLOCK_K=32,
+                                   BLOCK_T=32, **tiles), t, "dy_ptr", "dx_ptr", "z_ptr", "in_z_ptr")
+             for (bn_backward, relu, input_sums, accumulate, precision, t), tiles in zip(
+                 [(False, False, False, True, "tf32", _F32), (True, True, True, False, "ieee", _F32),
+                  (True, False, False, False, "tf32", _F32), (False, False, True, False, "tf32", _F32),
+                  (True, True, True, False, "tf32", _BF16)], _TILE_CLASSES * 2)])
 def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_count,
                         in_z_ptr, in_stats_ptr, partials_ptr, in_sums_ptr, dgamma_ptr, dbeta_ptr, counters_ptr,
                         H, W, C_in, OH, OW, C_out, M, K, KW, stride, padding,
                         BN_BACKWARD: tl.constexpr, RELU: tl.constexpr, INPUT_SUMS: tl.constexpr,
                         ADD_INTO: tl.constexpr, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                        SWAP_AB: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     """One [BLOCK_M input positions, BLOCK_N input channels] tile of dx (grid: cdiv(M, BLOCK_M), cdiv(C_in, BLOCK_N)).
 
@@ -268,7 +251,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
     (cdiv(M, BLOCK_M), 2, C_in); the last program of each column of tiles finishes them into
     in_sums (2, C_in) and, with ADD_INTO, adds them into the gradient buffers dbeta and dgamma.
     ACCUMULATE: dx holds x's gradient from its other consumers, and this one is added into it
-    (the sums are then those of the total). SWAP_AB: see ``_conv_k_loop``.
+    (the sums are then those of the total).
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -278,8 +261,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, dx_ptr, z_ptr, stats_ptr, sums_ptr, inv_c
                       pos_ok=m < M, SRC_H=OH, SRC_W=OW, SRC_C=C_out, OUT_C=C_in, K=K, KW=KW, stride=stride, cols=cols,
                       z_ptr=z_ptr, stats_ptr=stats_ptr, sums_ptr=sums_ptr, inv_count=inv_count, pre_stats_ptr=z_ptr,
                       TRANSPOSED=True, BN_BACKWARD=BN_BACKWARD, RELU=RELU, PRE_BN=False,
-                      INPUT_PRECISION=INPUT_PRECISION, SWAP_AB=SWAP_AB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                      BLOCK_K=BLOCK_K)
+                      INPUT_PRECISION=INPUT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     cols_ok = cols < C_in
     ok = (m < M)[:, None] & cols_ok[None, :]
     offs = m[:, None] * C_in + cols[None, :]
@@ -378,20 +360,6 @@ def _gemm_tiles(positions, channels):
     return block_m, block_n, 32, 4
 
 
-#: Take the forward's and dgrad's product transposed where their first operand is made in registers
-#: (``_conv_k_loop``'s SWAP_AB). Off until a GPU has measured it: ``python -m bench.step
-#: --swap-made-operands`` (and a full bench.gpu_check) times a step with it beside ours.
-SWAP_MADE_OPERANDS = False
-
-
-def _swap_operands(block_n, operand_made):
-    """SWAP_AB for a forward or dgrad launch whose A operand is ``operand_made`` in registers (PRE_BN,
-    BN_BACKWARD), on a tile of ``block_n`` columns: only from 64 columns, where the transposed
-    product is still a wgmma on Hopper (its M is then block_n: wgmma's M is 64 per warpgroup, and
-    narrower tiles would fall back to mma.sync)."""
-    return SWAP_MADE_OPERANDS and operand_made and block_n >= 64
-
-
 # wgrad: dw rows (kh, kw, ci) in blocks of 64, channels as in _gemm_tiles, and the
 # positions (the reduction) 32 per step.
 _WGRAD_BLOCK_K, _WGRAD_BLOCK_M = 64, 32
@@ -440,8 +408,8 @@ def _forward(x, w, stride, padding, epilogue, bn_args=None, relu=False, pre_stat
            bn.arrival_counters(grid[1]), x if pre_stats is None else pre_stats, x if skip is None else skip,
            s["H"], s["W"], s["C_in"], s["OH"], s["OW"], s["C_out"], m, k, s["KW"], stride, padding,
            num_warps=warps, EPILOGUE=epilogue, RELU=relu, PRE_BN=pre_stats is not None, ADD_SKIP=skip is not None,
-           INPUT_PRECISION=dot_precision(), SWAP_AB=_swap_operands(block_n, pre_stats is not None), BLOCK_M=block_m,
-           BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=bn.FINALIZE_BLOCK_T)
+           INPUT_PRECISION=dot_precision(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+           BLOCK_T=bn.FINALIZE_BLOCK_T)
     return y if epilogue == "store" else (y, stats)
 
 
@@ -477,8 +445,7 @@ def _backward(dy, x, w, stride, padding, bn_args=None, relu=False, need_dx=True,
                x, dx if pre_stats is None else pre_stats, partials, dx if input_sums is None else input_sums,
                dgamma, dbeta, bn.arrival_counters(grid[1]), *shapes, m, k, s["KW"], stride, padding,
                num_warps=warps, BN_BACKWARD=bn_backward, RELU=relu, INPUT_SUMS=pre_stats is not None,
-               ADD_INTO=add_into, ACCUMULATE=dx_into is not None, INPUT_PRECISION=precision,
-               SWAP_AB=_swap_operands(block_n, bn_backward), BLOCK_M=block_m,
+               ADD_INTO=add_into, ACCUMULATE=dx_into is not None, INPUT_PRECISION=precision, BLOCK_M=block_m,
                BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=bn.FINALIZE_BLOCK_T)
 
     # wgrad: dw (K = KH*KW*C_in, C_out) reduced over M = N*OH*OW positions, split-K
