@@ -19,7 +19,7 @@ TOTALS, TOP_K = reference.metrics.TOTALS, reference.metrics.TOP_K
 
 def _check(logits, labels, loss, totals):
     backend = get_backend()
-    for name, a in (("logits", logits), ("loss", loss), ("totals", totals)):
+    for name, a in (("logits", logits), ("loss", loss)):
         check_array("accumulate_metrics", name, a)
     floats = ("float32", "float64") if backend == "numpy" else ("float32",)
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.dtype.name not in floats:
@@ -31,9 +31,17 @@ def _check(logits, labels, loss, totals):
     if loss.size != 1 or loss.dtype.name not in floats:
         raise ValueError(f"accumulate_metrics: loss must be a single {' or '.join(floats)} value, "
                          f"got {loss.dtype} of shape {tuple(loss.shape)}")
+    check_totals("accumulate_metrics", totals)
+
+
+def check_totals(where, totals):
+    """``totals`` itself when it is a contiguous (4,) float32 array of the current backend (slots
+    :data:`TOTALS`); else a TypeError or ValueError naming ``where``."""
+    check_array(where, "totals", totals)
     if totals.shape != (len(TOTALS),) or totals.dtype != np.float32 or not totals.flags.c_contiguous:
-        raise ValueError(f"accumulate_metrics: totals must be a contiguous ({len(TOTALS)},) float32 array "
+        raise ValueError(f"{where}: totals must be a contiguous ({len(TOTALS)},) float32 array "
                          f"({', '.join(TOTALS)}), got {totals.dtype} of shape {tuple(totals.shape)}")
+    return totals
 
 
 def accumulate_metrics(logits, labels, loss, totals):

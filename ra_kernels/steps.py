@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from . import functional as F
 from .autograd import no_grad
-from .backend import get_backend, get_precision
+from .backend import check_flag, get_backend, get_precision
 from .graph import StepGraph
-from .metrics import accumulate_metrics
+from .metrics import accumulate_metrics, check_totals
 
 
 def default_capture() -> bool:
@@ -21,23 +21,25 @@ def default_capture() -> bool:
     return get_backend() == "cuda"
 
 
-def kernel_choices():
-    """What picks a step's kernels besides the model's mode and the optimizer: the precision. A
-    captured step keeps one graph per value, as a replay runs the kernels chosen at its capture."""
-    return (get_precision(),)
-
-
-def _checked_capture(capture):
-    capture = default_capture() if capture is None else bool(capture)
+def _checked_capture(where, capture):
+    capture = default_capture() if capture is None else check_flag(where, "capture", capture)
     if capture and get_backend() == "numpy":
-        raise ValueError("capture=True needs the cuda backend (or interpret, to test): the numpy backend "
-                         "runs no kernels to capture")
+        raise ValueError(f"{where}: capture=True needs the cuda backend (or interpret, to test): the numpy backend "
+                         f"runs no kernels to capture")
     return capture
 
 
 class _Step:
-    def __init__(self, fn, capture, warmup, state):
-        self.captured = _checked_capture(capture)
+    """``state()``: what picks the step's kernels besides the batch shape (the precision, the
+    model's mode, the optimizer's switches); a captured step keeps one graph per value, as a replay
+    runs the kernels chosen at its capture."""
+
+    def __init__(self, fn, capture, warmup, state, totals):
+        where = type(self).__name__
+        self.captured = _checked_capture(where, capture)
+        # Checked here, not in the step: found there, after the optimizer's update, a bad totals would
+        # fail a step that had updated the parameters (and a retry would update them twice).
+        self.totals = check_totals(where, totals)
         self._run = StepGraph(fn, warmup, state) if self.captured else fn
 
     def __call__(self, x, labels):
@@ -53,8 +55,8 @@ class TrainStep(_Step):
 
     ``capture``: None for :func:`default_capture`. ``warmup``: eager steps per batch shape before
     the capture. The learning rate is the optimizer's device array, read by every replay, so
-    ``optimizer.set_lr`` between steps takes effect. A change of the model's mode, of
-    :func:`kernel_choices` or of the optimizer's momentum, weight decay or Nesterov switch gets a
+    ``optimizer.set_lr`` between steps takes effect. A change of the model's mode, of the precision
+    or of the optimizer's momentum, weight decay or Nesterov switch gets a
     graph of its own; changes below the model's top (one layer frozen after the capture) need a new
     TrainStep.
 
@@ -69,12 +71,12 @@ class TrainStep(_Step):
         if not all(id(p) in own for p in optimizer.parameters):  # (an optimizer of a model built again)
             raise ValueError("TrainStep: the optimizer updates parameters that are not the model's: build it over "
                              "model.parameters() of this model")
-        self.model, self.optimizer, self.totals, self.exchange = model, optimizer, totals, exchange
-        super().__init__(self._step, capture, warmup, self._state)
+        self.model, self.optimizer, self.exchange = model, optimizer, exchange
+        super().__init__(self._step, capture, warmup, self._state, totals)
 
     def _state(self):
         o = self.optimizer
-        return self.model.training, *kernel_choices(), o.momentum, o.weight_decay, o.nesterov
+        return self.model.training, get_precision(), o.momentum, o.weight_decay, o.nesterov
 
     def _step(self, x, labels):
         self.optimizer.zero_grad()
@@ -94,8 +96,8 @@ class EvalStep(_Step):
     ``warmup`` as for :class:`TrainStep`."""
 
     def __init__(self, model, totals, capture=None, warmup=2):
-        self.model, self.totals = model, totals
-        super().__init__(self._step, capture, warmup, kernel_choices)
+        self.model = model
+        super().__init__(self._step, capture, warmup, get_precision, totals)
 
     def __call__(self, x, labels):
         with self.model.evaluating():

@@ -195,10 +195,10 @@ def test_step_graph_warms_up_captures_once_per_signature_and_copies_inputs(monke
 def test_capture_needs_kernels():
     model = Small(0)
     with pytest.raises(ValueError, match="numpy backend runs no kernels"):
-        steps.TrainStep(model, SGD(model.parameters()), np.zeros(3, np.float32), capture=True)
+        steps.TrainStep(model, SGD(model.parameters()), np.zeros(len(TOTALS), np.float32), capture=True)
     with pytest.raises(RuntimeError, match="nothing to capture"):
         graph.capture(lambda: None)
-    assert not steps.TrainStep(model, SGD(model.parameters()), np.zeros(3, np.float32)).captured
+    assert not steps.TrainStep(model, SGD(model.parameters()), np.zeros(len(TOTALS), np.float32)).captured
 
 
 def test_a_launch_stopped_partway_leaves_the_arrival_counters_at_zero(rng, monkeypatch):
@@ -231,3 +231,21 @@ def test_a_train_step_refuses_an_optimizer_of_another_model():
     with pytest.raises(ValueError, match="the optimizer updates parameters that are not the model's"):
         steps.TrainStep(model, SGD(stale.parameters()), np.zeros(len(TOTALS), np.float32), capture=False)
     steps.TrainStep(model, SGD(model.parameters()), np.zeros(len(TOTALS), np.float32), capture=False)
+
+
+def test_steps_check_totals_and_capture_before_any_step():
+    """A totals array the metrics cannot take used to be found after the optimizer's update (the
+    step failed having updated the parameters; a retry updated them twice), and capture="no" was a
+    true value: both are refused when the step is made."""
+    model = Small(0)
+    good, optimizer = np.zeros(len(TOTALS), np.float32), SGD(model.parameters())
+    for totals in (np.zeros(len(TOTALS), np.float64), np.zeros(3, np.float32)):
+        with pytest.raises(ValueError, match="TrainStep: totals must be a contiguous \\(4,\\) float32 array"):
+            steps.TrainStep(model, optimizer, totals, capture=False)
+        with pytest.raises(ValueError, match="EvalStep: totals must be a contiguous"):
+            steps.EvalStep(model, totals, capture=False)
+    for step in (lambda capture: steps.TrainStep(model, optimizer, good, capture=capture),
+                 lambda capture: steps.EvalStep(model, good, capture=capture)):
+        with pytest.raises(ValueError, match="Step: capture must be True or False, got 'no'"):
+            step("no")
+        assert not step(np.bool_(False)).captured
