@@ -180,6 +180,8 @@ class Module:
         """
         targets = dict(self.named_parameters())
         targets.update(self.named_buffers())
+        owners = {prefix + name: (module, name) for prefix, module in self.named_modules()
+                  for name in (*module._parameters, *module._buffers)}
         missing = [n for n in targets if n not in state]
         unexpected = [n for n in state if n not in targets]
         if strict and (missing or unexpected):
@@ -197,10 +199,20 @@ class Module:
             if not np.can_cast(value.dtype, np.float64, "same_kind"):
                 raise TypeError(f"load_state_dict: {name} has dtype {value.dtype} in the state, {array.dtype} "
                                 f"in the module; nothing was loaded")
+            module, own_name = owners[name]
+            problem = module.unloadable(own_name, value)
+            if problem:
+                raise ValueError(f"load_state_dict: {name} {problem}; nothing was loaded")
             copies.append((array, value))
         for array, value in copies:
             array[...] = asarray(value, dtype=array.dtype, like=array)
         return self
+
+    def unloadable(self, name, value) -> str | None:
+        """Why the host array ``value`` cannot be this module's parameter or buffer ``name``, or None.
+        Shapes and dtypes are checked by load_state_dict; a module whose state has more constraints
+        states them here."""
+        return None
 
     def architecture(self):
         """What this module is, saved with its weights: {"class": its class name, "config": the
@@ -286,6 +298,15 @@ class BatchNorm2d(Module):
         self.beta = Parameter(asarray(np.zeros(channels, np.float32)))
         self.register_buffer("running_mean", asarray(np.zeros(channels, np.float32)))
         self.register_buffer("running_var", asarray(np.ones(channels, np.float32)))
+
+    def unloadable(self, name, value):
+        # A negative or NaN running variance gives NaN in eval mode (through the square root) and no
+        # error; a checkpoint holding one is damaged.
+        if name == "running_var" and not (np.isfinite(value) & (value >= 0)).all():
+            return f"must be finite and >= 0 (a variance), got values from {np.nanmin(value):g} to {np.nanmax(value):g}"
+        if name == "running_mean" and not np.isfinite(value).all():
+            return "must be finite"
+        return None
 
     def statistics(self):
         """The four per-channel arrays F.batch_norm takes, in order."""

@@ -1,5 +1,6 @@
 """Module, Parameter, buffers, train/eval and state dicts."""
 import contextlib
+import re
 
 import numpy as np
 import pytest
@@ -159,6 +160,22 @@ def test_a_failed_load_changes_nothing(rng):
         net.load_state_dict(other)
     for name, value in net.state_dict().items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("0.bn.running_var", -0.5, "must be finite and >= 0 \\(a variance\\), got values from -0.5 to 1"),
+    ("1.running_var", np.nan, "must be finite and >= 0"),
+    ("1.running_mean", np.inf, "must be finite")])
+def test_a_damaged_batch_norm_state_is_refused(rng, name, value, says):
+    # (a negative or NaN running variance loaded without a word and made every eval output NaN)
+    net = nn.Sequential(nn.ConvBnRelu(3, 4, rng=rng), nn.BatchNorm2d(4))
+    before = net.state_dict()
+    damaged = {key: array.copy() for key, array in before.items()}
+    damaged[name][2] = value
+    with pytest.raises(ValueError, match=f"load_state_dict: {re.escape(name)} {says}.*; nothing was loaded"):
+        net.load_state_dict(damaged)
+    for key, array in net.state_dict().items():
+        np.testing.assert_array_equal(array, before[key], err_msg=key)
 
 
 def test_load_of_a_missing_or_truncated_file_names_it(rng, tmp_path):
