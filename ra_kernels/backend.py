@@ -153,7 +153,7 @@ def _unwrapped(value):
 
 
 def check_int(where: str, name: str, value, minimum: int) -> int:
-    """``value`` as a Python int: an integer (Python or NumPy, a 0-d array too) >= ``minimum``."""
+    """``value`` as a Python int: an integer (Python or NumPy, a 0-d NumPy array too) >= ``minimum``."""
     value = _unwrapped(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
@@ -161,8 +161,9 @@ def check_int(where: str, name: str, value, minimum: int) -> int:
 
 
 def check_float(where: str, name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    """``value`` as a Python float: a finite number (Python or NumPy, a 0-d array too) in [low, high],
-    or (low, high] with ``low_open``."""
+    """``value`` as a Python float: a finite number (Python or NumPy, a 0-d NumPy array too) in
+    [low, high], or (low, high] with ``low_open``. A CuPy array is refused: reading it would wait
+    for the device."""
     value = _unwrapped(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{where}: {name} must be a number, got {value!r}")
@@ -178,7 +179,7 @@ def check_float(where: str, name: str, value, low: float, high: float = math.inf
 
 
 def check_flag(where: str, name: str, value) -> bool:
-    """``value`` as a Python bool: True, False or a NumPy bool (a 0-d array too)."""
+    """``value`` as a Python bool: True, False or a NumPy bool (a 0-d NumPy array too)."""
     value = _unwrapped(value)
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{where}: {name} must be True or False, got {value!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 
@@ -90,6 +90,9 @@ class Module:
 
     def register_buffer(self, name: str, array):
         """Keep ``array`` as state saved in ``state_dict`` but not trained."""
+        if name in self._parameters or name in self._modules:
+            kind = "parameter" if name in self._parameters else "submodule"
+            raise ValueError(f"{type(self).__name__}.register_buffer: {name!r} is already a {kind}")
         self.__dict__.pop(name, None)
         self._buffers[name] = array
 
@@ -180,8 +183,10 @@ class Module:
         """
         targets = dict(self.named_parameters())
         targets.update(self.named_buffers())
-        owners = {prefix + name: (module, name) for prefix, module in self.named_modules()
-                  for name in (*module._parameters, *module._buffers)}
+        owners = defaultdict(list)  # each parameter or buffer: every (module, its own name for it) holding it
+        for _, module in self.named_modules():
+            for name, target in (*module._parameters.items(), *module._buffers.items()):
+                owners[id(target)].append((module, name))
         missing = [n for n in targets if n not in state]
         unexpected = [n for n in state if n not in targets]
         if strict and (missing or unexpected):
@@ -199,10 +204,10 @@ class Module:
             if not np.can_cast(value.dtype, np.float64, "same_kind"):
                 raise TypeError(f"load_state_dict: {name} has dtype {value.dtype} in the state, {array.dtype} "
                                 f"in the module; nothing was loaded")
-            module, own_name = owners[name]
-            problem = module.unloadable(own_name, value)
-            if problem:
-                raise ValueError(f"load_state_dict: {name} {problem}; nothing was loaded")
+            for module, own_name in owners[id(target)]:
+                problem = module.unloadable(own_name, value)
+                if problem:
+                    raise ValueError(f"load_state_dict: {name} {problem}; nothing was loaded")
             copies.append((array, value))
         for array, value in copies:
             array[...] = asarray(value, dtype=array.dtype, like=array)
@@ -302,11 +307,12 @@ class BatchNorm2d(Module):
     def unloadable(self, name, value):
         # A negative or NaN running variance gives NaN in eval mode (through the square root) and no
         # error; a checkpoint holding one is damaged.
-        if name == "running_var" and not (np.isfinite(value) & (value >= 0)).all():
-            return f"must be finite and >= 0 (a variance), got values from {np.nanmin(value):g} to {np.nanmax(value):g}"
-        if name == "running_mean" and not np.isfinite(value).all():
-            return "must be finite"
-        return None
+        bad = {"running_var": ~(np.isfinite(value) & (value >= 0)), "running_mean": ~np.isfinite(value)}.get(name)
+        if bad is None or not bad.any():
+            return None
+        rule = "finite and >= 0 (a variance)" if name == "running_var" else "finite"
+        return (f"must be {rule}: {np.count_nonzero(bad)} of {value.size} values are not, the first "
+                f"{value[bad].flat[0]:g}")
 
     def statistics(self):
         """The four per-channel arrays F.batch_norm takes, in order."""

@@ -37,7 +37,8 @@ def atomic_open(path, mode="wb", **open_options):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):  # else open() names the temporary file, which the caller never named
-        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
+        raise FileNotFoundError(f"cannot write {path}: {folder} is not a folder"
+                                + ("" if os.path.exists(folder) else " (it does not exist)"))
     tmp = path + ".tmp"
     try:
         with open(tmp, mode, **open_options) as f:

@@ -172,8 +172,8 @@ class SGD:
         if velocity.shape != tuple(self.velocity.shape):
             raise ValueError(f"SGD.load_state_dict: velocity has shape {velocity.shape}, this optimizer "
                              f"holds {self.velocity.size} parameters (a checkpoint of another model?)")
-        momentum, weight_decay, nesterov = self._check_hyperparameters(
-            float(state["momentum"]), float(state["weight_decay"]), bool(state["nesterov"]))
+        momentum, weight_decay, nesterov = self._check_hyperparameters(  # as saved: 0-d NumPy arrays
+            state["momentum"], state["weight_decay"], state["nesterov"])
         lr = np.asarray(to_numpy(state["lr"])).reshape(-1)
         if lr.size != 1:
             raise ValueError(f"SGD.load_state_dict: lr must be one value, got {lr.size}")

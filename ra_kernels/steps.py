@@ -39,8 +39,14 @@ class _Step:
         self.captured = _checked_capture(where, capture)
         # Checked here, not in the step: found there, after the optimizer's update, a bad totals would
         # fail a step that had updated the parameters (and a retry would update them twice).
-        self.totals = check_totals(where, totals)
+        self._totals = check_totals(where, totals)
         self._run = StepGraph(fn, warmup, state) if self.captured else fn
+
+    @property
+    def totals(self):
+        """The (4,) float32 array each step adds into (read-only: a captured step adds into the array
+        it was captured with)."""
+        return self._totals
 
     def __call__(self, x, labels):
         """Run on images x (N, H, W, C) and integer labels (N,), arrays of the backend; returns the

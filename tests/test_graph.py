@@ -70,7 +70,7 @@ def test_captured_training_steps_equal_eager_ones_bit_for_bit(triton_backend, rn
         captured, captured_outputs, step = _train(seed, True, batches, lrs)
     shapes, state = step._run.signatures()[0]
     assert step.captured and len(step._run.signatures()) == 1 and shapes == (((4, 4, 4, 3), "<f4"), ((4,), "<i8"))
-    assert state == (True, precision, 0.9, 1e-4, True)  # mode, kernel choices (the precision), SGD's launch scalars
+    assert state == (True, precision, 0.9, 1e-4, True)  # mode, precision, SGD's launch scalars
     for name in eager:
         np.testing.assert_array_equal(captured[name], eager[name], err_msg=name)
     for (a_logits, a_loss), (b_logits, b_loss) in zip(captured_outputs, eager_outputs):
@@ -248,4 +248,7 @@ def test_steps_check_totals_and_capture_before_any_step():
                  lambda capture: steps.EvalStep(model, good, capture=capture)):
         with pytest.raises(ValueError, match="Step: capture must be True or False, got 'no'"):
             step("no")
-        assert not step(np.bool_(False)).captured
+        made = step(np.bool_(False))
+        assert not made.captured and made.totals is good
+        with pytest.raises(AttributeError):  # a captured step adds into the array it was captured with
+            made.totals = np.zeros(len(TOTALS), np.float32)

@@ -679,6 +679,8 @@ def test_attention_masks_have_trunk_shapes(rng, attention):
     masks = model.attention_masks(x)
     after = model.state_dict()
     assert all(np.array_equal(after[name], value) for name, value in before.items()) and model.training
+    with model.evaluating():  # the running statistics of an untrained model: other masks
+        assert any(not np.array_equal(mask, masks[name]) for name, mask in model.attention_masks(x).items())
     assert list(masks) == [name.rstrip(".") for name, _ in model.attention_modules()]
     sizes = {"stage1": 32, "stage2": 16, "stage3": 8}
     for name, mask in masks.items():

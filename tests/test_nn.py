@@ -162,16 +162,17 @@ def test_a_failed_load_changes_nothing(rng):
         np.testing.assert_array_equal(value, before[name], err_msg=name)
 
 
-@pytest.mark.parametrize("name, value, says", [
-    ("0.bn.running_var", -0.5, "must be finite and >= 0 \\(a variance\\), got values from -0.5 to 1"),
-    ("1.running_var", np.nan, "must be finite and >= 0"),
-    ("1.running_mean", np.inf, "must be finite")])
-def test_a_damaged_batch_norm_state_is_refused(rng, name, value, says):
+@pytest.mark.parametrize("name, where, value, says", [
+    ("0.bn.running_var", 2, -0.5, "must be finite and >= 0 \\(a variance\\): 1 of 4 values are not, the first -0.5"),
+    ("1.running_var", slice(1, None), np.nan, "must be finite and >= 0 \\(a variance\\): 3 of 4 .* the first nan"),
+    ("1.running_var", slice(None), np.nan, "must be .*: 4 of 4 values are not, the first nan"),
+    ("1.running_mean", 3, np.inf, "must be finite: 1 of 4 values are not, the first inf")])
+def test_a_damaged_batch_norm_state_is_refused(rng, name, where, value, says):
     # (a negative or NaN running variance loaded without a word and made every eval output NaN)
     net = nn.Sequential(nn.ConvBnRelu(3, 4, rng=rng), nn.BatchNorm2d(4))
     before = net.state_dict()
     damaged = {key: array.copy() for key, array in before.items()}
-    damaged[name][2] = value
+    damaged[name][where] = value
     with pytest.raises(ValueError, match=f"load_state_dict: {re.escape(name)} {says}.*; nothing was loaded"):
         net.load_state_dict(damaged)
     for key, array in net.state_dict().items():
@@ -191,8 +192,8 @@ def test_load_of_a_missing_or_truncated_file_names_it(rng, tmp_path):
 
 def test_save_into_a_missing_folder_names_the_folder(rng, tmp_path):
     # (the temporary file beside the target, "w.npz.tmp", was the name in the message)
-    with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'no' / 'w.npz'}: the folder "
-                                                f"{tmp_path / 'no'} does not exist"):
+    with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'no' / 'w.npz'}: {tmp_path / 'no'} "
+                                                f"is not a folder \\(it does not exist\\)"):
         Net(rng).save(tmp_path / "no" / "w.npz")
     assert not (tmp_path / "no").exists()
 
@@ -224,3 +225,19 @@ def test_state_dict_moves_between_backends(rng):
         assert all(backend.memory_of(p.data) == "device" for p in gpu.parameters())
     for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_a_shared_buffer_is_checked_by_every_module_holding_it_and_names_stay_one_kind(rng):
+    """load_state_dict asks every module that holds a parameter or buffer (one shared by two
+    batch norms is saved under the first one's name), and a buffer cannot take a parameter's or a
+    submodule's name (the module held both, and state_dict saved one)."""
+    first, second = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    second.running_var = first.running_var
+    net = nn.Sequential(nn.Sequential(first), second)
+    checked = []
+    for bn in (first, second):
+        bn.unloadable = lambda name, value, bn=bn: checked.append((bn, name)) or None
+    net.load_state_dict(net.state_dict())
+    assert (first, "running_var") in checked and (second, "running_var") in checked
+    with pytest.raises(ValueError, match="register_buffer: 'gamma' is already a parameter"):
+        first.register_buffer("gamma", np.zeros(4, np.float32))
