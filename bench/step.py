@@ -340,10 +340,28 @@ def precision_table(rows: list) -> str:
 PROFILE_TOP = 10
 
 
+#: Longest kernel name a by-kernel table shows: cuDNN's run to hundreds of characters (template
+#: arguments), and their start names the kind (wgrad, dgrad, fprop) and tile.
+KERNEL_NAME_CHARS = 90
+
+
+def _by_kernel(profile) -> str:
+    """A profile's costliest kernels by name, the rest summed in one row."""
+    top = profile.top(PROFILE_TOP)
+    rest = [(n, us) for name, (n, us) in profile.kernels.items() if name not in {t[0] for t in top}]
+    lines = [[name if len(name) <= KERNEL_NAME_CHARS else name[:KERNEL_NAME_CHARS - 1] + "…", f"{n:g}",
+              f"{us:,.0f}", f"{us / 1e3 / profile.busy_ms:.0%}"] for name, n, us in top]
+    if rest:
+        rest_us = sum(us for _, us in rest)
+        lines.append([f"({len(rest)} others)", f"{sum(n for n, _ in rest):g}", f"{rest_us:,.0f}",
+                      f"{rest_us / 1e3 / profile.busy_ms:.0%}"])
+    return common.markdown_table(["kernel", "launches / step", "µs / step", "share of busy"], lines)
+
+
 def profile_tables(rows: list, precision: str) -> str:
     """Where each side's step time goes on the device (``common.kernel_profile``): kernels per
-    step, their summed device time against the step's time, then our captured step's costliest
-    kernels by name."""
+    step, their summed device time against the step's time, then the costliest kernels by name of
+    our captured step and of each PyTorch side (cuDNN's data and weight gradients beside ours)."""
     header, body, parts = ["model", "batch", "side", "step ms", "kernels / step", "device busy ms",
                            "busy / step"], [], []
     for row in rows:
@@ -354,18 +372,10 @@ def profile_tables(rows: list, precision: str) -> str:
                 continue
             body.append([row["model"], row["batch"], side, f"{step_ms:.2f}", f"{profile.launches:,.0f}",
                          f"{profile.busy_ms:.2f}", f"{profile.busy_ms / step_ms:.0%}"])
-        profile = row["profiles"].get("ours captured")
-        if profile is None or isinstance(profile, str):
-            continue
-        top = profile.top(PROFILE_TOP)
-        rest = [(n, us) for name, (n, us) in profile.kernels.items() if name not in {t[0] for t in top}]
-        lines = [[name, f"{n:g}", f"{us:,.0f}", f"{us / 1e3 / profile.busy_ms:.0%}"] for name, n, us in top]
-        if rest:
-            rest_us = sum(us for _, us in rest)
-            lines.append([f"({len(rest)} others)", f"{sum(n for n, _ in rest):g}", f"{rest_us:,.0f}",
-                          f"{rest_us / 1e3 / profile.busy_ms:.0%}"])
-        parts.append(f"{row['model']} batch {row['batch']}, ours captured, by kernel:\n\n"
-                     + common.markdown_table(["kernel", "launches / step", "µs / step", "share of busy"], lines))
+        for side in ["ours captured", *row["variants"]]:
+            profile = row["profiles"].get(side)
+            if isinstance(profile, common.KernelProfile):
+                parts.append(f"{row['model']} batch {row['batch']}, {side}, by kernel:\n\n" + _by_kernel(profile))
     return "\n\n".join([common.markdown_table(header, body)] + parts)
 
 

@@ -339,7 +339,8 @@ def test_a_profile_that_cannot_run_leaves_a_reason_not_a_failure():
 
 def test_step_report_shows_where_the_device_time_goes():
     """The profile tables from made-up profiles (not measurements): each side's kernels and busy
-    time against its step, our captured step's costliest kernels, and a failed profile's reason."""
+    time against its step, the costliest kernels of our captured step and of a PyTorch side (a long
+    cuDNN name shortened), and a failed profile's reason."""
     def ms(median):
         return common.Timing(median, median, median, 10)
 
@@ -349,7 +350,15 @@ def test_step_report_shows_where_the_device_time_goes():
            "times": {"tf32": {"ours captured": ms(10.0), "ours eager": ms(40.0), "PyTorch eager": ms(20.0)}},
            "memory": {}, "variants": ["PyTorch eager"], "identical": {"tf32": True},
            "profiles": {"ours captured": ours, "PyTorch eager": "no profile: RuntimeError: CUPTI"}}
+    cudnn = "sm90_xmma_wgrad_implicit_gemm_indexed_tf32f32_tf32f32_f32_nhwckrsc_nhwc_tilesize" + "x" * 200
+    theirs = common.KernelProfile({cudnn: (4.0, 500.0), "elementwise_kernel": (8.0, 100.0)})
+    with_theirs = re.sub(" +", " ", bench_step.report([dict(row, profiles=dict(row["profiles"], **{
+        "PyTorch eager": theirs}))], ["tf32"], dry_run=False))
+    assert "PyTorch eager, by kernel" in with_theirs and "| elementwise_kernel | 8 | 100 | 17% |" in with_theirs
+    shown = cudnn[:bench_step.KERNEL_NAME_CHARS - 1] + "…"
+    assert f"| {shown} | 4 | 500 | 83% |" in with_theirs and cudnn[:bench_step.KERNEL_NAME_CHARS] not in with_theirs
     text = re.sub(" +", " ", bench_step.report([row], ["tf32"], dry_run=False))
+    assert "PyTorch eager, by kernel" not in text
     # images/s: 64 / 10 ms, 64 / 40 ms, 64 / 20 ms; then each other side's time over ours captured
     assert "| attention92 | 64 | 6,400 | 1,600 | 3,200 | 4.00 | 2.00 | yes | 1.0e-03 |" in text
     assert "Where the step's time goes on the device, TF32" in text
