@@ -478,6 +478,9 @@ def test_gpu_check_names_a_subset_copy_that_lands_where_it_looks(monkeypatch, tm
     monkeypatch.setattr(common, "find_cifar_subset", lambda given: None)
     args = gpu_check.parse_args(["--out", str(tmp_path / "out")])
     assert common.CIFAR_SUBSET_COPY in gpu_check.stage_train(args)["line"]
+    given = gpu_check.parse_args(["--out", str(tmp_path / "out2"), "--data", str(tmp_path / "nowhere")])
+    line = gpu_check.stage_train(given)["line"]  # the folder asked for, not the default one
+    assert line.startswith(f"--data {tmp_path / 'nowhere'}: no CIFAR-10 subset there") and "mkdir" not in line
 
 
 def test_gpu_check_plans_the_imagenet_step_in_the_full_run_only():
