@@ -307,12 +307,15 @@ class BatchNorm2d(Module):
     def unloadable(self, name, value):
         # A negative or NaN running variance gives NaN in eval mode (through the square root) and no
         # error; a checkpoint holding one is damaged.
-        bad = {"running_var": ~(np.isfinite(value) & (value >= 0)), "running_mean": ~np.isfinite(value)}.get(name)
-        if bad is None or not bad.any():
+        if name == "running_var":
+            rule, bad = "finite and >= 0 (a variance)", ~(np.isfinite(value) & (value >= 0))
+        elif name == "running_mean":
+            rule, bad = "finite", ~np.isfinite(value)
+        else:
             return None
-        rule = "finite and >= 0 (a variance)" if name == "running_var" else "finite"
-        return (f"must be {rule}: {np.count_nonzero(bad)} of {value.size} values are not, the first "
-                f"{value[bad].flat[0]:g}")
+        if not bad.any():
+            return None
+        return f"must be {rule}: {np.count_nonzero(bad)} of {value.size} values are not, the first {value[bad][0]:g}"
 
     def statistics(self):
         """The four per-channel arrays F.batch_norm takes, in order."""
